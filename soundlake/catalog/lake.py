@@ -1,0 +1,157 @@
+"""The lake: a root folder (or object-store URI) of Parquet part files, one folder per table.
+
+Writes are atomic: a part is written under a ``.tmp`` name and renamed (on object
+stores a single PUT is atomic already). Readers glob ``*.parquet`` and so never see
+a half-written part. A lock file keeps a second writer out of a local lake.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from soundlake.catalog import schema
+from soundlake.errors import UserError
+
+# Binary columns already compressed (FLAC) gain nothing from a second codec.
+_UNCOMPRESSED = {"flac"}
+
+
+@dataclass
+class Lake:
+    uri: str
+    fs: pafs.FileSystem = field(init=False, repr=False)
+    root: str = field(init=False)
+
+    def __post_init__(self):
+        if "://" in self.uri and not self.uri.startswith("file://"):
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        else:
+            path = self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def create(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+
+    # ---- parts -------------------------------------------------------------
+    def write_part(self, table: str, data: pa.Table, run_id: str) -> str | None:
+        """Write one part file atomically; returns its path relative to the root."""
+        if data.num_rows == 0:
+            return None
+        name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+        rel = f"{table}/{name}"
+        final = self.path(rel)
+        self.fs.create_dir(self.path(table), recursive=True)
+        compression = {c: ("none" if c in _UNCOMPRESSED else "zstd") for c in data.column_names}
+        if self.is_local:
+            tmp = final + ".tmp"
+            pq.write_table(data, tmp, compression=compression, use_dictionary=[c for c in data.column_names
+                                                                            if c not in _UNCOMPRESSED])
+            os.replace(tmp, final)
+        else:
+            with self.fs.open_output_stream(final) as out:
+                pq.write_table(data, out, compression=compression)
+        return rel
+
+    def parts(self, table: str) -> list[str]:
+        sel = pafs.FileSelector(self.path(table), allow_not_found=True)
+        return sorted(i.path for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """Read a whole table with pyarrow (small tables: runs, failures, ids)."""
+        files = self.parts(table)
+        base = schema.TABLES.get(table)
+        if not files:
+            empty = base.empty_table() if base is not None else pa.table({})
+            return empty.select(columns) if columns else empty
+        tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def clean_tmp(self) -> int:
+        """Remove half-written parts left by a killed run (call with the lock held)."""
+        if not self.is_local or not self.exists():
+            return 0
+        removed = 0
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                if f.endswith(".parquet.tmp") or f.endswith(".tar.tmp"):
+                    os.remove(os.path.join(dirpath, f))
+                    removed += 1
+        return removed
+
+    # ---- run bookkeeping ----------------------------------------------------
+    def write_json(self, rel: str, obj: dict) -> None:
+        data = json.dumps(obj, indent=2, default=str).encode()
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if self.is_local:
+            tmp = f"{target}.{uuid.uuid4().hex[:6]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as out:
+                out.write(data)
+
+    @contextmanager
+    def lock(self, run_id: str, wait: bool = False, poll: float = 1.0):
+        """Hold the lake's write lock. A second writer waits (``wait``) or gets a clear refusal.
+
+        The lock is an ``flock`` on ``<lake>/_lock``: the kernel releases it when the
+        holder dies, even by SIGKILL, so a killed run never leaves the lake locked.
+        Object-store lakes have no lock: run one writer at a time there.
+        """
+        if not self.is_local:
+            yield
+            return
+        self.create()
+        fd = os.open(self.path("_lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                        raise UserError(f"lake {self.uri} is busy: {holder} is writing to it; "
+                                        "wait for it to finish, or pass --wait to queue behind it") from None
+                    time.sleep(poll)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"run {run_id} (pid {os.getpid()} on {socket.gethostname()})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def is_locked(self) -> bool:
+        if not self.is_local or not os.path.exists(self.path("_lock")):
+            return False
+        fd = os.open(self.path("_lock"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)

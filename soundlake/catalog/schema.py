@@ -1,0 +1,94 @@
+"""Arrow schemas of the lake's tables.
+
+Each table is a folder of Parquet part files under the lake root. The ``clips``
+parts also hold the FLAC bytes in a ``flac`` column: Parquet is columnar, so the
+``clips`` view never reads them and the ``audio`` view reads nothing else, and the
+audio is stored exactly once, in the same atomic file as its clip row.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+CLIPS = pa.schema([
+    ("clip_id", pa.string()),
+    ("source", pa.string()),
+    ("source_id", pa.string()),
+    ("run_id", pa.string()),
+    ("start_s", pa.float64()),        # window start in the source media
+    ("duration_s", pa.float64()),     # stored length (window length, padding included)
+    ("content_s", pa.float64()),      # real audio inside the window (< duration_s when padded)
+    ("sample_rate", pa.int32()),
+    ("channels", pa.int16()),
+    ("src_sample_rate", pa.int32()),
+    ("src_channels", pa.int16()),
+    ("src_codec", pa.string()),
+    ("src_duration_s", pa.float64()),
+    ("title", pa.string()),
+    ("description", pa.string()),
+    ("tags", pa.list_(pa.string())),
+    ("labels", pa.list_(pa.string())),
+    ("license", pa.string()),
+    ("uploader", pa.string()),
+    ("upload_date", pa.string()),
+    ("url", pa.string()),
+    ("meta_json", pa.string()),       # any other source metadata, as JSON
+    ("peak_dbfs", pa.float32()),
+    ("rms_dbfs", pa.float32()),
+    ("loudness_lufs", pa.float32()),
+    ("flac_bytes", pa.int64()),
+    ("audio_sha256", pa.string()),    # of the FLAC bytes
+    ("created", TS),
+    ("flac", pa.large_binary()),
+])
+CLIP_COLUMNS = [f.name for f in CLIPS if f.name != "flac"]
+
+FAILURES = pa.schema([
+    ("source", pa.string()),
+    ("source_id", pa.string()),
+    ("clip_id", pa.string()),         # null for failures before a clip exists
+    ("stage", pa.string()),
+    ("error", pa.string()),           # a class from soundlake.errors.ERROR_CLASSES
+    ("permanent", pa.bool_()),
+    ("message", pa.string()),
+    ("attempt", pa.int32()),
+    ("run_id", pa.string()),
+    ("time", TS),
+])
+
+CAPTIONS = pa.schema([
+    ("clip_id", pa.string()),
+    ("captioner", pa.string()),       # reference | template | autocap | qwen | refine ...
+    ("model_id", pa.string()),
+    ("model_hash", pa.string()),
+    ("prompt_version", pa.string()),
+    ("text", pa.string()),
+    ("run_id", pa.string()),
+    ("created", TS),
+])
+
+RUNS = pa.schema([
+    ("run_id", pa.string()),
+    ("pipeline", pa.string()),
+    ("status", pa.string()),          # running | finished | failed | interrupted
+    ("config_json", pa.string()),
+    ("code_version", pa.string()),
+    ("host", pa.string()),
+    ("started", TS),
+    ("ended", TS),
+    ("counts_json", pa.string()),
+    ("parts", pa.list_(pa.string())),  # part files committed by this run
+])
+
+TABLES: dict[str, pa.Schema] = {
+    "clips": CLIPS,
+    "failures": FAILURES,
+    "captions": CAPTIONS,
+    "runs": RUNS,
+}
+
+
+def register(name: str, schema: pa.Schema) -> None:
+    """Let later modules (embeddings, scores, exports...) add their tables."""
+    TABLES[name] = schema

@@ -1,0 +1,211 @@
+"""The `soundlake` command line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from soundlake.errors import UserError
+
+app = typer.Typer(
+    help="Curate audio–caption datasets into a DuckDB/Parquet lake with Ray, query them with SQL, "
+         "export training shards and retrain text-to-audio generators.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+out = Console()
+
+LAKE = typer.Option("./lake", "--lake", "-l", help="Lake root: a folder or an object-store URI (s3://...).")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def curate(
+    pipeline: str = typer.Argument(..., help="A built-in pipeline (demo, local) or a path to a YAML spec."),
+    lake: str = LAKE,
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="local: folder to scan recursively."),
+    limit: Optional[int] = typer.Option(None, help="Process at most this many inputs."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a setting: key=value (YAML value), "
+                                   "e.g. --set segment.sample_rate=48000. Repeatable."),
+    num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
+    address: Optional[str] = typer.Option(None, help="Join a running Ray cluster (e.g. auto or ray://host:10001)."),
+    wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it instead of refusing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Run a curation pipeline into the lake. Re-running the same command resumes: committed
+    inputs are skipped, so a killed run finishes the rest without duplicates."""
+    from soundlake.pipelines.runner import run_pipeline
+    from soundlake.pipelines.spec import load_spec
+
+    try:
+        spec = load_spec(pipeline, overrides={
+            "source.input": str(input) if input else None, "source.limit": limit,
+            "ray.num_cpus": num_cpus, "ray.address": address}, sets=set_)
+    except UserError as e:
+        _fail(e)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                        disable=quiet, transient=False)
+    task = None
+
+    def on_start(s):
+        nonlocal task
+        console.print(f"run [bold]{s.run_id}[/] · pipeline {spec.name} · lake {s.lake} · "
+                      f"{s.inputs_total} inputs, {s.inputs_skipped} already done", highlight=False)
+        task = progress.add_task("curate", total=s.inputs_total - s.inputs_skipped, info="")
+
+    def on_progress(s):
+        progress.update(task, completed=s.inputs_done,
+                        info=f"{s.clips} clips · {s.failed_inputs} failed · {s.clips_per_s:.1f} clips/s")
+
+    try:
+        with progress:
+            summary = run_pipeline(spec, lake, wait=wait, on_start=on_start, on_progress=on_progress)
+    except UserError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: committed work is kept; run the same command again to resume")
+        raise typer.Exit(130)
+    _print_summary(summary)
+
+
+def _print_summary(s) -> None:
+    t = Table(title=f"run {s.run_id} {s.status}", show_header=False, title_justify="left")
+    t.add_row("inputs", f"{s.inputs_total} listed · {s.inputs_skipped} already in the lake · {s.inputs_done} processed"
+              + (f" · {s.non_audio_skipped} non-audio files ignored" if s.non_audio_skipped else ""))
+    t.add_row("clips", f"{s.clips} new ({s.flac_bytes / 2**20:.1f} MiB FLAC)")
+    failures = ", ".join(f"{k} {v}" for k, v in s.errors.most_common()) or "none"
+    t.add_row("failures", f"{s.failed_inputs} inputs: {failures}")
+    t.add_row("speed", f"{s.clips_per_s:.1f} clips/s over {s.elapsed_s:.1f} s (+ {s.ray_startup_s:.1f} s Ray start-up)")
+    t.add_row("lake", s.lake)
+    t.add_row("next", f"soundlake sql \"SELECT source, count(*) FROM clips GROUP BY 1\" --lake {s.lake}")
+    console.print(t)
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="One SQL statement over the lake's views (clips, audio, captions, "
+                                "failures, failures_open, runs, ...)."),
+    lake: str = LAKE,
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result here (needed for parquet)."),
+    max_rows: int = typer.Option(40, help="table format: rows to show."),
+):
+    """Query the lake with DuckDB SQL. Read-only, and safe while a curation job is running."""
+    from soundlake.catalog.sql import query as run_query
+
+    if format not in ("table", "csv", "json", "parquet"):
+        _fail(UserError(f"--format {format!r}: expected table, csv, json or parquet"))
+    if format == "parquet" and output is None:
+        _fail(UserError("--format parquet needs --out FILE"))
+    try:
+        rel = run_query(lake, query)
+        if rel is None:
+            _fail(UserError("the statement returned no rows (only queries are supported)"))
+        result = rel.arrow()
+        if hasattr(result, "read_all"):
+            result = result.read_all()
+    except UserError as e:
+        _fail(e)
+    # Never print raw audio bytes: show their size instead.
+    import pyarrow as pa
+
+    if format == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, output)
+        console.print(f"wrote {result.num_rows} rows to {output}")
+        return
+    if format in ("csv", "json"):
+        import pyarrow.csv as pacsv
+
+        if format == "csv":
+            sink = pa.BufferOutputStream()
+            pacsv.write_csv(_printable(result), sink)
+            text = sink.getvalue().to_pybytes().decode()
+        else:
+            text = "\n".join(json.dumps(r, default=str, ensure_ascii=False) for r in _printable(result).to_pylist())
+            text += "\n" if text else ""
+        if output:
+            output.write_text(text)
+            console.print(f"wrote {result.num_rows} rows to {output}")
+        else:
+            sys.stdout.write(text)
+        return
+    t = Table(show_lines=False)
+    for name in result.column_names:
+        t.add_column(name, overflow="fold")
+    for row in _printable(result).slice(0, max_rows).to_pylist():
+        t.add_row(*["" if v is None else str(v) for v in row.values()])
+    out.print(t)
+    if result.num_rows > max_rows:
+        console.print(f"{result.num_rows} rows, {max_rows} shown (--max-rows, or --format csv)")
+    else:
+        console.print(f"{result.num_rows} row{'s' if result.num_rows != 1 else ''}")
+
+
+def _printable(t):
+    import pyarrow as pa
+
+    cols = []
+    for name, col in zip(t.column_names, t.columns):
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            col = pa.array([None if v is None else f"<{len(v)} bytes>" for v in col.to_pylist()], pa.string())
+        elif pa.types.is_list(col.type) or pa.types.is_struct(col.type) or pa.types.is_fixed_size_list(col.type) \
+                or pa.types.is_large_list(col.type):
+            col = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    return pa.table(cols, names=t.column_names)
+
+
+@app.command()
+def status(lake: str = LAKE, runs: int = typer.Option(10, help="How many recent runs to list.")):
+    """Summarise a lake: runs, clips per source, table sizes, open failures by class."""
+    from soundlake.catalog.status import lake_status
+
+    try:
+        st = lake_status(lake, runs)
+    except UserError as e:
+        _fail(e)
+    out.print(f"[bold]lake[/] {st.lake} · " + ("[yellow]a job is writing now[/]" if st.writing else "idle")
+              + " · " + " · ".join(f"{k} {v}" for k, v in st.tables.items()), highlight=False)
+    t = Table(title="runs", title_justify="left")
+    for c in ("run", "pipeline", "status", "started", "inputs", "clips", "failed", "clips/s"):
+        t.add_column(c, no_wrap=c in ("run", "started"))
+    for r in st.runs:
+        c = json.loads(r["counts_json"] or "{}")
+        speed = c.get("clips", 0) / c["elapsed_s"] if c.get("elapsed_s") else 0
+        t.add_row(r["run_id"], r["pipeline"], r["status"], str(r["started"])[:16],
+                  str(c.get("inputs_done", "")), str(c.get("clips", "")), str(c.get("failed_inputs", "")),
+                  f"{speed:.1f}")
+    out.print(t)
+    t = Table(title="clips per source", title_justify="left")
+    for c in ("source", "inputs", "clips", "hours"):
+        t.add_column(c)
+    for r in st.sources:
+        t.add_row(*[str(v) for v in r.values()])
+    out.print(t)
+    t = Table(title="open failures by class", title_justify="left")
+    for c in ("stage", "class", "permanent", "inputs"):
+        t.add_column(c)
+    for r in st.failures:
+        t.add_row(r["stage"], r["error"], "yes" if r["permanent"] else "no (retry-failed)", str(r["inputs"]))
+    out.print(t if st.failures else "[green]no open failures[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Failure classes shared by every stage.
+
+A stage never raises for one bad row: it returns the row with ``status='failed'``,
+an ``error`` class from :data:`ERROR_CLASSES` and a one-line ``message``. Bugs
+(anything that is not a :class:`RowError`) still fail loudly.
+"""
+from __future__ import annotations
+
+# class -> permanent? Permanent failures are never retried automatically;
+# transient ones are retried by the stage (with backoff) and by `retry-failed`.
+ERROR_CLASSES: dict[str, bool] = {
+    "corrupt": True,        # decoder error, truncated data
+    "empty": True,          # zero-byte file
+    "not_audio": True,      # text or other non-media content
+    "unsupported": True,    # codec/container/channel layout we cannot handle
+    "too_short": True,      # shorter than segment.min_duration
+    "too_long": True,       # longer than segment.max_duration
+    "silent": True,         # every window below segment.silence_dbfs
+    "unreadable": True,     # permission, symlink loop, I/O error
+    "not_found": True,      # missing file / removed media / HTTP 404
+    "private": True,        # private or members-only media
+    "forbidden": True,      # HTTP 403, geo-blocked
+    "malformed": True,      # a manifest line that cannot be parsed
+    "rate_limited": False,  # HTTP 429
+    "server_error": False,  # HTTP 5xx
+    "timeout": False,       # no answer within the configured timeout
+    "network": False,       # connection reset/refused, truncated body
+    "bot_wall": False,      # "Sign in to confirm you're not a bot"
+    "model_error": False,   # a model stage failed on this row (OOM, bad output)
+    "lint": True,           # a generated caption failed the lint rules
+}
+PERMANENT = frozenset(k for k, v in ERROR_CLASSES.items() if v)
+TRANSIENT = frozenset(k for k, v in ERROR_CLASSES.items() if not v)
+
+
+class RowError(Exception):
+    """An expected, classified failure of one input row."""
+
+    def __init__(self, error: str, message: str):
+        if error not in ERROR_CLASSES:
+            raise ValueError(f"unknown error class {error!r}")
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, bad query, busy lake): printed as one line."""

@@ -1,0 +1,272 @@
+"""Turn a pipeline spec into one streaming Ray Data DAG and run it into the lake.
+
+    inputs (small rows, listed on the driver)
+      -> segment (tasks)  -> model stages (actor pools)  -> write (tasks: Parquet parts)
+      -> per-block summaries (counts, part names) back to the driver
+
+Audio never reaches the driver: the write step, running in the workers, is the only
+consumer of the FLAC bytes. Resume is a query: inputs whose clips or failures are
+already committed are not listed again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import pyarrow as pa
+
+import soundlake
+from soundlake.catalog import schema
+from soundlake.catalog.lake import Lake
+from soundlake.pipelines.spec import PipelineSpec
+from soundlake.stages.base import Stage
+from soundlake.stages.segment import SegmentStage
+from soundlake.stages.sources import INPUT_SCHEMA, local_inputs, synth_inputs
+
+SUMMARY = pa.schema([
+    ("source_ids", pa.list_(pa.string())),
+    ("clips", pa.int64()),
+    ("failed_inputs", pa.int64()),
+    ("errors_json", pa.string()),
+    ("parts", pa.list_(pa.string())),
+    ("flac_bytes", pa.int64()),
+])
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    pipeline: str
+    lake: str
+    inputs_total: int = 0          # inputs the source listed
+    inputs_skipped: int = 0        # already committed (resume)
+    inputs_done: int = 0           # processed in this run
+    clips: int = 0
+    failed_inputs: int = 0
+    errors: Counter = field(default_factory=Counter)
+    flac_bytes: int = 0
+    parts: list[str] = field(default_factory=list)
+    ray_startup_s: float = 0.0
+    elapsed_s: float = 0.0
+    non_audio_skipped: int = 0
+    status: str = "running"
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def counts(self) -> dict:
+        return {"inputs_total": self.inputs_total, "inputs_skipped": self.inputs_skipped,
+                "inputs_done": self.inputs_done, "clips": self.clips, "failed_inputs": self.failed_inputs,
+                "errors": dict(self.errors), "flac_bytes": self.flac_bytes,
+                "ray_startup_s": round(self.ray_startup_s, 3), "elapsed_s": round(self.elapsed_s, 3)}
+
+
+def code_version() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(soundlake.__file__)))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return f"soundlake {soundlake.__version__}" + (f" ({sha})" if sha else "")
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def list_inputs(spec: PipelineSpec) -> tuple[list[dict], int]:
+    src = spec.source
+    if src.kind == "synth":
+        rows, skipped = synth_inputs(src.count, src.seed, src.duration, src.speech), 0
+    elif src.kind == "local":
+        rows, skipped = local_inputs(src.input, src.follow_symlinks)
+    else:
+        from soundlake.errors import UserError
+        raise UserError(f"source.kind={src.kind!r} is not available in this version")
+    return (rows[: src.limit] if src.limit else rows), skipped
+
+
+def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
+    """(source, source_id) of inputs that already have a clip or a committed failure."""
+    done: set[tuple[str, str]] = set()
+    for table in ("clips", "failures"):
+        t = lake.read(table, columns=["source", "source_id"])
+        done.update(zip(t["source"].to_pylist(), t["source_id"].to_pylist()))
+    return done
+
+
+def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
+    stages: list[Stage] = []
+    for name in spec.stages:
+        if name == "segment":
+            stages.append(SegmentStage(spec.segment, run_id))
+    return stages
+
+
+# ---- the functions Ray runs in its workers ---------------------------------------
+_WORKER_STAGES: dict[str, Stage] = {}
+
+
+def _task_fn(stage: Stage, key: str) -> Callable[[pa.Table], pa.Table]:
+    def run(batch: pa.Table) -> pa.Table:
+        # Each task unpickles its own copy: keep the first one per worker process,
+        # so setup() runs once per worker, not per batch.
+        live = _WORKER_STAGES.get(key)
+        if live is None:
+            live = _WORKER_STAGES[key] = stage
+            live.setup()
+        return live.process(batch)
+    return run
+
+
+class _ActorStage:
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage.process(batch)
+
+
+def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]) -> pa.Table:
+    """Write one block's rows into the lake's tables; return a small summary row."""
+    import pyarrow.compute as pc
+
+    lake = Lake(lake_uri)
+    tables: dict[str, list[pa.Table]] = {}
+    for stage in stages:
+        for name, t in stage.tables(batch).items():
+            tables.setdefault(name, []).append(t)
+    # Failures first, clips last: an input counts as done once its clips part exists.
+    order = sorted(tables, key=lambda n: (n == "clips", n))
+    parts = []
+    for name in order:
+        rel = lake.write_part(name, pa.concat_tables(tables[name]), run_id)
+        if rel:
+            parts.append(rel)
+    failed = batch.filter(pc.equal(batch["status"], "failed"))
+    ok = batch.filter(pc.equal(batch["status"], "ok"))
+    errors = Counter(failed["error"].to_pylist())
+    ids = sorted(set(batch["source_id"].to_pylist()))
+    return pa.Table.from_pylist([{
+        "source_ids": ids, "clips": ok.num_rows, "failed_inputs": failed.num_rows,
+        "errors_json": json.dumps(errors), "parts": parts,
+        "flac_bytes": int(pc.sum(ok["flac_bytes"]).as_py() or 0) if ok.num_rows else 0,
+    }], schema=SUMMARY)
+
+
+# ---- Ray ---------------------------------------------------------------------------
+def init_ray(spec: PipelineSpec) -> float:
+    """Start local Ray (or join --address); returns the seconds it took (0 if already up)."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    t0 = time.perf_counter()
+    kw: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                    configure_logging=True)
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, **kw)
+    else:
+        ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_mb * 2**20, **kw)
+    # Our progress bar and summary replace Ray Data's per-operator logging.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return time.perf_counter() - t0
+
+
+def _data_context():
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False          # we draw one bar for the whole job
+    ctx.print_on_execution_start = False
+    ctx.enable_rich_progress_bars = False
+    return ctx
+
+
+def build_dataset(rows: list[dict], stages: list[Stage], spec: PipelineSpec, lake_uri: str, run_id: str):
+    import ray.data
+
+    _data_context()
+    per_task = spec.ray.inputs_per_task
+    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+    blocks = [table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]
+    ds = ray.data.from_arrow(blocks)
+    for stage in stages:
+        res = stage.resources()
+        if stage.uses_actors:
+            ds = ds.map_batches(_ActorStage, fn_constructor_args=(stage,), batch_size=res.batch_size,
+                                batch_format="pyarrow", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                concurrency=res.concurrency or 1)
+        else:
+            ds = ds.map_batches(_task_fn(stage, f"{run_id}:{stage.name}"), batch_size=res.batch_size, batch_format="pyarrow",
+                                num_cpus=res.num_cpus, zero_copy_batch=True)
+    return ds.map_batches(write_block, fn_args=(lake_uri, run_id, stages), batch_size=None,
+                          batch_format="pyarrow", num_cpus=1, zero_copy_batch=True)
+
+
+def _record_run(lake: Lake, spec: PipelineSpec, summary: RunSummary, started: datetime,
+                ended: datetime | None) -> None:
+    row = {"run_id": summary.run_id, "pipeline": spec.name, "status": summary.status,
+           "config_json": spec.model_dump_json(), "code_version": code_version(), "host": socket.gethostname(),
+           "started": started, "ended": ended, "counts_json": json.dumps(summary.counts()),
+           "parts": summary.parts}
+    lake.write_part("runs", pa.Table.from_pylist([row], schema=schema.RUNS), summary.run_id)
+
+
+def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
+                 on_start: Callable[[RunSummary], None] | None = None,
+                 on_progress: Callable[[RunSummary], None] | None = None) -> RunSummary:
+    lake = Lake(lake_uri)
+    run_id = new_run_id()
+    summary = RunSummary(run_id=run_id, pipeline=spec.name, lake=lake.uri)
+    with lake.lock(run_id, wait=wait):
+        lake.clean_tmp()
+        rows, summary.non_audio_skipped = list_inputs(spec)
+        summary.inputs_total = len(rows)
+        done = committed_inputs(lake)
+        todo = [r for r in rows if (r["source"], r["source_id"]) not in done]
+        summary.inputs_skipped = len(rows) - len(todo)
+        started = datetime.now(timezone.utc)
+        _record_run(lake, spec, summary, started, None)
+        if on_start:
+            on_start(summary)
+        t0 = time.perf_counter()
+        try:
+            if todo:
+                summary.ray_startup_s = init_ray(spec)
+                t0 = time.perf_counter()
+                seen: set[str] = set()
+                ds = build_dataset(todo, build_stages(spec, run_id), spec, lake.uri, run_id)
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    for rec in batch.to_pylist():
+                        seen.update(rec["source_ids"])
+                        summary.inputs_done = len(seen)
+                        summary.clips += rec["clips"]
+                        summary.failed_inputs += rec["failed_inputs"]
+                        summary.errors.update(json.loads(rec["errors_json"]))
+                        summary.parts.extend(rec["parts"])
+                        summary.flac_bytes += rec["flac_bytes"]
+                    summary.elapsed_s = time.perf_counter() - t0
+                    if on_progress:
+                        on_progress(summary)
+            summary.status = "finished"
+        except BaseException:
+            summary.status = "interrupted"
+            raise
+        finally:
+            summary.elapsed_s = time.perf_counter() - t0
+            _record_run(lake, spec, summary, started, datetime.now(timezone.utc))
+    return summary

@@ -1,0 +1,127 @@
+"""Pipeline specs: YAML files validated into dataclass-like pydantic models.
+
+A spec is data. Built-ins live in ``soundlake/pipelines/specs/<name>.yaml`` and are
+found by name; any path works too. ``--set a.b=value`` overrides any setting (the
+value is parsed as YAML). Every validation error is one line naming the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from soundlake.errors import UserError
+
+SPEC_DIR = Path(__file__).parent / "specs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(Section):
+    kind: Literal["synth", "local", "audioset", "vggsound", "freesound"] = "synth"
+    input: str | None = Field(None, description="local: folder scanned recursively")
+    count: int = Field(200, ge=1, description="synth: number of scenes")
+    seed: int = Field(0, description="synth: corpus seed")
+    duration: float = Field(10.0, gt=0, description="synth: scene length in seconds")
+    speech: bool = Field(False, description="synth: allow espeak-ng speech events")
+    limit: int | None = Field(None, ge=1, description="process at most this many inputs")
+    follow_symlinks: bool = True
+
+
+class SegmentSpec(Section):
+    sample_rate: int = Field(32000, ge=8000, le=192000)
+    channels: Literal[1, 2] = 1
+    window: float = Field(10.0, gt=0, description="clip length in seconds")
+    policy: Literal["annotated", "first", "sliding", "random"] = "first"
+    hop: float | None = Field(None, gt=0, description="sliding: hop in seconds (default: window)")
+    max_windows: int | None = Field(None, ge=1, description="at most this many clips per input")
+    remainder: Literal["pad", "drop"] = "pad"
+    min_duration: float = Field(1.0, ge=0, description="shorter content is a too_short failure")
+    max_duration: float = Field(3600.0, gt=0, description="longer inputs are a too_long failure")
+    silence_dbfs: float = Field(-60.0, le=0, description="windows with RMS below this are dropped")
+    loudness: bool = Field(True, description="measure integrated loudness (LUFS)")
+    seed: int = 0
+    ffmpeg_timeout: float = Field(60.0, gt=0)
+
+
+class RaySpec(Section):
+    address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray: CPUs to use (default: all)")
+    object_store_mb: int = Field(512, ge=80, description="local Ray: object store size")
+    inputs_per_task: int = Field(8, ge=1, description="inputs handled by one segment task")
+
+
+class PipelineSpec(Section):
+    name: str
+    description: str = ""
+    source: SourceSpec = SourceSpec()
+    segment: SegmentSpec = SegmentSpec()
+    stages: list[Literal["segment"]] = ["segment"]
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source.kind == "local" and not self.source.input:
+            raise ValueError("source.input: the local source needs a folder (--input DIR)")
+        return self
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r}: check the spelling (see `soundlake curate --help`)"
+    if err["type"] == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    got = err.get("input")
+    got = "" if isinstance(got, (dict, list)) and err["type"] != "literal_error" else f", got {got!r}"
+    return f"{key}: {err['msg'].lower()}{got}"
+
+
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key=value, e.g. segment.sample_rate=16000")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def load_spec(name_or_path: str, overrides: dict[str, Any] | None = None,
+              sets: list[str] | None = None) -> PipelineSpec:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = SPEC_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"no pipeline {name_or_path!r}: give a YAML path or one of "
+                            f"{', '.join(builtin_names())}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"spec {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"spec {path}: expected a mapping of settings at the top level")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, key, value)
+    for text in sets or []:
+        _set(raw, *parse_override(text))
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"spec {path.name}: {_describe(e.errors()[0])}") from None

@@ -1,0 +1,117 @@
+"""Test corpora on disk: mixed-format audio and every kind of bad input.
+
+Used by the tests and the benchmarks (not by the pipeline). Real files, encoded by
+libsndfile in-process or by ffmpeg for the containers it does not write.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+# extension -> how to write it (soundfile format/subtype, or "ffmpeg" with codec args)
+FORMATS: dict[str, tuple] = {
+    "wav": ("sf", "WAV", "PCM_16"),
+    "flac": ("sf", "FLAC", "PCM_16"),
+    "ogg": ("sf", "OGG", "VORBIS"),
+    "opus": ("sf", "OGG", "OPUS"),
+    "mp3": ("sf", "MP3", "MPEG_LAYER_III"),
+    "m4a": ("ffmpeg", "-c:a", "aac", "-b:a", "96k"),
+    "webm": ("ffmpeg", "-c:a", "libopus", "-b:a", "64k"),
+}
+
+
+def tone_mix(seconds: float, sr: int, seed: int, channels: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f = rng.uniform(200, 2000)
+    x = 0.4 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(t.size)
+    x *= 0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(0.2, 2) * t)
+    x = x.astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def write_audio(path: Path, audio: np.ndarray, sr: int, ext: str | None = None) -> Path:
+    ext = ext or path.suffix.lstrip(".")
+    kind = FORMATS[ext]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind[0] == "sf":
+        rate = 48000 if ext == "opus" and sr not in (8000, 12000, 16000, 24000, 48000) else sr
+        if rate != sr:
+            import soxr
+            audio = soxr.resample(audio, sr, rate)
+        sf.write(str(path), audio, rate, format=kind[1], subtype=kind[2])
+    else:
+        wav = path.with_suffix(".tmp.wav")
+        sf.write(str(wav), audio, sr)
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(wav), *kind[1:], str(path)],
+                       check=True, timeout=120)
+        wav.unlink()
+    return path
+
+
+def make_corpus(folder: Path, n_files: int, seconds: float = 10.0, sr: int = 44100,
+                formats: tuple[str, ...] = tuple(FORMATS), seed: int = 0) -> list[Path]:
+    """n_files tone/noise files cycling through the formats (names with spaces and non-ASCII too)."""
+    paths = []
+    for i in range(n_files):
+        ext = formats[i % len(formats)]
+        name = f"clip {i:04d}.{ext}" if i % 5 == 0 else (f"klang-ü-{i:04d}.{ext}" if i % 7 == 0 else f"c{i:04d}.{ext}")
+        sub = folder / f"d{i % 3}"
+        paths.append(write_audio(sub / name, tone_mix(seconds, sr, seed + i), sr, ext))
+    return paths
+
+
+def make_bad_inputs(folder: Path) -> dict[str, str | None]:
+    """Every bad (and odd but valid) input the segment stage must account for.
+
+    Returns file name (relative) -> expected error class, or None when it must become clips.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    expect: dict[str, str | None] = {}
+    good = tone_mix(12.0, 44100, 1)
+
+    write_audio(folder / "good.flac", good, 44100)
+    expect["good.flac"] = None
+    # corrupt: random bytes behind a plausible name; truncated: a flac cut in half
+    (folder / "garbage.mp3").write_bytes(np.random.default_rng(0).integers(0, 256, 40000, dtype=np.uint8).tobytes())
+    expect["garbage.mp3"] = "corrupt"
+    write_audio(folder / "whole.flac", good, 44100)
+    data = (folder / "whole.flac").read_bytes()
+    (folder / "truncated.flac").write_bytes(data[: len(data) // 2])
+    os.remove(folder / "whole.flac")
+    expect["truncated.flac"] = "corrupt"
+    (folder / "empty.wav").write_bytes(b"")
+    expect["empty.wav"] = "empty"
+    (folder / "notes.wav").write_text("this is a text file, not audio\n" * 20)
+    expect["notes.wav"] = "not_audio"
+    # a video container with no audio stream at all
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=black:s=32x32:d=2",
+                    "-c:v", "mpeg4", str(folder / "video only.mp4")], check=True, timeout=120)
+    expect["video only.mp4"] = "unsupported"
+    sf.write(str(folder / "short.wav"), tone_mix(0.5, 16000, 2), 16000)
+    expect["short.wav"] = "too_short"
+    sf.write(str(folder / "silent.wav"), np.zeros(16000 * 5, np.float32), 16000)
+    expect["silent.wav"] = "silent"
+    # over an hour: a tiny 8 kHz u-law header claiming > 1 h is enough to be refused before decoding
+    sf.write(str(folder / "long.wav"), np.zeros(8000 * 3601, np.int16), 8000, subtype="ULAW")
+    expect["long.wav"] = "too_long"
+    sf.write(str(folder / "ulaw 8k.wav"), tone_mix(11.0, 8000, 3), 8000, subtype="ULAW")
+    expect["ulaw 8k.wav"] = None
+    sf.write(str(folder / "hires-96k.wav"), tone_mix(10.0, 96000, 4), 96000, subtype="PCM_24")
+    expect["hires-96k.wav"] = None
+    sf.write(str(folder / "surround-6ch.wav"), tone_mix(10.0, 48000, 5, channels=6), 48000)
+    expect["surround-6ch.wav"] = None  # mono spec: downmixed
+    sf.write(str(folder / "naïve ñame 音.wav"), tone_mix(10.0, 22050, 6), 22050)
+    expect["naïve ñame 音.wav"] = None
+    os.symlink("loop.wav", folder / "loop.wav")          # a symlink to itself
+    expect["loop.wav"] = "unreadable"
+    os.symlink("missing-target.wav", folder / "dangling.wav")
+    expect["dangling.wav"] = "not_found"
+    (folder / "sub").mkdir(exist_ok=True)
+    os.symlink("..", folder / "sub" / "up")              # a directory loop
+    (folder / "readme.txt").write_text("not an input")
+    return expect
