@@ -143,6 +143,16 @@ class Lake:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def holds_lock(self, run_id: str) -> bool:
+        """Does run_id own the lake now? (Object-store lakes: always yes.)"""
+        if not self.is_local:
+            return True
+        try:
+            with open(self.path("_lock"), encoding="utf-8", errors="replace") as f:
+                return f"run {run_id} " in f.read()
+        except OSError:
+            return False
+
     def is_locked(self) -> bool:
         if not self.is_local or not os.path.exists(self.path("_lock")):
             return False

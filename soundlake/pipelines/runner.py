@@ -143,6 +143,10 @@ def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]
     import pyarrow.compute as pc
 
     lake = Lake(lake_uri)
+    if not lake.holds_lock(run_id):
+        # Fencing: a task of a killed run that outlives its driver must not commit
+        # parts behind the back of the run that now owns the lake.
+        return SUMMARY.empty_table()
     tables: dict[str, list[pa.Table]] = {}
     for stage in stages:
         for name, t in stage.tables(batch).items():
@@ -181,14 +185,17 @@ def init_ray(spec: PipelineSpec) -> float:
         ray.init(address=spec.ray.address, **kw)
     else:
         ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_mb * 2**20, **kw)
-    # Our progress bar and summary replace Ray Data's per-operator logging.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return time.perf_counter() - t0
 
 
 def _data_context():
+    import logging
+
     import ray.data
 
+    # Our progress bar and summary replace Ray Data's per-operator logging
+    # (set after importing ray.data, which configures its loggers on import).
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False          # we draw one bar for the whole job
     ctx.print_on_execution_start = False

@@ -1,0 +1,62 @@
+"""The lake: atomic parts, SQL views (also on an empty lake), one-line SQL errors, the lock."""
+import pyarrow as pa
+import pytest
+
+from soundlake.catalog import schema
+from soundlake.catalog.lake import Lake
+from soundlake.catalog.sql import connect, query
+from soundlake.errors import UserError
+from soundlake.pipelines.runner import run_pipeline
+from soundlake.pipelines.spec import load_spec
+
+
+def _failure(source_id, error="corrupt", clip=None):
+    return {"source": "local", "source_id": source_id, "clip_id": clip, "stage": "segment", "error": error,
+            "permanent": True, "message": "m", "attempt": 1, "run_id": "r", "time": None}
+
+
+def test_empty_lake_has_typed_views(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.create()
+    con = connect(lake)
+    for view in ("clips", "audio", "captions", "failures", "failures_open", "runs"):
+        assert con.execute(f"SELECT count(*) FROM {view}").fetchone()[0] == 0
+    assert "flac" not in [d[0] for d in con.execute("SELECT * FROM clips").description]
+
+
+def test_parts_are_atomic_and_visible(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    rel = lake.write_part("failures", pa.Table.from_pylist([_failure("a")], schema=schema.FAILURES), "r1")
+    assert rel.startswith("failures/part-r1-") and rel.endswith(".parquet")
+    (tmp_path / "lake" / "failures" / "part-half.parquet.tmp").write_bytes(b"PAR1 half written")
+    assert query(lake, "SELECT count(*) AS n FROM failures").fetchall() == [(1,)]
+    assert lake.clean_tmp() == 1
+
+
+def test_failures_open_forgets_inputs_that_later_succeeded(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_part("failures", pa.Table.from_pylist([_failure("a"), _failure("b")], schema=schema.FAILURES), "r")
+    clip = {f.name: None for f in schema.CLIPS}
+    clip.update(source="local", source_id="a", clip_id="local:a:0")
+    lake.write_part("clips", pa.Table.from_pylist([clip], schema=schema.CLIPS), "r")
+    assert query(lake, "SELECT source_id FROM failures_open").fetchall() == [("b",)]
+
+
+def test_bad_query_is_one_line(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.create()
+    with pytest.raises(UserError) as e:
+        query(lake, "SELEC * FROM clips")
+    assert str(e.value).startswith("SQL error:") and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="no lake"):
+        connect(str(tmp_path / "nowhere"))
+
+
+def test_second_writer_refused_or_waits(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    spec = load_spec("local", sets=[f"source.input={tmp_path}"])
+    with lake.lock("first-run"):
+        assert lake.is_locked() and lake.holds_lock("first-run") and not lake.holds_lock("other")
+        with pytest.raises(UserError, match="busy.*first-run.*--wait"):
+            run_pipeline(spec, lake.uri)
+    assert not lake.is_locked()
