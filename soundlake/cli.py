@@ -87,6 +87,10 @@ def _print_summary(s) -> None:
     failures = ", ".join(f"{k} {v}" for k, v in s.errors.most_common()) or "none"
     t.add_row("failures", f"{s.failed_inputs} inputs: {failures}")
     t.add_row("speed", f"{s.clips_per_s:.1f} clips/s over {s.elapsed_s:.1f} s (+ {s.ray_startup_s:.1f} s Ray start-up)")
+    if s.rows:
+        t.add_row("rows", " · ".join(f"{k} {v}" for k, v in sorted(s.rows.items())))
+    for note in s.notes:
+        t.add_row("note", note)
     t.add_row("lake", s.lake)
     t.add_row("next", f"soundlake sql \"SELECT source, count(*) FROM clips GROUP BY 1\" --lake {s.lake}")
     console.print(t)
@@ -109,12 +113,9 @@ def sql(
     if format == "parquet" and output is None:
         _fail(UserError("--format parquet needs --out FILE"))
     try:
-        rel = run_query(lake, query)
-        if rel is None:
+        result = run_query(lake, query)
+        if result is None:
             _fail(UserError("the statement returned no rows (only queries are supported)"))
-        result = rel.arrow()
-        if hasattr(result, "read_all"):
-            result = result.read_all()
     except UserError as e:
         _fail(e)
     # Never print raw audio bytes: show their size instead.
@@ -201,6 +202,102 @@ def status(lake: str = LAKE, runs: int = typer.Option(10, help="How many recent 
     for r in st.failures:
         t.add_row(r["stage"], r["error"], "yes" if r["permanent"] else "no (retry-failed)", str(r["inputs"]))
     out.print(t if st.failures else "[green]no open failures[/]")
+
+
+@app.command()
+def export(
+    out_dir: str = typer.Option(..., "--out", "-o", help="Shard folder or object-store URI (s3://bucket/prefix)."),
+    lake: str = LAKE,
+    where: Optional[str] = typer.Option(None, help="SQL condition over the clips view, e.g. \"source = 'synth'\"."),
+    caption: str = typer.Option("preferred", help="preferred | all | a captioner name (reference, template, ...)."),
+    min_score: Optional[float] = typer.Option(None, help="Keep captions whose CLAP score is at least this."),
+    score_model: Optional[str] = typer.Option(None, help="The CLAP model id whose scores --min-score reads."),
+    license: Optional[str] = typer.Option(None, help="Comma-separated licenses to keep, e.g. CC0,CC-BY."),
+    exclude: List[Path] = typer.Option([], help="File of clip ids or source ids to leave out (one per line, "
+                                       "# comments), e.g. AudioCaps test YTIDs. Repeatable."),
+    split: Optional[str] = typer.Option(None, help="Held-out splits by a stable hash of the clip id, "
+                                        "e.g. valid=0.01,test=0.01 (the rest is train)."),
+    shard_size: Optional[str] = typer.Option(None, help="Bytes per shard, e.g. 512MB (default)."),
+    shard_count: Optional[int] = typer.Option(None, min=1, help="Samples per shard instead of --shard-size."),
+    name: Optional[str] = typer.Option(None, help="A name for the export in the exports table."),
+    wait: bool = typer.Option(False, help="Wait for a running job's lake lock to record the export."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-shard progress."),
+):
+    """Export a SQL selection as WebDataset shards with a manifest, and record it in the lake.
+    Re-running the same command resumes a killed export without rewriting finished shards."""
+    from soundlake.catalog.export import ExportArgs, parse_size, parse_splits, run_export
+
+    try:
+        if shard_size and shard_count:
+            raise UserError("give --shard-size or --shard-count, not both")
+        args = ExportArgs(
+            out=out_dir, where=where, caption=caption, min_score=min_score, score_model=score_model,
+            licenses=[x.strip() for x in (license or "").split(",") if x.strip()],
+            exclude=[str(p) for p in exclude], splits=parse_splits(split),
+            shard_size=None if shard_count else parse_size(shard_size or "512MB"),
+            shard_count=shard_count, name=name)
+
+        def on_shard(sh, done, total):
+            if not quiet:
+                console.print(f"shard {done}/{total} {sh['name']} ({sh['end'] - sh['start']} clips)", highlight=False)
+        r = run_export(lake, args, wait=wait, on_shard=on_shard)
+    except UserError as e:
+        _fail(e)
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(r.splits.items()))
+    dropped = ", ".join(f"{k} {v}" for k, v in r.dropped.items() if v) or "none"
+    console.print(f"export [bold]{r.export_id}[/] · {r.clips} clips ({splits}) · {r.shards} shards "
+                  f"({r.written} written, {r.kept} already done) · {r.bytes / 2**20:.1f} MiB · dropped: {dropped}",
+                  highlight=False)
+    console.print(f"manifest {r.out}/manifest.json · recorded in the lake: "
+                  + ("yes" if r.recorded else "already"), highlight=False)
+
+
+train_app = typer.Typer(help="Train the project's own models from the lake.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("clap")
+def train_clap_cmd(
+    lake: str = LAKE,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to save the model in (loadable by clap.model)."),
+    captioner: str = typer.Option("reference", help="Train on this captioner's captions."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'synth'\"."),
+    holdout: float = typer.Option(0.1, help="Fraction of clips (stable hash of clip_id) held out for validation."),
+    epochs: int = typer.Option(30, help="Training epochs."),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(2e-3),
+    dim: int = typer.Option(256, help="Shared embedding size."),
+    seed: int = typer.Option(0),
+):
+    """Train the in-house CLAP: frozen MiniLM text tower (offline) + a log-mel CNN audio encoder,
+    contrastive loss, on the lake's clips and captions. Prints validation retrieval each epoch."""
+    import torch
+
+    from soundlake.catalog.pairs import load_pairs
+    from soundlake.models.clap_inhouse import ClapTrainConfig, train_clap
+
+    cfg = ClapTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dim=dim, seed=seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        train, held = load_pairs(lake, cfg.sample_rate, captioner=captioner, where=where, holdout=holdout)
+    except UserError as e:
+        _fail(e)
+    console.print(f"training on {len(train)} clips, validating on {len(held)} (lake {lake})")
+    from rich.progress import Progress
+
+    with Progress(console=console) as progress:
+        task = progress.add_task("epochs", total=epochs)
+
+        def report(row):
+            progress.update(task, advance=1)
+            extra = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("epoch", "seconds")
+                             and isinstance(v, float))
+            progress.console.print(f"epoch {row['epoch']:3d}  {extra}", highlight=False)
+
+        res = train_clap([a for _, a, _ in train], [c for _, _, c in train], out, cfg, progress=report,
+                         val=([a for _, a, _ in held], [c for _, _, c in held]) if len(held) >= 2 else None)
+    console.print(f"saved {out} in {res['train_seconds']:.0f} s · checkpoint {res['identity'].get('checkpoint_sha256')}"
+                  f"\nuse it: soundlake curate demo --lake {lake} --set clap.model={out}", highlight=False)
 
 
 def main() -> None:

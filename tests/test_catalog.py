@@ -4,7 +4,7 @@ import pytest
 
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
-from soundlake.catalog.sql import connect, query
+from soundlake.catalog.sql import connect, fetchall, query
 from soundlake.errors import UserError
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
@@ -29,7 +29,7 @@ def test_parts_are_atomic_and_visible(tmp_path):
     rel = lake.write_part("failures", pa.Table.from_pylist([_failure("a")], schema=schema.FAILURES), "r1")
     assert rel.startswith("failures/part-r1-") and rel.endswith(".parquet")
     (tmp_path / "lake" / "failures" / "part-half.parquet.tmp").write_bytes(b"PAR1 half written")
-    assert query(lake, "SELECT count(*) AS n FROM failures").fetchall() == [(1,)]
+    assert fetchall(lake, "SELECT count(*) AS n FROM failures") == [(1,)]
     assert lake.clean_tmp() == 1
 
 
@@ -39,7 +39,7 @@ def test_failures_open_forgets_inputs_that_later_succeeded(tmp_path):
     clip = {f.name: None for f in schema.CLIPS}
     clip.update(source="local", source_id="a", clip_id="local:a:0")
     lake.write_part("clips", pa.Table.from_pylist([clip], schema=schema.CLIPS), "r")
-    assert query(lake, "SELECT source_id FROM failures_open").fetchall() == [("b",)]
+    assert fetchall(lake, "SELECT source_id FROM failures_open") == [("b",)]
 
 
 def test_bad_query_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from soundlake.catalog.lake import Lake
-from soundlake.catalog.sql import query
+from soundlake.catalog.sql import fetchall
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
 from soundlake.testing import make_corpus
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 def _accounting(lake: str) -> tuple[set, set]:
-    clips = {r[0] for r in query(lake, "SELECT DISTINCT source_id FROM clips").fetchall()}
-    failed = {r[0] for r in query(lake, "SELECT DISTINCT source_id FROM failures").fetchall()}
+    clips = {r[0] for r in fetchall(lake, "SELECT DISTINCT source_id FROM clips")}
+    failed = {r[0] for r in fetchall(lake, "SELECT DISTINCT source_id FROM failures")}
     return clips, failed
 
 
@@ -32,11 +32,11 @@ def test_demo_end_to_end(ray_session, tmp_path):
                                      "--address", ray_session, "-q"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "12 processed" in r.stderr and "clips" in r.stderr  # the summary
-    rows = query(lake, """SELECT c.clip_id, c.sample_rate, c.duration_s, cap.text, c.labels
-                          FROM clips c JOIN captions cap USING (clip_id)""").fetchall()
+    rows = fetchall(lake, """SELECT c.clip_id, c.sample_rate, c.duration_s, cap.text, c.labels
+                             FROM clips c JOIN captions cap USING (clip_id)""")
     assert len(rows) == 12
     assert all(sr == 16000 and d == 10.0 and text and labels for _, sr, d, text, labels in rows)
-    runs = query(lake, "SELECT status, pipeline FROM runs").fetchall()
+    runs = fetchall(lake, "SELECT status, pipeline FROM runs")
     assert runs == [("finished", "demo")]
     r = subprocess.run(soundlake_cmd("sql", "SELECT source, count(*) AS n FROM clips GROUP BY 1", "--lake", lake,
                                      "--format", "csv"), capture_output=True, text=True, timeout=60)
@@ -51,7 +51,7 @@ def test_bad_inputs_accounted_and_job_completes(ray_session, bad_inputs, tmp_pat
     assert summary.status == "finished" and summary.inputs_done == len(expect)
     clips, failed = _accounting(lake)
     assert clips | failed == set(expect) and not clips & failed
-    got = dict(query(lake, "SELECT source_id, error FROM failures").fetchall())
+    got = dict(fetchall(lake, "SELECT source_id, error FROM failures"))
     assert got == {k: v for k, v in expect.items() if v}
     assert sum(summary.errors.values()) == len(got)
     # A second run finds everything committed and does nothing.
@@ -93,9 +93,9 @@ def test_sigkill_then_resume_and_query_during_run(ray_session, tmp_path):
     assert len(clips) == 48 and not failed
     # nothing recomputed: the first run's parts are untouched and no clip appears twice
     assert first_parts <= set(glob.glob(f"{lake}/clips/*.parquet"))
-    dup = query(lake, "SELECT clip_id, count(*) FROM clips GROUP BY 1 HAVING count(*) > 1").fetchall()
+    dup = fetchall(lake, "SELECT clip_id, count(*) FROM clips GROUP BY 1 HAVING count(*) > 1")
     assert dup == []
-    assert query(lake, "SELECT count(*) FROM clips").fetchall() == [(48 * 4,)]  # 31 s -> 4 windows (pad)
-    statuses = sorted(s for (s,) in query(lake, "SELECT status FROM runs").fetchall())
+    assert fetchall(lake, "SELECT count(*) FROM clips") == [(48 * 4,)]  # 31 s -> 4 windows (pad)
+    statuses = sorted(s for (s,) in fetchall(lake, "SELECT status FROM runs"))
     assert statuses == ["finished", "running"]  # the killed run never wrote its end record
     assert not Lake(lake).is_locked()

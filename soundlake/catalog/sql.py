@@ -30,6 +30,13 @@ _VIEWS: dict[str, str] = {
 }
 _VIEW_ORDER: list[str] = list(_VIEWS)
 
+# Derived rows are written before their clip rows (clips commit an input), so a kill in
+# between can leave a second copy of a derived row when the input is redone: these views
+# keep the newest row per key.
+DEDUPE_KEYS: dict[str, tuple[str, str]] = {
+    "captions": ("clip_id, captioner, model_id, prompt_version, text", "created"),
+}
+
 
 def add_view(name: str, sql: str) -> None:
     if name not in _VIEWS:
@@ -64,6 +71,11 @@ def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
             con.execute(f"CREATE VIEW clips AS SELECT {cols} FROM _clip_parts")
         elif table == "runs":
             con.execute(f"CREATE VIEW _runs AS SELECT * FROM {src}")
+        elif table in DEDUPE_KEYS:
+            key, order = DEDUPE_KEYS[table]
+            con.execute(f"CREATE VIEW _{table}_all AS SELECT * FROM {src}")
+            con.execute(f"""CREATE VIEW {table} AS SELECT * FROM _{table}_all
+                            QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1""")
         else:
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {src}")
     for name in _VIEW_ORDER:
@@ -71,11 +83,77 @@ def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+TEXT_SEARCH_NAMES = ("text_similarity", "clap_text")
+
+
+def add_text_search(con: duckdb.DuckDBPyConnection, model: str | None = None) -> None:
+    """``clap_text('dog barking')`` -> the CLAP text vector, and the macro
+    ``text_similarity(clip_id, 'dog barking')`` -> cosine with the clip's audio embedding.
+
+    The model is the one that wrote the newest embeddings (or ``model`` /
+    $SOUNDLAKE_CLAP_MODEL), loaded on first use; each text is embedded once.
+    """
+    import os
+
+    row = con.execute("""SELECT model_id, any_value(dim) FROM embeddings GROUP BY 1
+                         ORDER BY max(created) DESC LIMIT 1""").fetchone()
+    if row is None:
+        raise UserError("text_similarity needs audio embeddings: curate with --set clap.model=PATH first")
+    model_id, dim = row
+    path = model or os.environ.get("SOUNDLAKE_CLAP_MODEL") or model_id
+    state: dict = {}
+
+    def clap_text(text: str):
+        if text not in state:
+            if "model" not in state:
+                from soundlake.models.clap import load_clap
+
+                try:
+                    state["model"] = load_clap(path)
+                except (OSError, ValueError) as e:
+                    raise UserError(f"cannot load CLAP model {path!r} for text search ({e}); "
+                                    "set SOUNDLAKE_CLAP_MODEL to its folder") from None
+            state[text] = state["model"].embed_text([text])[0].astype("float32").tolist()
+        return state[text]
+
+    con.create_function("clap_text", clap_text, ["VARCHAR"], f"FLOAT[{int(dim)}]", side_effects=False)
+    mid = str(model_id).replace("'", "''")
+    con.execute(f"""CREATE MACRO text_similarity(clip, q) AS (
+                      SELECT array_cosine_similarity(e.embedding::FLOAT[{int(dim)}], clap_text(q))
+                      FROM embeddings e WHERE e.clip_id = clip AND e.model_id = '{mid}' LIMIT 1)""")
+
+
+def close(con: duckdb.DuckDBPyConnection) -> None:
+    """Close a connection (and drop Python UDFs first, which DuckDB needs for a clean exit)."""
+    try:
+        con.remove_function("clap_text")
+    except duckdb.Error:
+        pass
+    con.close()
+
+
 def query(lake: Lake | str, sql: str):
-    """Run one statement; a bad query becomes a one-line UserError."""
+    """Run one statement and return its result as an Arrow table; errors are one line."""
     con = connect(lake)
     try:
-        return con.sql(sql)
+        if any(name in sql for name in TEXT_SEARCH_NAMES):
+            add_text_search(con)
+        result = con.sql(sql)
+        if result is None:
+            return None
+        table = result.arrow()
+        return table.read_all() if hasattr(table, "read_all") else table
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"SQL error: {first}") from None
+    finally:
+        close(con)
+
+
+def fetchall(lake: Lake | str, sql: str) -> list[tuple]:
+    """Rows of a query as tuples (small results: tests, status, scripts)."""
+    table = query(lake, sql)
+    if table is None:
+        return []
+    cols = table.to_pydict()
+    return list(zip(*cols.values())) if cols else []

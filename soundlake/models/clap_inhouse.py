@@ -7,7 +7,7 @@ scores mean something offline. Architecture:
   the frozen embeddings are computed once per unique caption before training;
 * audio: log-mel (torch.stft + a slaney mel matrix from ``transformers.audio_utils``,
   no torchaudio/librosa) -> per-band BatchNorm -> 5 Conv1d blocks over time (mel bands as
-  channels, time pooled x16) -> one Transformer layer with learned positions (so word
+  channels, time max-pooled x32) -> one Transformer layer with learned positions (so word
   order like "then" can be heard) -> attention + max pooling -> linear -> ``dim``;
 * learned temperature, symmetric InfoNCE in which clips with the *same* caption count
   as positives of each other (templated captions repeat; treating them as negatives
@@ -21,7 +21,7 @@ Public API::
         audio: iterable of mono float32 clips at config.sample_rate (consumed once, streamed)
         val: (audio, captions) or None; per-epoch val loss and text->audio R@1/R@5
         progress: callable(dict) called after every epoch with that epoch's metrics
-        returns {"history": [per-epoch dicts], "train_seconds", "path", "identity"}
+        returns {"history": [per-epoch dicts], "train_seconds", "path", "identity", "model": InHouseClap}
         writes out_dir/soundlake_clap.json (config + identity) and out_dir/model.safetensors
     InHouseClap.load(path, device="cpu", hop_s=None) -> a ClapBackend (see soundlake.models.clap)
 
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soundlake.models.clap import INHOUSE_CONFIG, Windowing, embed_windowed
-from soundlake.models.text import TextEncoder, weights_sha256
+from soundlake.models.text import TextEncoder, load_text_encoder, weights_sha256
 
 FORMAT = "soundlake-clap/1"
 WEIGHTS = "model.safetensors"
@@ -230,7 +230,7 @@ def train_clap(
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    text = TextEncoder(device=device)
+    text = load_text_encoder(device=device)
     net = ClapNet(cfg, text.dim)
     frames = cfg_frames(cfg)
 
@@ -286,7 +286,9 @@ def train_clap(
             progress(row)
 
     identity = save_clap(net, cfg, text, Path(out_dir), history[-1])
-    return {"history": history, "train_seconds": time.perf_counter() - t_start, "path": str(out_dir), "identity": identity}
+    model = InHouseClap(net, cfg, text, identity, device=device)
+    return {"history": history, "train_seconds": time.perf_counter() - t_start, "path": str(out_dir),
+            "identity": model.identity, "model": model}
 
 
 def save_clap(net: ClapNet, cfg: ClapTrainConfig, text: TextEncoder, out_dir: Path, metrics: dict | None = None) -> dict:
@@ -350,7 +352,7 @@ class InHouseClap:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: unsupported in-house CLAP format {meta.get('format')!r}")
         cfg = ClapTrainConfig.from_dict(meta["config"])
-        text = TextEncoder(device=device)
+        text = load_text_encoder(device=device)
         if text.identity["sha256"] != meta["text_encoder"]["sha256"]:
             raise ValueError(
                 f"{path} was trained with text encoder {meta['text_encoder']['sha256']}, "

@@ -17,6 +17,7 @@ Public API::
         .identity: dict                # model name, path, sha256 of the weights
         .encode(texts, batch_size=64) -> np.ndarray [N, dim] float32, L2-normalised
         .encode_tokens(texts) -> (hidden [B, T, dim] torch.float32, mask [B, T] torch.bool)
+    load_text_encoder(path=None, device="cpu") -> TextEncoder   # cached per process (frozen, safe to share)
     weights_sha256(paths) -> str       # short hex digest of weight files (shared helper)
 """
 from __future__ import annotations
@@ -123,3 +124,9 @@ class TextEncoder:
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
             out[i : i + batch_size] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
+
+
+@lru_cache(maxsize=4)
+def load_text_encoder(path: str | None = None, device: str = "cpu") -> TextEncoder:
+    """One shared frozen encoder per (path, device) in a process: loading costs seconds."""
+    return TextEncoder(path, device)

@@ -38,6 +38,7 @@ SUMMARY = pa.schema([
     ("errors_json", pa.string()),
     ("parts", pa.list_(pa.string())),
     ("flac_bytes", pa.int64()),
+    ("tables_json", pa.string()),      # rows written per table
 ])
 
 
@@ -57,6 +58,8 @@ class RunSummary:
     ray_startup_s: float = 0.0
     elapsed_s: float = 0.0
     non_audio_skipped: int = 0
+    rows: Counter = field(default_factory=Counter)   # rows written per table
+    notes: list[str] = field(default_factory=list)
     status: str = "running"
 
     @property
@@ -66,7 +69,7 @@ class RunSummary:
     def counts(self) -> dict:
         return {"inputs_total": self.inputs_total, "inputs_skipped": self.inputs_skipped,
                 "inputs_done": self.inputs_done, "clips": self.clips, "failed_inputs": self.failed_inputs,
-                "errors": dict(self.errors), "flac_bytes": self.flac_bytes,
+                "errors": dict(self.errors), "flac_bytes": self.flac_bytes, "rows": dict(self.rows),
                 "ray_startup_s": round(self.ray_startup_s, 3), "elapsed_s": round(self.elapsed_s, 3)}
 
 
@@ -106,10 +109,14 @@ def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
 
 
 def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
-    stages: list[Stage] = []
-    for name in spec.stages:
-        if name == "segment":
-            stages.append(SegmentStage(spec.segment, run_id))
+    from soundlake.stages.clap import EmbedStage, ScoreStage
+
+    active = spec.active_stages()
+    stages: list[Stage] = [SegmentStage(spec.segment, run_id)]
+    if "embed" in active:
+        stages.append(EmbedStage(spec.clap, run_id, tag="tag" in active))
+    if "score" in active:
+        stages.append(ScoreStage(spec.clap, run_id))
     return stages
 
 
@@ -153,19 +160,21 @@ def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]
             tables.setdefault(name, []).append(t)
     # Failures first, clips last: an input counts as done once its clips part exists.
     order = sorted(tables, key=lambda n: (n == "clips", n))
-    parts = []
+    parts, rows = [], {}
     for name in order:
-        rel = lake.write_part(name, pa.concat_tables(tables[name]), run_id)
+        data = pa.concat_tables(tables[name])
+        rel = lake.write_part(name, data, run_id)
         if rel:
             parts.append(rel)
+            rows[name] = data.num_rows
     failed = batch.filter(pc.equal(batch["status"], "failed"))
-    ok = batch.filter(pc.equal(batch["status"], "ok"))
-    errors = Counter(failed["error"].to_pylist())
-    ids = sorted(set(batch["source_id"].to_pylist()))
+    clips = pa.concat_tables(tables["clips"]) if "clips" in tables else None
     return pa.Table.from_pylist([{
-        "source_ids": ids, "clips": ok.num_rows, "failed_inputs": failed.num_rows,
-        "errors_json": json.dumps(errors), "parts": parts,
-        "flac_bytes": int(pc.sum(ok["flac_bytes"]).as_py() or 0) if ok.num_rows else 0,
+        "source_ids": sorted(set(batch["source_id"].to_pylist())) if "source_id" in batch.column_names else [],
+        "clips": rows.get("clips", 0), "failed_inputs": failed.num_rows,
+        "errors_json": json.dumps(Counter(failed["error"].to_pylist())), "parts": parts,
+        "tables_json": json.dumps(rows),
+        "flac_bytes": int(pc.sum(clips["flac_bytes"]).as_py() or 0) if clips is not None else 0,
     }], schema=SUMMARY)
 
 
@@ -212,16 +221,99 @@ def build_dataset(rows: list[dict], stages: list[Stage], spec: PipelineSpec, lak
     blocks = [table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]
     ds = ray.data.from_arrow(blocks)
     for stage in stages:
-        res = stage.resources()
-        if stage.uses_actors:
-            ds = ds.map_batches(_ActorStage, fn_constructor_args=(stage,), batch_size=res.batch_size,
-                                batch_format="pyarrow", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                concurrency=res.concurrency or 1)
-        else:
-            ds = ds.map_batches(_task_fn(stage, f"{run_id}:{stage.name}"), batch_size=res.batch_size, batch_format="pyarrow",
-                                num_cpus=res.num_cpus, zero_copy_batch=True)
+        ds = _map_stage(ds, stage, run_id)
     return ds.map_batches(write_block, fn_args=(lake_uri, run_id, stages), batch_size=None,
                           batch_format="pyarrow", num_cpus=1, zero_copy_batch=True)
+
+
+def _consume(ds, summary: RunSummary, t0: float, on_progress) -> None:
+    """Drain a dataset of write summaries into the run summary (small rows only)."""
+    seen: set[str] = set()
+    base = summary.inputs_done
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for rec in batch.to_pylist():
+            seen.update(rec["source_ids"])
+            summary.clips += rec["clips"]
+            summary.failed_inputs += rec["failed_inputs"]
+            summary.errors.update(json.loads(rec["errors_json"]))
+            summary.rows.update(json.loads(rec["tables_json"] or "{}"))
+            summary.parts.extend(rec["parts"])
+            summary.flac_bytes += rec["flac_bytes"]
+        if summary.clips or summary.failed_inputs:
+            summary.inputs_done = base + len(seen)
+        summary.elapsed_s = time.perf_counter() - t0
+        if on_progress:
+            on_progress(summary)
+
+
+def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[Stage]):
+    """Model stages for clips already in the lake (added to a lake curated without them).
+
+    Yields (name, dataset of write summaries). Embeddings/tags: clips without an
+    embedding from this model (audio read by the workers from the clip parts).
+    Scores: captions without a score from this model (needs only text + stored embeddings).
+    """
+    from soundlake.catalog.sql import connect
+    from soundlake.stages.clap import EmbedStage, ScoreStage
+
+    by_name = {s.name: s for s in stages}
+    if "embed" in by_name and lake.parts("clips"):
+        need = {r[0] for r in connect(lake).execute(
+            """SELECT clip_id FROM clips WHERE clip_id NOT IN
+               (SELECT clip_id FROM embeddings WHERE model_id = ?)""", [spec.clap.model]).fetchall()}
+        if need:
+            yield "embed", _embed_backfill(lake, need, by_name["embed"], spec, run_id)
+    if "score" in by_name and lake.parts("captions"):
+        table = connect(lake).execute(
+            """SELECT c.clip_id, c.clip_id AS source_id, e.embedding::FLOAT[] AS clap_embedding,
+                      list({'captioner': c.captioner, 'model_id': c.model_id, 'text': c.text}) AS new_captions
+               FROM captions c JOIN embeddings e ON e.clip_id = c.clip_id AND e.model_id = $m
+               WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.clip_id = c.clip_id AND s.captioner = c.captioner
+                                 AND s.caption_text = c.text AND s.clap_model_id = $m)
+               GROUP BY ALL ORDER BY c.clip_id""", {"m": spec.clap.model}).arrow()
+        if hasattr(table, "read_all"):
+            table = table.read_all()
+        if table.num_rows:
+            import ray.data
+
+            _data_context()
+            table = table.append_column("status", pa.array(["ok"] * table.num_rows))
+            table = table.append_column("error", pa.nulls(table.num_rows, pa.string()))
+            blocks = [table.slice(i, 256) for i in range(0, table.num_rows, 256)]
+            ds = _map_stage(ray.data.from_arrow(blocks), by_name["score"], run_id)
+            yield "score", ds.map_batches(write_block, fn_args=(lake.uri, run_id, [by_name["score"]]),
+                                          batch_size=None, batch_format="pyarrow", num_cpus=1)
+
+
+def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec, run_id: str):
+    import ray
+    import ray.data
+
+    _data_context()
+    need_ref = ray.put(sorted(need))
+
+    def select(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        keep = batch.filter(pc.is_in(batch["clip_id"], value_set=pa.array(ray.get(need_ref))))
+        keep = keep.append_column("status", pa.array(["ok"] * keep.num_rows, pa.string()))
+        return keep.append_column("error", pa.nulls(keep.num_rows, pa.string()))
+
+    files = lake.parts("clips")
+    ds = ray.data.read_parquet(files, filesystem=lake.fs, columns=["clip_id", "source_id", "flac"])
+    ds = _map_stage(ds.map_batches(select, batch_format="pyarrow", batch_size=None), stage, run_id)
+    return ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
+                          batch_format="pyarrow", num_cpus=1)
+
+
+def _map_stage(ds, stage: Stage, run_id: str):
+    res = stage.resources()
+    if stage.uses_actors:
+        return ds.map_batches(_ActorStage, fn_constructor_args=(stage,), batch_size=res.batch_size,
+                              batch_format="pyarrow", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                              concurrency=res.concurrency or 1)
+    return ds.map_batches(_task_fn(stage, f"{run_id}:{stage.name}"), batch_size=res.batch_size,
+                          batch_format="pyarrow", num_cpus=res.num_cpus, zero_copy_batch=True)
 
 
 def _record_run(lake: Lake, spec: PipelineSpec, summary: RunSummary, started: datetime,
@@ -252,23 +344,19 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             on_start(summary)
         t0 = time.perf_counter()
         try:
+            stages = build_stages(spec, run_id)
             if todo:
                 summary.ray_startup_s = init_ray(spec)
                 t0 = time.perf_counter()
-                seen: set[str] = set()
-                ds = build_dataset(todo, build_stages(spec, run_id), spec, lake.uri, run_id)
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                    for rec in batch.to_pylist():
-                        seen.update(rec["source_ids"])
-                        summary.inputs_done = len(seen)
-                        summary.clips += rec["clips"]
-                        summary.failed_inputs += rec["failed_inputs"]
-                        summary.errors.update(json.loads(rec["errors_json"]))
-                        summary.parts.extend(rec["parts"])
-                        summary.flac_bytes += rec["flac_bytes"]
-                    summary.elapsed_s = time.perf_counter() - t0
-                    if on_progress:
-                        on_progress(summary)
+                _consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
+            for name, ds in backfill_datasets(spec, lake, run_id, stages):
+                if not summary.ray_startup_s and not todo:
+                    summary.ray_startup_s = init_ray(spec)
+                summary.notes.append(f"{name}: existing clips brought up to date")
+                _consume(ds, summary, t0, on_progress)
+            skipped = [s for s in spec.stages if s not in spec.active_stages()]
+            if skipped:
+                summary.notes.append(f"stages {', '.join(skipped)} skipped: set clap.model to run them")
             summary.status = "finished"
         except BaseException:
             summary.status = "interrupted"

@@ -30,6 +30,8 @@ class SourceSpec(Section):
     speech: bool = Field(False, description="synth: allow espeak-ng speech events")
     limit: int | None = Field(None, ge=1, description="process at most this many inputs")
     follow_symlinks: bool = True
+    manifest: str | None = Field(None, description="audioset/vggsound: segment CSV (local path)")
+    ontology: str | None = Field(None, description="audioset: ontology.json (default: the bundled one)")
 
 
 class SegmentSpec(Section):
@@ -48,6 +50,47 @@ class SegmentSpec(Section):
     ffmpeg_timeout: float = Field(60.0, gt=0)
 
 
+class DownloadSpec(Section):
+    url_template: str = Field("https://www.youtube.com/watch?v={ytid}", description="media URL for a YouTube id")
+    format: str = "bestaudio/best"
+    sections: bool = Field(True, description="fetch only the annotated section (yt-dlp download_ranges)")
+    timeout_s: float = Field(60.0, gt=0, description="socket timeout; the watchdog allows 4x per download")
+    retries: int = Field(3, ge=0, description="extra attempts for transient failures")
+    backoff_s: float = Field(2.0, ge=0, description="first backoff; doubles per attempt, with jitter")
+    max_backoff_s: float = Field(120.0, ge=0)
+    cookies_file: str | None = Field(None, description="Netscape cookies file for yt-dlp")
+    rate_per_minute: dict[str, float] = Field(default_factory=lambda: {"*": 30.0},
+                                              description="requests per minute per host ('*' = any other)")
+    bot_wall_pause_s: float = Field(900.0, ge=0, description="pause all downloads after a bot wall")
+    concurrency: int = Field(4, ge=1, description="downloads in flight per worker")
+
+
+class FreesoundSpec(Section):
+    api_url: str = "https://freesound.org/apiv2"
+    query: str = ""
+    filter: str | None = Field(None, description="Solr filter, e.g. 'duration:[1 TO 30]'")
+    sort: str = "score"
+    page_size: int = Field(150, ge=1, le=150)
+    fields: str = "id,name,tags,description,license,username,duration,previews,created,url"
+    license: list[str] | None = Field(None, description="keep only these licenses, e.g. [CC0, CC-BY]")
+    preview: Literal["hq-ogg", "hq-mp3", "lq-ogg", "lq-mp3"] = "hq-ogg"
+    original: bool = Field(False, description="download originals (needs FREESOUND_OAUTH_TOKEN)")
+    max_results: int | None = Field(None, ge=1)
+
+
+class ClapSpec(Section):
+    model: str | None = Field(None, description="CLAP model: in-house folder, transformers ClapModel folder or "
+                                                "hub id (cached), or a laion-clap .pt")
+    backend: Literal["hf", "laion", "soundlake"] | None = Field(None, description="default: detected from model")
+    batch_size: int = Field(16, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    concurrency: int = Field(1, ge=1, description="actors in the pool")
+    tag_labels: str | list[str] = Field("audioset", description="'audioset' (527 classes), a text file, or a list")
+    tag_template: str = "the sound of {label}"
+    top_k: int = Field(5, ge=1)
+
+
 class RaySpec(Section):
     address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     num_cpus: int | None = Field(None, ge=1, description="local Ray: CPUs to use (default: all)")
@@ -60,7 +103,9 @@ class PipelineSpec(Section):
     description: str = ""
     source: SourceSpec = SourceSpec()
     segment: SegmentSpec = SegmentSpec()
-    stages: list[Literal["segment"]] = ["segment"]
+    stages: list[Literal["download", "segment"]] = ["segment"]
+    download: DownloadSpec = DownloadSpec()
+    freesound: FreesoundSpec = FreesoundSpec()
     ray: RaySpec = RaySpec()
 
     @model_validator(mode="after")
@@ -68,6 +113,11 @@ class PipelineSpec(Section):
         if self.source.kind == "local" and not self.source.input:
             raise ValueError("source.input: the local source needs a folder (--input DIR)")
         return self
+
+
+    def active_stages(self) -> list[str]:
+        """The stages that will run: model stages need clap.model."""
+        return [s for s in self.stages if s == "segment" or self.clap.model]
 
 
 def builtin_names() -> list[str]:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up everything soundlake needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
+# ffmpeg and espeak-ng from apt, then a virtual environment in .venv with the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+echo "soundlake is set up: .venv/bin/soundlake --help"

@@ -1,0 +1,42 @@
+"""(audio, caption) pairs from the lake, for training models in-process."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from soundlake.catalog.lake import Lake
+from soundlake.catalog.sql import connect
+from soundlake.errors import UserError
+from soundlake.stages import audio_io
+
+
+def holdout_fraction(clip_id: str) -> float:
+    """A stable number in [0, 1) per clip: the same split however the lake grows."""
+    return int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "little") / 2**64
+
+
+def load_pairs(lake: Lake | str, sample_rate: int, captioner: str = "reference", where: str | None = None,
+               holdout: float = 0.0, limit: int | None = None):
+    """Returns (train, held_out), each a list of (clip_id, mono float32 audio at sample_rate, caption).
+
+    One caption per clip: the named captioner's (the newest when there are several).
+    """
+    con = connect(lake)
+    sql = f"""SELECT c.clip_id, a.flac, cap.text FROM clips c JOIN audio a USING (clip_id)
+              JOIN (SELECT clip_id, arg_max(text, created) AS text FROM captions WHERE captioner = ?
+                    GROUP BY clip_id) cap USING (clip_id)
+              {'WHERE ' + where if where else ''} ORDER BY c.clip_id {f'LIMIT {int(limit)}' if limit else ''}"""
+    try:
+        rows = con.execute(sql, [captioner]).fetchall()
+    except Exception as e:  # duckdb.Error: a bad --where
+        raise UserError(f"SQL error in --where: {str(e).splitlines()[0]}") from None
+    if not rows:
+        raise UserError(f"no clips with a {captioner!r} caption in the lake"
+                        + (f" matching {where!r}" if where else "") + ": curate first (soundlake curate demo)")
+    train, held = [], []
+    for clip_id, flac, text in rows:
+        audio, sr = audio_io.decode_flac(flac)
+        mono = audio_io.resample(audio.mean(axis=1, keepdims=True), sr, sample_rate)[:, 0]
+        (held if holdout_fraction(clip_id) < holdout else train).append((clip_id, np.ascontiguousarray(mono), text))
+    return train, held

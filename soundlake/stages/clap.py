@@ -1,0 +1,236 @@
+"""CLAP stages: audio embeddings, zero-shot tags, caption scores.
+
+* ``embed`` (actor pool): decode each clip's FLAC, resample to the model's rate, embed
+  with deterministic windowing; writes ``embeddings`` (fixed-size FLOAT[dim] arrays that
+  DuckDB's ``array_cosine_similarity`` uses) and, with ``tag`` in the spec's stages,
+  top-k zero-shot ``tags`` over a label set (AudioSet's 527 classes by default).
+* ``score``: cosine of every caption of the clip with its audio embedding, into ``scores``.
+
+Every row records the model identity (backend, path/id, checkpoint sha256, rate,
+windowing), so numbers from two CLAP models are never mixed under one threshold.
+Scores are raw: thresholds are applied in queries and at export.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from soundlake.catalog import schema, sql
+from soundlake.stages.base import Resources, Stage
+
+ONTOLOGY = Path(__file__).resolve().parents[1] / "data" / "audioset_ontology.json"
+
+EMBEDDINGS_BASE = [
+    ("clip_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
+    ("backend", pa.string()), ("identity_json", pa.string()), ("dim", pa.int32()),
+]
+TAGS = pa.schema([
+    ("clip_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
+    ("label_set", pa.string()), ("rank", pa.int16()), ("label", pa.string()), ("prob", pa.float32()),
+    ("run_id", pa.string()), ("created", schema.TS),
+])
+SCORES = pa.schema([
+    ("clip_id", pa.string()), ("captioner", pa.string()), ("caption_model_id", pa.string()),
+    ("caption_text", pa.string()), ("clap_model_id", pa.string()), ("clap_model_hash", pa.string()),
+    ("score", pa.float32()), ("run_id", pa.string()), ("created", schema.TS),
+])
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(EMBEDDINGS_BASE + [("embedding", pa.list_(pa.float32(), dim)),
+                                        ("run_id", pa.string()), ("created", schema.TS)])
+
+
+# A placeholder dimension for the typed empty view; real parts carry their own.
+schema.register("embeddings", embeddings_schema(1))
+schema.register("tags", TAGS)
+schema.register("scores", SCORES)
+sql.DEDUPE_KEYS.update({
+    "embeddings": ("clip_id, model_id, model_hash", "created"),
+    "tags": ("clip_id, model_id, model_hash, label_set, rank", "created"),
+    "scores": ("clip_id, captioner, caption_text, clap_model_id, clap_model_hash", "created"),
+})
+
+
+def audioset_labels(path: Path = ONTOLOGY) -> list[str]:
+    """The 527 AudioSet class names that carry labels (abstract/blacklisted ones excluded)."""
+    nodes = json.loads(Path(path).read_text())
+    return [n["name"] for n in nodes if "abstract" not in n.get("restrictions", [])
+            and "blacklist" not in n.get("restrictions", [])]
+
+
+def resolve_labels(spec_labels: str | list[str]) -> tuple[str, list[str]]:
+    """(label set name, labels): 'audioset', a text file (one per line), or a list."""
+    if isinstance(spec_labels, list):
+        return "custom", list(spec_labels)
+    if spec_labels == "audioset":
+        return "audioset", audioset_labels()
+    lines = Path(spec_labels).read_text(encoding="utf-8").splitlines()
+    return Path(spec_labels).name, [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+TAG_TYPE = pa.list_(pa.struct([("label", pa.string()), ("prob", pa.float32())]))
+SCORE_TYPE = pa.list_(pa.struct([("captioner", pa.string()), ("caption_model_id", pa.string()),
+                                 ("text", pa.string()), ("score", pa.float32())]))
+
+
+class _ClapActorStage(Stage):
+    uses_actors = True
+
+    def __init__(self, clap_spec, run_id: str):
+        self.spec, self.run_id = clap_spec, run_id
+        self.model = None
+
+    def resources(self) -> Resources:
+        s = self.spec
+        return Resources(num_cpus=s.num_cpus, num_gpus=s.num_gpus, concurrency=s.concurrency,
+                         batch_size=s.batch_size)
+
+    def setup(self) -> None:
+        import torch
+
+        from soundlake.models.clap import load_clap
+
+        torch.set_num_threads(max(1, int(self.spec.num_cpus)))
+        device = "cuda" if self.spec.num_gpus and torch.cuda.is_available() else "cpu"
+        self.model = load_clap(self.spec.model, backend=self.spec.backend, device=device)
+        self.model_id, self.model_hash = self.spec.model, str(self.model.identity.get("checkpoint_sha256", ""))
+        self.identity = json.dumps(self.model.identity, sort_keys=True, default=str)
+
+    def _constant(self, batch: pa.Table, name: str, value: str) -> pa.Table:
+        return batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
+
+
+class EmbedStage(_ClapActorStage):
+    """Audio embeddings, and top-k zero-shot tags when ``tag`` is on."""
+
+    name = "embed"
+    reads = ("flac", "status")
+    writes = ("clap_embedding", "clap_tags", "clap_model_id", "clap_model_hash", "clap_identity")
+
+    def __init__(self, clap_spec, run_id: str, tag: bool):
+        super().__init__(clap_spec, run_id)
+        self.tag = tag
+
+    def setup(self) -> None:
+        super().setup()
+        if self.tag:
+            from soundlake.models.clap import label_prompts
+
+            self.label_set, self.labels = resolve_labels(self.spec.tag_labels)
+            self.label_emb = self.model.embed_text(label_prompts(self.labels, self.spec.tag_template))
+
+    def embed(self, flacs: list[bytes]) -> np.ndarray:
+        from soundlake.stages import audio_io
+
+        clips = []
+        for data in flacs:
+            audio, sr = audio_io.decode_flac(data)
+            clips.append(audio_io.resample(audio.mean(axis=1, keepdims=True), sr, self.model.sample_rate)[:, 0])
+        return self.model.embed_audio(clips)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from soundlake.models.clap import zero_shot
+
+        status = batch["status"].to_pylist()
+        idx = [i for i, s in enumerate(status) if s == "ok"]
+        vectors: list = [None] * batch.num_rows
+        tags: list = [None] * batch.num_rows
+        if idx:
+            flacs = batch["flac"]
+            emb = self.embed([flacs[i].as_py() for i in idx])
+            probs = zero_shot(emb, self.label_emb, self.model.logit_scale) if self.tag else None
+            for j, i in enumerate(idx):
+                vectors[i] = emb[j].astype(np.float32).tolist()
+                if probs is not None:
+                    top = np.argsort(-probs[j])[: self.spec.top_k]
+                    tags[i] = [{"label": self.labels[k], "prob": float(probs[j, k])} for k in top]
+        batch = batch.append_column("clap_embedding", pa.array(vectors, pa.list_(pa.float32())))
+        batch = batch.append_column("clap_tags", pa.array(tags, TAG_TYPE))
+        batch = self._constant(batch, "clap_label_set", self.label_set if self.tag else "")
+        batch = self._constant(batch, "clap_model_id", self.model_id)
+        batch = self._constant(batch, "clap_model_hash", self.model_hash)
+        return self._constant(batch, "clap_identity", self.identity)
+
+    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
+        return embedding_tables(batch, self.run_id)
+
+
+def embedding_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
+    """embeddings and tags rows from a batch carrying the embed stage's columns."""
+    if "clap_embedding" not in batch.column_names:
+        return {}
+    ok = batch.filter(pc.invert(pc.is_null(batch["clap_embedding"])))
+    if not ok.num_rows:
+        return {}
+    now = datetime.now(timezone.utc)
+    emb = np.array(ok["clap_embedding"].to_pylist(), dtype=np.float32)
+    n, dim = emb.shape
+    ident = ok["clap_identity"][0].as_py()
+    out = {"embeddings": pa.table({
+        "clip_id": ok["clip_id"], "model_id": ok["clap_model_id"], "model_hash": ok["clap_model_hash"],
+        "backend": [json.loads(ident).get("backend")] * n, "identity_json": ok["clap_identity"], "dim": [dim] * n,
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
+        "run_id": [run_id] * n, "created": [now] * n}, schema=embeddings_schema(dim))}
+    rows = [{"clip_id": r["clip_id"], "model_id": r["clap_model_id"], "model_hash": r["clap_model_hash"],
+             "label_set": r["clap_label_set"], "rank": rank + 1, "label": t["label"], "prob": t["prob"],
+             "run_id": run_id, "created": now}
+            for r in ok.select(["clip_id", "clap_model_id", "clap_model_hash", "clap_label_set", "clap_tags"]).to_pylist()
+            for rank, t in enumerate(r["clap_tags"] or [])]
+    if rows:
+        out["tags"] = pa.Table.from_pylist(rows, schema=TAGS)
+    return out
+
+
+class ScoreStage(_ClapActorStage):
+    """Cosine of each caption in the flow (reference + new captions) with the clip's embedding."""
+
+    name = "score"
+    reads = ("clap_embedding", "ref_caption", "new_captions")
+    writes = ("clap_scores",)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        cols = batch.column_names
+        per_row: list = [None] * batch.num_rows
+        pairs = []  # (row index, captioner, caption model, text)
+        for i, row in enumerate(batch.select([c for c in ("clap_embedding", "ref_caption", "ref_caption_model",
+                                                          "new_captions") if c in cols]).to_pylist()):
+            if row.get("clap_embedding") is None:
+                continue
+            if row.get("ref_caption"):
+                pairs.append((i, "reference", row.get("ref_caption_model"), row["ref_caption"]))
+            for cap in row.get("new_captions") or []:
+                pairs.append((i, cap["captioner"], cap["model_id"], cap["text"]))
+        if pairs:
+            texts = [p[3] for p in pairs]
+            unique = sorted(set(texts))
+            temb = dict(zip(unique, self.model.embed_text(unique)))
+            emb = batch["clap_embedding"]
+            for (i, captioner, model_id, text) in pairs:
+                a = np.asarray(emb[i].as_py(), dtype=np.float32)
+                score = float(a @ temb[text] / (np.linalg.norm(a) * np.linalg.norm(temb[text]) + 1e-12))
+                per_row[i] = (per_row[i] or []) + [{"captioner": captioner, "caption_model_id": model_id,
+                                                    "text": text, "score": score}]
+        batch = batch.append_column("clap_scores", pa.array(per_row, SCORE_TYPE))
+        batch = self._constant(batch, "score_model_id", self.model_id)
+        return self._constant(batch, "score_model_hash", self.model_hash)
+
+    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
+        return score_tables(batch, self.run_id)
+
+
+def score_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
+    if "clap_scores" not in batch.column_names:
+        return {}
+    now = datetime.now(timezone.utc)
+    rows = [{"clip_id": r["clip_id"], "captioner": s["captioner"], "caption_model_id": s["caption_model_id"],
+             "caption_text": s["text"], "clap_model_id": r["score_model_id"], "clap_model_hash": r["score_model_hash"],
+             "score": s["score"], "run_id": run_id, "created": now}
+            for r in batch.select(["clip_id", "clap_scores", "score_model_id", "score_model_hash"]).to_pylist()
+            for s in r["clap_scores"] or []]
+    return {"scores": pa.Table.from_pylist(rows, schema=SCORES)} if rows else {}

@@ -1,0 +1,185 @@
+"""LiteFocus-style sparse self-attention for generating audio longer than training.
+
+Each query attends to the union (no key counted twice) of
+
+* its **band**: on a 1D latent sequence, the keys within a local time window of width
+  ``window`` centred on it (``|i - j| <= window // 2``); on a time x frequency token grid
+  (``freq_bins=F``, tokens laid out time-major, index ``t * F + f``), the keys sharing its
+  frequency index (optionally further limited to ``|t - t'| <= window // 2``);
+* a **random fraction** ``ratio`` of all keys (``ceil(ratio * N)``), drawn without
+  replacement from a seeded generator, fresh for each query chunk (so every key is seen by
+  some chunk) but identical from call to call (the plan is cached per sequence length), so
+  every sampler step attends the same way.
+
+``ratio=1`` is exact full attention (every key is in the union); ``ratio=0`` is band only.
+The cost is ``N * (chunk + window + ratio * N)`` dot products instead of ``N**2``: queries
+are processed in contiguous chunks, each chunk gathers only its union of keys and runs
+``F.scaled_dot_product_attention`` with a boolean mask over that small set.
+
+Public API::
+
+    SparseAttention(window=256, ratio=0.1, seed=0, freq_bins=None, chunk=256, min_tokens=0)
+        (q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> Tensor
+        # drop-in for F.scaled_dot_product_attention on [B, H, N, D]; sequences of at most
+        # min_tokens tokens (e.g. the training length) use exact attention
+    attach_sparse_attention(model, blocks, window, ratio, seed=0, freq_bins=None,
+                            chunk=256, min_tokens=0, container="blocks") -> SparseHandle
+        # swaps model.<container>[i].self_attn.attention for i in blocks (block i gets
+        # seed + i); handle.detach() (or `with` exit) restores the original callables
+    dense_band_mask(n, window, freq_bins=None) -> BoolTensor [N, N]   # the band, for tests
+
+Only the default call shape is sparse: a key-padding mask broadcast over queries
+(``[..., 1, N]`` boolean) is supported, other masks, dropout and causal attention raise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _positions(n: int, freq_bins: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, time) per token in sequence order."""
+    idx = torch.arange(n)
+    if freq_bins is None:
+        return torch.zeros(n, dtype=torch.long), idx
+    if n % freq_bins:
+        raise ValueError(f"sequence length {n} is not a multiple of freq_bins={freq_bins}")
+    return idx % freq_bins, idx // freq_bins
+
+
+def dense_band_mask(n: int, window: int | None, freq_bins: int | None = None) -> torch.Tensor:
+    """[N, N] True where key j is in query i's band."""
+    g, t = _positions(n, freq_bins)
+    m = g[:, None] == g[None, :]
+    if window is not None:
+        m &= (t[:, None] - t[None, :]).abs() <= window // 2
+    return m
+
+
+@dataclass
+class _Chunk:
+    queries: torch.Tensor  # [c] token indices
+    keys: torch.Tensor  # [k] sorted unique token indices
+    mask: torch.Tensor | None  # [c, k] bool, None when every pair is allowed
+
+
+class SparseAttention:
+    """Drop-in replacement for ``F.scaled_dot_product_attention`` (see module docstring)."""
+
+    def __init__(self, window: int | None = 256, ratio: float = 0.1, seed: int = 0,
+                 freq_bins: int | None = None, chunk: int = 256, min_tokens: int = 0):
+        if window is None and freq_bins is None:
+            raise ValueError("a 1D band needs a window")
+        if window is not None and window < 1:
+            raise ValueError("window must be >= 1")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError("ratio must be in [0, 1]")
+        self.window, self.ratio, self.seed = window, ratio, seed
+        self.freq_bins, self.chunk, self.min_tokens = freq_bins, chunk, min_tokens
+        self._plans: dict[int, list[_Chunk]] = {}
+
+    def __repr__(self):
+        return (f"SparseAttention(window={self.window}, ratio={self.ratio}, seed={self.seed}, "
+                f"freq_bins={self.freq_bins}, chunk={self.chunk}, min_tokens={self.min_tokens})")
+
+    def plan(self, n: int) -> list[_Chunk]:
+        if n in self._plans:
+            return self._plans[n]
+        group, time = _positions(n, self.freq_bins)
+        # Frequency-major order makes every band a contiguous run of that order.
+        order = torch.argsort(group * n + time)
+        gen = torch.Generator().manual_seed(self.seed)
+        n_rand = math.ceil(self.ratio * n)
+        half = None if self.window is None else self.window // 2
+        chunks = []
+        for g in torch.unique(group).tolist():
+            members = order[group[order] == g]  # this group's tokens, by time
+            for s in range(0, len(members), self.chunk):
+                q = members[s:s + self.chunk]
+                lo, hi = s, min(len(members), s + self.chunk)
+                if half is not None:
+                    lo, hi = max(0, lo - half), min(len(members), hi + half)
+                else:
+                    lo, hi = 0, len(members)
+                band_keys = members[lo:hi]
+                rand = torch.randperm(n, generator=gen)[:n_rand]
+                keys = torch.unique(torch.cat([band_keys, rand]))  # sorted, no duplicates
+                is_rand = torch.zeros(n, dtype=torch.bool)
+                is_rand[rand] = True
+                allowed = group[keys][None, :] == group[q][:, None]
+                if half is not None:
+                    allowed &= (time[keys][None, :] - time[q][:, None]).abs() <= half
+                allowed |= is_rand[keys][None, :]
+                chunks.append(_Chunk(q, keys, None if bool(allowed.all()) else allowed))
+        self._plans[n] = chunks
+        return chunks
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 **kwargs) -> torch.Tensor:
+        n = q.shape[-2]
+        if k.shape[-2] != n:
+            raise ValueError("sparse attention is self-attention: q and k lengths must match")
+        if n <= self.min_tokens:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, **kwargs)
+        if dropout_p or is_causal or kwargs:
+            raise NotImplementedError("sparse attention supports no dropout / causal / extra kwargs")
+        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.shape[-2] != 1):
+            raise NotImplementedError("only boolean key-padding masks [..., 1, N] are supported")
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        for c in self.plan(n):
+            qi, ki = c.queries.to(q.device), c.keys.to(q.device)
+            mask = None if c.mask is None else c.mask.to(q.device)
+            if attn_mask is not None:
+                km = attn_mask.index_select(-1, ki)
+                mask = km if mask is None else (km & mask)
+            out.index_copy_(-2, qi, F.scaled_dot_product_attention(
+                q.index_select(-2, qi), k.index_select(-2, ki), v.index_select(-2, ki),
+                attn_mask=mask, scale=scale))
+        return out
+
+
+@dataclass
+class SparseHandle:
+    """Restores each swapped ``self_attn.attention`` on ``detach()``."""
+
+    saved: list[tuple[nn.Module, bool, object]] = field(default_factory=list)
+
+    def detach(self) -> None:
+        for module, had_instance, original in reversed(self.saved):
+            if had_instance:
+                module.__dict__["attention"] = original
+            else:
+                module.__dict__.pop("attention", None)
+        self.saved.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def attach_sparse_attention(model: nn.Module, blocks: Sequence[int], window: int | None = 256,
+                            ratio: float = 0.1, seed: int = 0, freq_bins: int | None = None,
+                            chunk: int = 256, min_tokens: int = 0,
+                            container: str = "blocks") -> SparseHandle:
+    """Swap ``self_attn.attention`` of the listed blocks for :class:`SparseAttention`."""
+    all_blocks = model.get_submodule(container)
+    handle = SparseHandle()
+    for i in blocks:
+        attn = all_blocks[i].self_attn
+        if not hasattr(attn, "attention"):
+            raise AttributeError(f"{container}.{i}.self_attn has no swappable `attention`")
+        had = "attention" in attn.__dict__
+        handle.saved.append((attn, had, attn.__dict__.get("attention")))
+        # __dict__ directly: a plain callable attribute, never registered as a submodule
+        attn.__dict__["attention"] = SparseAttention(window, ratio, seed + i, freq_bins, chunk,
+                                                     min_tokens)
+    return handle

@@ -1,0 +1,314 @@
+"""Waveform VAE (EzAudio / Stable Audio "Oobleck" style): 1D convs with Snake activations.
+
+Encoder: conv -> [residual units (dilations 1,3,9) -> strided conv] per stride -> Snake ->
+conv to 2*latent_dim (mean, logvar). Decoder mirrors it with transposed convs. The latent
+frame rate is ``sample_rate / prod(strides)`` (EzAudio: 24 kHz / 480 = 50 Hz, 128 channels).
+Clip lengths must be a multiple of ``hop`` (the data loader crops/pads to that).
+
+Losses: multi-resolution STFT (spectral convergence + log-magnitude L1) + waveform L1 +
+``kl_weight`` * KL; optionally (off by default) a small multi-period discriminator with a
+hinge loss and feature matching.
+
+Public API::
+
+    VAEConfig(...)                      # dataclass; VAEConfig.from_yaml("vae-tiny" | path)
+    WaveVAE(cfg)                        # nn.Module
+        .encode(wav [B,1,T]) -> Posterior (mean, logvar: [B, C, F])
+        .decode(z [B,C,F]) -> wav [B,1,F*hop]
+        .forward(wav, generator=None) -> (recon, posterior)
+        .hop: int, .latent_rate: float, .latent_dim: int
+    Posterior.sample(generator=None) / .mode() / .kl()
+    MultiPeriodDiscriminator(periods, channels)       # build_discriminator(cfg) -> it or None
+    vae_loss(model, wav, cfg, disc=None) -> (loss, logs)
+    discriminator_loss(disc, real, fake) -> (loss, logs)
+    vae_train_step(model, opt, wav, cfg, disc=None, disc_opt=None, grad_clip=1.0) -> logs
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def read_config(name_or_path: str | Path) -> dict:
+    """A YAML config by bare name (``configs/<name>.yaml``) or by path."""
+    import yaml
+
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = CONFIG_DIR / f"{name_or_path}.yaml"
+    with open(p) as f:
+        return yaml.safe_load(f) or {}
+
+
+@dataclass
+class VAEConfig:
+    sample_rate: int = 16000
+    channels: int = 16                    # width after the input conv
+    channel_mults: list[int] = field(default_factory=lambda: [2, 4, 8, 8])  # one per stride
+    strides: list[int] = field(default_factory=lambda: [2, 4, 5, 8])  # prod = hop
+    latent_dim: int = 32
+    dilations: list[int] = field(default_factory=lambda: [1, 3, 9])
+    # losses
+    stft_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])  # hop = n/4
+    stft_weight: float = 1.0
+    l1_weight: float = 1.0
+    kl_weight: float = 1e-4
+    # adversarial (off by default)
+    discriminator: bool = False
+    disc_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    disc_channels: int = 16
+    adv_weight: float = 1.0
+    fm_weight: float = 2.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VAEConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path) -> "VAEConfig":
+        return cls.from_dict(read_config(name_or_path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def hop(self) -> int:
+        return math.prod(self.strides)
+
+
+class Snake(nn.Module):
+    """x + 1/alpha * sin^2(alpha x), alpha learnable per channel (periodic inductive bias)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, ch: int, dilation: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            Snake(ch), nn.Conv1d(ch, ch, 7, dilation=dilation, padding=3 * dilation),
+            Snake(ch), nn.Conv1d(ch, ch, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+def _down(cin: int, cout: int, s: int) -> nn.Conv1d:
+    # kernel 2s, padding ceil(s/2): output length is exactly T/s for any s >= 2
+    return nn.Conv1d(cin, cout, 2 * s, stride=s, padding=math.ceil(s / 2))
+
+
+def _up(cin: int, cout: int, s: int) -> nn.ConvTranspose1d:
+    return nn.ConvTranspose1d(cin, cout, 2 * s, stride=s, padding=math.ceil(s / 2), output_padding=s % 2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans = [cfg.channels] + [cfg.channels * m for m in cfg.channel_mults]
+        layers: list[nn.Module] = [nn.Conv1d(1, chans[0], 7, padding=3)]
+        for cin, cout, s in zip(chans[:-1], chans[1:], cfg.strides):
+            layers += [ResidualUnit(cin, d) for d in cfg.dilations]
+            layers += [Snake(cin), _down(cin, cout, s)]
+        layers += [Snake(chans[-1]), nn.Conv1d(chans[-1], 2 * cfg.latent_dim, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans = [cfg.channels] + [cfg.channels * m for m in cfg.channel_mults]
+        layers: list[nn.Module] = [nn.Conv1d(cfg.latent_dim, chans[-1], 7, padding=3)]
+        for cin, cout, s in zip(chans[:0:-1], chans[-2::-1], cfg.strides[::-1]):
+            layers += [Snake(cin), _up(cin, cout, s)]
+            layers += [ResidualUnit(cout, d) for d in cfg.dilations]
+        layers += [Snake(chans[0]), nn.Conv1d(chans[0], 1, 7, padding=3)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+@dataclass
+class Posterior:
+    """Diagonal Gaussian over latents [B, C, F]."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def __post_init__(self):
+        # clamp as Stable Diffusion / Stable Audio do: keeps exp() finite early in training
+        self.logvar = self.logvar.clamp(-30.0, 20.0)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL to N(0, I), summed over channels, mean over batch and frames."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return kl.sum(1).mean()
+
+
+class WaveVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        if len(cfg.channel_mults) != len(cfg.strides):
+            raise ValueError("channel_mults and strides must have the same length")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def hop(self) -> int:
+        return self.cfg.hop
+
+    @property
+    def latent_rate(self) -> float:
+        return self.cfg.sample_rate / self.hop
+
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    def encode(self, wav: torch.Tensor) -> Posterior:
+        if wav.shape[-1] % self.hop:
+            raise ValueError(f"length {wav.shape[-1]} is not a multiple of hop {self.hop}")
+        mean, logvar = self.encoder(wav).chunk(2, dim=1)
+        return Posterior(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, wav: torch.Tensor, generator: torch.Generator | None = None):
+        post = self.encode(wav)
+        return self.decode(post.sample(generator)), post
+
+
+# ---------------------------------------------------------------- losses
+
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-resolution STFT loss of x against target y: (spectral convergence, log-magnitude L1)."""
+    x, y = x.flatten(0, 1), y.flatten(0, 1)
+    sc, mag = x.new_zeros(()), x.new_zeros(())
+    for n in sizes:
+        win = torch.hann_window(n, device=x.device, dtype=x.dtype)
+        X = torch.stft(x, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
+        Y = torch.stft(y, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
+        sc = sc + torch.linalg.norm(Y - X, dim=(-2, -1)).div(torch.linalg.norm(Y, dim=(-2, -1)).clamp_min(1e-7)).mean()
+        mag = mag + F.l1_loss(X.log(), Y.log())
+    return sc / len(sizes), mag / len(sizes)
+
+
+class PeriodDiscriminator(nn.Module):
+    """HiFi-GAN style: fold the waveform by period p and run 2D convs over (T/p, p)."""
+
+    def __init__(self, period: int, ch: int):
+        super().__init__()
+        self.period = period
+        chans = [1, ch, ch * 2, ch * 4]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, (5, 1), (3, 1), padding=(2, 0)) for a, b in zip(chans[:-1], chans[1:])
+        )
+        self.out = nn.Conv2d(chans[-1], 1, (3, 1), padding=(1, 0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b, c, t = x.shape
+        pad = (-t) % self.period
+        x = F.pad(x, (0, pad), mode="reflect" if pad < t else "constant")
+        x = x.view(b, c, -1, self.period)
+        feats = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            feats.append(x)
+        return self.out(x), feats
+
+
+class MultiPeriodDiscriminator(nn.Module):
+    def __init__(self, periods: list[int], channels: int = 16):
+        super().__init__()
+        self.discs = nn.ModuleList(PeriodDiscriminator(p, channels) for p in periods)
+
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        return [d(x) for d in self.discs]
+
+
+def build_discriminator(cfg: VAEConfig) -> MultiPeriodDiscriminator | None:
+    return MultiPeriodDiscriminator(cfg.disc_periods, cfg.disc_channels) if cfg.discriminator else None
+
+
+def vae_loss(model: WaveVAE, wav: torch.Tensor, cfg: VAEConfig,
+             disc: MultiPeriodDiscriminator | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Generator-side loss on a batch of waveforms [B, 1, T]; logs are floats."""
+    recon, post = model(wav, generator)
+    sc, mag = mrstft_loss(recon, wav, cfg.stft_sizes)
+    l1 = F.l1_loss(recon, wav)
+    kl = post.kl()
+    loss = cfg.stft_weight * (sc + mag) + cfg.l1_weight * l1 + cfg.kl_weight * kl
+    logs = {"stft_sc": sc.item(), "stft_mag": mag.item(), "l1": l1.item(), "kl": kl.item()}
+    if disc is not None:
+        fake_out = disc(recon)
+        with torch.no_grad():
+            real_out = disc(wav)
+        adv = sum(-logit.mean() for logit, _ in fake_out) / len(fake_out)  # hinge, generator side
+        fm = sum(F.l1_loss(f, r) for (_, ff), (_, rf) in zip(fake_out, real_out) for f, r in zip(ff, rf))
+        fm = fm / sum(len(ff) for _, ff in fake_out)
+        loss = loss + cfg.adv_weight * adv + cfg.fm_weight * fm
+        logs |= {"adv": adv.item(), "fm": fm.item()}
+    logs["loss"] = loss.item()
+    return loss, logs
+
+
+def discriminator_loss(disc: MultiPeriodDiscriminator, real: torch.Tensor,
+                       fake: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Hinge loss: push real logits above +1 and fake ones below -1."""
+    real_out, fake_out = disc(real), disc(fake.detach())
+    loss = sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for (r, _), (f, _) in zip(real_out, fake_out))
+    loss = loss / len(real_out)
+    return loss, {"disc": loss.item()}
+
+
+def vae_train_step(model: WaveVAE, opt: torch.optim.Optimizer, wav: torch.Tensor, cfg: VAEConfig,
+                   disc: MultiPeriodDiscriminator | None = None,
+                   disc_opt: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0) -> dict:
+    """One optimisation step (generator, then discriminator if given). Returns float logs."""
+    model.train()
+    loss, logs = vae_loss(model, wav, cfg, disc)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    opt.step()
+    if disc is not None and disc_opt is not None:
+        with torch.no_grad():
+            fake = model(wav)[0]
+        d_loss, d_logs = discriminator_loss(disc, wav, fake)
+        disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        disc_opt.step()
+        logs |= d_logs
+    return logs

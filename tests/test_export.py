@@ -1,0 +1,317 @@
+"""Export: selection policies, shards, determinism, resume after SIGKILL, provenance, S3."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from soundlake import shards
+from soundlake.catalog import schema
+from soundlake.catalog.export import ExportArgs, parse_size, parse_splits, run_export, split_of
+from soundlake.catalog.lake import Lake
+from soundlake.catalog.sql import connect
+from soundlake.errors import UserError
+from soundlake.pipelines.spec import SegmentSpec
+from soundlake.stages.base import FLOW
+from soundlake.stages.segment import SegmentStage, segment_tables
+from soundlake.stages.sources import input_row
+from soundlake.testing import tone_mix, write_audio
+
+SR = 16000
+
+
+def build_lake(root: Path, ids: range, lake: Lake | None = None, run: str = "r1") -> Lake:
+    """Clips from real 1 s FLAC files through the segment stage, written straight to the lake
+    (no Ray): every third clip is CC-BY-NC, every clip has a reference caption and the
+    even ones a template caption too."""
+    lake = lake or Lake(str(root / "lake"))
+    stage = SegmentStage(SegmentSpec(sample_rate=SR, window=1.0, loudness=False), run)
+    rows = []
+    for i in ids:
+        path = write_audio(root / "files" / f"f{i:04d}.flac", tone_mix(1.0, SR, i), SR)
+        rows += stage.segment_one(input_row(
+            source="local", source_id=f"id{i:04d}", uri=str(path), license="CC-BY-NC" if i % 3 == 0 else "CC0",
+            ref_caption=f"a tone number {i}", ref_caption_model="gt"))
+    tables = segment_tables(pa.Table.from_pylist(rows, schema=FLOW))
+    lake.write_part("clips", tables["clips"], run)
+    caps = tables["captions"].to_pylist()
+    caps += [{**c, "captioner": "template", "model_id": "tpl", "text": f"template {c['clip_id']}"}
+             for c in caps if int(c["clip_id"].split(":")[1][2:]) % 2 == 0]
+    lake.write_part("captions", pa.Table.from_pylist(caps, schema=schema.CAPTIONS), run)
+    return lake
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory) -> Lake:
+    return build_lake(tmp_path_factory.mktemp("lake"), range(30))
+
+
+def read_tar(path) -> list[dict]:
+    with open(path, "rb") as f:
+        return list(shards.iter_samples(f, str(path)))
+
+
+def read_export(out: Path) -> dict[str, dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = {}
+    for sh in manifest["shards"]:
+        for s in read_tar(out / sh["name"]):
+            meta = json.loads(s["json"])
+            samples[meta["clip_id"]] = {**s, "meta": meta, "shard": sh["name"]}
+    return samples
+
+
+def lake_audio(lake: Lake) -> dict[str, bytes]:
+    t = lake.read("clips", ["clip_id", "flac"])
+    return dict(zip(t["clip_id"].to_pylist(), t["flac"].to_pylist()))
+
+
+def test_round_trip_bytes_captions_and_layout(lake, tmp_path):
+    r = run_export(lake, ExportArgs(out=str(tmp_path / "v1"), shard_size=None, shard_count=4))
+    assert r.clips == 30 and r.shards == 8 and r.written == 8
+    audio = lake_audio(lake)
+    got = read_export(tmp_path / "v1")
+    assert set(got) == set(audio)
+    for cid, s in got.items():
+        assert s["flac"] == audio[cid]                       # byte-identical FLAC
+        assert s["__key__"] == shards.tar_key(cid) and "." not in s["__key__"] and ":" not in s["__key__"]
+        assert s["meta"]["caption"] == f"a tone number {int(cid.split(':')[1][2:])}"  # reference beats template
+        assert s["meta"]["sample_rate"] == SR and s["meta"]["license"] in ("CC0", "CC-BY-NC")
+    # shards named by split and index, clips in clip_id order, each key's members contiguous
+    names = sorted(p.name for p in (tmp_path / "v1").glob("*.tar"))
+    assert names == [f"train-{i:06d}.tar" for i in range(8)]
+    order = [json.loads(s["json"])["clip_id"] for n in names for s in read_tar(tmp_path / "v1" / n)]
+    assert order == sorted(audio)
+    with tarfile.open(tmp_path / "v1" / names[0]) as tar:
+        members = tar.getmembers()
+        assert [m.name.split(".")[0] for m in members][::2] == [m.name.split(".")[0] for m in members][1::2]
+        assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
+
+
+def test_policies_where_license_and_all_captions(lake, tmp_path):
+    r = run_export(lake, ExportArgs(out=str(tmp_path / "a"), where="start_s = 0 AND source_id < 'id0020'",
+                                    licenses=["CC0", "CC-BY"], caption="all", shard_count=100, shard_size=None))
+    got = read_export(tmp_path / "a")
+    want = {f"local:id{i:04d}:0" for i in range(20) if i % 3}
+    assert set(got) == want and r.clips == len(want)
+    for cid, s in got.items():
+        i = int(cid.split(":")[1][2:])
+        assert len(s["meta"]["captions"]) == (2 if i % 2 == 0 else 1)
+        assert s["meta"]["captions"][0].startswith("a tone")
+    run_export(lake, ExportArgs(out=str(tmp_path / "t"), caption="template", shard_count=100, shard_size=None))
+    got = read_export(tmp_path / "t")
+    assert len(got) == 15 and all(s["meta"]["captions"] == [f"template {c}"] for c, s in got.items())
+    with pytest.raises(UserError, match="SQL error"):
+        run_export(lake, ExportArgs(out=str(tmp_path / "bad"), where="no_such_column = 1"))
+
+
+def test_exclusion_lists(lake, tmp_path):
+    excl = tmp_path / "audiocaps_test.txt"
+    excl.write_text("# AudioCaps test ids\nid0001\n\nlocal:id0002:0   # a clip id\nlocal:id0003\n")
+    r = run_export(lake, ExportArgs(out=str(tmp_path / "x"), exclude=[str(excl)], shard_count=100, shard_size=None))
+    got = read_export(tmp_path / "x")
+    assert not {"local:id0001:0", "local:id0002:0", "local:id0003:0"} & set(got)
+    assert len(got) == 27 and r.dropped["excluded"] == 3
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["query"]["exclude"][0]["ids"] == 3
+
+
+def test_determinism_and_shard_size(lake, tmp_path):
+    args = dict(shard_size=parse_size("100KB"), splits={"valid": 0.2})
+    a = run_export(lake, ExportArgs(out=str(tmp_path / "a"), **args))
+    b = run_export(lake, ExportArgs(out=str(tmp_path / "b"), **args))
+    ma, mb = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
+    assert [(s["name"], s["sha256"]) for s in ma["shards"]] == [(s["name"], s["sha256"]) for s in mb["shards"]]
+    for s in ma["shards"]:
+        assert (tmp_path / "a" / s["name"]).read_bytes() == (tmp_path / "b" / s["name"]).read_bytes()
+        assert hashlib.sha256((tmp_path / "a" / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+    assert a.shards > 2 and {s["split"] for s in ma["shards"]} == {"train", "valid"}
+    # no shard but the last of a split goes over the size
+    assert all(s["bytes"] <= 100 * 1024 + 10240 for s in ma["shards"])
+
+
+def test_split_stability_when_catalog_grows(tmp_path):
+    lake = build_lake(tmp_path, range(40))
+    splits = parse_splits("valid=0.15,test=0.15")
+    run_export(lake, ExportArgs(out=str(tmp_path / "v1"), splits=splits, shard_count=100, shard_size=None))
+    build_lake(tmp_path, range(40, 80), lake=lake, run="r2")
+    run_export(lake, ExportArgs(out=str(tmp_path / "v2"), splits=splits, shard_count=100, shard_size=None))
+    v1 = {c: s["meta"]["split"] for c, s in read_export(tmp_path / "v1").items()}
+    v2 = {c: s["meta"]["split"] for c, s in read_export(tmp_path / "v2").items()}
+    assert len(v1) == 40 and len(v2) == 80
+    assert all(v2[c] == v1[c] for c in v1)
+    assert {"train", "valid", "test"} <= set(v2.values())
+    assert all(split_of(c, splits) == s for c, s in v2.items())
+
+
+def test_provenance_recorded_once(lake, tmp_path):
+    args = ExportArgs(out=str(tmp_path / "p"), name="prov-v1", splits={"valid": 0.2}, shard_count=7, shard_size=None)
+    r1 = run_export(lake, args)
+    r2 = run_export(lake, args)
+    assert r1.recorded and not r2.recorded and r2.written == 0 and r2.kept == r1.shards
+    con = connect(lake)
+    rows = con.execute("SELECT export_id, name, clips, shards, manifest_sha256, catalog_sha256 FROM exports "
+                       "WHERE name = 'prov-v1'").fetchall()
+    assert len(rows) == 1 and rows[0][2] == 30 and rows[0][3] == r1.shards
+    members = con.execute("SELECT clip_id, split, shard FROM export_members WHERE export_id = ? ORDER BY clip_id",
+                          [r1.export_id]).fetchall()
+    exported = read_export(tmp_path / "p")
+    assert [(c, exported[c]["meta"]["split"], exported[c]["shard"]) for c in sorted(exported)] == members
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["catalog"]["sha256"] == rows[0][5]
+    assert manifest["catalog"]["parts"]["clips"] == sorted(
+        p[len(lake.root) + 1:] for p in lake.parts("clips"))
+    # another export into the same folder is refused, not mixed in
+    with pytest.raises(UserError, match="holds another export"):
+        run_export(lake, ExportArgs(out=str(tmp_path / "p"), shard_count=3, shard_size=None))
+
+
+def test_min_score_needs_scores_table(lake, tmp_path):
+    with pytest.raises(UserError, match="scores table") as e:
+        run_export(lake, ExportArgs(out=str(tmp_path / "s"), min_score=0.4))
+    assert "\n" not in str(e.value)
+
+
+def test_min_score_joins_scores_when_present(lake, tmp_path, monkeypatch):
+    """The join the future `scores` table will get: (clip_id, caption_text, model_id, score)."""
+    scores = pa.schema([("clip_id", pa.string()), ("captioner", pa.string()), ("caption_text", pa.string()),
+                        ("model_id", pa.string()), ("score", pa.float32())])
+    monkeypatch.setitem(schema.TABLES, "scores", scores)
+    caps = lake.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
+    rows = []
+    for c in caps:
+        i = int(c["clip_id"].split(":")[1][2:])
+        good = 0.9 if c["captioner"] == "template" or i < 10 else 0.1
+        rows.append({"clip_id": c["clip_id"], "captioner": c["captioner"], "caption_text": c["text"],
+                     "model_id": "clap-a", "score": good})
+        rows.append({**rows[-1], "model_id": "clap-b", "score": 1.0 - good})
+    lake.write_part("scores", pa.Table.from_pylist(rows, schema=scores), "s1")
+    try:
+        with pytest.raises(UserError, match="--score-model"):
+            run_export(lake, ExportArgs(out=str(tmp_path / "n"), min_score=0.4))
+        run_export(lake, ExportArgs(out=str(tmp_path / "m"), min_score=0.4, score_model="clap-a",
+                                    shard_count=100, shard_size=None))
+        got = read_export(tmp_path / "m")
+        assert set(got) == {f"local:id{i:04d}:0" for i in range(10)}   # preferred (reference) caption >= 0.4
+        assert all(s["meta"]["scores"][0]["score"] == pytest.approx(0.9) for s in got.values())
+        run_export(lake, ExportArgs(out=str(tmp_path / "all"), caption="all", min_score=0.4, score_model="clap-a",
+                                    shard_count=100, shard_size=None))
+        got = read_export(tmp_path / "all")
+        # reference captions of clips >= 10 fail, their template captions pass
+        assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
+        assert all(s["meta"]["captions"] == [f"template {c}"] for c, s in got.items() if int(c[8:12]) >= 10)
+    finally:
+        for p in lake.parts("scores"):
+            os.remove(p)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "soundlake.cli", "export", *args]
+
+
+def test_sigkill_then_resume_rewrites_no_finished_shard(tmp_path):
+    lake = build_lake(tmp_path, range(150))
+    args = ["--lake", lake.uri, "--shard-count", "1", "--split", "valid=0.1", "-q"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "manifest.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(manifest.read_text())["shards"]) >= 5:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    assert proc.poll() is None, "the export finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = json.loads(manifest.read_text())
+    assert before["status"] == "incomplete" and 5 <= len(before["shards"]) < 150
+    finished = {s["name"]: os.stat(out / s["name"]) for s in before["shards"]}
+    subprocess.run(_cli(*args, "--out", str(out)), check=True, capture_output=True, timeout=120)
+    for name, st in finished.items():
+        now = os.stat(out / name)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{name} was rewritten"
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "clean")), check=True, capture_output=True, timeout=120)
+    after = json.loads(manifest.read_text())
+    clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    assert after["status"] == "complete" and len(after["shards"]) == 150
+    assert [(s["name"], s["sha256"]) for s in after["shards"]] == [(s["name"], s["sha256"]) for s in clean["shards"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    # the catalog got exactly one record of this export
+    n = connect(lake).execute("SELECT count(*) FROM export_members WHERE shard LIKE 'valid-%'").fetchall()[0][0]
+    assert n == 2 * sum(1 for s in clean["shards"] if s["split"] == "valid")
+
+
+def test_corrupted_finished_shard_is_rewritten(lake, tmp_path):
+    args = ExportArgs(out=str(tmp_path / "c"), shard_count=10, shard_size=None)
+    run_export(lake, args)
+    victim = tmp_path / "c" / "train-000001.tar"
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    r = run_export(lake, args)
+    assert r.written == 1 and r.kept == 2 and victim.read_bytes() == good
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
+    yield endpoint
+    server.stop()
+
+
+def test_export_to_object_store(lake, tmp_path, s3):
+    import pyarrow.fs as pafs
+
+    args = dict(shard_count=10, shard_size=None, splits={"valid": 0.2})
+    r = run_export(lake, ExportArgs(out="s3://shards/v1", **args))
+    run_export(lake, ExportArgs(out=str(tmp_path / "local"), **args))
+    fs = pafs.S3FileSystem(endpoint_override=s3, scheme="http", region="us-east-1",
+                           access_key="test", secret_key="test")
+    with fs.open_input_stream("shards/v1/manifest.json") as f:
+        remote = json.loads(f.read())
+    local = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    assert [(s["name"], s["sha256"]) for s in remote["shards"]] == [(s["name"], s["sha256"]) for s in local["shards"]]
+    with fs.open_input_stream("shards/v1/" + remote["shards"][0]["name"]) as f:
+        assert f.read() == (tmp_path / "local" / remote["shards"][0]["name"]).read_bytes()
+    assert run_export(lake, ExportArgs(out="s3://shards/v1", **args)).kept == r.shards
+
+
+def test_argument_parsing():
+    assert parse_size("512MB") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("1000") == 1000
+    assert parse_splits("valid=0.01,test=0.02") == {"valid": 0.01, "test": 0.02}
+    for bad in ("train=0.1", "valid=x", "valid=0.7,test=0.7"):
+        with pytest.raises(UserError):
+            parse_splits(bad)
+    with pytest.raises(UserError):
+        parse_size("lots")
+    for cid in ("audioset:abc_DEF-1:10000", "a/b.c:é", "x__y"):
+        k = shards.tar_key(cid)
+        assert shards.clip_id_from_key(k) == cid and not set(k) & set("./:")
