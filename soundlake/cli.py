@@ -32,6 +32,10 @@ def curate(
     pipeline: str = typer.Argument(..., help="A built-in pipeline (demo, local) or a path to a YAML spec."),
     lake: str = LAKE,
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="local: folder to scan recursively."),
+    manifest: Optional[Path] = typer.Option(None, help="audioset/vggsound: the segment CSV."),
+    ontology: Optional[Path] = typer.Option(None, help="audioset: ontology.json (default: bundled)."),
+    query: Optional[str] = typer.Option(None, help="freesound: text search query."),
+    filter: Optional[str] = typer.Option(None, "--filter", help="freesound: search filter, e.g. 'duration:[1 TO 30]'."),
     limit: Optional[int] = typer.Option(None, help="Process at most this many inputs."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a setting: key=value (YAML value), "
                                    "e.g. --set segment.sample_rate=48000. Repeatable."),
@@ -48,6 +52,9 @@ def curate(
     try:
         spec = load_spec(pipeline, overrides={
             "source.input": str(input) if input else None, "source.limit": limit,
+            "source.manifest": str(manifest) if manifest else None,
+            "source.ontology": str(ontology) if ontology else None,
+            "freesound.query": query, "freesound.filter": filter,
             "ray.num_cpus": num_cpus, "ray.address": address}, sets=set_)
     except UserError as e:
         _fail(e)
@@ -252,6 +259,37 @@ def export(
                   + ("yes" if r.recorded else "already"), highlight=False)
 
 
+report_app = typer.Typer(help="Reports on the lake's contents.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("thresholds")
+def report_thresholds(
+    lake: str = LAKE,
+    out: Path = typer.Option(Path("thresholds.html"), "--out", "-o", help="HTML report (a .md beside it too)."),
+    thresholds: str = typer.Option("0.30,0.35,0.40,0.45,0.50", help="Comma-separated CLAP score thresholds."),
+    model: Optional[str] = typer.Option(None, help="CLAP model id (needed when the lake has scores from several)."),
+):
+    """Per source and captioner: the CLAP score distribution and how many caption pairs each
+    threshold keeps (scores stay raw; thresholds are applied at query and export time)."""
+    from soundlake.catalog.report import threshold_report
+
+    try:
+        ts = [float(x) for x in thresholds.split(",") if x.strip()]
+    except ValueError:
+        _fail(UserError(f"--thresholds {thresholds!r}: expected numbers like 0.35,0.40"))
+    try:
+        rep = threshold_report(lake, ts, model)
+    except UserError as e:
+        _fail(e)
+    out.write_text(rep.html())
+    out.with_suffix(".md").write_text(rep.markdown())
+    from rich.markdown import Markdown
+
+    console.print(Markdown(rep.markdown()))
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 train_app = typer.Typer(help="Train the project's own models from the lake.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -298,6 +336,41 @@ def train_clap_cmd(
                          val=([a for _, a, _ in held], [c for _, _, c in held]) if len(held) >= 2 else None)
     console.print(f"saved {out} in {res['train_seconds']:.0f} s · checkpoint {res['identity'].get('checkpoint_sha256')}"
                   f"\nuse it: soundlake curate demo --lake {lake} --set clap.model={out}", highlight=False)
+
+
+@app.command("retry-failed")
+def retry_failed(
+    lake: str = LAKE,
+    class_: str = typer.Option("timeout,rate_limited,server_error,network,bot_wall", "--class",
+                               help="Comma-separated failure classes to re-queue."),
+    source: Optional[str] = typer.Option(None, help="Only this source (audioset, vggsound, freesound, local...)."),
+    address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
+    num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
+    wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it."),
+):
+    """Re-queue the inputs whose open failures have these classes, through the same pipeline
+    (the config of the run that listed them) with attempt + 1."""
+    from soundlake.errors import ERROR_CLASSES
+    from soundlake.pipelines.runner import run_pipeline
+    from soundlake.stages.download import retry_inputs, spec_of_run
+
+    classes = [c.strip() for c in class_.split(",") if c.strip()]
+    unknown = [c for c in classes if c not in ERROR_CLASSES]
+    if unknown:
+        _fail(UserError(f"--class {','.join(unknown)}: unknown; classes are {', '.join(ERROR_CLASSES)}"))
+    try:
+        groups = retry_inputs(lake, classes, source)
+        if not groups:
+            console.print(f"nothing to retry: no open failures of class {', '.join(classes)}")
+            return
+        for run_id, rows in groups.items():
+            spec = spec_of_run(lake, run_id)
+            spec.ray.address = address or spec.ray.address
+            spec.ray.num_cpus = num_cpus or spec.ray.num_cpus
+            console.print(f"retrying {len(rows)} inputs of run {run_id} ({spec.name})", highlight=False)
+            _print_summary(run_pipeline(spec, lake, wait=wait, rows=rows))
+    except UserError as e:
+        _fail(e)
 
 
 def main() -> None:

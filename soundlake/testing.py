@@ -115,3 +115,30 @@ def make_bad_inputs(folder: Path) -> dict[str, str | None]:
     os.symlink("..", folder / "sub" / "up")              # a directory loop
     (folder / "readme.txt").write_text("not an input")
     return expect
+
+
+def make_tiny_hf_clap(path: Path, sample_rate: int = 16000, window_s: float = 2.0, fusion: bool = False) -> Path:
+    """A tiny randomly initialised transformers ClapModel + processor, saved like a real checkpoint.
+
+    The tokenizer is the offline MiniLM one, so nothing is downloaded.
+    """
+    import torch
+    from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    from soundlake.models.text import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    text_cfg = dict(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32, max_position_embeddings=96, pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    audio_cfg = dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, window_size=4, depths=[1, 1],
+                     num_attention_heads=[1, 2], patch_embeds_hidden_size=8, hidden_size=16,
+                     enable_fusion=fusion, fusion_type="aff_2d" if fusion else None)
+    torch.manual_seed(0)
+    model = ClapModel(ClapConfig(text_config=text_cfg, audio_config=audio_cfg, projection_dim=12))
+    fe = ClapFeatureExtractor(feature_size=16, sampling_rate=sample_rate, hop_length=160, max_length_s=window_s,
+                              fft_window_size=256, frequency_max=4000)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    ClapProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(path)
+    return path

@@ -39,7 +39,7 @@ class Fault:
 
 @dataclass
 class Hit:
-    t: float
+    t: float                   # arrival time of the request
     path: str
     id: str | None
     status: int
@@ -76,12 +76,18 @@ class _Server:
                 pass
 
             def do_HEAD(self):
+                self.arrived = time.time()
                 outer._handle(self, head=True)
 
             def do_GET(self):
+                self.arrived = time.time()
                 outer._handle(self, head=False)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Quiet(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # clients hang up on purpose (timeouts)
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
@@ -106,7 +112,7 @@ class _Server:
 
     def _record(self, h, id, status) -> None:
         with self._lock:
-            self.log.append(Hit(time.time(), h.path, id, status, h.headers.get("Authorization"),
+            self.log.append(Hit(getattr(h, "arrived", time.time()), h.path, id, status, h.headers.get("Authorization"),
                                 h.headers.get("Range")))
 
     def _fault(self, id: str | None) -> Fault | None:

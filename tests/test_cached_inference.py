@@ -16,7 +16,7 @@ from torch import nn
 
 from soundlake.training.audiocache import (
     AudioCache, CacheProfile, HookRegistry, ModelHook, ProfileMismatch, calibrate, layer_names,
-    model_hash, profile_path)
+    load_or_calibrate, model_hash, profile_path)
 from soundlake.training.litefocus import SparseAttention, attach_sparse_attention, dense_band_mask
 
 torch.set_num_threads(1)
@@ -492,3 +492,55 @@ def test_real_dit_cache_and_sparse():
     with attach_sparse_attention(dit, blocks=[0, 3], window=5, ratio=0.2, chunk=4):
         assert not torch.allclose(dit(xx, t, **kw), full, atol=1e-5)
     assert torch.equal(dit(xx, t, **kw), full)
+
+
+def test_load_or_calibrate_reuses_matching_profile(tmp_path):
+    m = make_toy()
+    calls = []
+
+    def run(p):
+        calls.append(1)
+        return euler_cfg(m, *p, 4)
+    a = load_or_calibrate(m, tmp_path, run, [inputs(0)], 4, sampler="euler_cfg")
+    assert profile_path(tmp_path, "euler_cfg", 4).exists() and len(calls) == 1
+    b = load_or_calibrate(m, tmp_path, run, [inputs(0)], 4, sampler="euler_cfg")
+    assert len(calls) == 1 and np.array_equal(a.mean, b.mean)
+    with torch.no_grad():
+        m.blocks[0].gate.add_(1.0)  # a different model: recalibrated, not reused
+    load_or_calibrate(m, tmp_path, run, [inputs(0)], 4, sampler="euler_cfg")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_real_sampler_with_cache(sampler):
+    """The project's own sampler (diffusion.sample, CFG batched in one forward)."""
+    diffusion = pytest.importorskip("soundlake.training.diffusion")
+    from soundlake.training.conditioning import Condition
+
+    dit = tiny_dit()
+    g = torch.Generator().manual_seed(1)
+    cond = Condition(torch.randn(2, 3, 8, generator=g), torch.ones(2, 3, dtype=torch.bool),
+                     context2=torch.randn(2, 2, 8, generator=g))
+    sched = diffusion.Schedule(num_steps=100)
+
+    def run(seed, steps=8, callback=None):
+        return diffusion.sample(dit, (2, 16, 4), cond, steps=steps, sampler=sampler, cfg=3.0,
+                                schedule=sched, callback=callback,
+                                generator=torch.Generator().manual_seed(seed))[0]
+
+    prof = calibrate(dit, layer_names(dit), run, [0, 1], 8, sampler=sampler)
+    assert prof.sampler == sampler and (prof.mean[:, 1:] > 0).all()
+    ref = run(5)
+    seen = []
+    with AudioCache(dit, prof, delta=0.0, sampler=sampler) as cache:
+        with cache.run(8):
+            assert torch.equal(run(5, callback=lambda i, t, x: seen.append(i)), ref)
+        assert seen == list(range(8)) and cache.stats()["reused"] == 0
+        cache.delta = float(np.quantile(prof.mean[:, 1:], 0.5)) * 2
+        with cache.run(8):
+            approx = run(5)
+        assert cache.stats()["reused"] > 0 and torch.isfinite(approx).all()
+        with cache.run(12):  # another step count: mapped onto the 8-step profile
+            run(5, steps=12)
+        assert cache.stats()["total"] == 12 * len(prof.layers)
+    assert torch.equal(run(5), ref)

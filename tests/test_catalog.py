@@ -20,7 +20,7 @@ def test_empty_lake_has_typed_views(tmp_path):
     lake.create()
     con = connect(lake)
     for view in ("clips", "audio", "captions", "failures", "failures_open", "runs"):
-        assert con.execute(f"SELECT count(*) FROM {view}").fetchone()[0] == 0
+        assert con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0] == 0
     assert "flac" not in [d[0] for d in con.execute("SELECT * FROM clips").description]
 
 

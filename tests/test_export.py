@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -179,24 +178,24 @@ def test_provenance_recorded_once(lake, tmp_path):
 
 
 def test_min_score_needs_scores_table(lake, tmp_path):
-    with pytest.raises(UserError, match="scores table") as e:
+    with pytest.raises(UserError, match="needs CLAP scores") as e:
         run_export(lake, ExportArgs(out=str(tmp_path / "s"), min_score=0.4))
     assert "\n" not in str(e.value)
 
 
-def test_min_score_joins_scores_when_present(lake, tmp_path, monkeypatch):
-    """The join the future `scores` table will get: (clip_id, caption_text, model_id, score)."""
-    scores = pa.schema([("clip_id", pa.string()), ("captioner", pa.string()), ("caption_text", pa.string()),
-                        ("model_id", pa.string()), ("score", pa.float32())])
-    monkeypatch.setitem(schema.TABLES, "scores", scores)
+def test_min_score_joins_scores_when_present(lake, tmp_path):
+    """Scores as the score stage writes them: per (clip, caption text, CLAP model)."""
+    from soundlake.stages.clap import SCORES as scores
+
     caps = lake.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
     rows = []
     for c in caps:
         i = int(c["clip_id"].split(":")[1][2:])
         good = 0.9 if c["captioner"] == "template" or i < 10 else 0.1
         rows.append({"clip_id": c["clip_id"], "captioner": c["captioner"], "caption_text": c["text"],
-                     "model_id": "clap-a", "score": good})
-        rows.append({**rows[-1], "model_id": "clap-b", "score": 1.0 - good})
+                     "clap_model_id": "clap-a", "score": good,
+                     "created": datetime.now(timezone.utc)})
+        rows.append({**rows[-1], "clap_model_id": "clap-b", "score": 1.0 - good})
     lake.write_part("scores", pa.Table.from_pylist(rows, schema=scores), "s1")
     try:
         with pytest.raises(UserError, match="--score-model"):
@@ -222,7 +221,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_sigkill_then_resume_rewrites_no_finished_shard(tmp_path):
-    lake = build_lake(tmp_path, range(150))
+    lake = build_lake(tmp_path, range(100))
     args = ["--lake", lake.uri, "--shard-count", "1", "--split", "valid=0.1", "-q"]
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -239,16 +238,17 @@ def test_sigkill_then_resume_rewrites_no_finished_shard(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = json.loads(manifest.read_text())
-    assert before["status"] == "incomplete" and 5 <= len(before["shards"]) < 150
+    assert before["status"] == "incomplete" and 5 <= len(before["shards"]) < 100
     finished = {s["name"]: os.stat(out / s["name"]) for s in before["shards"]}
     subprocess.run(_cli(*args, "--out", str(out)), check=True, capture_output=True, timeout=120)
     for name, st in finished.items():
         now = os.stat(out / name)
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{name} was rewritten"
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "clean")), check=True, capture_output=True, timeout=120)
+    run_export(lake, ExportArgs(out=str(tmp_path / "clean"), shard_size=None, shard_count=1,
+                                splits={"valid": 0.1}))   # the same export, uninterrupted
     after = json.loads(manifest.read_text())
     clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
-    assert after["status"] == "complete" and len(after["shards"]) == 150
+    assert after["status"] == "complete" and len(after["shards"]) == 100
     assert [(s["name"], s["sha256"]) for s in after["shards"]] == [(s["name"], s["sha256"]) for s in clean["shards"]]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
     # the catalog got exactly one record of this export
@@ -315,3 +315,17 @@ def test_argument_parsing():
     for cid in ("audioset:abc_DEF-1:10000", "a/b.c:é", "x__y"):
         k = shards.tar_key(cid)
         assert shards.clip_id_from_key(k) == cid and not set(k) & set("./:")
+
+
+def test_preferred_follows_the_dataset_view_when_present(lake, tmp_path, monkeypatch):
+    from soundlake.catalog import sql
+
+    view = "SELECT clip_id, text AS caption FROM captions WHERE captioner = 'template'"
+    monkeypatch.setattr(sql, "_VIEWS", {**sql._VIEWS, "dataset": view})
+    monkeypatch.setattr(sql, "_VIEW_ORDER", [v for v in sql._VIEW_ORDER if v != "dataset"] + ["dataset"])
+    run_export(lake, ExportArgs(out=str(tmp_path / "d"), shard_count=100, shard_size=None))
+    got = read_export(tmp_path / "d")
+    assert len(got) == 30
+    for cid, s in got.items():
+        i = int(cid.split(":")[1][2:])
+        assert s["meta"]["caption"] == (f"template {cid}" if i % 2 == 0 else f"a tone number {i}")

@@ -16,8 +16,10 @@ re-run with the same arguments keeps each finished shard whose sha256 still matc
 and writes only the rest. At the end the export and its members are written to the
 lake tables ``exports`` and ``export_members``.
 
-Scores: the ``scores`` table (clip_id, caption_text, model_id, score) is joined on
-(clip_id, caption text, model id); ``--min-score`` fails clearly while it is absent.
+Scores: the ``scores`` table (clip_id, caption_text, clap_model_id or model_id, score)
+is joined on (clip_id, caption text, CLAP model id); ``--min-score`` fails with one
+line while the lake has no scores, and needs ``--score-model`` when several CLAP
+models scored the lake (one threshold never mixes two models).
 """
 from __future__ import annotations
 
@@ -26,14 +28,16 @@ import json
 import os
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 import duckdb
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from soundlake import shards
 from soundlake.catalog import schema, sql
@@ -180,7 +184,9 @@ def _pin(con: duckdb.DuckDBPyConnection, lake: Lake, files: dict[str, list[str]]
             continue
         lst = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)
         src = f"read_parquet([{lst}], union_by_name = true)"
-        view = {"clips": "_clip_parts", "runs": "_runs"}.get(table, table)
+        # The raw view under any dedupe view (sql.DEDUPE_KEYS), so dedupe still applies.
+        view = {"clips": "_clip_parts", "runs": "_runs"}.get(table) or \
+            (f"_{table}_all" if table in getattr(sql, "DEDUPE_KEYS", {}) else table)
         con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {src}")
 
 
@@ -254,11 +260,13 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
     cols = ["clip_id", "captioner", "model_id", "text", "ord"]
     params: list = []
     if args.min_score is not None:
-        if not _has(con, "scores"):
-            raise UserError("--min-score needs the scores table, and this lake has none yet: "
+        if not _has(con, "scores") or not files.get("scores"):
+            raise UserError("--min-score needs CLAP scores, and this lake has none yet: "
                             "run a scoring stage first")
+        # The CLAP model column: clap_model_id (soundlake.stages.clap) or model_id.
+        mcol = "clap_model_id" if "clap_model_id" in _columns(con, "scores") else "model_id"
         model = args.score_model
-        models = [r[0] for r in con.execute("SELECT DISTINCT model_id FROM scores ORDER BY 1").fetchall()]
+        models = [r[0] for r in con.execute(f"SELECT DISTINCT {mcol} FROM scores ORDER BY 1").fetchall()]
         if model is None:
             if len(models) != 1:
                 raise UserError(f"--min-score needs --score-model: the scores table holds {len(models)} "
@@ -269,7 +277,7 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
                             f"(it has: {', '.join(map(str, models[:5])) or 'none'})")
         # Scores are per (clip, caption text, CLAP model); a caption scored twice keeps its best.
         caps_sql = f"""SELECT x.*, s.score FROM ({caps_sql}) x LEFT JOIN (
-                   SELECT clip_id, caption_text, max(score) AS score FROM scores WHERE model_id = ?
+                   SELECT clip_id, caption_text, max(score) AS score FROM scores WHERE {mcol} = ?
                    GROUP BY clip_id, caption_text) s
                    ON s.clip_id = x.clip_id AND s.caption_text = x.text"""
         cols.append("score")
@@ -380,31 +388,55 @@ class ExportResult:
     recorded: bool
 
 
-def _audio_locator(lake: Lake, files: list[str]) -> dict[str, str]:
-    """clip_id -> part file holding it (first one wins, as in the selection)."""
+def _audio_locator(lake: Lake, files: list[str]) -> dict[str, list[str]]:
+    """clip_id -> the part files holding it (usually one; a clip written twice has two)."""
     t = pads.dataset(files, filesystem=lake.fs, format="parquet").to_table(columns=["clip_id", "__filename"])
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     for cid, f in zip(t["clip_id"].to_pylist(), t["__filename"].to_pylist()):
-        out.setdefault(cid, f)
+        out.setdefault(cid, []).append(f)
     return out
 
 
-def _read_audio(lake: Lake, samples: list[Sample], where: dict[str, str]) -> dict[str, bytes]:
-    """The FLAC bytes of one shard's clips, reading only the part files that hold them."""
-    files = sorted({where[s.clip_id] for s in samples})
-    ids = pa.array([s.clip_id for s in samples], pa.string())
-    t = pads.dataset(files, filesystem=lake.fs, format="parquet").to_table(
-        columns=["clip_id", "audio_sha256", "flac"], filter=pc.field("clip_id").isin(ids))
-    want = {s.clip_id: s.audio_sha256 for s in samples}
-    out: dict[str, bytes] = {}
-    for cid, sha, flac in zip(t["clip_id"].to_pylist(), t["audio_sha256"].to_pylist(), t["flac"].to_pylist()):
-        if sha == want.get(cid):
-            out.setdefault(cid, flac)
-    missing = [c for c in want if c not in out]
-    if missing:
-        raise UserError(f"the lake changed under the export: audio of {len(missing)} clips is gone "
-                        f"(e.g. {missing[0]}); re-run the export")
-    return out
+class _AudioReader:
+    """The FLAC bytes of one shard's clips, reading whole part files (a part is one row
+    group) and keeping the most recent ones, up to ``cache_bytes``, for the next shards."""
+
+    def __init__(self, lake: Lake, where: dict[str, list[str]], cache_bytes: int = 512 * 2**20):
+        self.lake, self.where, self.cache_bytes = lake, where, cache_bytes
+        self.cache: OrderedDict[str, dict[str, tuple[str, bytes]]] = OrderedDict()
+        self.size = 0
+
+    def _part(self, path: str) -> dict[str, tuple[str, bytes]]:
+        if path in self.cache:
+            self.cache.move_to_end(path)
+            return self.cache[path]
+        t = pq.read_table(path, filesystem=self.lake.fs, columns=["clip_id", "audio_sha256", "flac"])
+        # Zero-copy views into the Arrow buffer: the bytes go from Parquet to the tar untouched.
+        flac = t.column("flac").combine_chunks()
+        offsets = np.frombuffer(flac.buffers()[1], dtype=np.int64)[flac.offset: flac.offset + len(flac) + 1]
+        data = memoryview(flac.buffers()[2]) if flac.buffers()[2] is not None else memoryview(b"")
+        part: dict[str, tuple[str, memoryview]] = {}
+        for i, (cid, sha) in enumerate(zip(t["clip_id"].to_pylist(), t["audio_sha256"].to_pylist())):
+            part.setdefault(cid, (sha, data[offsets[i]: offsets[i + 1]]))
+        self.cache[path] = part
+        self.size += t.nbytes
+        while self.size > self.cache_bytes and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.size -= sum(len(f) for _, f in old.values())
+        return part
+
+    def read(self, samples: list[Sample]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for s in samples:
+            for path in self.where.get(s.clip_id, []):
+                sha, flac = self._part(path).get(s.clip_id, (None, None))
+                if sha == s.audio_sha256:
+                    break
+            else:
+                raise UserError(f"the lake changed under the export: the audio of {s.clip_id} is gone or "
+                                "different; re-run the export")
+            out[s.clip_id] = flac
+        return out
 
 
 def export_id_of(args: ExportArgs, catalog_sha: str, out: str) -> str:
@@ -445,7 +477,7 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         "args": args.identity(), "catalog": plan.catalog, "dropped": plan.dropped,
         "captioner_priority": list(CAPTIONER_PRIORITY), "shards": [],
     }
-    where = _audio_locator(lake, lake.parts("clips")) if plan.shards else {}
+    reader = _AudioReader(lake, _audio_locator(lake, [lake.path(p) for p in plan.catalog["parts"]["clips"]]))
     written = kept = 0
     for n, sh in enumerate(plan.shards):
         members = plan.samples[sh["start"]: sh["end"]]
@@ -455,7 +487,7 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
             manifest["shards"].append(prev)
             kept += 1
         else:
-            audio = _read_audio(lake, members, where)
+            audio = reader.read(members)
 
             def gen():
                 for s in members:

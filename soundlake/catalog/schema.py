@@ -81,11 +81,47 @@ RUNS = pa.schema([
     ("parts", pa.list_(pa.string())),  # part files committed by this run
 ])
 
+# CLAP outputs: each row names the model that produced it (never mix two models' numbers).
+EMBEDDINGS_BASE = [
+    ("clip_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
+    ("backend", pa.string()), ("identity_json", pa.string()), ("dim", pa.int32()),
+]
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Embeddings as FLOAT[dim] arrays, which DuckDB's array_cosine_similarity takes."""
+    return pa.schema(EMBEDDINGS_BASE + [("embedding", pa.list_(pa.float32(), dim)),
+                                        ("run_id", pa.string()), ("created", TS)])
+
+
+TAGS = pa.schema([
+    ("clip_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
+    ("label_set", pa.string()), ("rank", pa.int16()), ("label", pa.string()), ("prob", pa.float32()),
+    ("run_id", pa.string()), ("created", TS),
+])
+SCORES = pa.schema([
+    ("clip_id", pa.string()), ("captioner", pa.string()), ("caption_model_id", pa.string()),
+    ("caption_text", pa.string()), ("clap_model_id", pa.string()), ("clap_model_hash", pa.string()),
+    ("score", pa.float32()), ("run_id", pa.string()), ("created", TS),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "clips": CLIPS,
     "failures": FAILURES,
     "captions": CAPTIONS,
     "runs": RUNS,
+    "embeddings": embeddings_schema(1),  # the typed empty view's placeholder; parts carry their own dim
+    "tags": TAGS,
+    "scores": SCORES,
+}
+
+# Derived rows are written before the clip rows that commit their input, so a kill in
+# between can leave a second copy when the input is redone: views keep the newest per key.
+DEDUPE_KEYS: dict[str, tuple[str, str]] = {
+    "captions": ("clip_id, captioner, model_id, prompt_version, text", "created"),
+    "embeddings": ("clip_id, model_id, model_hash", "created"),
+    "tags": ("clip_id, model_id, model_hash, label_set, rank", "created"),
+    "scores": ("clip_id, captioner, caption_text, clap_model_id, clap_model_hash", "created"),
 }
 
 

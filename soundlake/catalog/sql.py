@@ -30,13 +30,6 @@ _VIEWS: dict[str, str] = {
 }
 _VIEW_ORDER: list[str] = list(_VIEWS)
 
-# Derived rows are written before their clip rows (clips commit an input), so a kill in
-# between can leave a second copy of a derived row when the input is redone: these views
-# keep the newest row per key.
-DEDUPE_KEYS: dict[str, tuple[str, str]] = {
-    "captions": ("clip_id, captioner, model_id, prompt_version, text", "created"),
-}
-
 
 def add_view(name: str, sql: str) -> None:
     if name not in _VIEWS:
@@ -62,6 +55,8 @@ def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
     lake = Lake(lake) if isinstance(lake, str) else lake
     if not lake.exists():
         raise UserError(f"no lake at {lake.uri}: run `soundlake curate demo --lake {lake.uri}` first")
+    import soundlake.catalog.export  # noqa: F401  (registers the export tables)
+
     con = duckdb.connect(":memory:")
     for table in schema.TABLES:
         src = _source(con, lake, table)
@@ -71,8 +66,8 @@ def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
             con.execute(f"CREATE VIEW clips AS SELECT {cols} FROM _clip_parts")
         elif table == "runs":
             con.execute(f"CREATE VIEW _runs AS SELECT * FROM {src}")
-        elif table in DEDUPE_KEYS:
-            key, order = DEDUPE_KEYS[table]
+        elif table in schema.DEDUPE_KEYS:
+            key, order = schema.DEDUPE_KEYS[table]
             con.execute(f"CREATE VIEW _{table}_all AS SELECT * FROM {src}")
             con.execute(f"""CREATE VIEW {table} AS SELECT * FROM _{table}_all
                             QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1""")
@@ -96,7 +91,8 @@ def add_text_search(con: duckdb.DuckDBPyConnection, model: str | None = None) ->
     import os
 
     row = con.execute("""SELECT model_id, any_value(dim) FROM embeddings GROUP BY 1
-                         ORDER BY max(created) DESC LIMIT 1""").fetchone()
+                         ORDER BY max(created) DESC LIMIT 1""").fetchall()
+    row = row[0] if row else None
     if row is None:
         raise UserError("text_similarity needs audio embeddings: curate with --set clap.model=PATH first")
     model_id, dim = row
@@ -157,3 +153,13 @@ def fetchall(lake: Lake | str, sql: str) -> list[tuple]:
         return []
     cols = table.to_pydict()
     return list(zip(*cols.values())) if cols else []
+
+
+def execute_arrow(con: duckdb.DuckDBPyConnection, sql: str, params=None):
+    """Run a parameterised query and return an Arrow table (DuckDB 1.x and 2.x)."""
+    cur = con.execute(sql, params) if params is not None else con.execute(sql)
+    for name in ("to_arrow_table", "fetch_arrow_table", "arrow"):
+        if hasattr(cur, name):
+            table = getattr(cur, name)()
+            return table.read_all() if hasattr(table, "read_all") else table
+    raise RuntimeError("this DuckDB has no Arrow export on cursors")

@@ -31,7 +31,7 @@ def lake_status(lake: Lake | str, last_runs: int = 10) -> LakeStatus:
                           GROUP BY ALL ORDER BY n DESC""").fetchall()
     tables = {}
     for name in ("clips", "captions", "failures", "runs"):
-        tables[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        tables[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
     return LakeStatus(
         lake=lake.uri, writing=writing, runs=[dict(zip(cols, r)) for r in runs],
         sources=[dict(zip(["source", "inputs", "clips", "hours"], r)) for r in sources], tables=tables,

@@ -93,6 +93,19 @@ def list_inputs(spec: PipelineSpec) -> tuple[list[dict], int]:
         rows, skipped = synth_inputs(src.count, src.seed, src.duration, src.speech), 0
     elif src.kind == "local":
         rows, skipped = local_inputs(src.input, src.follow_symlinks)
+    elif src.kind in ("audioset", "vggsound"):
+        from soundlake.stages.manifests import audioset_inputs, vggsound_inputs
+
+        if not src.manifest:
+            from soundlake.errors import UserError
+            raise UserError(f"source.manifest: the {src.kind} source needs a segment CSV (--manifest FILE)")
+        rows = audioset_inputs(src.manifest, spec.download.url_template, src.ontology) \
+            if src.kind == "audioset" else vggsound_inputs(src.manifest, spec.download.url_template)
+        skipped = 0
+    elif src.kind == "freesound":
+        from soundlake.stages.freesound import freesound_inputs
+
+        rows, skipped = freesound_inputs(spec.freesound, spec.download), 0
     else:
         from soundlake.errors import UserError
         raise UserError(f"source.kind={src.kind!r} is not available in this version")
@@ -113,6 +126,11 @@ def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
 
     active = spec.active_stages()
     stages: list[Stage] = [SegmentStage(spec.segment, run_id)]
+    if spec.source.kind in ("audioset", "vggsound", "freesound"):
+        # Remote media: download and segment in one task, on the worker's local disk.
+        from soundlake.stages.download import DownloadStage
+
+        stages = [DownloadStage(spec, run_id, stages[0])]
     if "embed" in active:
         stages.append(EmbedStage(spec.clap, run_id, tag="tag" in active))
     if "score" in active:
@@ -253,8 +271,7 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
     embedding from this model (audio read by the workers from the clip parts).
     Scores: captions without a score from this model (needs only text + stored embeddings).
     """
-    from soundlake.catalog.sql import connect
-    from soundlake.stages.clap import EmbedStage, ScoreStage
+    from soundlake.catalog.sql import connect, execute_arrow
 
     by_name = {s.name: s for s in stages}
     if "embed" in by_name and lake.parts("clips"):
@@ -264,15 +281,13 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
         if need:
             yield "embed", _embed_backfill(lake, need, by_name["embed"], spec, run_id)
     if "score" in by_name and lake.parts("captions"):
-        table = connect(lake).execute(
+        table = execute_arrow(connect(lake),
             """SELECT c.clip_id, c.clip_id AS source_id, e.embedding::FLOAT[] AS clap_embedding,
                       list({'captioner': c.captioner, 'model_id': c.model_id, 'text': c.text}) AS new_captions
                FROM captions c JOIN embeddings e ON e.clip_id = c.clip_id AND e.model_id = $m
                WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.clip_id = c.clip_id AND s.captioner = c.captioner
                                  AND s.caption_text = c.text AND s.clap_model_id = $m)
-               GROUP BY ALL ORDER BY c.clip_id""", {"m": spec.clap.model}).arrow()
-        if hasattr(table, "read_all"):
-            table = table.read_all()
+               GROUP BY ALL ORDER BY c.clip_id""", {"m": spec.clap.model})
         if table.num_rows:
             import ray.data
 
@@ -300,7 +315,7 @@ def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec
         return keep.append_column("error", pa.nulls(keep.num_rows, pa.string()))
 
     files = lake.parts("clips")
-    ds = ray.data.read_parquet(files, filesystem=lake.fs, columns=["clip_id", "source_id", "flac"])
+    ds = ray.data.read_parquet(files, filesystem=lake.fs).select_columns(["clip_id", "source_id", "flac"])
     ds = _map_stage(ds.map_batches(select, batch_format="pyarrow", batch_size=None), stage, run_id)
     return ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
                           batch_format="pyarrow", num_cpus=1)
@@ -327,17 +342,27 @@ def _record_run(lake: Lake, spec: PipelineSpec, summary: RunSummary, started: da
 
 def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                  on_start: Callable[[RunSummary], None] | None = None,
-                 on_progress: Callable[[RunSummary], None] | None = None) -> RunSummary:
+                 on_progress: Callable[[RunSummary], None] | None = None,
+                 rows: list[dict] | None = None) -> RunSummary:
+    """Run ``spec`` into the lake. ``rows`` (retry-failed) replaces the source listing
+    and is processed even though those inputs have committed failures."""
     lake = Lake(lake_uri)
     run_id = new_run_id()
     summary = RunSummary(run_id=run_id, pipeline=spec.name, lake=lake.uri)
     with lake.lock(run_id, wait=wait):
         lake.clean_tmp()
-        rows, summary.non_audio_skipped = list_inputs(spec)
+        retry = rows is not None
+        if not retry:
+            rows, summary.non_audio_skipped = list_inputs(spec)
         summary.inputs_total = len(rows)
-        done = committed_inputs(lake)
+        done = set() if retry else committed_inputs(lake)
         todo = [r for r in rows if (r["source"], r["source_id"]) not in done]
         summary.inputs_skipped = len(rows) - len(todo)
+        if todo:
+            # The listed inputs, so that `retry-failed` can rebuild them later.
+            from soundlake.stages.download import inputs_table
+
+            lake.write_part("inputs", inputs_table(todo, run_id), run_id)
         started = datetime.now(timezone.utc)
         _record_run(lake, spec, summary, started, None)
         if on_start:

@@ -103,9 +103,10 @@ class PipelineSpec(Section):
     description: str = ""
     source: SourceSpec = SourceSpec()
     segment: SegmentSpec = SegmentSpec()
-    stages: list[Literal["download", "segment"]] = ["segment"]
+    stages: list[Literal["download", "segment", "embed", "tag", "score"]] = ["segment"]
     download: DownloadSpec = DownloadSpec()
     freesound: FreesoundSpec = FreesoundSpec()
+    clap: ClapSpec = ClapSpec()
     ray: RaySpec = RaySpec()
 
     @model_validator(mode="after")
@@ -117,7 +118,7 @@ class PipelineSpec(Section):
 
     def active_stages(self) -> list[str]:
         """The stages that will run: model stages need clap.model."""
-        return [s for s in self.stages if s == "segment" or self.clap.model]
+        return [s for s in self.stages if s in ("segment", "download") or self.clap.model]
 
 
 def builtin_names() -> list[str]:

@@ -20,41 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from soundlake.catalog import schema, sql
 from soundlake.stages.base import Resources, Stage
 
 ONTOLOGY = Path(__file__).resolve().parents[1] / "data" / "audioset_ontology.json"
 
-EMBEDDINGS_BASE = [
-    ("clip_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
-    ("backend", pa.string()), ("identity_json", pa.string()), ("dim", pa.int32()),
-]
-TAGS = pa.schema([
-    ("clip_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
-    ("label_set", pa.string()), ("rank", pa.int16()), ("label", pa.string()), ("prob", pa.float32()),
-    ("run_id", pa.string()), ("created", schema.TS),
-])
-SCORES = pa.schema([
-    ("clip_id", pa.string()), ("captioner", pa.string()), ("caption_model_id", pa.string()),
-    ("caption_text", pa.string()), ("clap_model_id", pa.string()), ("clap_model_hash", pa.string()),
-    ("score", pa.float32()), ("run_id", pa.string()), ("created", schema.TS),
-])
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    return pa.schema(EMBEDDINGS_BASE + [("embedding", pa.list_(pa.float32(), dim)),
-                                        ("run_id", pa.string()), ("created", schema.TS)])
-
-
-# A placeholder dimension for the typed empty view; real parts carry their own.
-schema.register("embeddings", embeddings_schema(1))
-schema.register("tags", TAGS)
-schema.register("scores", SCORES)
-sql.DEDUPE_KEYS.update({
-    "embeddings": ("clip_id, model_id, model_hash", "created"),
-    "tags": ("clip_id, model_id, model_hash, label_set, rank", "created"),
-    "scores": ("clip_id, captioner, caption_text, clap_model_id, clap_model_hash", "created"),
-})
+from soundlake.catalog.schema import SCORES, TAGS, embeddings_schema  # noqa: E402
 
 
 def audioset_labels(path: Path = ONTOLOGY) -> list[str]:

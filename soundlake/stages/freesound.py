@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from urllib.parse import urlencode, urlparse
+from urllib.parse import urlparse
 
 import requests
 
@@ -183,8 +183,3 @@ def freesound_inputs(fs: FreesoundSpec, dl: DownloadSpec, gate=None) -> list[dic
         if row["uri"] and licenses.matches(row["license"], fs.license):
             rows.append(row)
     return rows
-
-
-def search_url_for_log(fs: FreesoundSpec) -> str:
-    """The search URL as it can be shown (never with credentials)."""
-    return fs.api_url.rstrip("/") + "/search/text/?" + urlencode({"query": fs.query, "sort": fs.sort})

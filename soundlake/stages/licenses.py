@@ -25,7 +25,7 @@ _NAMES = {
     "attribution sharealike": "CC-BY-SA", "attribution share-alike": "CC-BY-SA",
     "sampling+": "Sampling+", "sampling plus": "Sampling+", "sampling": "Sampling",
     "noncommercial sampling+": "NC-Sampling+", "public domain mark": "PDM",
-    "youtube standard license": "YouTube", "standard youtube license": "YouTube",
+    "youtube standard": "YouTube", "standard youtube": "YouTube",
 }
 
 

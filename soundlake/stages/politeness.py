@@ -91,55 +91,61 @@ class LocalGate:
 
 
 class RayGate:
-    """A handle on the shared actor; picklable (it looks the actor up by name)."""
+    """A handle on the shared actor; picklable (it finds the actor by name, and
+    re-creates it if its owner died, so a lost actor costs only the spacing state)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, rate_per_minute: dict[str, float]):
         self.name = name
+        self.rates = dict(rate_per_minute)
         self._actor = None
 
-    def _get(self):
-        if self._actor is None:
-            import ray
+    def _ensure(self):
+        import ray
 
-            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
+        if self._actor is None:
+            cls = ray.remote(num_cpus=0)(Gate)
+            self._actor = cls.options(name=self.name, namespace=NAMESPACE, get_if_exists=True).remote(self.rates)
         return self._actor
 
-    def reserve(self, host: str) -> float:
+    def _call(self, method: str, *args):
         import ray
+        from ray.exceptions import RayActorError
 
-        return ray.get(self._get().reserve.remote(host), timeout=60)
+        for attempt in range(3):
+            try:
+                return ray.get(getattr(self._ensure(), method).remote(*args), timeout=60)
+            except RayActorError:
+                self._actor = None
+                if attempt == 2:
+                    raise
+
+    def reserve(self, host: str) -> float:
+        return self._call("reserve", host)
 
     def hold(self, host: str, seconds: float) -> None:
-        import ray
-
-        ray.get(self._get().hold.remote(host, seconds), timeout=60)
+        self._call("hold", host, seconds)
 
     def trip(self, seconds: float, reason: str) -> float:
-        import ray
-
-        return ray.get(self._get().trip.remote(seconds, reason), timeout=60)
+        return self._call("trip", seconds, reason)
 
     def state(self) -> dict:
-        import ray
-
-        return ray.get(self._get().state.remote(), timeout=60)
+        return self._call("state")
 
     def __getstate__(self):
-        return {"name": self.name, "_actor": None}
+        return {"name": self.name, "rates": self.rates, "_actor": None}
 
 
-def make_gate(name: str, rate_per_minute: dict[str, float]):
-    """The shared gate: a named Ray actor when Ray is up (created here, on the driver,
-    so it lives as long as the run), else an in-process one."""
-    try:
-        import ray
-    except ImportError:  # pragma: no cover
-        return LocalGate(rate_per_minute)
+def make_gate(name: str, rate_per_minute: dict[str, float], need_ray: bool = False):
+    """The shared gate: a named Ray actor when Ray is up (best created on the driver,
+    which then owns it for the run's lifetime), else an in-process one (or None when
+    ``need_ray`` and Ray is not up yet: the caller retries in the worker)."""
+    import ray
+
     if not ray.is_initialized():
-        return LocalGate(rate_per_minute)
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(Gate)
-    actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True, lifetime=None).remote(rate_per_minute)
-    return RayGate(name)
+        return None if need_ray else LocalGate(rate_per_minute)
+    gate = RayGate(name, rate_per_minute)
+    gate._ensure()
+    return gate
 
 
 def wait_turn(gate, url: str) -> None:

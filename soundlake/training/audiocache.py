@@ -20,6 +20,9 @@ Public API::
 
     calibrate(model, layers, run_sampler, prompts, num_steps, sampler="euler") -> CacheProfile
         # run_sampler(prompt) runs ONE sampling of num_steps steps on `model`
+    load_or_calibrate(model, model_dir, run_sampler, prompts, num_steps, sampler="euler",
+                      layers=None) -> CacheProfile
+        # the profile beside the model if it matches this model, else calibrate and save it
 
     cache = AudioCache(model, profile, delta=0.1, max_reuse=None, check_model=True)
     cache.attach()                      # or: with AudioCache(...) as cache:
@@ -44,7 +47,9 @@ Definitions:
 * Steps: one top-level ``model(...)`` call is one sampler step (classifier-free guidance
   runs cond and uncond in one forward). ``cache.run(n)`` counts the calls; a call beyond
   ``n`` raises, because the step mapping would be wrong. Outside ``run`` the hooks pass
-  through and compute.
+  through and compute. A sampler that calls the model k times per step (Heun: 2) is run
+  with ``n = k * steps``: the profile is then indexed by model evaluation, which is what
+  the cache skips.
 * Step-count mismatch (chosen: interpolate, not refuse): a profile measured with S steps
   is used for n steps by resampling its rate curve on the normalised trajectory position
   ``t / (n - 1)`` (linear interpolation) and scaling by ``(S - 1) / (n - 1)``, so the total
@@ -410,6 +415,22 @@ def calibrate(
     r = np.stack(runs)
     return CacheProfile(layers=list(layers), steps=num_steps, mean=r.mean(0), std=r.std(0),
                         sampler=sampler, model_hash=model_hash(model), num_prompts=len(runs))
+
+
+def load_or_calibrate(model: nn.Module, model_dir: str | Path, run_sampler: Callable[[Any], Any],
+                      prompts: Iterable[Any], num_steps: int, sampler: str = "euler",
+                      layers: Sequence[str] | None = None) -> CacheProfile:
+    """Reuse ``profile_path(model_dir, sampler, num_steps)`` when it was calibrated on this
+    exact model (same hash and layers); otherwise calibrate on ``prompts`` and save it."""
+    layers = list(layers) if layers is not None else layer_names(model)
+    path = profile_path(model_dir, sampler, num_steps)
+    if path.exists():
+        prof = CacheProfile.load(path)
+        if prof.model_hash == model_hash(model) and prof.layers == layers:
+            return prof
+    prof = calibrate(model, layers, run_sampler, prompts, num_steps, sampler)
+    prof.save(path)
+    return prof
 
 
 # --------------------------------------------------------------------------- caching

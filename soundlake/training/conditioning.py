@@ -124,7 +124,7 @@ class TextConditioner:
         self.dim: int = int(getattr(self.model.config, "hidden_size", None) or self.model.config.d_model)
         self.identity["dim"] = self.dim
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors could not feed the DiT's trainable projections
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
                                return_tensors="pt").to(self.device)

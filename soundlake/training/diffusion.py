@@ -30,7 +30,7 @@ Public API::
     masked_training_loss(model, x0, schedule, min_frac=0.25, max_frac=1.0, generator=None)
         -> (loss, logs)
     diffusion_train_step(model, opt, x0, cond, schedule, masked=False, cond_drop=0.1,
-                         grad_clip=1.0, generator=None) -> logs
+                         grad_clip=1.0, generator=None, mask_frac=(0.25, 1.0)) -> logs
     cfg_combine(cond_out, uncond_out, scale, rescale=0.0, rescale_axis="all") -> Tensor
     trailing_timesteps(num_train, steps) -> LongTensor (descending)
     sample(model, shape, cond, uncond=None, steps=25, sampler="ddim", cfg=3.0, rescale=0.0,
@@ -97,8 +97,8 @@ class Schedule:
         return 1.0 - self.alphas_cumprod / prev
 
     def alpha_sigma(self, t: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        ab = self.alphas_cumprod.to(device)[t.long().to(device)]
-        return ab.sqrt().float(), (1.0 - ab).sqrt().float()
+        ab = self.alphas_cumprod[t.long().cpu()]  # index on CPU: float64 is not on every device
+        return ab.sqrt().float().to(device), (1.0 - ab).sqrt().float().to(device)
 
     def meta(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "alphas_cumprod"}
@@ -159,11 +159,12 @@ def masked_training_loss(model: nn.Module, x0: torch.Tensor, schedule: Schedule,
 def diffusion_train_step(model: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor,
                          cond: Condition | None, schedule: Schedule, masked: bool = False,
                          cond_drop: float = 0.1, grad_clip: float | None = 1.0,
-                         generator: torch.Generator | None = None) -> dict:
+                         generator: torch.Generator | None = None,
+                         mask_frac: tuple[float, float] = (0.25, 1.0)) -> dict:
     """One optimisation step of the DiT (text-conditioned, or masked pretraining)."""
     model.train()
     if masked:
-        loss, logs = masked_training_loss(model, x0, schedule, generator=generator)
+        loss, logs = masked_training_loss(model, x0, schedule, *mask_frac, generator=generator)
     else:
         loss, logs = training_loss(model, x0, cond, schedule, cond_drop, generator)
     opt.zero_grad(set_to_none=True)

@@ -274,43 +274,45 @@ class DiT(nn.Module):
 
     # -- conditions
 
-    def _null_like(self, seq: torch.Tensor, mask: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        null_seq = torch.zeros_like(seq)
-        null_seq[:, 0] = self.null_tokens[row].to(seq.dtype)
-        null_mask = torch.zeros_like(mask)
-        null_mask[:, 0] = True
-        return null_seq, null_mask
-
-    def _stream(self, proj, x, mask, b, drop, row, device, dtype):
-        """Project one condition stream to the width; rows with ``drop`` get the null token."""
-        if x is None:
-            seq = self.null_tokens[row].to(dtype).expand(b, 1, -1)
-            return seq, torch.ones(b, 1, dtype=torch.bool, device=device)
-        seq = proj(x)
-        mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.bool()
-        mask = mask.clone()
+    def _finish(self, seq: torch.Tensor, mask: torch.Tensor | None, drop: torch.Tensor | None,
+                row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask guard, then put the null token (and a one-key mask) in the rows flagged ``drop``."""
+        b, n = seq.shape[:2]
+        mask = torch.ones(b, n, dtype=torch.bool, device=seq.device) if mask is None else mask.bool().clone()
         mask[:, 0] |= ~mask.any(1)  # a row with no valid key would make attention NaN
         if drop is not None:
-            null_seq, null_mask = self._null_like(seq, mask, row)
+            null_seq = torch.zeros_like(seq)
+            null_seq[:, 0] = self.null_tokens[row].to(seq.dtype)
+            null_mask = torch.zeros_like(mask)
+            null_mask[:, 0] = True
             seq = torch.where(drop[:, None, None], null_seq, seq)
             mask = torch.where(drop[:, None], null_mask, mask)
         return seq, mask
 
-    def embed_condition(self, b, context, context_mask, extra, context2, context2_mask, drop, device, dtype):
-        if context is not None and self.extra_proj is not None:
-            if extra is None:
-                raise ValueError("this DiT was built with cond_extra_dim: pass `extra`")
-            ctx = self.cond_proj(context)
-            tok = self.extra_proj(extra)[:, None]
-            ctx = torch.cat([tok, ctx], dim=1)
-            m = torch.ones(b, context.shape[1], dtype=torch.bool, device=device) if context_mask is None else context_mask.bool()
-            m = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), m], dim=1)
-            ctx, m = self._stream(nn.Identity(), ctx, m, b, drop, 0, device, dtype)
+    def _null(self, b: int, row: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.null_tokens[row].to(ref.dtype).expand(b, 1, -1)
+        return seq, torch.ones(b, 1, dtype=torch.bool, device=ref.device)
+
+    def embed_condition(self, b: int, ref: torch.Tensor, context=None, context_mask=None, extra=None,
+                        context2=None, context2_mask=None, drop=None):
+        """Project the condition streams to the width -> (ctx, mask, ctx2, mask2); ctx2 None if unused."""
+        if context is None:
+            ctx, m = self._null(b, 0, ref)
         else:
-            ctx, m = self._stream(self.cond_proj, context, context_mask, b, drop, 0, device, dtype)
+            ctx, m = self.cond_proj(context), context_mask
+            if self.extra_proj is not None:  # GenAu: the extra vector becomes a leading token
+                if extra is None:
+                    raise ValueError("this DiT was built with cond_extra_dim: pass `extra`")
+                ctx = torch.cat([self.extra_proj(extra)[:, None], ctx], dim=1)
+                if m is not None:
+                    m = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=m.device), m.bool()], dim=1)
+            ctx, m = self._finish(ctx, m, drop, 0)
         ctx2 = m2 = None
         if self.cond2_proj is not None:
-            ctx2, m2 = self._stream(self.cond2_proj, context2, context2_mask, b, drop, 1, device, dtype)
+            if context2 is None:
+                ctx2, m2 = self._null(b, 1, ref)
+            else:
+                ctx2, m2 = self._finish(self.cond2_proj(context2), context2_mask, drop, 1)
         return ctx, m, ctx2, m2
 
     # -- forward
@@ -327,8 +329,7 @@ class DiT(nn.Module):
         h = h + self.frame_embed(fm)
         c = self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(h.dtype))
         shared = self.adaln_shared(c) if self.adaln_shared is not None else None
-        ctx, m, ctx2, m2 = self.embed_condition(b, context, context_mask, extra, context2, context2_mask,
-                                                drop, x.device, h.dtype)
+        ctx, m, ctx2, m2 = self.embed_condition(b, h, context, context_mask, extra, context2, context2_mask, drop)
         rope = rope_tables(n, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base, x.device)
         skips: list[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):

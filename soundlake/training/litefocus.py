@@ -82,6 +82,7 @@ class SparseAttention:
         self.window, self.ratio, self.seed = window, ratio, seed
         self.freq_bins, self.chunk, self.min_tokens = freq_bins, chunk, min_tokens
         self._plans: dict[int, list[_Chunk]] = {}
+        self._on_device: dict[tuple[int, str], list[_Chunk]] = {}  # plans moved once per device
 
     def __repr__(self):
         return (f"SparseAttention(window={self.window}, ratio={self.ratio}, seed={self.seed}, "
@@ -133,9 +134,13 @@ class SparseAttention:
         if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.shape[-2] != 1):
             raise NotImplementedError("only boolean key-padding masks [..., 1, N] are supported")
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        for c in self.plan(n):
-            qi, ki = c.queries.to(q.device), c.keys.to(q.device)
-            mask = None if c.mask is None else c.mask.to(q.device)
+        key = (n, str(q.device))
+        if key not in self._on_device:
+            self._on_device[key] = [
+                _Chunk(c.queries.to(q.device), c.keys.to(q.device),
+                       None if c.mask is None else c.mask.to(q.device)) for c in self.plan(n)]
+        for c in self._on_device[key]:
+            qi, ki, mask = c.queries, c.keys, c.mask
             if attn_mask is not None:
                 km = attn_mask.index_select(-1, ki)
                 mask = km if mask is None else (km & mask)

@@ -23,6 +23,9 @@ Public API::
     clap_score_audio(generated, texts, embed_audio, embed_text, sample_rate, model="")
     @dataclass MetricResult(name, value, sample_rate, n_generated, n_reference, std=None,
                             model="", details={}) .to_dict()
+    ClapFunctions.of(clap, labels=None) -> ClapFunctions   # from any ClapBackend:
+        .embed_audio, .embed_text, .classify (zero-shot softmax over labels),
+        .sample_rate, .model (its checkpoint identity, for MetricResult.model)
 
 Conventions:
 
@@ -151,6 +154,35 @@ def clap_score(audio_emb: np.ndarray, text_emb: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- wrappers
+
+
+@dataclass
+class ClapFunctions:
+    """The callables the wrappers take, made from a CLAP backend (``load_clap(path)``):
+    audio embeddings for FD, zero-shot class probabilities over ``labels`` for KL / IS,
+    and the text tower for the CLAP score."""
+
+    embed_audio: Callable[[list], np.ndarray]
+    embed_text: Callable[[list], np.ndarray]
+    classify: Callable[[list], np.ndarray] | None
+    sample_rate: int
+    model: str
+
+    @classmethod
+    def of(cls, clap, labels: Sequence[str] | None = None,
+           template: str = "the sound of {label}") -> "ClapFunctions":
+        from soundlake.models.clap import label_prompts, zero_shot
+
+        classify = None
+        if labels:
+            label_emb = clap.embed_text(label_prompts(list(labels), template))
+
+            def classify(clips: list) -> np.ndarray:
+                return zero_shot(clap.embed_audio(clips), label_emb, clap.logit_scale)
+        ident = getattr(clap, "identity", {}) or {}
+        model = f"{ident.get('backend', '?')}:{ident.get('model', '?')}@{str(ident.get('checkpoint_sha256', ''))[:12]}"
+        return cls(clap.embed_audio, clap.embed_text, classify, int(clap.sample_rate), model)
+
 
 
 def fd_audio(generated: Clips, reference: Clips, embed: Callable[[list], np.ndarray],

@@ -197,8 +197,11 @@ class WaveVAE(nn.Module):
     def encode(self, wav: torch.Tensor) -> Posterior:
         if wav.shape[-1] % self.hop:
             raise ValueError(f"length {wav.shape[-1]} is not a multiple of hop {self.hop}")
-        mean, logvar = self.encoder(wav).chunk(2, dim=1)
-        return Posterior(mean, logvar)
+        mean, scale = self.encoder(wav).chunk(2, dim=1)
+        # softplus std (as Stable Audio): grows linearly, so an early large activation
+        # cannot blow the KL up the way exp(logvar) does
+        std = F.softplus(scale) + 1e-4
+        return Posterior(mean, 2.0 * std.log())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)

@@ -1,0 +1,88 @@
+"""Export throughput vs plain `tar` of the same FLAC bytes, measured side by side.
+
+Builds a lake of N ten-second clips (segment stage, no Ray), writes the same FLAC bytes
+as files, then alternates: `soundlake` export (selection + shard writing + manifest +
+catalog record, fsync per shard) and `tar cf` of the FLAC folder. Prints MB/s of each
+and the ratio (median of the rounds). Run: ``python benchmarks/export_throughput.py [--clips 150]``.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from soundlake.catalog.export import ExportArgs, plan_export, run_export
+from soundlake.catalog.lake import Lake
+from soundlake.pipelines.spec import SegmentSpec
+from soundlake.stages.base import FLOW
+from soundlake.stages.segment import SegmentStage, segment_tables
+from soundlake.stages.sources import input_row
+from soundlake.testing import tone_mix, write_audio
+
+
+def build(root: Path, n: int, sr: int = 32000) -> tuple[Lake, Path, int]:
+    lake = Lake(str(root / "lake"))
+    stage = SegmentStage(SegmentSpec(sample_rate=sr, window=10.0, loudness=False), "bench")
+    flac_dir = root / "flac"
+    flac_dir.mkdir(parents=True)
+    for start in range(0, n, 50):
+        rows = []
+        for i in range(start, min(n, start + 50)):
+            src = write_audio(root / "src" / f"{i}.wav", tone_mix(10.0, sr, i), sr)
+            rows += stage.segment_one(input_row(source="bench", source_id=f"b{i:05d}", uri=str(src),
+                                                license="CC0", ref_caption=f"tone {i}", ref_caption_model="x"))
+        t = segment_tables(pa.Table.from_pylist(rows, schema=FLOW))
+        lake.write_part("clips", t["clips"], "bench")
+        lake.write_part("captions", t["captions"], "bench")
+        for cid, data in zip(t["clips"]["clip_id"].to_pylist(), t["clips"]["flac"].to_pylist()):
+            (flac_dir / (cid.replace(":", "_") + ".flac")).write_bytes(data)
+    total = sum(p.stat().st_size for p in flac_dir.iterdir())
+    return lake, flac_dir, total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clips", type=int, default=150)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        lake, flac_dir, total = build(root, a.clips)
+        mb = total / 1e6
+        print(f"{a.clips} clips, {mb:.1f} MB of FLAC")
+        ours, writing, plain, hashed = [], [], [], []
+        for r in range(a.rounds):
+            out = root / f"shards{r}"
+            t = time.perf_counter()
+            plan_export(lake, ExportArgs(out=str(out), shard_size=16 * 2**20))
+            t_plan = time.perf_counter() - t
+            t = time.perf_counter()
+            run_export(lake, ExportArgs(out=str(out), shard_size=16 * 2**20, name=f"bench{r}"))
+            t_all = time.perf_counter() - t
+            t = time.perf_counter()
+            subprocess.run(["tar", "cf", str(root / f"plain{r}.tar"), "-C", str(flac_dir), "."], check=True)
+            t_tar = time.perf_counter() - t
+            subprocess.run(["sha256sum", str(root / f"plain{r}.tar")], check=True, capture_output=True)
+            t_hash = time.perf_counter() - t
+            ours.append(t_tar / t_all)
+            writing.append(t_tar / max(t_all - t_plan, 1e-9))
+            hashed.append(t_hash / t_all)
+            plain.append(mb / t_tar)
+            shutil.rmtree(out)
+            (root / f"plain{r}.tar").unlink()
+        med = statistics.median
+        print(f"plain tar: {med(plain):.0f} MB/s (median of {a.rounds}); ratios are per round, then the median")
+        print(f"export / tar                           : {med(ours):.2f}x  (target >= 0.8x)")
+        print(f"export without the one-off selection    : {med(writing):.2f}x  (shard writing: read parts, "
+              "tar, sha256, manifest)")
+        print(f"export / (tar + sha256sum of the tar)   : {med(hashed):.2f}x  (the baseline doing the hashing too)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Loader throughput: soundlake.training.data with 0/1/2 DataLoader workers vs a bare loop.
+
+Exports N ten-second clips to shards, then reads them all, side by side in one run:
+
+* baseline: the bare ``tarfile`` module + ``soundfile`` decode of every .flac member
+  (and ``json.loads`` of every .json), in-process;
+* the loader (safe tar reading, shuffle buffer, decode, crop to 10 s, caption choice,
+  batching of 16) with 0, 1 and 2 DataLoader workers.
+
+Prints samples/s of each and its ratio to the baseline (median of the rounds).
+Run: ``python benchmarks/loader_throughput.py [--clips 200]``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_throughput import build  # noqa: E402
+
+from soundlake.catalog.export import ExportArgs, run_export  # noqa: E402
+from soundlake.training.data import make_loader, shard_urls  # noqa: E402
+
+
+def bare(urls: list[str]) -> int:
+    n = 0
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for m in tar:
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".flac"):
+                    sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+                    n += 1
+                elif m.name.endswith(".json"):
+                    json.loads(data)
+    return n
+
+
+def loader(urls: list[str], workers: int) -> int:
+    dl = make_loader(urls, batch_size=16, num_workers=workers, seconds=10.0, shuffle=100)
+    return sum(len(b) for b in dl)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clips", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        lake, _, _ = build(root, a.clips)
+        run_export(lake, ExportArgs(out=str(root / "shards"), shard_count=max(1, a.clips // 8), shard_size=None))
+        urls = shard_urls(str(root / "shards"))
+        print(f"{a.clips} clips of 10 s in {len(urls)} shards")
+        runs: dict[str, list[float]] = {}
+        for _ in range(a.rounds):
+            for name, fn in [("bare tarfile + soundfile", lambda: bare(urls)),
+                             *[(f"loader, {w} workers", (lambda w=w: loader(urls, w))) for w in (0, 1, 2)]]:
+                t = time.perf_counter()
+                n = fn()
+                assert n == a.clips, (name, n)
+                runs.setdefault(name, []).append(n / (time.perf_counter() - t))
+        base = statistics.median(runs["bare tarfile + soundfile"])
+        for name, v in runs.items():
+            m = statistics.median(v)
+            print(f"{name:26s} {m:8.1f} samples/s   {m / base:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Generator models: waveform VAE, EzAudio-DiT, v-diffusion (schedule, losses, samplers, CFG)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from soundlake.training.conditioning import Condition, TextConditioner, build_condition
+from soundlake.training.diffusion import (
+    SAMPLERS, Schedule, cfg_combine, diffusion_train_step, masked_training_loss, sample,
+    trailing_timesteps, training_loss,
+)
+from soundlake.training.dit import DiT, DiTConfig, count_parameters
+from soundlake.training.vae import VAEConfig, WaveVAE, build_discriminator, vae_train_step
+
+torch.set_num_threads(1)
+
+
+def clips(n: int, seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
+    """[n, 1, T] mono clips from the synth source if present, else seeded tone mixtures."""
+    try:
+        from soundlake.stages.synth import synth_clip
+
+        audio = [synth_clip(seed, i, seconds, sr)[1] for i in range(n)]
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        t = np.arange(int(seconds * sr)) / sr
+        audio = []
+        for _ in range(n):
+            f = rng.uniform(100, 2000, size=2)
+            env = np.exp(-rng.uniform(0, 4) * t)
+            audio.append((0.3 * env * (np.sin(2 * np.pi * f[0] * t) + 0.5 * np.sin(2 * np.pi * f[1] * t))))
+    n = int(seconds * sr)
+    x = np.stack([np.pad(np.asarray(a, dtype=np.float32).reshape(-1)[:n], (0, max(0, n - np.size(a))))
+                  for a in audio])
+    return torch.from_numpy(x)[:, None]
+
+
+def tiny_dit(**over) -> DiT:
+    cfg = dataclasses.replace(DiTConfig(in_channels=8, hidden=64, depth=4, heads=4, cond_dim=24, sola_rank=8), **over)
+    return DiT(cfg)
+
+
+def cond_for(b: int, t: int = 5, dim: int = 24, seed: int = 0, **kw) -> Condition:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, t - 2:] = False  # one padded row
+    return Condition(torch.randn(b, t, dim, generator=g), mask, **kw)
+
+
+def randomize_(model: torch.nn.Module, keep=lambda name: False, std: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not keep(name):
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith("alpha") else 0.0))
+
+
+# ---------------------------------------------------------------- VAE
+
+def test_vae_latent_rate_and_decoded_length():
+    torch.manual_seed(0)
+    cfg = VAEConfig.from_yaml("vae-tiny")
+    vae = WaveVAE(cfg)
+    assert vae.hop == 320 and vae.latent_rate == 50.0
+    seconds = 0.6
+    wav = clips(2, seconds, cfg.sample_rate)
+    post = vae.encode(wav)
+    assert post.mean.shape == (2, cfg.latent_dim, round(seconds * vae.latent_rate))
+    out = vae.decode(post.sample())
+    assert out.shape == (2, 1, round(seconds * cfg.sample_rate))
+    with pytest.raises(ValueError):
+        vae.encode(wav[..., :-1])  # not a multiple of the hop
+
+
+def test_vae_loss_falls():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(VAEConfig.from_yaml("vae-tiny"), channels=4, dilations=[1])  # lighter for CPU
+    vae = WaveVAE(cfg)
+    wav = clips(2, 0.2, cfg.sample_rate)
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    logs = [vae_train_step(vae, opt, wav, cfg) for _ in range(30)]
+    total = [lg["loss"] for lg in logs]
+    recon = [lg["stft_sc"] + lg["stft_mag"] + lg["l1"] for lg in logs]
+    assert all(math.isfinite(v) for v in total)
+    assert np.mean(total[-5:]) < 0.8 * np.mean(total[:5]), total
+    assert np.mean(recon[-5:]) < 0.8 * np.mean(recon[:5]), recon  # reconstruction itself improves
+
+
+def test_vae_training_step_with_discriminator_batch2():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(VAEConfig.from_yaml("vae-tiny"), discriminator=True, disc_periods=[2, 3], disc_channels=4)
+    vae, disc = WaveVAE(cfg), build_discriminator(cfg)
+    assert disc is not None and build_discriminator(VAEConfig()) is None
+    opt, dopt = torch.optim.Adam(vae.parameters(), 1e-3), torch.optim.Adam(disc.parameters(), 1e-3)
+    wav = clips(2, 0.2, cfg.sample_rate)
+    before = [p.detach().clone() for p in disc.parameters()]
+    logs = vae_train_step(vae, opt, wav, cfg, disc, dopt)
+    assert {"loss", "stft_sc", "stft_mag", "l1", "kl", "adv", "fm", "disc"} <= set(logs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
+
+
+# ---------------------------------------------------------------- schedule and guidance
+
+@pytest.mark.parametrize("kind", ["scaled_linear", "cosine"])
+def test_schedule_zero_terminal_snr_and_monotone(kind):
+    s = Schedule(kind=kind)
+    ab = s.alphas_cumprod
+    assert abs(float(ab[-1])) < 1e-8 and float(ab[-1]) == 0.0  # Lin et al.'s shift makes it exact
+    assert bool((ab[1:] < ab[:-1]).all())
+    assert float(ab[0]) == pytest.approx(float(Schedule(kind=kind, zero_terminal_snr=False).alphas_cumprod[0]))
+    assert float(Schedule(kind=kind, zero_terminal_snr=False).alphas_cumprod[-1]) > 0  # the rescale did it
+    assert bool((s.betas > 0).all()) and float(s.betas[-1]) == pytest.approx(1.0)
+
+
+def test_trailing_timesteps_start_at_terminal_step():
+    ts = trailing_timesteps(1000, 4)
+    assert ts.tolist() == [999, 749, 499, 249]
+
+
+def test_cfg_rescale_matches_hand_computation_for_both_axes():
+    cond = torch.tensor([[[1.0, 3.0], [2.0, 6.0], [0.0, 1.0]]])    # [B=1, F=3, C=2]
+    uncond = torch.tensor([[[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])
+    scale, phi = 2.0, 0.5
+    g = (uncond + scale * (cond - uncond)).numpy()[0]
+    c = cond.numpy()[0]
+    # all: one std over all 6 numbers (unbiased, as torch.std)
+    r_all = g * c.std(ddof=1) / g.std(ddof=1)
+    want_all = phi * r_all + (1 - phi) * g
+    # time: one std per frame over its 2 channels
+    r_time = g * c.std(axis=1, ddof=1, keepdims=True) / g.std(axis=1, ddof=1, keepdims=True)
+    want_time = phi * r_time + (1 - phi) * g
+    got_all = cfg_combine(cond, uncond, scale, phi, "all")[0].numpy()
+    got_time = cfg_combine(cond, uncond, scale, phi, "time")[0].numpy()
+    np.testing.assert_allclose(got_all, want_all, rtol=1e-5)
+    np.testing.assert_allclose(got_time, want_time, rtol=1e-5)
+    assert not np.allclose(got_all, got_time)
+    np.testing.assert_allclose(cfg_combine(cond, uncond, scale, 0.0, "all")[0].numpy(), g)
+
+
+# ---------------------------------------------------------------- DiT
+
+def test_adaln_sola_has_fewer_parameters_than_full():
+    for cfg in (DiTConfig.from_yaml("dit-tiny"), DiTConfig.from_yaml("dit-L")):
+        with torch.device("meta"):  # counts without allocating
+            sola = count_parameters(DiT(cfg))
+            full = count_parameters(DiT(dataclasses.replace(cfg, adaln="full")))
+        assert sola < full
+    assert DiTConfig.from_yaml("dit-XL").depth == 28 and DiTConfig.from_yaml("dit-XL").hidden == 1152
+
+
+def test_structure_contract():
+    model = tiny_dit(cond2_dim=6, cross_attn2_blocks=[1])
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 4
+    for i, blk in enumerate(model.blocks):
+        assert callable(blk.self_attn.attention) and callable(blk.cross_attn.attention)
+        assert (blk.cross_attn2 is not None) == (i == 1)
+    # long skips: the mirrored second half fuses the first half's outputs
+    assert [b.skip_fuse is not None for b in model.blocks] == [False, False, True, True]
+    # a swapped attention callable is what the block uses
+    calls = []
+
+    def spy(q, k, v, **kw):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+    model.blocks[2].self_attn.attention = spy
+    model(torch.randn(2, 10, 8), torch.tensor([3.0, 900.0]), **cond_for(2, context2=torch.randn(2, 3, 6)).as_kwargs())
+    assert calls == [(2, 4, 10, 16)]
+
+
+def test_zero_init_cross_attention_makes_output_condition_independent():
+    torch.manual_seed(0)
+    model = tiny_dit(cond_extra_dim=5, cond2_dim=6, cross_attn2_blocks=[0, 2])
+    out_proj = lambda n: ".cross_attn.out." in n or ".cross_attn2.out." in n  # noqa: E731
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if out_proj(n))
+    randomize_(model, keep=out_proj)  # everything else non-trivial, so the output is not just 0
+    x, t = torch.randn(2, 10, 8), torch.tensor([100.0, 700.0])
+    c1 = cond_for(2, seed=1, extra=torch.randn(2, 5), context2=torch.randn(2, 3, 6))
+    c2 = cond_for(2, seed=2, extra=torch.randn(2, 5), context2=torch.randn(2, 3, 6))
+    y1, y2 = model(x, t, **c1.as_kwargs()), model(x, t, **c2.as_kwargs())
+    assert y1.abs().mean() > 1e-3
+    torch.testing.assert_close(y1, y2)
+    assert not torch.allclose(y1, model(x + 1, t, **c1.as_kwargs()))
+    randomize_(model, keep=lambda n: not out_proj(n), seed=3)  # now the condition reaches the output
+    assert not torch.allclose(model(x, t, **c1.as_kwargs()), model(x, t, **c2.as_kwargs()))
+
+
+def test_condition_dropout_uses_null_token():
+    torch.manual_seed(0)
+    model = tiny_dit()
+    randomize_(model)
+    x, t = torch.randn(2, 6, 8), torch.tensor([500.0, 500.0])
+    drop = torch.tensor([True, True])
+    a = model(x, t, **cond_for(2, seed=1).as_kwargs(), drop=drop)
+    b = model(x, t, **cond_for(2, seed=2).as_kwargs(), drop=drop)
+    torch.testing.assert_close(a, b)  # dropped rows see only the null token
+    torch.testing.assert_close(a, model(x, t))  # ... the same as no condition at all
+
+
+def test_dit_diffusion_loss_falls():
+    torch.manual_seed(0)
+    model = tiny_dit()
+    sched = Schedule()
+    # structured latents: 8 smooth patterns, each with its own "caption"
+    base = torch.sin(torch.linspace(0, 6, 12)[None, :, None] * torch.arange(1, 9)[:, None, None] * 0.5
+                     + torch.arange(8)[None, None, :].float())
+    conds = cond_for(8, seed=4)
+
+    def held_out_loss() -> float:  # same timesteps and noise before and after training
+        with torch.no_grad():
+            return training_loss(model, base.repeat(4, 1, 1), conds.repeat(4), sched, cond_drop=0.0,
+                                 generator=torch.Generator().manual_seed(123))[0].item()
+
+    before = held_out_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        assert math.isfinite(diffusion_train_step(model, opt, base, conds, sched, generator=g)["loss"])
+    assert held_out_loss() < 0.8 * before
+
+
+def test_masked_loss_keeps_unmasked_frames_clean():
+    torch.manual_seed(0)
+    model = tiny_dit()
+    seen = {}
+    model.register_forward_hook(lambda m, args, kw, out: seen.update(x=args[0], fm=kw["frame_mask"]), with_kwargs=True)
+    x0 = torch.randn(16, 20, 8)
+    loss, logs = masked_training_loss(model, x0, Schedule(), generator=torch.Generator().manual_seed(1))
+    fm = seen["fm"]
+    frac = fm.float().mean(1)
+    assert bool(((frac >= 0.25 - 1e-6) & (frac <= 1.0)).all()) and bool((frac < 1).any())
+    runs = (fm[:, 1:] != fm[:, :-1]).sum(1)
+    assert bool((runs <= 2).all())  # one contiguous span
+    torch.testing.assert_close(seen["x"][~fm], x0[~fm])  # clean frames given as-is
+    assert not torch.allclose(seen["x"][fm], x0[fm])
+    assert math.isfinite(loss.item())
+
+
+# ---------------------------------------------------------------- sampling
+
+class DiracDenoiser(torch.nn.Module):
+    """Exact v-predictor for data that is a single point: the samplers must land on it."""
+
+    def __init__(self, target: torch.Tensor, schedule: Schedule):
+        super().__init__()
+        self.target, self.ab = torch.nn.Parameter(target), schedule.alphas_cumprod
+
+    def forward(self, x, t, drop=None, **kw):
+        ab = self.ab[t.long()].float().view(-1, 1, 1)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        eps = (x - a * self.target) / s
+        return a * eps - s * self.target
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_samplers_recover_a_dirac_distribution(sampler):
+    sched = Schedule()
+    target = torch.randn(1, 7, 3, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for steps in (10, 40):
+        out, meta = sample(DiracDenoiser(target, sched), (2, 7, 3), None, steps=steps, sampler=sampler,
+                           schedule=sched, generator=torch.Generator().manual_seed(1))
+        err[steps] = float((out - target).abs().max())
+    assert meta["sampler"] == sampler and not meta["guided"]
+    if sampler == "euler":  # first order in the angle: the error shrinks with the step count
+        assert err[40] < 0.05 and err[40] < err[10] / 2
+    else:  # DDIM and DPM-Solver++ are exact when the x0 prediction is constant
+        assert err[10] < 1e-4 and err[40] < 1e-4
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampler_calls_model_once_per_step_with_batched_cfg(sampler):
+    torch.manual_seed(0)
+    model = tiny_dit()
+    randomize_(model)
+    batches = []
+    model.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    steps_seen = []
+    cond = cond_for(2)
+    lat, meta = sample(model, (2, 9, 8), cond, steps=6, sampler=sampler, cfg=3.0, rescale=0.7,
+                       rescale_axis="time", generator=torch.Generator().manual_seed(0),
+                       callback=lambda i, t, x: steps_seen.append((i, t, tuple(x.shape))))
+    assert batches == [4] * 6  # cond + uncond rows in one call per step
+    assert [s[0] for s in steps_seen] == list(range(6)) and steps_seen[0][1] == 999
+    assert lat.shape == (2, 9, 8) and torch.isfinite(lat).all()
+    assert meta["rescale_axis"] == "time" and meta["nfe"] == 6 and meta["steps"] == 6
+    # an explicit uncond condition of another length is padded into the same single call
+    batches.clear()
+    uncond = Condition(torch.zeros(2, 1, 24), torch.ones(2, 1, dtype=torch.bool))
+    _, meta = sample(model, (2, 9, 8), cond, uncond, steps=3, sampler=sampler)
+    assert batches == [4] * 3 and meta["uncond"] == "explicit"
+
+
+# ---------------------------------------------------------------- conditioning and end to end
+
+def _tiny_t5(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = "a dog barks loud siren wails in the distance rain falls".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    cfg = T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    T5EncoderModel(cfg).save_pretrained(folder)
+
+
+def test_text_conditioner_loads_t5_encoder_by_path(tmp_path):
+    torch.manual_seed(0)
+    _tiny_t5(tmp_path)
+    text = TextConditioner(tmp_path)
+    assert text.dim == 16 and text.identity["class"] == "T5EncoderModel"
+    cond = build_condition(["a dog barks", "rain falls in the distance"], text,
+                           extra_fn=lambda texts: torch.ones(len(texts), 5))
+    assert cond.context.shape[:2] == cond.mask.shape and cond.context.shape[-1] == 16
+    assert cond.mask.sum(1).tolist()[0] < cond.mask.sum(1).tolist()[1]
+    model = tiny_dit(cond_dim=16, cond_extra_dim=5)
+    out = model(torch.randn(2, 6, 8), torch.tensor([1.0, 2.0]), **cond.as_kwargs())
+    assert out.shape == (2, 6, 8)
+
+
+def test_text_conditioner_default_minilm():
+    text = TextConditioner()
+    hidden, mask = text.encode(["a siren wails", "a dog barks twice in the rain"])
+    assert text.dim == 384 and hidden.shape == (2, mask.shape[1], 384)
+    assert mask[0].sum() < mask[1].sum()
+
+
+def test_end_to_end_training_steps_and_generation_batch2():
+    """VAE step, DiT step on its latents (with a DC-LDM stream), sample, decode: batch 2."""
+    torch.manual_seed(0)
+    vcfg = VAEConfig.from_yaml("vae-tiny")
+    vae = WaveVAE(vcfg)
+    wav = clips(2, 0.4, vcfg.sample_rate)
+    vae_train_step(vae, torch.optim.Adam(vae.parameters(), 1e-3), wav, vcfg)
+    with torch.no_grad():
+        z = vae.encode(wav).sample().transpose(1, 2)  # [B, F, C] for the DiT
+    model = tiny_dit(in_channels=vcfg.latent_dim, cond2_dim=vcfg.latent_dim, cross_attn2_blocks=[1])
+    cond = cond_for(2, context2=z)  # DC-LDM: a reference clip's latents
+    sched = Schedule(kind="cosine")
+    for masked in (False, True):
+        logs = diffusion_train_step(model, torch.optim.Adam(model.parameters(), 1e-3), z, cond, sched, masked=masked)
+        assert math.isfinite(logs["loss"])
+    loss, _ = training_loss(model, z, cond, sched, cond_drop=1.0)
+    assert math.isfinite(loss.item())
+    seconds = 0.4
+    frames = round(seconds * vae.latent_rate)
+    lat, _ = sample(model, (2, frames, vcfg.latent_dim), cond, steps=3, sampler="dpmpp_2m", schedule=sched)
+    assert lat.shape == (2, frames, vcfg.latent_dim)
+    with torch.no_grad():
+        audio = vae.decode(lat.transpose(1, 2))
+    assert audio.shape == (2, 1, round(seconds * vcfg.sample_rate))
