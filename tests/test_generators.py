@@ -20,23 +20,27 @@ torch.set_num_threads(1)
 
 
 def clips(n: int, seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
-    """[n, 1, T] mono clips from the synth source if present, else seeded tone mixtures."""
+    """[n, 1, T] mono clips from the synth source (its loudest window), else seeded tones."""
+    size = int(seconds * sr)
     try:
         from soundlake.stages.synth import synth_clip
-
-        audio = [synth_clip(seed, i, seconds, sr)[1] for i in range(n)]
     except ImportError:
-        rng = np.random.default_rng(seed)
-        t = np.arange(int(seconds * sr)) / sr
-        audio = []
-        for _ in range(n):
+        synth_clip = None
+    out = []
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        if synth_clip is not None:  # synth scenes are multi-second: render 4 s, keep the busiest window
+            a = np.asarray(synth_clip(seed, i, max(seconds, 4.0), sr)[1], dtype=np.float32).reshape(-1)
+            hop = max(1, size // 4)
+            starts = range(0, len(a) - size + 1, hop)
+            start = max(starts, key=lambda s0: float(np.square(a[s0:s0 + size]).sum()))
+            out.append(a[start:start + size])
+        else:
+            t = np.arange(size) / sr
             f = rng.uniform(100, 2000, size=2)
             env = np.exp(-rng.uniform(0, 4) * t)
-            audio.append((0.3 * env * (np.sin(2 * np.pi * f[0] * t) + 0.5 * np.sin(2 * np.pi * f[1] * t))))
-    n = int(seconds * sr)
-    x = np.stack([np.pad(np.asarray(a, dtype=np.float32).reshape(-1)[:n], (0, max(0, n - np.size(a))))
-                  for a in audio])
-    return torch.from_numpy(x)[:, None]
+            out.append((0.3 * env * (np.sin(2 * np.pi * f[0] * t) + 0.5 * np.sin(2 * np.pi * f[1] * t))).astype(np.float32))
+    return torch.from_numpy(np.stack(out))[:, None]
 
 
 def tiny_dit(**over) -> DiT:

@@ -222,7 +222,7 @@ def _data_context():
 
     # Our progress bar and summary replace Ray Data's per-operator logging
     # (set after importing ray.data, which configures its loggers on import).
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False          # we draw one bar for the whole job
     ctx.print_on_execution_start = False
