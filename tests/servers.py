@@ -45,6 +45,7 @@ class Hit:
     status: int
     auth: str | None = None
     range: str | None = None
+    nbytes: int = 0            # body bytes sent
 
 
 def make_media(folder: Path, name: str, seconds: float, ext: str, freq: float = 440.0) -> Path:
@@ -110,10 +111,10 @@ class _Server:
         with self._lock:
             self.log.clear()
 
-    def _record(self, h, id, status) -> None:
+    def _record(self, h, id, status, nbytes: int = 0) -> None:
         with self._lock:
             self.log.append(Hit(getattr(h, "arrived", time.time()), h.path, id, status, h.headers.get("Authorization"),
-                                h.headers.get("Range")))
+                                h.headers.get("Range"), nbytes if h.command != "HEAD" else 0))
 
     def _fault(self, id: str | None) -> Fault | None:
         with self._lock:
@@ -175,7 +176,8 @@ class _Server:
                 return
             status = 206
         body = data[start: end + 1]
-        self._record(h, id, status)
+        truncated = fault is not None and fault.kind == "truncated"
+        self._record(h, id, status, len(body) // 2 if truncated else len(body))
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Accept-Ranges", "bytes")

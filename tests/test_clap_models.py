@@ -173,15 +173,15 @@ def test_inhouse_trains_saves_and_loads(tmp_path):
     synth = pytest.importorskip("soundlake.stages.synth")
     from soundlake.models.clap_inhouse import ClapTrainConfig, InHouseClap, train_clap
 
-    cfg = ClapTrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_steps=1, window_s=2.0, channels=32,
+    cfg = ClapTrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_steps=1, window_s=3.0, channels=32,
                           dim=32, seed=0, time_mask=0.0, freq_mask=0)
-    pairs = [synth.synth_clip(7, i, 2.0, cfg.sample_rate) for i in range(16)]
+    pairs = [synth.synth_clip(7, i, 3.0, cfg.sample_rate) for i in range(16)]
     audio = (np.asarray(a, dtype=np.float32).reshape(-1) for _, a in pairs)   # a generator: streamed once
     captions = [scene.caption for scene, _ in pairs]
     out = tmp_path / "clap"
     res = train_clap(audio, captions, out, cfg)
     losses = [row["loss"] for row in res["history"]]
-    assert len(losses) == 6 and losses[-1] < losses[0] * 0.8
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.6
 
     assert detect_backend(out) == "soundlake"
     loaded = load_clap(str(out))

@@ -39,7 +39,8 @@ def clips(n: int, seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
             t = np.arange(size) / sr
             f = rng.uniform(100, 2000, size=2)
             env = np.exp(-rng.uniform(0, 4) * t)
-            out.append((0.3 * env * (np.sin(2 * np.pi * f[0] * t) + 0.5 * np.sin(2 * np.pi * f[1] * t))).astype(np.float32))
+            tone = np.sin(2 * np.pi * f[0] * t) + 0.5 * np.sin(2 * np.pi * f[1] * t)
+            out.append((0.3 * env * tone).astype(np.float32))
     return torch.from_numpy(np.stack(out))[:, None]
 
 

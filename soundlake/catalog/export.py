@@ -29,6 +29,7 @@ import os
 import re
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -478,32 +479,53 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         "captioner_priority": list(CAPTIONER_PRIORITY), "shards": [],
     }
     reader = _AudioReader(lake, _audio_locator(lake, [lake.path(p) for p in plan.catalog["parts"]["clips"]]))
-    written = kept = 0
-    for n, sh in enumerate(plan.shards):
-        members = plan.samples[sh["start"]: sh["end"]]
-        path = f"{root.rstrip('/')}/{sh['name']}"
+    # Which shards need writing: a finished shard is kept when its sha256 still matches.
+    todo = []
+    for sh in plan.shards:
         prev = done.get(sh["name"])
-        if prev is not None and prev.get("count") == len(members) and _verified(fs, path, prev):
-            manifest["shards"].append(prev)
-            kept += 1
-        else:
-            audio = reader.read(members)
+        sh["path"] = f"{root.rstrip('/')}/{sh['name']}"
+        keep = prev is not None and prev.get("count") == sh["end"] - sh["start"] and _verified(fs, sh["path"], prev)
+        sh["kept"] = prev if keep else None
+        if not keep:
+            todo.append(sh)
+    # One reader thread fetches the next shard's audio while this one is written (Parquet
+    # reads and file writes both release the GIL); it alone touches the reader's cache.
+    prefetch = ThreadPoolExecutor(max_workers=1)
+    position = {sh["name"]: i for i, sh in enumerate(todo)}
+    pending = {sh["name"]: prefetch.submit(reader.read, plan.samples[sh["start"]: sh["end"]]) for sh in todo[:2]}
+    written = kept = 0
+    try:
+        for n, sh in enumerate(plan.shards):
+            members = plan.samples[sh["start"]: sh["end"]]
+            if sh["kept"] is not None:
+                manifest["shards"].append(sh["kept"])
+                kept += 1
+            else:
+                audio = pending.pop(sh["name"]).result()
+                k = position[sh["name"]] + 2
+                if k < len(todo):
+                    nxt = todo[k]
+                    pending[nxt["name"]] = prefetch.submit(reader.read, plan.samples[nxt["start"]: nxt["end"]])
 
-            def gen():
-                for s in members:
-                    fields = {"flac": audio[s.clip_id], "json": s.json_bytes}
-                    if extra_fields is not None:
-                        fields.update(extra_fields(s.clip_id, json.loads(s.json_bytes)))
-                    yield shards.tar_key(s.clip_id), fields
-            info = shards.write_shard(fs, path, gen())
-            manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
-                                       "bytes": info.bytes, "sha256": info.sha256,
-                                       "first": members[0].clip_id, "last": members[-1].clip_id})
-            written += 1
-        # The manifest is the record of finished shards: rewrite it after each one.
-        shards.put_bytes(fs, manifest_path, _dumps(manifest))
-        if on_shard:
-            on_shard(sh, n + 1, len(plan.shards))
+                def gen(members=members, audio=audio):
+                    for s in members:
+                        fields = {"flac": audio[s.clip_id], "json": s.json_bytes}
+                        if extra_fields is not None:
+                            fields.update(extra_fields(s.clip_id, json.loads(s.json_bytes)))
+                        yield shards.tar_key(s.clip_id), fields
+                info = shards.write_shard(fs, sh["path"], gen())
+                manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
+                                           "bytes": info.bytes, "sha256": info.sha256,
+                                           "first": members[0].clip_id, "last": members[-1].clip_id})
+                written += 1
+            # The manifest is the record of finished shards: rewrite it after each one.
+            shards.put_bytes(fs, manifest_path, _dumps(manifest))
+            if on_shard:
+                on_shard(sh, n + 1, len(plan.shards))
+    finally:
+        for f in pending.values():
+            f.cancel()
+        prefetch.shutdown(wait=True)
     splits: dict[str, int] = {}
     for s in plan.samples:
         splits[s.split] = splits.get(s.split, 0) + 1

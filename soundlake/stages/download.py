@@ -49,7 +49,7 @@ import pyarrow as pa
 from soundlake.catalog import schema
 from soundlake.errors import PERMANENT, RowError
 from soundlake.pipelines.spec import PipelineSpec
-from soundlake.stages import audio_io
+from soundlake.stages import audio_io, licenses
 from soundlake.stages.base import FLOW, Resources, Stage
 from soundlake.stages.freesound import SECRET_ENVS, FetchError, auth_headers, http_download, redact
 from soundlake.stages.manifests import MALFORMED
@@ -296,9 +296,15 @@ class DownloadStage(Stage):
         for field, key in _INFO_FIELDS.items():
             if not ready.get(field) and got.info.get(key):
                 ready[field] = str(got.info[key])
+        meta = json.loads(row.get("meta_json") or "{}")
+        if not row.get("license") and got.info.get("license"):
+            meta["license_text"] = got.info["license"]
+            ready["license"] = licenses.normalize(got.info["license"]) or got.info["license"]
+        date = ready.get("upload_date") or ""
+        if len(date) == 8 and date.isdigit():   # yt-dlp's YYYYMMDD
+            ready["upload_date"] = f"{date[:4]}-{date[4:6]}-{date[6:]}"
         if not ready.get("tags") and got.info.get("tags"):
             ready["tags"] = [str(t) for t in got.info["tags"]]
-        meta = json.loads(row.get("meta_json") or "{}")
         meta["download"] = {"bytes": got.nbytes, "offset_s": got.offset_s}
         ready["meta_json"] = json.dumps(meta)
         ready["_offset"] = got.offset_s

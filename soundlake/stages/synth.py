@@ -117,17 +117,18 @@ def plan_scene(seed: int, index: int, duration: float = 10.0, classes: Sequence[
     n = 1 if kind == "single" else (2 if kind == "mixture" else int(rng.integers(2, 4)))
     chosen = [str(c) for c in rng.choice(pool, size=min(n, len(pool)), replace=False)]
     events: list[SynthEvent] = []
+    margin = min(0.2, 0.05 * duration)  # short scenes keep proportionally short margins
     if kind == "sequence":
         budget = duration / len(chosen)
-        t = float(rng.uniform(0.2, 0.6))
+        t = float(rng.uniform(margin, 2 * margin))
         for cls in chosen:
-            length, params = _event_params(cls, rng, budget * 0.7)
+            length, params = _event_params(cls, rng, budget * 0.6)
             events.append(SynthEvent(cls, round(t, 4), round(t + length, 4), params))
-            t += length + float(rng.uniform(0.2, budget * 0.3))
+            t += length + float(rng.uniform(margin, max(margin, budget * 0.3)))
     else:
         for cls in chosen:
             length, params = _event_params(cls, rng, duration * 0.8)
-            start = float(rng.uniform(0.2, max(0.2, duration - length - 0.2)))
+            start = float(rng.uniform(margin, max(margin, duration - length - margin)))
             if kind == "mixture" and events:  # overlap the first event
                 start = float(np.clip(events[0].start + rng.uniform(-0.3, 0.3), 0.0, duration - length))
             events.append(SynthEvent(cls, round(start, 4), round(start + length, 4), params))

@@ -93,6 +93,9 @@ class ModelHook:
     def reset(self) -> None:  # per-run state
         pass
 
+    def release(self) -> None:  # drop held tensors at the end of a run, keep counters
+        pass
+
 
 class HookRegistry:
     """Ordered hooks on one module instance, diffusers-style.
@@ -236,6 +239,8 @@ class _Stepper:
             yield self
         finally:
             self.num_steps = None
+            for h in self._hooks:
+                h.release()
 
     def _start(self, num_steps: int) -> None:
         pass
@@ -363,6 +368,9 @@ class _Recorder(ModelHook):
         self.prev: torch.Tensor | None = None
         self.last_step = -1
 
+    def release(self) -> None:
+        self.prev = None
+
     def new_forward(self, module, forward, *args, **kwargs):
         out = forward(*args, **kwargs)
         o = self.owner
@@ -448,6 +456,10 @@ class _CacheHook(ModelHook):
         self.acc = 0.0
         self.streak = 0
         self.computed = self.reused = 0
+
+    def release(self) -> None:
+        self.out = None
+        self.in_shape = None
 
     def new_forward(self, module, forward, *args, **kwargs):
         o = self.owner
