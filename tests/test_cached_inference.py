@@ -362,13 +362,15 @@ def test_sparse_ratio_one_is_full_attention(freq_bins):
 def test_band_only_equals_masked_dense(freq_bins, window):
     q, k, v = qkv()
     attn = SparseAttention(window=window, ratio=0.0, freq_bins=freq_bins, chunk=16)
-    mask = dense_band_mask(96, window, freq_bins)
-    if freq_bins is None:  # the 1D band by hand
-        i = torch.arange(96)
-        assert torch.equal(mask, (i[:, None] - i[None]).abs() <= window // 2)
-    else:  # same frequency index (time-major layout)
-        f = torch.arange(96) % freq_bins
-        assert (mask <= (f[:, None] == f[None])).all()
+    i = torch.arange(96)
+    if freq_bins is None:  # the 1D band by hand: |i - j| <= window // 2
+        mask = (i[:, None] - i[None]).abs() <= window // 2
+    else:  # same frequency index (time-major layout: token = t * F + f)
+        f, t = i % freq_bins, i // freq_bins
+        mask = f[:, None] == f[None]
+        if window is not None:
+            mask &= (t[:, None] - t[None]).abs() <= window // 2
+    assert torch.equal(dense_band_mask(96, window, freq_bins), mask)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(attn(q, k, v), want, atol=1e-5, rtol=1e-5)
 

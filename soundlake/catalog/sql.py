@@ -28,6 +28,26 @@ _VIEWS: dict[str, str] = {
                     OR f.clip_id IS NOT NULL) WHERE rn = 1""",
     "audio": "SELECT clip_id, sample_rate, channels, flac FROM _clip_parts",
 }
+CAPTIONER_PRIORITY = ("reference", "refine", "qwen", "autocap", "template")
+CAPTION_POLICIES = ("score", "priority")
+
+
+def dataset_view(policy: str = "score") -> str:
+    """Each clip with its preferred caption: highest CLAP score from the newest CLAP model
+    (``score``; captions without a score come after, by captioner priority), or by
+    captioner priority alone (``priority``)."""
+    prio = "CASE c.captioner " + " ".join(f"WHEN '{n}' THEN {i}" for i, n in enumerate(CAPTIONER_PRIORITY)) \
+        + f" ELSE {len(CAPTIONER_PRIORITY)} END"
+    order = (f"s.score DESC NULLS LAST, {prio}, c.text" if policy == "score" else f"{prio}, s.score DESC NULLS LAST, c.text")
+    return f"""WITH newest AS (SELECT clap_model_id FROM scores GROUP BY 1 ORDER BY max(created) DESC LIMIT 1),
+               ranked AS (
+                 SELECT c.clip_id, c.text AS caption, c.captioner, c.model_id AS caption_model_id,
+                        s.score, s.clap_model_id,
+                        row_number() OVER (PARTITION BY c.clip_id ORDER BY {order}) AS rn
+                 FROM captions c LEFT JOIN scores s ON s.clip_id = c.clip_id AND s.captioner = c.captioner
+                      AND s.caption_text = c.text AND s.clap_model_id = (SELECT clap_model_id FROM newest))
+               SELECT cl.*, r.caption, r.captioner, r.caption_model_id, r.score, r.clap_model_id
+               FROM clips cl LEFT JOIN ranked r ON r.clip_id = cl.clip_id AND r.rn = 1"""
 _VIEW_ORDER: list[str] = list(_VIEWS)
 
 
@@ -51,8 +71,15 @@ def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
     return name
 
 
-def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
+def connect(lake: Lake | str, caption_policy: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the lake's views. ``caption_policy`` (or
+    $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption."""
+    import os
+
     lake = Lake(lake) if isinstance(lake, str) else lake
+    policy = caption_policy or os.environ.get("SOUNDLAKE_CAPTION_POLICY", "score")
+    if policy not in CAPTION_POLICIES:
+        raise UserError(f"caption policy {policy!r}: expected one of {', '.join(CAPTION_POLICIES)}")
     if not lake.exists():
         raise UserError(f"no lake at {lake.uri}: run `soundlake curate demo --lake {lake.uri}` first")
     import soundlake.catalog.export  # noqa: F401  (registers the export tables)
@@ -75,6 +102,7 @@ def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {src}")
     for name in _VIEW_ORDER:
         con.execute(f"CREATE VIEW {name} AS {_VIEWS[name]}")
+    con.execute(f"CREATE VIEW dataset AS {dataset_view(policy)}")
     return con
 
 

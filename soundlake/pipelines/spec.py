@@ -91,6 +91,11 @@ class ClapSpec(Section):
     top_k: int = Field(5, ge=1)
 
 
+class CaptionSpec(Section):
+    captioners: list[Literal["template"]] = Field(["template"], description="captioners run by the caption stage")
+    use_metadata: bool = Field(True, description="template: use titles and tags, not only labels")
+
+
 class RaySpec(Section):
     address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     num_cpus: int | None = Field(None, ge=1, description="local Ray: CPUs to use (default: all)")
@@ -103,7 +108,8 @@ class PipelineSpec(Section):
     description: str = ""
     source: SourceSpec = SourceSpec()
     segment: SegmentSpec = SegmentSpec()
-    stages: list[Literal["download", "segment", "embed", "tag", "score"]] = ["segment"]
+    stages: list[Literal["download", "segment", "caption", "embed", "tag", "score"]] = ["segment"]
+    caption: CaptionSpec = CaptionSpec()
     download: DownloadSpec = DownloadSpec()
     freesound: FreesoundSpec = FreesoundSpec()
     clap: ClapSpec = ClapSpec()
@@ -118,7 +124,7 @@ class PipelineSpec(Section):
 
     def active_stages(self) -> list[str]:
         """The stages that will run: model stages need clap.model."""
-        return [s for s in self.stages if s in ("segment", "download") or self.clap.model]
+        return [s for s in self.stages if s in ("segment", "download", "caption") or self.clap.model]
 
 
 def builtin_names() -> list[str]:

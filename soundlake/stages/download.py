@@ -3,8 +3,9 @@
 Remote sources (audioset, vggsound, freesound) list small input rows whose ``uri``
 is a media URL. :class:`DownloadStage` fetches each one into a temporary folder on
 the worker's own disk, points ``uri`` at the file and hands the batch to the
-segment stage *in the same task*; the folder is removed in a ``finally`` once the
-segment stage has made its FLAC clips. Fusing the two steps is the design choice
+segment stage *in the same task and thread*; the file is removed in a ``finally`` as
+soon as the segment stage has made its FLAC clips (``download.concurrency`` threads
+per task, so decoding one input overlaps the downloads of the others). Fusing the two steps is the design choice
 that makes deletion safe: a temp path is meaningless on another node, and Ray Data
 may schedule two separate map stages on different nodes.
 
@@ -12,9 +13,10 @@ may schedule two separate map stages on different nodes.
   ``download.format`` (``bestaudio/best``), only the annotated section when
   ``download.sections`` (``download_ranges`` + ``download_range_func``, keyframe
   forcing off: audio has no keyframes to force), cookies file, socket timeout plus a
-  watchdog, the URL from ``download.url_template``. The section's duration is checked
-  with ffprobe: if yt-dlp returned the whole video, the annotated start is used as is;
-  if it returned the section, the start becomes 0 in the file. Title, description,
+  watchdog, the URL from ``download.url_template``. When yt-dlp reports that it cut the
+  section, the annotated start becomes 0 in the file; otherwise the file's duration
+  (ffprobe) tells whether the whole video came back. The segment stage then decodes,
+  trims to the annotated window and records the real content length (``content_s``). Title, description,
   uploader, upload date, license and tags from the info dict fill in the row.
 * Freesound rows are plain HTTP (``freesound.http_download``) with token/bearer auth.
 * Errors are classified (:func:`classify`): permanent ones (``not_found``,
@@ -179,7 +181,11 @@ def ytdlp_fetch(url: str, start: float | None, end: float | None, spec: Pipeline
         raise FetchError("network", "yt-dlp finished without a file")
     path = max(files, key=os.path.getsize)
     offset = 0.0
-    if section:
+    info = box.get("info") or {}
+    done = (info.get("requested_downloads") or [{}])[0]
+    if section and (done.get("section_start") is not None or info.get("section_start") is not None):
+        offset = start   # yt-dlp cut the section: it starts at 0 in the file (segment decodes and checks it)
+    elif section:
         try:
             _, _, got, _ = audio_io.probe(path, spec.segment.ffmpeg_timeout)
         except RowError:
@@ -191,7 +197,7 @@ def ytdlp_fetch(url: str, start: float | None, end: float | None, spec: Pipeline
             offset = start          # the section came back: it starts at 0 in the file
             if got < want - 1.0 and not last_try:
                 raise FetchError("network", f"section is {got:.2f} s of the requested {want:.2f} s")
-    return Fetched(path, offset, os.path.getsize(path), box.get("info") or {})
+    return Fetched(path, offset, os.path.getsize(path), info)
 
 
 def http_fetch(url: str, spec: PipelineSpec, folder: str, original: bool) -> Fetched:
@@ -320,23 +326,25 @@ class DownloadStage(Stage):
         rows = batch.to_pylist()
         work = tempfile.mkdtemp(prefix="soundlake-dl-")   # the worker's local disk
         try:
-            def one(i_row):
+            def one(i_row) -> pa.Table:
+                # Download, segment and delete each input in its own thread, so that
+                # decoding one file overlaps the downloads of the others.
                 i, row = i_row
+                folder = os.path.join(work, str(i))
                 try:
-                    return self._ready(row, self.fetch(row, os.path.join(work, str(i))))
+                    ready = self._ready(row, self.fetch(row, folder))
                 except RowError as e:
-                    return self._failed(row, e.error, e.message)
+                    return pa.Table.from_pylist([self._failed(row, e.error, e.message)], schema=FLOW)
+                try:
+                    offset = ready.pop("_offset")
+                    segs = self.segment.process(pa.Table.from_pylist([ready], schema=INPUT_SCHEMA))
+                    return _absolute(segs, {row["source_id"]: offset})
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
 
             with ThreadPoolExecutor(max_workers=self.spec.download.concurrency) as pool:
-                results = list(pool.map(one, enumerate(rows)))
-            failed = [r for r in results if r.get("status") == "failed"]
-            ready = [r for r in results if r.get("status") != "failed"]
-            out = [pa.Table.from_pylist(failed, schema=FLOW)]
-            if ready:
-                offsets = {r["source_id"]: r.pop("_offset") for r in ready}
-                segs = self.segment.process(pa.Table.from_pylist(ready, schema=INPUT_SCHEMA))
-                out.append(_absolute(segs, offsets))
-            return pa.concat_tables(out)
+                parts = list(pool.map(one, enumerate(rows)))
+            return pa.concat_tables(parts) if parts else FLOW.empty_table()
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

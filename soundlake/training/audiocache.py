@@ -31,7 +31,8 @@ Public API::
     cache.stats() -> {"computed", "reused", "total", "saved_fraction", "per_layer": {...}}
     cache.remove()                      # every forward restored exactly
 
-    HookRegistry / ModelHook            # the small hook mechanism both use
+    HookRegistry.of(module).register(name, hook) / .remove(name)    # the hook mechanism
+    ModelHook.new_forward(module, forward, *args, **kwargs) / .reset() / .release()
 
 Definitions:
 
@@ -59,6 +60,8 @@ Definitions:
 
 The cached tensor is returned as is (no copy): the block must not modify a layer's
 output in place (the DiT adds it out of place). Inference only (use ``torch.no_grad``).
+While attached, hooks live in instance attributes (closures): remove them before pickling
+or deep-copying the whole module (``state_dict`` is unaffected at all times).
 """
 from __future__ import annotations
 

@@ -179,8 +179,7 @@ def make_loader(urls: list[str], batch_size: int, num_workers: int = 0, *, world
                 **kw) -> torch.utils.data.DataLoader:
     """A DataLoader over :func:`make_dataset` (batching happens in the workers)."""
     if world_size is None:
-        world_size = torch.distributed.get_world_size() if torch.distributed.is_available() \
-            and torch.distributed.is_initialized() else 1
+        world_size = wds.utils.pytorch_worker_info()[1]   # RANK/WORLD_SIZE env or torch.distributed
     if not kw.get("resample") and len(urls) < world_size * max(1, num_workers):
         raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers: "
                          "export more, smaller shards, use fewer workers, or resample=True")
@@ -189,13 +188,17 @@ def make_loader(urls: list[str], batch_size: int, num_workers: int = 0, *, world
                                        persistent_workers=False, collate_fn=None)
 
 
-def read_shards_ray(paths: str | list[str], **kw):
-    """The shards as a Ray Dataset, one row per sample (``__key__``, ``flac`` bytes, ``json`` dict),
-    for distributed pre-encoding. Extra keyword arguments go to ``ray.data.read_webdataset``."""
+def read_shards_ray(paths: str | list[str], split: str | None = None, **kw):
+    """The shards as a Ray Dataset, one row per sample (``__key__``, ``flac`` and ``json`` bytes),
+    for distributed pre-encoding. ``paths``: shard paths/URIs, or an export folder (all its
+    shards, or those of ``split``). Extra keyword arguments go to ``ray.data.read_webdataset``.
+
+    Ray's reader does its own tar parsing: read only shards you trust (your own exports);
+    untrusted shards go through :func:`make_dataset`, which checks every member."""
     import ray.data
 
     if isinstance(paths, str) and not paths.endswith(".tar"):
-        paths = shard_urls(paths, split=None)
+        paths = shard_urls(paths, split=split)
     kw.setdefault("decoder", None)
     ds = ray.data.read_webdataset(paths, **kw)
     return ds

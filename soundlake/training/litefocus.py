@@ -7,8 +7,9 @@ Each query attends to the union (no key counted twice) of
   (``freq_bins=F``, tokens laid out time-major, index ``t * F + f``), the keys sharing its
   frequency index (optionally further limited to ``|t - t'| <= window // 2``);
 * a **random fraction** ``ratio`` of all keys (``ceil(ratio * N)``), drawn without
-  replacement from a seeded generator, fresh for each query chunk (so every key is seen by
-  some chunk) but identical from call to call (the plan is cached per sequence length), so
+  replacement from a seeded generator, fresh for each query chunk and shared by that
+  chunk's queries (so each chunk is one small dense product, and every key is seen by some
+  chunk), identical from call to call (the plan is cached per sequence length), so
   every sampler step attends the same way.
 
 ``ratio=1`` is exact full attention (every key is in the union); ``ratio=0`` is band only.

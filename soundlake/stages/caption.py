@@ -1,0 +1,61 @@
+"""Caption stage: each configured captioner adds rows; captions are never overwritten.
+
+Captions travel in the flow as ``new_captions`` (captioner, model id, hash, prompt
+version, text) so that the score stage can score them before the write step puts
+them into ``captions``. Model captioners (autocap, qwen, refine) plug in here as
+actor stages; ``template`` needs no model and runs as a task.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from soundlake.catalog.schema import CAPTIONS
+from soundlake.models.template_captioner import PROMPT_VERSION, template_caption
+from soundlake.stages.base import Stage
+
+NEW_CAPTION = pa.struct([("captioner", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
+                         ("prompt_version", pa.string()), ("text", pa.string())])
+
+
+class TemplateCaptionStage(Stage):
+    name = "caption"
+    reads = ("clip_id", "labels", "title", "tags")
+    writes = ("new_captions",)
+
+    def __init__(self, run_id: str, use_metadata: bool = True):
+        self.run_id, self.use_metadata = run_id, use_metadata
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.select(["clip_id", "status", "labels", "title", "tags"]).to_pylist():
+            text = template_caption(row["clip_id"] or "", row["labels"], row["title"], row["tags"],
+                                    self.use_metadata) if row["status"] == "ok" else None
+            out.append([{"captioner": "template", "model_id": "template", "model_hash": None,
+                         "prompt_version": PROMPT_VERSION, "text": text}] if text else [])
+        return _add_captions(batch, out)
+
+    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
+        return caption_tables(batch, self.run_id)
+
+
+def _add_captions(batch: pa.Table, new: list[list[dict]]) -> pa.Table:
+    """Append to (or create) the flow's new_captions column."""
+    if "new_captions" in batch.column_names:
+        old = batch["new_captions"].to_pylist()
+        merged = [(o or []) + n for o, n in zip(old, new)]
+        i = batch.column_names.index("new_captions")
+        return batch.set_column(i, "new_captions", pa.array(merged, pa.list_(NEW_CAPTION)))
+    return batch.append_column("new_captions", pa.array(new, pa.list_(NEW_CAPTION)))
+
+
+def caption_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
+    if "new_captions" not in batch.column_names:
+        return {}
+    ok = batch.filter(pc.equal(batch["status"], "ok"))
+    now = datetime.now(timezone.utc)
+    rows = [{"clip_id": r["clip_id"], **c, "run_id": run_id, "created": now}
+            for r in ok.select(["clip_id", "new_captions"]).to_pylist() for c in r["new_captions"] or []]
+    return {"captions": pa.Table.from_pylist(rows, schema=CAPTIONS)} if rows else {}
