@@ -31,23 +31,9 @@ def _noise(seconds: float, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unfused", "fused"])
 def tiny_hf(request, tmp_path_factory):
-    from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+    from soundlake.testing import make_tiny_hf_clap
 
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-    text_cfg = dict(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=32, max_position_embeddings=96, pad_token_id=tok.pad_token_id,
-                    bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    audio_cfg = dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, window_size=4, depths=[1, 1],
-                     num_attention_heads=[1, 2], patch_embeds_hidden_size=8, hidden_size=16,
-                     enable_fusion=request.param, fusion_type="aff_2d" if request.param else None)
-    torch.manual_seed(0)
-    model = ClapModel(ClapConfig(text_config=text_cfg, audio_config=audio_cfg, projection_dim=12))
-    fe = ClapFeatureExtractor(feature_size=16, sampling_rate=SR, hop_length=160, max_length_s=WIN_S,
-                              fft_window_size=256, frequency_max=4000)
-    path = tmp_path_factory.mktemp("tiny_clap")
-    model.save_pretrained(path)
-    ClapProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(path)
-    return path
+    return make_tiny_hf_clap(tmp_path_factory.mktemp("tiny_clap"), SR, WIN_S, fusion=request.param)
 
 
 def test_hf_loads_normalised_vectors_and_identity(tiny_hf):
@@ -63,6 +49,9 @@ def test_hf_loads_normalised_vectors_and_identity(tiny_hf):
     assert clap.identity["checkpoint_sha256"] == hashlib.sha256(weights).hexdigest()[:16]
     assert clap.identity["backend"] == "hf" and clap.identity["window_s"] == WIN_S
     assert clap.identity["is_longer"] is False
+    assert clap.embed_audio([]).shape == (0, 12)
+    with pytest.raises(ValueError):
+        clap.embed_audio([np.zeros((2, SR), np.float32)])   # stereo: the caller must downmix
 
 
 def test_hf_same_clip_same_vector_whatever_the_batch(tiny_hf):
@@ -94,6 +83,14 @@ def test_long_clip_is_the_mean_of_its_windows(tiny_hf):
     expected /= np.linalg.norm(expected)
     np.testing.assert_allclose(clap.embed_audio([clip])[0], expected, atol=1e-5)
     assert np.abs(per_window[0] - per_window[-1]).max() > 1e-4   # windows differ: the mean matters
+
+
+def test_detect_backend_refuses_unknown_folders(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError):
+        detect_backend(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        detect_backend(tmp_path / "missing")
 
 
 def test_windowing_policy():

@@ -195,7 +195,8 @@ def test_min_score_joins_scores_when_present(lake, tmp_path):
         rows.append({"clip_id": c["clip_id"], "captioner": c["captioner"], "caption_text": c["text"],
                      "clap_model_id": "clap-a", "score": good,
                      "created": datetime.now(timezone.utc)})
-        rows.append({**rows[-1], "clap_model_id": "clap-b", "score": 1.0 - good})
+        rows.append({**rows[-1], "clap_model_id": "clap-b", "score": 1.0 - good,
+                     "created": datetime(2030, 1, 1, tzinfo=timezone.utc)})   # the newest model
     lake.write_part("scores", pa.Table.from_pylist(rows, schema=scores), "s1")
     try:
         with pytest.raises(UserError, match="--score-model"):
@@ -203,14 +204,21 @@ def test_min_score_joins_scores_when_present(lake, tmp_path):
         run_export(lake, ExportArgs(out=str(tmp_path / "m"), min_score=0.4, score_model="clap-a",
                                     shard_count=100, shard_size=None))
         got = read_export(tmp_path / "m")
-        assert set(got) == {f"local:id{i:04d}:0" for i in range(10)}   # preferred (reference) caption >= 0.4
-        assert all(s["meta"]["scores"][0]["score"] == pytest.approx(0.9) for s in got.values())
+        # preferred under clap-a: its best caption (ties by captioner priority), kept if >= 0.4;
+        # clap-b, the newest model, would pick the other caption: it plays no part.
+        assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
+        for cid, s in got.items():
+            i = int(cid[8:12])
+            assert s["meta"]["captions"] == [f"a tone number {i}" if i < 10 else f"template {cid}"]
+            assert s["meta"]["scores"] == [{"text": s["meta"]["caption"], "model_id": "clap-a",
+                                            "score": pytest.approx(0.9)}]
         run_export(lake, ExportArgs(out=str(tmp_path / "all"), caption="all", min_score=0.4, score_model="clap-a",
                                     shard_count=100, shard_size=None))
         got = read_export(tmp_path / "all")
         # reference captions of clips >= 10 fail, their template captions pass
         assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
         assert all(s["meta"]["captions"] == [f"template {c}"] for c, s in got.items() if int(c[8:12]) >= 10)
+        assert all(len(s["meta"]["captions"]) == 2 for c, s in got.items() if int(c[8:12]) < 10 and int(c[8:12]) % 2 == 0)
     finally:
         for p in lake.parts("scores"):
             os.remove(p)
@@ -317,13 +325,20 @@ def test_argument_parsing():
         assert shards.clip_id_from_key(k) == cid and not set(k) & set("./:")
 
 
-def test_preferred_follows_the_dataset_view_when_present(lake, tmp_path, monkeypatch):
-    from soundlake.catalog import sql
+def test_preferred_follows_the_dataset_view(lake, tmp_path):
+    """`preferred` is the dataset view's caption: with scores, the best-scored one."""
+    from soundlake.stages.clap import SCORES
 
-    view = "SELECT clip_id, text AS caption FROM captions WHERE captioner = 'template'"
-    monkeypatch.setattr(sql, "_VIEWS", {**sql._VIEWS, "dataset": view})
-    monkeypatch.setattr(sql, "_VIEW_ORDER", [v for v in sql._VIEW_ORDER if v != "dataset"] + ["dataset"])
-    run_export(lake, ExportArgs(out=str(tmp_path / "d"), shard_count=100, shard_size=None))
+    caps = lake.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
+    rows = [{"clip_id": c["clip_id"], "captioner": c["captioner"], "caption_text": c["text"],
+             "clap_model_id": "clap-a", "score": 0.9 if c["captioner"] == "template" else 0.2,
+             "created": datetime.now(timezone.utc)} for c in caps]
+    lake.write_part("scores", pa.Table.from_pylist(rows, schema=SCORES), "s2")
+    try:
+        run_export(lake, ExportArgs(out=str(tmp_path / "d"), shard_count=100, shard_size=None))
+    finally:
+        for p in lake.parts("scores"):
+            os.remove(p)
     got = read_export(tmp_path / "d")
     assert len(got) == 30
     for cid, s in got.items():

@@ -6,7 +6,9 @@
 Selection: ``clips`` rows matching ``where`` (any SQL over the ``clips`` view), the
 license list and not in the exclusion lists, one caption policy applied
 (``preferred`` | ``all`` | a captioner name), an optional CLAP score threshold, in
-``clip_id`` order. Each clip lands in a split by a stable hash of its clip id, so a
+``clip_id`` order. ``preferred`` is the ``dataset`` view's caption (else captioner
+priority reference > refine > qwen > autocap > template, then text); with
+``--min-score`` it is the caption the threshold's model scores best. Each clip lands in a split by a stable hash of its clip id, so a
 clip keeps its split when the catalog grows.
 
 Shards: ``<out>/{split}-{index:06d}.tar`` with ``<key>.flac`` (the stored FLAC bytes)
@@ -185,9 +187,9 @@ def _pin(con: duckdb.DuckDBPyConnection, lake: Lake, files: dict[str, list[str]]
             continue
         lst = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)
         src = f"read_parquet([{lst}], union_by_name = true)"
-        # The raw view under any dedupe view (sql.DEDUPE_KEYS), so dedupe still applies.
+        # The raw view under any dedupe view (DEDUPE_KEYS), so dedupe still applies.
         view = {"clips": "_clip_parts", "runs": "_runs"}.get(table) or \
-            (f"_{table}_all" if table in getattr(sql, "DEDUPE_KEYS", {}) else table)
+            (f"_{table}_all" if table in getattr(schema, "DEDUPE_KEYS", getattr(sql, "DEDUPE_KEYS", {})) else table)
         con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {src}")
 
 
@@ -248,7 +250,7 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
                    FROM captions c JOIN _sel USING (clip_id) WHERE c.text IS NOT NULL AND c.text <> ''
                    GROUP BY c.clip_id, c.captioner, c.text"""
     first = "FALSE"
-    if args.caption == "preferred" and _has(con, "dataset") and "caption" in _columns(con, "dataset"):
+    if args.caption == "preferred" and args.min_score is None and _has(con, "dataset") and "caption" in _columns(con, "dataset"):
         # The catalog's own notion of the preferred caption wins when it exists.
         caps_sql = f"""SELECT x.*, (x.text IS NOT DISTINCT FROM d.caption) AS _pref FROM ({caps_sql}) x
                    LEFT JOIN (SELECT clip_id, any_value(caption) AS caption FROM dataset GROUP BY clip_id) d
@@ -283,7 +285,12 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
                    ON s.clip_id = x.clip_id AND s.caption_text = x.text"""
         cols.append("score")
         params.append(model)
-    rows = con.execute(f"SELECT * FROM ({caps_sql}) ORDER BY ord", params).fetchall()
+    order = "ord"
+    if args.min_score is not None and args.caption == "preferred":
+        # Rank by the threshold's own model (as the dataset view's score policy does with the
+        # newest model), so choosing and thresholding never mix two CLAP models.
+        order = "clip_id, score DESC NULLS LAST, ord"
+    rows = con.execute(f"SELECT * FROM ({caps_sql}) ORDER BY {order}", params).fetchall()
     captions: dict[str, list[dict]] = {}
     for r in rows:
         d = dict(zip(cols, r))
@@ -295,8 +302,9 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
 def apply_policy(caps: list[dict], policy: str, min_score: float | None) -> list[dict]:
     """The captions a clip exports under a policy (best first); [] drops the clip.
 
-    The threshold applies after the policy: under ``preferred`` a clip whose preferred
-    caption scores low is dropped rather than given a worse-ranked caption."""
+    ``caps`` come in preference order: the ``dataset`` view's caption first, or, with a
+    score threshold, the best caption by the threshold's CLAP model. The threshold then
+    applies to what the policy chose (``all``: to each caption)."""
     if policy == "preferred":
         chosen = caps[:1]
     elif policy == "all":

@@ -15,7 +15,7 @@ Public API::
     zero_shot(audio_emb, label_emb, logit_scale) -> np.ndarray     # softmax probabilities [N, L]
     label_prompts(labels, template="the sound of {label}") -> list[str]
     Windowing(sample_rate, window_s, hop_s=None, pad="repeatpad")  # the shared windowing policy
-    embed_windowed(clips, windowing, embed_windows, batch_size) -> np.ndarray
+    embed_windowed(clips, windowing, embed_windows, batch_size=16, dim=0) -> np.ndarray
 
 Backends:
 
@@ -142,6 +142,7 @@ def embed_windowed(
     windowing: Windowing,
     embed_windows: Callable[[np.ndarray], np.ndarray],
     batch_size: int = 16,
+    dim: int = 0,
 ) -> np.ndarray:
     """Embed clips of any length through ``embed_windows`` ([B, window] -> [B, D]).
 
@@ -150,7 +151,7 @@ def embed_windowed(
     """
     per_clip = [windowing.windows(c) for c in clips]
     if not per_clip:
-        return np.zeros((0, 0), dtype=np.float32)
+        return np.zeros((0, dim), dtype=np.float32)
     flat = np.concatenate(per_clip)
     vecs = np.concatenate(
         [_normalise(embed_windows(flat[i : i + batch_size])) for i in range(0, len(flat), batch_size)]
@@ -248,7 +249,7 @@ class HFClap:
         return out.pooler_output.float().cpu().numpy()
 
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        return embed_windowed(clips, self.windowing, self._embed_windows, self.batch_size)
+        return embed_windowed(clips, self.windowing, self._embed_windows, self.batch_size, self.dim)
 
     @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:
@@ -318,7 +319,7 @@ class LaionClap:
         return np.asarray(self.module.get_audio_embedding_from_data(x=windows, use_tensor=False))
 
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        return embed_windowed(clips, self.windowing, self._embed_windows, self.batch_size)
+        return embed_windowed(clips, self.windowing, self._embed_windows, self.batch_size, self.dim)
 
     @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:

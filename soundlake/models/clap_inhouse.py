@@ -15,11 +15,13 @@ scores mean something offline. Architecture:
 
 Public API::
 
-    @dataclass ClapTrainConfig(epochs=30, batch_size=64, lr=2e-3, dim=256, sample_rate=16000,
+    @dataclass ClapTrainConfig(epochs=20, batch_size=64, lr=2e-3, dim=256, sample_rate=16000,
                                window_s=10.0, seed=0, ...)
-    train_clap(audio, captions, out_dir, config=ClapTrainConfig(), progress=None, val=None) -> dict
-        audio: iterable of mono float32 clips at config.sample_rate (consumed once, streamed)
+    train_clap(audio, captions, out_dir, config=ClapTrainConfig(), progress=None, val=None, device="cpu") -> dict
+        audio: iterable of mono float32 clips at config.sample_rate (consumed once, streamed;
+               only their log-mels, float16, are kept in memory)
         val: (audio, captions) or None; per-epoch val loss and text->audio R@1/R@5
+             (a hit = a clip whose caption is identical to the query)
         progress: callable(dict) called after every epoch with that epoch's metrics
         returns {"history": [per-epoch dicts], "train_seconds", "path", "identity", "model": InHouseClap}
         writes out_dir/soundlake_clap.json (config + identity) and out_dir/model.safetensors
@@ -53,7 +55,7 @@ WEIGHTS = "model.safetensors"
 
 @dataclass
 class ClapTrainConfig:
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-2
@@ -206,8 +208,10 @@ def _spec_augment(mel: torch.Tensor, cfg: ClapTrainConfig, gen: torch.Generator)
 @torch.no_grad()
 def _evaluate(net: ClapNet, mels, sent: torch.Tensor, cap_ids: torch.Tensor, frames: int) -> dict:
     net.eval()
-    a = torch.cat([net.embed_mel(_crop(mels[i : i + 64], frames, None)) for i in range(0, len(mels), 64)])
-    t = net.embed_sentence(sent[cap_ids])
+    dev = next(net.parameters()).device
+    a = torch.cat([net.embed_mel(_crop(mels[i : i + 64], frames, None).to(dev)) for i in range(0, len(mels), 64)])
+    cap_ids = cap_ids.to(dev)
+    t = net.embed_sentence(sent.to(dev)[cap_ids])
     loss = float(clip_loss(a, t, net.logit_scale.exp(), cap_ids))
     sim = t @ a.T  # text -> audio; a hit is any clip carrying the same caption
     rank = torch.argsort(sim, dim=1, descending=True)
@@ -373,7 +377,7 @@ class InHouseClap:
         return self.net.embed_mel(mel).cpu().numpy()
 
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        return embed_windowed(clips, self.windowing, self._embed_windows, self.batch_size)
+        return embed_windowed(clips, self.windowing, self._embed_windows, self.batch_size, self.dim)
 
     @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:
