@@ -48,7 +48,8 @@ from soundlake.catalog.lake import Lake
 from soundlake.errors import UserError
 
 FORMAT_VERSION = 1
-CAPTIONER_PRIORITY = ("reference", "refine", "qwen", "autocap", "template")
+# One captioner ranking for the dataset view and exports.
+CAPTIONER_PRIORITY = getattr(sql, "CAPTIONER_PRIORITY", ("reference", "refine", "qwen", "autocap", "template"))
 
 EXPORTS = pa.schema([
     ("export_id", pa.string()),
@@ -415,7 +416,7 @@ class _AudioReader:
         self.cache: OrderedDict[str, dict[str, tuple[str, bytes]]] = OrderedDict()
         self.size = 0
 
-    def _part(self, path: str) -> dict[str, tuple[str, bytes]]:
+    def _part(self, path: str) -> dict[str, tuple[str, memoryview]]:
         if path in self.cache:
             self.cache.move_to_end(path)
             return self.cache[path]
@@ -434,8 +435,8 @@ class _AudioReader:
             self.size -= sum(len(f) for _, f in old.values())
         return part
 
-    def read(self, samples: list[Sample]) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
+    def read(self, samples: list[Sample]) -> dict[str, memoryview]:
+        out: dict[str, memoryview] = {}
         for s in samples:
             for path in self.where.get(s.clip_id, []):
                 sha, flac = self._part(path).get(s.clip_id, (None, None))

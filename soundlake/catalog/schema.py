@@ -105,7 +105,17 @@ SCORES = pa.schema([
     ("score", pa.float32()), ("run_id", pa.string()), ("created", TS),
 ])
 
+def _inputs_schema() -> pa.Schema:
+    from soundlake.stages.sources import INPUT_SCHEMA  # a leaf module: no import cycle
+
+    return pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
+
+
+# Every input a run listed, so `retry-failed` can rebuild the inputs it re-queues.
+INPUTS = _inputs_schema()
+
 TABLES: dict[str, pa.Schema] = {
+    "inputs": INPUTS,
     "clips": CLIPS,
     "failures": FAILURES,
     "captions": CAPTIONS,

@@ -185,9 +185,6 @@ def fetchall(lake: Lake | str, sql: str) -> list[tuple]:
 
 def execute_arrow(con: duckdb.DuckDBPyConnection, sql: str, params=None):
     """Run a parameterised query and return an Arrow table (DuckDB 1.x and 2.x)."""
-    cur = con.execute(sql, params) if params is not None else con.execute(sql)
-    for name in ("to_arrow_table", "fetch_arrow_table", "arrow"):
-        if hasattr(cur, name):
-            table = getattr(cur, name)()
-            return table.read_all() if hasattr(table, "read_all") else table
-    raise RuntimeError("this DuckDB has no Arrow export on cursors")
+    rel = con.sql(sql, params=params)
+    table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    return table.read_all() if hasattr(table, "read_all") else table

@@ -305,22 +305,31 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
 
 
 def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec, run_id: str):
+    """Clips needing embeddings, read from the clip parts by the workers (one part per task)."""
     import ray
     import ray.data
 
     _data_context()
     need_ref = ray.put(sorted(need))
+    lake_uri = lake.uri
 
-    def select(batch: pa.Table) -> pa.Table:
+    def read_part(batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-        keep = batch.filter(pc.is_in(batch["clip_id"], value_set=pa.array(ray.get(need_ref))))
+        fs = Lake(lake_uri).fs
+        wanted = pa.array(ray.get(need_ref))
+        tables = []
+        for path in batch["path"].to_pylist():
+            t = pq.read_table(path, filesystem=fs, columns=["clip_id", "source_id", "flac"])
+            tables.append(t.filter(pc.is_in(t["clip_id"], value_set=wanted)))
+        keep = pa.concat_tables(tables)
         keep = keep.append_column("status", pa.array(["ok"] * keep.num_rows, pa.string()))
         return keep.append_column("error", pa.nulls(keep.num_rows, pa.string()))
 
     files = lake.parts("clips")
-    ds = ray.data.read_parquet(files, filesystem=lake.fs).select_columns(["clip_id", "source_id", "flac"])
-    ds = _map_stage(ds.map_batches(select, batch_format="pyarrow", batch_size=None), stage, run_id)
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = _map_stage(ds.map_batches(read_part, batch_format="pyarrow", batch_size=1), stage, run_id)
     return ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
                           batch_format="pyarrow", num_cpus=1)
 
@@ -373,14 +382,14 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             on_start(summary)
         t0 = time.perf_counter()
         try:
-            stages = build_stages(spec, run_id)
-            if todo:
+            # Ray first: stages may create shared actors (the per-host rate limiter).
+            if todo or {"embed", "score"} & set(spec.active_stages()):
                 summary.ray_startup_s = init_ray(spec)
                 t0 = time.perf_counter()
+            stages = build_stages(spec, run_id)
+            if todo:
                 _consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
             for name, ds in backfill_datasets(spec, lake, run_id, stages):
-                if not summary.ray_startup_s and not todo:
-                    summary.ray_startup_s = init_ray(spec)
                 summary.notes.append(f"{name}: existing clips brought up to date")
                 _consume(ds, summary, t0, on_progress)
             skipped = [s for s in spec.stages if s not in spec.active_stages()]

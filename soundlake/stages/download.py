@@ -63,8 +63,7 @@ log = logging.getLogger("soundlake.download")
 REMOTE_KINDS = frozenset({"audioset", "vggsound", "freesound"})
 
 # The inputs of every run, as listed: what retry-failed needs to rebuild an input.
-INPUTS = pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
-schema.register("inputs", INPUTS)
+INPUTS = schema.INPUTS
 
 
 # ---- error classes -----------------------------------------------------------------
