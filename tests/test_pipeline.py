@@ -33,9 +33,13 @@ def test_demo_end_to_end(ray_session, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "12 processed" in r.stderr and "clips" in r.stderr  # the summary
     rows = fetchall(lake, """SELECT c.clip_id, c.sample_rate, c.duration_s, cap.text, c.labels
-                             FROM clips c JOIN captions cap USING (clip_id)""")
+                             FROM clips c JOIN captions cap USING (clip_id) WHERE cap.captioner = 'reference'""")
     assert len(rows) == 12
     assert all(sr == 16000 and d == 10.0 and text and labels for _, sr, d, text, labels in rows)
+    # The template captioner wrote one caption per clip from its labels; nothing overwritten.
+    assert fetchall(lake, "SELECT captioner, count(*) FROM captions GROUP BY 1 ORDER BY 1") == [
+        ("reference", 12), ("template", 12)]
+    assert fetchall(lake, "SELECT count(*) FROM dataset WHERE caption IS NOT NULL") == [(12,)]
     runs = fetchall(lake, "SELECT status, pipeline FROM runs")
     assert runs == [("finished", "demo")]
     r = subprocess.run(soundlake_cmd("sql", "SELECT source, count(*) AS n FROM clips GROUP BY 1", "--lake", lake,

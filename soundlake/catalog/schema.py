@@ -11,6 +11,32 @@ import pyarrow as pa
 
 TS = pa.timestamp("us", tz="UTC")
 
+# Source metadata, carried from the input row to the clip (and used by captioners).
+METADATA = [
+    ("title", pa.string()),
+    ("description", pa.string()),
+    ("tags", pa.list_(pa.string())),
+    ("labels", pa.list_(pa.string())),
+    ("license", pa.string()),
+    ("uploader", pa.string()),
+    ("upload_date", pa.string()),
+    ("url", pa.string()),
+    ("meta_json", pa.string()),       # any other source metadata, as JSON
+]
+
+# What a source lists per input (small rows on the driver; no audio).
+INPUT_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("source_id", pa.string()),
+    ("uri", pa.string()),              # a file path, synth://seed/index, or a media URL
+    ("start_s", pa.float64()),         # annotated segment, when the source has one
+    ("end_s", pa.float64()),
+    *METADATA,
+    ("ref_caption", pa.string()),      # a reference (human or ground-truth) caption
+    ("ref_caption_model", pa.string()),
+    ("attempt", pa.int32()),
+])
+
 CLIPS = pa.schema([
     ("clip_id", pa.string()),
     ("source", pa.string()),
@@ -25,15 +51,7 @@ CLIPS = pa.schema([
     ("src_channels", pa.int16()),
     ("src_codec", pa.string()),
     ("src_duration_s", pa.float64()),
-    ("title", pa.string()),
-    ("description", pa.string()),
-    ("tags", pa.list_(pa.string())),
-    ("labels", pa.list_(pa.string())),
-    ("license", pa.string()),
-    ("uploader", pa.string()),
-    ("upload_date", pa.string()),
-    ("url", pa.string()),
-    ("meta_json", pa.string()),       # any other source metadata, as JSON
+    *METADATA,
     ("peak_dbfs", pa.float32()),
     ("rms_dbfs", pa.float32()),
     ("loudness_lufs", pa.float32()),
@@ -105,14 +123,8 @@ SCORES = pa.schema([
     ("score", pa.float32()), ("run_id", pa.string()), ("created", TS),
 ])
 
-def _inputs_schema() -> pa.Schema:
-    from soundlake.stages.sources import INPUT_SCHEMA  # a leaf module: no import cycle
-
-    return pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
-
-
 # Every input a run listed, so `retry-failed` can rebuild the inputs it re-queues.
-INPUTS = _inputs_schema()
+INPUTS = pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
 
 TABLES: dict[str, pa.Schema] = {
     "inputs": INPUTS,

@@ -12,29 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow as pa
 
+from soundlake.catalog.schema import INPUT_SCHEMA
 from soundlake.stages.audio_io import AUDIO_EXTS
 
-INPUT_SCHEMA = pa.schema([
-    ("source", pa.string()),
-    ("source_id", pa.string()),
-    ("uri", pa.string()),              # a file path, synth://seed/index, or a media URL
-    ("start_s", pa.float64()),         # annotated segment, when the source has one
-    ("end_s", pa.float64()),
-    ("title", pa.string()),
-    ("description", pa.string()),
-    ("tags", pa.list_(pa.string())),
-    ("labels", pa.list_(pa.string())),
-    ("license", pa.string()),
-    ("uploader", pa.string()),
-    ("upload_date", pa.string()),
-    ("url", pa.string()),
-    ("meta_json", pa.string()),
-    ("ref_caption", pa.string()),      # a reference (human or ground-truth) caption
-    ("ref_caption_model", pa.string()),
-    ("attempt", pa.int32()),
-])
 INPUT_FIELDS = INPUT_SCHEMA.names
 _META_KEYS = {"title", "description", "tags", "labels", "license", "uploader", "upload_date", "url"}
 
