@@ -122,19 +122,19 @@ def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
 
 
 def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
+    from soundlake.stages.caption import TemplateCaptionStage
     from soundlake.stages.clap import EmbedStage, ScoreStage
 
-    from soundlake.stages.caption import TemplateCaptionStage
-
     active = spec.active_stages()
-    stages: list[Stage] = [SegmentStage(spec.segment, run_id)]
-    if "caption" in active and "template" in spec.caption.captioners:
-        stages.append(TemplateCaptionStage(run_id, spec.caption.use_metadata))
+    first: Stage = SegmentStage(spec.segment, run_id)
     if spec.source.kind in ("audioset", "vggsound", "freesound"):
         # Remote media: download and segment in one task, on the worker's local disk.
         from soundlake.stages.download import DownloadStage
 
-        stages = [DownloadStage(spec, run_id, stages[0])]
+        first = DownloadStage(spec, run_id, first)
+    stages: list[Stage] = [first]
+    if "caption" in active and "template" in spec.caption.captioners:
+        stages.append(TemplateCaptionStage(run_id, spec.caption.use_metadata))
     if "embed" in active:
         stages.append(EmbedStage(spec.clap, run_id, tag="tag" in active))
     if "score" in active:
