@@ -282,6 +282,7 @@ def report_thresholds(
         rep = threshold_report(lake, ts, model)
     except UserError as e:
         _fail(e)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(rep.html())
     out.with_suffix(".md").write_text(rep.markdown())
     from rich.markdown import Markdown
