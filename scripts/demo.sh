@@ -14,7 +14,7 @@ $SL sql "SELECT c.source, count(DISTINCT c.clip_id) AS clips, round(sum(c.durati
                 any_value(d.caption) AS example_caption
          FROM clips c JOIN dataset d USING (clip_id) GROUP BY 1" --lake ./lake
 
-$SL train clap --lake ./lake --out ./models/clap-demo --epochs 12
+$SL train clap --lake ./lake --out ./models/clap-demo --epochs 30 --batch-size 32
 $SL curate demo --lake ./lake --set clap.model=./models/clap-demo
 $SL report thresholds --lake ./lake --out ./reports/thresholds.html
 $SL sql "SELECT clip_id, round(text_similarity(clip_id, 'a siren wails'), 3) AS similarity, caption
