@@ -410,9 +410,11 @@ def _audio_locator(lake: Lake, files: list[str]) -> dict[str, list[str]]:
 
 class _AudioReader:
     """The FLAC bytes of one shard's clips, reading whole part files (a part is one row
-    group) and keeping the most recent ones, up to ``cache_bytes``, for the next shards."""
+    group) and keeping the most recent ones, up to ``cache_bytes``, for the next chunks.
+    A small cache lets the allocator hand freed buffers back to the next reads: touching
+    fresh memory (page faults) costs more than the reads themselves."""
 
-    def __init__(self, lake: Lake, where: dict[str, list[str]], cache_bytes: int = 512 * 2**20):
+    def __init__(self, lake: Lake, where: dict[str, list[str]], cache_bytes: int = 64 * 2**20):
         self.lake, self.where, self.cache_bytes = lake, where, cache_bytes
         self.cache: OrderedDict[str, dict[str, tuple[str, bytes]]] = OrderedDict()
         self.size = 0
