@@ -19,6 +19,7 @@ $SL curate demo --lake ./lake --set clap.model=./models/clap-demo
 $SL report thresholds --lake ./lake --out ./reports/thresholds.html
 $SL sql "SELECT clip_id, round(text_similarity(clip_id, 'a siren wails'), 3) AS similarity, caption
          FROM dataset ORDER BY similarity DESC LIMIT 5" --lake ./lake
+$SL evaluate captions --lake ./lake
 $SL status --lake ./lake
 
 if [ -f scripts/demo_generate.sh ]; then

@@ -291,6 +291,38 @@ def report_thresholds(
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+evaluate_app = typer.Typer(help="Measure quality: captions against references.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.command("captions")
+def evaluate_captions_cmd(
+    lake: str = LAKE,
+    references: str = typer.Option("reference", help="'reference' (all reference captions) or a reference "
+                                   "model id such as human or synth-v1."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on clips, e.g. \"source = 'synth'\"."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the scores as JSON here."),
+):
+    """BLEU-1/4, ROUGE-L, CIDEr-D, MiniLM embedding similarity and a SPIDEr-style mean for each
+    captioner's captions against the lake's reference captions."""
+    from soundlake.catalog.caption_eval import evaluate_captions
+
+    try:
+        res = evaluate_captions(lake, references, where)
+    except UserError as e:
+        _fail(e)
+    t = Table(title=f"captions vs {references} references", title_justify="left")
+    cols = ["bleu_1", "bleu_4", "rouge_l", "cider_d", "sbert_sim", "spider_style"]
+    for c in ["captioner", "clips"] + cols:
+        t.add_column(c)
+    for name, m in res.items():
+        t.add_row(name, str(m["n"]), *[f"{m[c]:.3f}" for c in cols])
+    out.print(t)
+    if output:
+        output.write_text(json.dumps(res, indent=2))
+        console.print(f"wrote {output}")
+
+
 train_app = typer.Typer(help="Train the project's own models from the lake.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
