@@ -291,6 +291,43 @@ def report_thresholds(
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+@app.command()
+def recaption(
+    lake: str = LAKE,
+    captioner: str = typer.Option("qwen", help="The audio captioner (qwen: Qwen2-Audio)."),
+    model: str = typer.Option(..., help="Folder of a Qwen2-Audio checkpoint (base or instruct)."),
+    refine: Optional[str] = typer.Option(None, help="Folder of a text LLM (causal LM with a chat template) that "
+                                         "rewrites each caption with the clip's title, tags and labels."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'audioset'\"."),
+    prompt_version: Optional[str] = typer.Option(None, help="qwen-base-v1 | qwen-instruct-v1 (default: from the "
+                                                 "folder name)."),
+    batch_size: int = typer.Option(8, help="Clips per model call."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per model actor."),
+    concurrency: int = typer.Option(1, help="Actors per model."),
+    limit: Optional[int] = typer.Option(None, help="Caption at most this many clips."),
+    num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use."),
+    address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
+    wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+):
+    """Caption clips already in the lake with an audio LLM (and refine them with a text LLM).
+    Resumable: clips that already have this captioner's caption (same model and prompt
+    version) are skipped. Refined captions are linted; failures land in `failures`."""
+    from soundlake.pipelines.recaption import RecaptionArgs, recaption as run_recaption
+    from soundlake.pipelines.spec import RaySpec
+
+    if captioner != "qwen":
+        _fail(UserError(f"--captioner {captioner!r}: only qwen is available (autocap: soundlake train captioner)"))
+    args = RecaptionArgs(model=model, refine=refine, where=where, prompt_version=prompt_version,
+                         batch_size=batch_size, num_gpus=num_gpus, concurrency=concurrency, limit=limit)
+    try:
+        s = run_recaption(lake, args, RaySpec(num_cpus=num_cpus, address=address), wait=wait)
+    except (UserError, ValueError, OSError) as e:
+        _fail(e)
+    console.print(f"run {s.run_id} {s.status}: {s.inputs_total} clips to caption · "
+                  + (" · ".join(f"{k} {v}" for k, v in sorted(s.rows.items())) or "nothing new")
+                  + f" · {s.elapsed_s:.1f} s (+ {s.ray_startup_s:.1f} s Ray start-up)", highlight=False)
+
+
 evaluate_app = typer.Typer(help="Measure quality: captions against references.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
 

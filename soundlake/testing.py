@@ -142,3 +142,69 @@ def make_tiny_hf_clap(path: Path, sample_rate: int = 16000, window_s: float = 2.
     model.save_pretrained(path)
     ClapProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(path)
     return path
+
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'audio' %}Audio: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tiny_bpe_tokenizer(chat: bool):
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a dog barks", "rain falls on a roof", "Generate the caption in English:",
+                             "the sound of a bell", "Rewrite the audio caption"] * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=special[1:])
+    if chat:
+        fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_qwen2_audio(path: Path, instruct: bool = True) -> Path:
+    """A tiny random Qwen2-Audio (whisper-style encoder + Qwen2 decoder) and its processor."""
+    import torch
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                              WhisperFeatureExtractor)
+
+    tok = _tiny_bpe_tokenizer(chat=instruct)
+    fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
+    proc = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=_CHAT_TEMPLATE if instruct else None)
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                          d_model=16, max_source_positions=1500),
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(0)
+    path.mkdir(parents=True, exist_ok=True)
+    Qwen2AudioForConditionalGeneration(cfg).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def make_tiny_causal_lm(path: Path) -> Path:
+    """A tiny random Qwen2 causal LM with a chat template (for the refine step)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = _tiny_bpe_tokenizer(chat=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -304,8 +304,9 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
                                           batch_size=None, batch_format="pyarrow", num_cpus=1)
 
 
-def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec, run_id: str):
-    """Clips needing embeddings, read from the clip parts by the workers (one part per task)."""
+def lake_clips_dataset(lake: Lake, need: set[str], columns: list[str]):
+    """The clips in ``need`` (with ``columns`` from their parts, e.g. the FLAC bytes), read by
+    the workers one part per task, as flow rows (status ok)."""
     import ray
     import ray.data
 
@@ -321,7 +322,7 @@ def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec
         wanted = pa.array(ray.get(need_ref))
         tables = []
         for path in batch["path"].to_pylist():
-            t = pq.read_table(path, filesystem=fs, columns=["clip_id", "source_id", "flac"])
+            t = pq.read_table(path, filesystem=fs, columns=columns)
             tables.append(t.filter(pc.is_in(t["clip_id"], value_set=wanted)))
         keep = pa.concat_tables(tables)
         keep = keep.append_column("status", pa.array(["ok"] * keep.num_rows, pa.string()))
@@ -329,7 +330,11 @@ def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec
 
     files = lake.parts("clips")
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
-    ds = _map_stage(ds.map_batches(read_part, batch_format="pyarrow", batch_size=1), stage, run_id)
+    return ds.map_batches(read_part, batch_format="pyarrow", batch_size=1)
+
+
+def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec, run_id: str):
+    ds = _map_stage(lake_clips_dataset(lake, need, ["clip_id", "source_id", "flac"]), stage, run_id)
     return ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
                           batch_format="pyarrow", num_cpus=1)
 
@@ -344,10 +349,10 @@ def _map_stage(ds, stage: Stage, run_id: str):
                           batch_format="pyarrow", num_cpus=res.num_cpus, zero_copy_batch=True)
 
 
-def _record_run(lake: Lake, spec: PipelineSpec, summary: RunSummary, started: datetime,
-                ended: datetime | None) -> None:
-    row = {"run_id": summary.run_id, "pipeline": spec.name, "status": summary.status,
-           "config_json": spec.model_dump_json(), "code_version": code_version(), "host": socket.gethostname(),
+def record_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary, started: datetime,
+               ended: datetime | None) -> None:
+    row = {"run_id": summary.run_id, "pipeline": pipeline, "status": summary.status,
+           "config_json": config_json, "code_version": code_version(), "host": socket.gethostname(),
            "started": started, "ended": ended, "counts_json": json.dumps(summary.counts()),
            "parts": summary.parts}
     lake.write_part("runs", pa.Table.from_pylist([row], schema=schema.RUNS), summary.run_id)
@@ -377,7 +382,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
 
             lake.write_part("inputs", inputs_table(todo, run_id), run_id)
         started = datetime.now(timezone.utc)
-        _record_run(lake, spec, summary, started, None)
+        record_run(lake, spec.name, spec.model_dump_json(), summary, started, None)
         if on_start:
             on_start(summary)
         t0 = time.perf_counter()
@@ -401,5 +406,5 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             raise
         finally:
             summary.elapsed_s = time.perf_counter() - t0
-            _record_run(lake, spec, summary, started, datetime.now(timezone.utc))
+            record_run(lake, spec.name, spec.model_dump_json(), summary, started, datetime.now(timezone.utc))
     return summary

@@ -1,0 +1,97 @@
+"""`soundlake recaption`: caption clips already in the lake with an audio LLM (+ refinement).
+
+Runs only on the clips a SQL ``where`` selects, in Ray actor pools (``num_gpus`` per
+model, batch size), and is resumable: clips that already have the final captioner's
+caption from this model and prompt version (or a lint failure from it) are skipped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from soundlake.catalog.lake import Lake
+from soundlake.catalog.sql import close, connect
+from soundlake.errors import UserError
+from soundlake.pipelines.runner import (RunSummary, _consume, _map_stage, init_ray, lake_clips_dataset, new_run_id,
+                                        record_run, write_block)
+from soundlake.pipelines.spec import PipelineSpec, RaySpec
+from soundlake.stages.recaption import QwenCaptionStage, RefineStage
+
+
+@dataclass
+class RecaptionArgs:
+    model: str
+    refine: str | None = None
+    where: str | None = None
+    prompt_version: str | None = None
+    refine_prompt_version: str = "refine-v1"
+    batch_size: int = 8
+    num_gpus: float = 0.0
+    concurrency: int = 1
+    limit: int | None = None
+
+
+def clips_to_caption(lake: Lake, args: RecaptionArgs) -> list[str]:
+    """Clip ids matching ``where`` without this captioner's output (caption or lint failure)."""
+    from soundlake.models.qwen_captioner import qwen_prompt_version
+
+    if args.refine:
+        captioner, model_id, version = "refine", args.refine, args.refine_prompt_version
+    else:
+        captioner, model_id, version = "qwen", args.model, qwen_prompt_version(args.model, args.prompt_version)
+    con = connect(lake)
+    try:
+        rows = con.execute(f"""
+            SELECT c.clip_id FROM clips c
+            WHERE ({args.where or 'TRUE'})
+              AND NOT EXISTS (SELECT 1 FROM captions k WHERE k.clip_id = c.clip_id AND k.captioner = $cap
+                              AND k.model_id = $model AND k.prompt_version = $version)
+              AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.clip_id = c.clip_id AND f.stage = $cap)
+            ORDER BY c.clip_id {f'LIMIT {int(args.limit)}' if args.limit else ''}""",
+                           {"cap": captioner, "model": model_id, "version": version}).fetchall()
+    except Exception as e:  # duckdb.Error: a bad --where
+        raise UserError(f"SQL error in --where: {str(e).splitlines()[0]}") from None
+    finally:
+        close(con)
+    return [r[0] for r in rows]
+
+
+def recaption(lake_uri: str, args: RecaptionArgs, ray: RaySpec | None = None, wait: bool = False,
+              on_progress=None) -> RunSummary:
+    lake = Lake(lake_uri)
+    run_id = new_run_id()
+    summary = RunSummary(run_id=run_id, pipeline="recaption", lake=lake.uri)
+    config = json.dumps(asdict(args))
+    with lake.lock(run_id, wait=wait):
+        lake.clean_tmp()
+        need = clips_to_caption(lake, args)
+        summary.inputs_total = len(need)
+        started = datetime.now(timezone.utc)
+        record_run(lake, "recaption", config, summary, started, None)
+        t0 = time.perf_counter()
+        try:
+            if need:
+                summary.ray_startup_s = init_ray(PipelineSpec(name="recaption", ray=ray or RaySpec()))
+                t0 = time.perf_counter()
+                kw = dict(batch_size=args.batch_size, num_gpus=args.num_gpus, concurrency=args.concurrency)
+                stages = [QwenCaptionStage(args.model, run_id, prompt_version=args.prompt_version, **kw)]
+                if args.refine:
+                    stages.append(RefineStage(args.refine, run_id, prompt_version=args.refine_prompt_version, **kw))
+                ds = lake_clips_dataset(lake, set(need), ["clip_id", "source", "source_id", "flac", "title",
+                                                          "tags", "labels"])
+                for stage in stages:
+                    ds = _map_stage(ds, stage, run_id)
+                ds = ds.map_batches(write_block, fn_args=(lake.uri, run_id, stages), batch_size=None,
+                                    batch_format="pyarrow", num_cpus=1)
+                _consume(ds, summary, t0, on_progress)
+            summary.inputs_done = len(need)
+            summary.status = "finished"
+        except BaseException:
+            summary.status = "interrupted"
+            raise
+        finally:
+            summary.elapsed_s = time.perf_counter() - t0
+            record_run(lake, "recaption", config, summary, started, datetime.now(timezone.utc))
+    return summary

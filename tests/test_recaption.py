@@ -1,0 +1,68 @@
+"""Qwen2-Audio recaptioning and LLM refinement through the real loading paths (tiny random models)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from soundlake.catalog.sql import fetchall
+from soundlake.models.qwen_captioner import QwenCaptioner, lint
+from soundlake.pipelines.recaption import RecaptionArgs, recaption
+from soundlake.pipelines.runner import run_pipeline
+from soundlake.pipelines.spec import load_spec
+from soundlake.testing import make_tiny_causal_lm, make_tiny_qwen2_audio
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llms")
+    return (make_tiny_qwen2_audio(root / "tiny-qwen2-audio-instruct", instruct=True),
+            make_tiny_qwen2_audio(root / "tiny-qwen2-audio", instruct=False),
+            make_tiny_causal_lm(root / "tiny-lm"))
+
+
+def test_lint_rules():
+    assert lint("A dog barks in the distance.") == []
+    assert set(lint('I hear "hello" (label: Speech) with 90% probability')) >= {
+        "first_person", "speech_content", "brackets", "label", "probability"}
+    assert lint("- a dog\n- a cat") == ["list_marker"]
+    assert lint("  ") == ["empty"] and lint("A synth creating tones") == ["creating"]
+
+
+def test_prompt_versions_and_batching(tiny_models):
+    instruct, base, _ = tiny_models
+    q_i, q_b = QwenCaptioner(str(instruct), max_new_tokens=5), QwenCaptioner(str(base), max_new_tokens=5)
+    assert q_i.prompt_version == "qwen-instruct-v1" and "<|im_start|>" in q_i.prompt()
+    assert q_b.prompt_version == "qwen-base-v1" and q_b.prompt().endswith("Generate the caption in English:")
+    assert q_i.sample_rate == 16000 and len(q_i.model_hash) == 16
+    rng = np.random.default_rng(0)
+    clips = [0.1 * rng.standard_normal(16000 * s).astype(np.float32) for s in (1, 3, 2)]
+    # Left padding: a clip's caption does not depend on the other clips in its batch.
+    assert q_b.caption(clips) == [q_b.caption([c])[0] for c in clips]
+
+
+def test_recaption_rows_refine_lint_and_resume(ray_session, tiny_models, tmp_path):
+    instruct, _, lm = tiny_models
+    lake = str(tmp_path / "lake")
+    run_pipeline(load_spec("demo", sets=["source.count=6", "source.duration=3.0", "segment.window=3.0",
+                                         "stages=[segment]"]), lake)
+    args = RecaptionArgs(model=str(instruct), refine=str(lm), batch_size=2, limit=3)
+    first = recaption(lake, args)
+    assert first.inputs_total == 3
+    qwen = fetchall(lake, "SELECT clip_id, model_id, model_hash, prompt_version FROM captions WHERE captioner = 'qwen'")
+    assert len(qwen) == 3 and all(m == str(instruct) and h and v == "qwen-instruct-v1" for _, m, h, v in qwen)
+    # Every refined clip has a refine caption or a lint failure, never both, never neither.
+    refined = {c for (c,) in fetchall(lake, "SELECT clip_id FROM captions WHERE captioner = 'refine'")}
+    linted = {c for (c,) in fetchall(lake, "SELECT clip_id FROM failures WHERE stage = 'refine' AND error = 'lint'")}
+    assert refined | linted == {c for c, *_ in qwen} and not refined & linted
+
+    # Resume: the next run captions only the rest; then nothing is left.
+    second = recaption(lake, RecaptionArgs(model=str(instruct), refine=str(lm), batch_size=2))
+    assert second.inputs_total == 3
+    assert fetchall(lake, "SELECT count(DISTINCT clip_id) FROM captions WHERE captioner = 'qwen'") == [(6,)]
+    assert recaption(lake, RecaptionArgs(model=str(instruct), refine=str(lm))).inputs_total == 0
+    # --where selects; a new prompt version is new work.
+    third = recaption(lake, RecaptionArgs(model=str(instruct), where="c.source_id = '0-1'",
+                                          prompt_version="qwen-base-v1"))
+    assert third.inputs_total == 1
+    runs = fetchall(lake, "SELECT pipeline, status FROM runs WHERE pipeline = 'recaption'")
+    assert len(runs) == 4 and {s for _, s in runs} == {"finished"}
