@@ -189,11 +189,11 @@ def status(lake: str = LAKE, runs: int = typer.Option(10, help="How many recent 
               + " · " + " · ".join(f"{k} {v}" for k, v in st.tables.items()), highlight=False)
     t = Table(title="runs", title_justify="left")
     for c in ("run", "pipeline", "status", "started", "inputs", "clips", "failed", "clips/s"):
-        t.add_column(c, no_wrap=c in ("run", "started"))
+        t.add_column(c, overflow="fold", min_width={"pipeline": 6, "status": 8, "started": 11}.get(c, len(c)))
     for r in st.runs:
         c = json.loads(r["counts_json"] or "{}")
         speed = c.get("clips", 0) / c["elapsed_s"] if c.get("elapsed_s") else 0
-        t.add_row(r["run_id"], r["pipeline"], r["status"], str(r["started"])[:16],
+        t.add_row(r["run_id"], r["pipeline"], r["status"], str(r["started"])[5:16],
                   str(c.get("inputs_done", "")), str(c.get("clips", "")), str(c.get("failed_inputs", "")),
                   f"{speed:.1f}")
     out.print(t)
