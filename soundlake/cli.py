@@ -44,8 +44,9 @@ def curate(
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Run a curation pipeline into the lake. Re-running the same command resumes: committed
-    inputs are skipped, so a killed run finishes the rest without duplicates."""
+    """Run a curation pipeline into the lake.
+
+    Re-running the same command resumes: committed inputs are skipped, so a killed run finishes the rest without duplicates."""
     from soundlake.pipelines.runner import run_pipeline
     from soundlake.pipelines.spec import load_spec
 
@@ -231,6 +232,7 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-shard progress."),
 ):
     """Export a SQL selection as WebDataset shards with a manifest, and record it in the lake.
+
     Re-running the same command resumes a killed export without rewriting finished shards."""
     from soundlake.catalog.export import ExportArgs, parse_size, parse_splits, run_export
 
@@ -270,8 +272,7 @@ def report_thresholds(
     thresholds: str = typer.Option("0.30,0.35,0.40,0.45,0.50", help="Comma-separated CLAP score thresholds."),
     model: Optional[str] = typer.Option(None, help="CLAP model id (needed when the lake has scores from several)."),
 ):
-    """Per source and captioner: the CLAP score distribution and how many caption pairs each
-    threshold keeps (scores stay raw; thresholds are applied at query and export time)."""
+    """Per source and captioner: the CLAP score distribution and how many caption pairs each threshold keeps (scores stay raw; thresholds are applied at query and export time)."""
     from soundlake.catalog.report import threshold_report
 
     try:
@@ -310,8 +311,8 @@ def recaption(
     wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
 ):
     """Caption clips already in the lake with an audio LLM (and refine them with a text LLM).
-    Resumable: clips that already have this captioner's caption (same model and prompt
-    version) are skipped. Refined captions are linted; failures land in `failures`."""
+
+    Resumable: clips that already have this captioner's caption (same model and prompt version) are skipped. Refined captions are linted; failures land in `failures`."""
     from soundlake.pipelines.recaption import RecaptionArgs, recaption as run_recaption
     from soundlake.pipelines.spec import RaySpec
 
@@ -340,8 +341,7 @@ def evaluate_captions_cmd(
     where: Optional[str] = typer.Option(None, help="SQL condition on clips, e.g. \"source = 'synth'\"."),
     output: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the scores as JSON here."),
 ):
-    """BLEU-1/4, ROUGE-L, CIDEr-D, MiniLM embedding similarity and a SPIDEr-style mean for each
-    captioner's captions against the lake's reference captions."""
+    """BLEU-1/4, ROUGE-L, CIDEr-D, MiniLM embedding similarity and a SPIDEr-style mean for each captioner's captions against the lake's reference captions."""
     from soundlake.catalog.caption_eval import evaluate_captions
 
     try:
@@ -377,8 +377,9 @@ def train_clap_cmd(
     dim: int = typer.Option(256, help="Shared embedding size."),
     seed: int = typer.Option(0),
 ):
-    """Train the in-house CLAP: frozen MiniLM text tower (offline) + a log-mel CNN audio encoder,
-    contrastive loss, on the lake's clips and captions. Prints validation retrieval each epoch."""
+    """Train the in-house CLAP: frozen MiniLM text tower (offline) + a log-mel CNN audio encoder, contrastive loss, on the lake's clips and captions.
+
+    Prints validation retrieval each epoch."""
     import torch
 
     from soundlake.catalog.pairs import load_pairs
@@ -418,8 +419,7 @@ def retry_failed(
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it."),
 ):
-    """Re-queue the inputs whose open failures have these classes, through the same pipeline
-    (the config of the run that listed them) with attempt + 1."""
+    """Re-queue the inputs whose open failures have these classes, through the same pipeline (the config of the run that listed them) with attempt + 1."""
     from soundlake.errors import ERROR_CLASSES
     from soundlake.pipelines.runner import run_pipeline
     from soundlake.stages.download import retry_inputs, spec_of_run
