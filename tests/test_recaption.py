@@ -66,3 +66,39 @@ def test_recaption_rows_refine_lint_and_resume(ray_session, tiny_models, tmp_pat
     assert third.inputs_total == 1
     runs = fetchall(lake, "SELECT pipeline, status FROM runs WHERE pipeline = 'recaption'")
     assert len(runs) == 4 and {s for _, s in runs} == {"finished"}
+
+
+def test_sigkilled_recaption_resumes_without_duplicates(ray_session, tiny_models, tmp_path):
+    import glob
+    import signal
+    import subprocess
+    import time
+
+    from conftest import soundlake_cmd
+
+    instruct, _, _ = tiny_models
+    lake = str(tmp_path / "lake")
+    run_pipeline(load_spec("demo", sets=["source.count=16", "source.duration=3.0", "segment.window=3.0",
+                                         "stages=[segment]", "ray.inputs_per_task=1"]), lake)
+    cmd = soundlake_cmd("recaption", "--lake", lake, "--model", str(instruct), "--batch-size", "1",
+                        "--address", ray_session)
+    before = set(glob.glob(f"{lake}/captions/*.parquet"))  # the reference captions
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not set(glob.glob(f"{lake}/captions/*.parquet")) - before:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = {c for (c,) in fetchall(lake, "SELECT clip_id FROM captions WHERE captioner = 'qwen'")}
+    assert 0 < len(done) < 16, "the run must be killed part-way for this test to mean anything"
+    time.sleep(1.0)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{16 - len(done)} clips to caption" in r.stderr
+    # Every clip captioned once: no duplicate rows even in the raw parts.
+    raw = fetchall(lake, "SELECT clip_id, count(*) FROM _captions_all WHERE captioner = 'qwen' GROUP BY 1")
+    assert len(raw) == 16 and all(n == 1 for _, n in raw)
