@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import soundlake.catalog  # noqa: E402,F401
 from servers import MediaServer, make_media  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 12

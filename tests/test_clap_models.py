@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from soundlake.models.clap import Windowing, detect_backend, label_prompts, load_clap, zero_shot
-from soundlake.models.text import load_text_encoder, minilm_path
+from soundlake.models.text import load_text_encoder
 
 torch.set_num_threads(1)
 

@@ -1,13 +1,12 @@
 """CLAP stages in the pipeline, with a tiny random transformers ClapModel loaded through the hf path."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from soundlake.catalog.sql import fetchall, query
+from soundlake.catalog.sql import fetchall
 from soundlake.models.clap import load_clap
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import soundlake.catalog  # noqa: F401  (import order: catalog before stages)
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import connect
 from soundlake.pipelines.runner import run_pipeline

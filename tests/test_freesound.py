@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import soundlake.catalog  # noqa: F401  (import order: catalog before stages)
 from soundlake.catalog.sql import connect
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import PipelineSpec

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-import soundlake.catalog  # noqa: F401  (import order: catalog before stages)
 from soundlake.errors import UserError
 from soundlake.stages import licenses
 from soundlake.stages.download import classify

@@ -82,7 +82,7 @@ def connect(lake: Lake | str, caption_policy: str | None = None) -> duckdb.DuckD
         raise UserError(f"caption policy {policy!r}: expected one of {', '.join(CAPTION_POLICIES)}")
     if not lake.exists():
         raise UserError(f"no lake at {lake.uri}: run `soundlake curate demo --lake {lake.uri}` first")
-    import soundlake.catalog.export  # noqa: F401  (registers the export tables)
+    import soundlake.catalog.export  # noqa: F401  (importing it registers the export tables)
 
     con = duckdb.connect(":memory:")
     for table in schema.TABLES:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import close, connect
 from soundlake.errors import UserError
 from soundlake.pipelines.runner import (RunSummary, _consume, _map_stage, init_ray, lake_clips_dataset, new_run_id,
-                                        record_run, write_block)
+                                        recorded_run, write_block)
 from soundlake.pipelines.spec import PipelineSpec, RaySpec
 from soundlake.stages.recaption import QwenCaptionStage, RefineStage
 
@@ -68,10 +67,8 @@ def recaption(lake_uri: str, args: RecaptionArgs, ray: RaySpec | None = None, wa
         lake.clean_tmp()
         need = clips_to_caption(lake, args)
         summary.inputs_total = len(need)
-        started = datetime.now(timezone.utc)
-        record_run(lake, "recaption", config, summary, started, None)
-        t0 = time.perf_counter()
-        try:
+        with recorded_run(lake, "recaption", config, summary):
+            t0 = time.perf_counter()
             if need:
                 summary.ray_startup_s = init_ray(PipelineSpec(name="recaption", ray=ray or RaySpec()))
                 t0 = time.perf_counter()
@@ -87,11 +84,5 @@ def recaption(lake_uri: str, args: RecaptionArgs, ray: RaySpec | None = None, wa
                                     batch_format="pyarrow", num_cpus=1)
                 _consume(ds, summary, t0, on_progress)
             summary.inputs_done = len(need)
-            summary.status = "finished"
-        except BaseException:
-            summary.status = "interrupted"
-            raise
-        finally:
             summary.elapsed_s = time.perf_counter() - t0
-            record_run(lake, "recaption", config, summary, started, datetime.now(timezone.utc))
     return summary

@@ -11,6 +11,7 @@ already committed are not listed again.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 import socket
 import subprocess
@@ -358,6 +359,21 @@ def record_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary,
     lake.write_part("runs", pa.Table.from_pylist([row], schema=schema.RUNS), summary.run_id)
 
 
+@contextmanager
+def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary):
+    """Write the run's start record, then its end record with the final status, whatever happens."""
+    started = datetime.now(timezone.utc)
+    record_run(lake, pipeline, config_json, summary, started, None)
+    try:
+        yield
+        summary.status = "finished"
+    except BaseException:
+        summary.status = "interrupted"
+        raise
+    finally:
+        record_run(lake, pipeline, config_json, summary, started, datetime.now(timezone.utc))
+
+
 def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                  on_start: Callable[[RunSummary], None] | None = None,
                  on_progress: Callable[[RunSummary], None] | None = None,
@@ -381,12 +397,10 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             from soundlake.stages.download import inputs_table
 
             lake.write_part("inputs", inputs_table(todo, run_id), run_id)
-        started = datetime.now(timezone.utc)
-        record_run(lake, spec.name, spec.model_dump_json(), summary, started, None)
-        if on_start:
-            on_start(summary)
-        t0 = time.perf_counter()
-        try:
+        with recorded_run(lake, spec.name, spec.model_dump_json(), summary):
+            if on_start:
+                on_start(summary)
+            t0 = time.perf_counter()
             # Ray first: stages may create shared actors (the per-host rate limiter).
             if todo or {"embed", "score"} & set(spec.active_stages()):
                 summary.ray_startup_s = init_ray(spec)
@@ -400,11 +414,5 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             skipped = [s for s in spec.stages if s not in spec.active_stages()]
             if skipped:
                 summary.notes.append(f"stages {', '.join(skipped)} skipped: set clap.model to run them")
-            summary.status = "finished"
-        except BaseException:
-            summary.status = "interrupted"
-            raise
-        finally:
             summary.elapsed_s = time.perf_counter() - t0
-            record_run(lake, spec.name, spec.model_dump_json(), summary, started, datetime.now(timezone.utc))
     return summary

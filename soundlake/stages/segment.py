@@ -6,8 +6,6 @@ window, or one failed row per input that yields no clip.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlparse
 
@@ -18,7 +16,7 @@ from soundlake.errors import RowError
 from soundlake.pipelines.spec import SegmentSpec
 from soundlake.stages import audio_io
 from soundlake.stages.base import FLOW, Stage
-from soundlake.catalog.schema import CAPTIONS, CLIP_COLUMNS, FAILURES, CLIPS
+from soundlake.catalog.schema import CAPTIONS, CLIPS, FAILURES
 from soundlake.errors import PERMANENT
 
 
@@ -160,7 +158,6 @@ def segment_tables(batch: pa.Table) -> dict[str, pa.Table]:
                 "prompt_version": pa.nulls(refs.num_rows, pa.string()), "text": refs["ref_caption"],
                 "run_id": refs["run_id"], "created": refs["created"]}, schema=CAPTIONS)
     if bad.num_rows:
-        n = bad.num_rows
         out["failures"] = pa.table({
             "source": bad["source"], "source_id": bad["source_id"], "clip_id": bad["clip_id"],
             "stage": bad["stage"], "error": bad["error"],
