@@ -89,9 +89,11 @@ def test_audioset_faults_accounting_and_retry(ray_session, media, tmp_path):
         during = [h for h in server.hits() if wall + 1.0 < h.t < wall + 3.0 * 0.9]
         assert during == [], during
         assert any(h.status in (200, 206) and h.t >= wall + 2.7 for h in server.hits("bot"))
-        # Per-host rate (240/min = one new request per 0.25 s): never more than 5 starts in 1 s.
+        # Per-host rate (240/min = one request slot per 0.25 s, 4 in 1 s). The limiter spaces
+        # the starts; client-side delays can bunch arrivals, so allow two extra in any 1 s
+        # window. Unlimited, the 4 concurrent downloads and their retries start together (>= 8).
         starts = sorted(h.t for h in server.hits() if h.range is None)
-        assert max(sum(1 for t in starts if t0 <= t < t0 + 1.0) for t0 in starts) <= 5
+        assert max(sum(1 for t in starts if t0 <= t < t0 + 1.0) for t0 in starts) <= 6, starts
 
         # retry-failed: the transient classes are re-queued, with attempt 2; not_found is not.
         del server.faults["e500"], server.faults["slow"]
