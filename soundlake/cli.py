@@ -380,13 +380,10 @@ def train_clap_cmd(
     """Train the in-house CLAP: frozen MiniLM text tower (offline) + a log-mel CNN audio encoder, contrastive loss, on the lake's clips and captions.
 
     Prints validation retrieval each epoch."""
-    import torch
-
     from soundlake.catalog.pairs import load_pairs
     from soundlake.models.clap_inhouse import ClapTrainConfig, train_clap
 
     cfg = ClapTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dim=dim, seed=seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         train, held = load_pairs(lake, cfg.sample_rate, captioner=captioner, where=where, holdout=holdout)
     except UserError as e:

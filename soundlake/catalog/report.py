@@ -54,7 +54,7 @@ class ThresholdReport:
         return buf.getvalue()
 
     def html(self) -> str:
-        import markdown_it  # noqa: F401  (rich ships markdown-it-py)
+        import markdown_it  # rich ships markdown-it-py
 
         table = markdown_it.MarkdownIt().enable("table").render(self.markdown())
         img = base64.b64encode(self.histogram_png()).decode()

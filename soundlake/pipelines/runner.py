@@ -284,7 +284,7 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
             """SELECT clip_id FROM clips WHERE clip_id NOT IN
                (SELECT clip_id FROM embeddings WHERE model_id = ?)""", [spec.clap.model]).fetchall()}
         if need:
-            yield "embed", _embed_backfill(lake, need, by_name["embed"], spec, run_id)
+            yield "embed", _embed_backfill(lake, need, by_name["embed"], run_id)
     if "score" in by_name and lake.parts("captions"):
         table = execute_arrow(connect(lake),
             """SELECT c.clip_id, c.clip_id AS source_id, e.embedding::FLOAT[] AS clap_embedding,
@@ -334,7 +334,7 @@ def lake_clips_dataset(lake: Lake, need: set[str], columns: list[str]):
     return ds.map_batches(read_part, batch_format="pyarrow", batch_size=1)
 
 
-def _embed_backfill(lake: Lake, need: set[str], stage: Stage, spec: PipelineSpec, run_id: str):
+def _embed_backfill(lake: Lake, need: set[str], stage: Stage, run_id: str):
     ds = _map_stage(lake_clips_dataset(lake, need, ["clip_id", "source_id", "flac"]), stage, run_id)
     return ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
                           batch_format="pyarrow", num_cpus=1)

@@ -8,6 +8,7 @@ one ``ffmpeg`` subprocess (with a timeout) for containers libsndfile cannot read
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -162,6 +163,14 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(audio, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _meter(sample_rate: int):
+    """One BS.1770 meter per rate: it designs its K-weighting filters when built."""
+    import pyloudnorm
+
+    return pyloudnorm.Meter(sample_rate)
+
+
 def levels(audio: np.ndarray, sample_rate: int, loudness: bool = True) -> tuple[float, float, float | None]:
     """(peak dBFS, RMS dBFS, integrated loudness LUFS or None)."""
     eps = 1e-10
@@ -169,9 +178,7 @@ def levels(audio: np.ndarray, sample_rate: int, loudness: bool = True) -> tuple[
     rms = float(20 * np.log10(np.sqrt(np.mean(np.square(audio, dtype=np.float64))) + eps))
     lufs = None
     if loudness and audio.shape[0] >= int(0.4 * sample_rate):
-        import pyloudnorm
-
-        value = pyloudnorm.Meter(sample_rate).integrated_loudness(audio)
+        value = _meter(sample_rate).integrated_loudness(audio)
         lufs = float(value) if np.isfinite(value) else None
     return peak, rms, lufs
 

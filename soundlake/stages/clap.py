@@ -20,11 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from soundlake.catalog.schema import SCORES, TAGS, embeddings_schema
 from soundlake.stages.base import Resources, Stage
 
 ONTOLOGY = Path(__file__).resolve().parents[1] / "data" / "audioset_ontology.json"
-
-from soundlake.catalog.schema import SCORES, TAGS, embeddings_schema  # noqa: E402
 
 
 def audioset_labels(path: Path = ONTOLOGY) -> list[str]:

@@ -11,13 +11,13 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from soundlake.errors import RowError
+from soundlake.catalog.schema import CAPTIONS, CLIPS, FAILURES
+from soundlake.errors import PERMANENT, RowError
 from soundlake.pipelines.spec import SegmentSpec
 from soundlake.stages import audio_io
 from soundlake.stages.base import FLOW, Stage
-from soundlake.catalog.schema import CAPTIONS, CLIPS, FAILURES
-from soundlake.errors import PERMANENT
 
 
 def clip_id(source: str, source_id: str, start_s: float) -> str:
@@ -143,8 +143,6 @@ class SegmentStage(Stage):
 
 def segment_tables(batch: pa.Table) -> dict[str, pa.Table]:
     """Split a FLOW batch into clips (with audio), reference captions and failures."""
-    import pyarrow.compute as pc
-
     ok = batch.filter(pc.equal(batch["status"], "ok"))
     bad = batch.filter(pc.equal(batch["status"], "failed"))
     out: dict[str, pa.Table] = {}
