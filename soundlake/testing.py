@@ -208,3 +208,50 @@ def make_tiny_causal_lm(path: Path) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_seconds: float = 0.5,
+                        seed: int = 0) -> Path:
+    """A tiny randomly initialised DiT bundle (DiT + VAE + MiniLM text), saved with
+    ``save_model`` like a trained one, so ``Generator.load(folder)`` reads it back.
+
+    The zero-initialised layers (adaLN-zero gates, cross-attention outputs, the final
+    projection) get small random values: an untrained DiT would otherwise output 0.
+    """
+    import torch
+
+    from soundlake.training.bundle import save_model
+    from soundlake.training.diffusion import Schedule
+    from soundlake.training.dit import DiT, DiTConfig
+    from soundlake.training.vae import VAEConfig, WaveVAE
+
+    torch.manual_seed(seed)
+    vcfg = VAEConfig(sample_rate=16000, channels=4, channel_mults=[1, 1, 1, 1], strides=[2, 4, 5, 8],
+                     latent_dim=4)
+    dcfg = DiTConfig(in_channels=vcfg.latent_dim, hidden=hidden, depth=depth, heads=2, cond_dim=384,
+                     sola_rank=4, time_freq_dim=32)
+    dit = DiT(dcfg)
+    with torch.no_grad():
+        for p in dit.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    folder = Path(folder)
+    save_model(folder / "vae", "vae", WaveVAE(vcfg), {"config": vcfg.to_dict()})
+    save_model(folder, "dit", dit, {"config": dcfg.to_dict(), "schedule": Schedule().meta(),
+                                    "latents": {"mean": 0.0, "std": 1.0}, "text": {"path": None},
+                                    "train": {"step": 0, "seconds": train_seconds}})
+    return folder
+
+
+def make_tiny_inhouse_clap(folder: Path, sample_rate: int = 16000, seed: int = 0) -> Path:
+    """A tiny randomly initialised in-house CLAP folder (loadable by ``load_clap``)."""
+    import torch
+
+    from soundlake.models.clap_inhouse import ClapNet, ClapTrainConfig, save_clap
+    from soundlake.models.text import load_text_encoder
+
+    cfg = ClapTrainConfig(dim=16, channels=16, window_s=1.0, n_mels=16, sample_rate=sample_rate)
+    text = load_text_encoder()
+    torch.manual_seed(seed)
+    save_clap(ClapNet(cfg, text.dim), cfg, text, Path(folder))
+    return Path(folder)

@@ -30,6 +30,8 @@ Public API::
         x = sampler(model, ..., steps=num_steps)
     cache.stats() -> {"computed", "reused", "total", "saved_fraction", "per_layer": {...}}
     cache.remove()                      # every forward restored exactly
+    plan_refreshes(profile.rates_for(n), delta, max_reuse) -> bool [L, n]   # Eq. 2 offline:
+                                        # which layer computes at which step (= stats() of a run)
 
     HookRegistry.of(module).register(name, hook) / .remove(name)    # the hook mechanism
     ModelHook.new_forward(module, forward, *args, **kwargs) / .reset() / .release()
@@ -447,6 +449,31 @@ def load_or_calibrate(model: nn.Module, model_dir: str | Path, run_sampler: Call
 # --------------------------------------------------------------------------- caching
 
 
+def refresh_due(t: int, last: int, acc: float, streak: int, delta: float, max_reuse: int | None) -> bool:
+    """Eq. 2: recompute at the first and last step, once the accumulated change reaches
+    delta, or after max_reuse reuses in a row."""
+    return t == 0 or t == last or acc >= delta or (max_reuse is not None and streak >= max_reuse)
+
+
+def plan_refreshes(rates: np.ndarray, delta: float, max_reuse: int | None = None) -> np.ndarray:
+    """[L, S] bool: which layer computes at which step under Eq. 2 for a rate curve
+    ``rates`` (``profile.rates_for(S)``). The decisions depend on the profile only, not on
+    the data, so this predicts ``AudioCache.stats()`` of a run before running it."""
+    rates = np.clip(np.asarray(rates, np.float64), 0.0, None)
+    plan = np.zeros(rates.shape, dtype=bool)
+    last = rates.shape[1] - 1
+    for i, curve in enumerate(rates):
+        acc, streak = 0.0, 0
+        for t in range(rates.shape[1]):
+            if t > 0:
+                acc += float(curve[t])
+            if refresh_due(t, last, acc, streak, delta, max_reuse):
+                plan[i, t], acc, streak = True, 0.0, 0
+            else:
+                streak += 1
+    return plan
+
+
 class _CacheHook(ModelHook):
     def __init__(self, owner: "AudioCache", index: int):
         self.owner, self.index = owner, index
@@ -474,9 +501,8 @@ class _CacheHook(ModelHook):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
         if t > 0:
             self.acc += float(o.rates[self.index, t])
-        must = (t == 0 or t == last or self.out is None or shape != self.in_shape
-                or self.acc >= o.delta
-                or (o.max_reuse is not None and self.streak >= o.max_reuse))
+        must = (self.out is None or shape != self.in_shape
+                or refresh_due(t, last, self.acc, self.streak, o.delta, o.max_reuse))
         if must:
             self.out = forward(*args, **kwargs)
             self.in_shape = shape

@@ -1,0 +1,190 @@
+"""`soundlake calibrate-cache` and `soundlake evaluate --model`, end to end on a tiny random
+DiT bundle saved and loaded through the real model-folder path (training.bundle).
+
+The AudioCache / LiteFocus / metric cores are tested in test_cached_inference.py and
+test_metrics.py (δ = 0 and caching off identical to the plain sampler, constant layers
+reused, model unchanged, sparse r = 1 exact, FD/KL/IS/CLAP hand-checked); here: the
+Eq. 2 planner, the prompt files, the profile written by one command and read by the
+other, and the report's rows and counts.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from soundlake.cli import app
+from soundlake.errors import UserError
+from soundlake.testing import make_tiny_generator, make_tiny_inhouse_clap
+from soundlake.training.audiocache import AudioCache, CacheProfile, layer_names, plan_refreshes, profile_path
+from soundlake.training.bundle import Generator
+from soundlake.training.evaluate import Sampling, load_profile, read_prompts
+
+torch.set_num_threads(1)
+STEPS = 6
+CAPTIONS = ["a dog barks", "rain on a tin roof", "a siren wails"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache-eval")
+    return make_tiny_generator(root / "dit", train_seconds=0.5), make_tiny_inhouse_clap(root / "clap")
+
+
+def cli(*args):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res.exit_code, " ".join(res.output.split())  # undo rich's wrapping at 80 columns
+
+
+def test_plan_refreshes_follows_eq2():
+    rates = np.array([[0.0, 0.2, 0.2, 0.2, 0.2, 0.2],     # reaches 0.3 every other step
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # constant: only first and last
+                      [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])    # always above delta
+    plan = plan_refreshes(rates, 0.3)
+    assert plan.tolist() == [[True, False, True, False, True, True],
+                             [True, False, False, False, False, True],
+                             [True] * 6]
+    assert plan_refreshes(rates, 0.3, max_reuse=1)[1].tolist() == [True, False, True, False, True, True]
+    assert plan_refreshes(rates, 0.0).all()
+
+
+def test_read_prompts(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros(800, np.float32), 16000)
+    (tmp_path / "p.jsonl").write_text('{"caption": "a dog barks", "audio": "a.wav"}\n\n# note\n'
+                                      '{"text": "rain", "reference": "a.wav"}\n')
+    ps = read_prompts(tmp_path / "p.jsonl")
+    assert [p.caption for p in ps] == ["a dog barks", "rain"] and ps[0].reference == tmp_path / "a.wav"
+    (tmp_path / "p.txt").write_text("a dog barks\n  rain on a roof \n")
+    assert [(p.caption, p.reference) for p in read_prompts(tmp_path / "p.txt")] == [
+        ("a dog barks", None), ("rain on a roof", None)]
+    bad = {'{"caption": "x"\n': r"p\.jsonl:1: not valid JSON",
+           '{"audio": "a.wav"}\n': r":1: no \"caption\"",
+           'a\n{"caption": "x", "audio": "missing.wav"}\n': r":2: reference audio .*missing\.wav not found",
+           '{"caption": "x", "audio": "a.wav"}\n{"caption": "y"}\n': "1 of 2 prompts have reference audio",
+           "\n# only a comment\n": "no prompts"}
+    for text, match in bad.items():
+        (tmp_path / "p.jsonl").write_text(text)
+        with pytest.raises(UserError, match=match):
+            read_prompts(tmp_path / "p.jsonl")
+    with pytest.raises(UserError, match="no such file"):
+        read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_calibrate_then_evaluate_report(models, tmp_path):
+    """calibrate-cache writes the profile + plot; evaluate loads it (no recalibration), runs
+    uncached and each δ on two batches, and its rows' layer counts equal AudioCache.stats()
+    of the same runs made here, and the Eq. 2 plan made before running."""
+    dit, clap = models
+    (tmp_path / "p.txt").write_text("\n".join(CAPTIONS) + "\n")
+    code, out = cli("calibrate-cache", "--model", dit, "--prompts", tmp_path / "p.txt", "--steps", STEPS, "-q")
+    assert code == 0, out
+    path = profile_path(dit, "ddim", STEPS)
+    prof = CacheProfile.load(path)
+    assert prof.num_prompts == 3 and prof.steps == STEPS and prof.meta["seconds"] == 0.5
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "planned cut" in out and "self_attn" in out
+    mtime = path.stat().st_mtime_ns
+
+    (tmp_path / "labels.txt").write_text("dog\nrain\nsiren\n")
+    deltas = [0.0, 0.01, 0.05]
+    code, out = cli("evaluate", "--model", dit, "--prompts", tmp_path / "p.txt", "--steps", STEPS,
+                    "--cache-delta", ",".join(map(str, deltas)), "--clap", clap, "--labels", tmp_path / "labels.txt",
+                    "--batch-size", 2, "--out", tmp_path / "rep", "-q")
+    assert code == 0, out
+    assert path.stat().st_mtime_ns == mtime  # the saved profile was used, not recalibrated
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    meta, rows = rep["meta"], rep["rows"]
+    assert meta["profile"]["source"] == "loaded from beside the model" and meta["profile"]["prompts"] == 3
+    assert meta["reference"].startswith("generated-uncached") and meta["reference_clips"] == 3
+    assert meta["generated_sample_rate"] == 16000 and meta["clap"]["sample_rate"] == 16000
+    assert [r["setting"] for r in rows] == ["uncached", "δ=0", "δ=0.01", "δ=0.05"]
+    assert all(r["clips"] == 3 and r["metrics"]["fd"]["n_generated"] == 3 for r in rows)
+
+    gen = Generator.load(dit)
+    profile = load_profile(gen, Sampling(steps=STEPS))
+    n_layers = len(layer_names(gen.dit))
+    assert rows[0]["layer_computed"] == 2 * STEPS * n_layers and rows[0]["layer_reused"] == 0
+    for d, row in zip(deltas, rows[1:]):
+        computed = reused = 0
+        with AudioCache(gen.dit, profile, delta=d) as cache:
+            for b, batch in enumerate([CAPTIONS[:2], CAPTIONS[2:]]):
+                with cache.run(STEPS):
+                    gen.generate(batch, seconds=0.5, steps=STEPS, seed=b)
+                computed += cache.stats()["computed"]
+                reused += cache.stats()["reused"]
+        assert (row["layer_computed"], row["layer_reused"]) == (computed, reused)
+        planned = plan_refreshes(profile.rates_for(STEPS), d).sum() * 2  # two batches
+        assert computed == planned and row["planned_fraction"] == pytest.approx(planned / (2 * STEPS * n_layers))
+    assert rows[1]["layer_reused"] == 0 and rows[3]["layer_reused"] > rows[2]["layer_reused"] > 0
+    # δ = 0 through the real Generator: outputs identical to the uncached ones
+    assert rows[1]["fd"] == pytest.approx(0.0, abs=1e-6) and rows[1]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[1]["clap"] == rows[0]["clap"] and rows[3]["clap"] != rows[0]["clap"]
+
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("| δ=") == 3 and "change_rates.png" in md and "Reference set: generated-uncached" in md
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<table>" in html
+    assert "uncached" in out and "δ=0.05" in out
+
+
+def test_evaluate_with_references_and_sparse_attention(models, tmp_path):
+    """Reference audio (another rate, resampled and recorded), calibration on the fly when
+    no profile fits, and full vs sparse attention rows at two durations."""
+    dit, clap = models
+    lines = []
+    for i, c in enumerate(CAPTIONS):
+        t = np.arange(22050) / 22050
+        sf.write(tmp_path / f"r{i}.wav", (0.3 * np.sin(2 * np.pi * 300 * (i + 1) * t)).astype(np.float32), 22050)
+        lines.append(json.dumps({"caption": c, "audio": f"r{i}.wav"}))
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    code, out = cli("evaluate", "--model", dit, "--prompts", tmp_path / "eval.jsonl", "--steps", 4,
+                    "--cache-delta", "0.05", "--sparse-attention", "litefocus", "--ratio", 0.1,
+                    "--durations", "0.5,2", "--clap", clap, "--labels", "audioset", "--out", tmp_path / "rep", "-q")
+    assert code == 0, out
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    meta, rows = rep["meta"], rep["rows"]
+    assert meta["reference"] == "reference audio from the prompt file" and meta["reference_sample_rates"] == [22050]
+    assert meta["profile"]["source"].startswith("calibrated now on the 3 evaluation prompts")
+    assert profile_path(dit, "ddim", 4).is_file()
+    assert meta["labels"]["name"] == "audioset" and meta["labels"]["count"] > 500
+    assert meta["sparse"]["window_frames"] == 25  # the training length, 0.5 s at 50 frames/s
+    names = [r["setting"] for r in rows]
+    assert names == ["uncached", "δ=0.05", "litefocus r=0.1 0.5 s", "full 2 s", "litefocus r=0.1 2 s"]
+    by = dict(zip(names, rows))
+    assert by["full 2 s"]["frames"] == 100 and by["litefocus r=0.1 2 s"]["attention_s"] > 0
+    assert by["uncached"]["fd"] > 0  # against real references, not against itself
+    # up to the training length the sparse module is exact attention
+    assert by["litefocus r=0.1 0.5 s"]["clap"] == pytest.approx(by["uncached"]["clap"], abs=1e-5)
+    assert by["litefocus r=0.1 2 s"]["clap"] != pytest.approx(by["full 2 s"]["clap"], abs=1e-7)
+    assert "| full 2 s | 100 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_errors_are_one_line(models, tmp_path):
+    dit, clap = models
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    cases = [(["--model", dit, "--prompts", tmp_path / "p.txt"], "--clap PATH is needed"),
+             (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--cache-delta", "0.1,x"],
+              "--cache-delta '0.1,x'"),
+             (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--sampler", "heun"],
+              "--sampler 'heun'"),
+             (["--model", tmp_path, "--prompts", tmp_path / "p.txt", "--clap", clap], "not a soundlake model folder"),
+             (["--model", dit, "--prompts", tmp_path / "none.txt", "--clap", clap], "no such file"),
+             (["--model", dit, "--clap", clap], "give --model DIT and --prompts FILE")]
+    for args, message in cases:
+        code, out = cli("evaluate", *args)
+        assert code == 2 and out.startswith("error:") and message in out and out.count("error:") == 1, out
+    code, out = cli("calibrate-cache", "--model", dit, "--prompts", tmp_path / "p.txt", "--sampler", "x")
+    assert code == 2 and "--sampler 'x'" in out
+
+
+def test_evaluate_group_keeps_captions_subcommand(tmp_path):
+    code, out = cli("evaluate", "--help")
+    assert code == 0 and "captions" in out and "--cache-delta" in out
+    code, out = cli("evaluate", "captions", "--help")
+    assert code == 0 and "--references" in out and "--cache-delta" not in out
+    code, out = cli("evaluate", "captions", "--lake", tmp_path / "lake")
+    assert code == 2 and "no lake at" in out  # the captions command ran, not the generation evaluation
