@@ -239,7 +239,7 @@ def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_se
     save_model(folder / "vae", "vae", WaveVAE(vcfg), {"config": vcfg.to_dict()})
     save_model(folder, "dit", dit, {"config": dcfg.to_dict(), "schedule": Schedule().meta(),
                                     "latents": {"mean": 0.0, "std": 1.0}, "text": {"path": None},
-                                    "train": {"step": 0, "seconds": train_seconds}})
+                                    "train": {"step": 0, "spec": {"seconds": train_seconds}}})
     return folder
 
 

@@ -128,12 +128,9 @@ class Sampling:
 
 
 def training_seconds(gen) -> float | None:
-    """The clip length the DiT was trained on, when its folder records it."""
-    train = gen.meta.get("train", {})
-    for key in ("seconds", "clip_seconds", "segment_seconds"):
-        if train.get(key):
-            return float(train[key])
-    return None
+    """The crop length the DiT was trained on (``train.spec.seconds`` in its folder), if recorded."""
+    seconds = (gen.meta.get("train", {}).get("spec") or {}).get("seconds")
+    return float(seconds) if seconds else None
 
 
 def _sync(device: torch.device) -> None:
