@@ -530,6 +530,8 @@ class CacheEvalReport:
         lines += ["", "*layer evaluations*: self_attn / cross_attn / ff outputs computed / all the "
                   "sampler asked for (AudioCache.stats(), summed over batches); *cut* = all / computed; "
                   "*planned* = the fraction Eq. 2 computes on the profile, predicted before the run."]
+        if images:
+            lines += ["", "![FD and CLAP score against speed-up](tradeoff.png)"]
         if self.meta.get("sparse"):
             sp = self.meta["sparse"]
             lines += ["", "## Sparse self-attention (LiteFocus)", "",
