@@ -210,6 +210,31 @@ def make_tiny_causal_lm(path: Path) -> Path:
     return path
 
 
+def make_synth_export(root: Path, n: int, seconds: float = 2.0, sr: int = 16000, shard_count: int = 4,
+                      seed: int = 0) -> Path:
+    """A lake of ``n`` synth scenes (reference captions, no Ray) exported as shards under
+    ``root/shards``; returns that folder. For training tests and benchmarks."""
+    import pyarrow as pa
+
+    from soundlake.catalog.export import ExportArgs, run_export
+    from soundlake.catalog.lake import Lake
+    from soundlake.pipelines.spec import SegmentSpec
+    from soundlake.stages.base import FLOW
+    from soundlake.stages.segment import SegmentStage, segment_tables
+    from soundlake.stages.sources import synth_inputs
+
+    lake = Lake(str(Path(root) / "lake"))
+    stage = SegmentStage(SegmentSpec(sample_rate=sr, window=seconds, loudness=False, silence_dbfs=-90), "synth")
+    rows = []
+    for row in synth_inputs(n, seed, seconds):
+        rows += stage.segment_one(row)
+    tables = segment_tables(pa.Table.from_pylist(rows, schema=FLOW))
+    for name in ("clips", "captions"):
+        lake.write_part(name, tables[name], "synth")
+    out = Path(root) / "shards"
+    run_export(lake, ExportArgs(out=str(out), shard_count=shard_count, shard_size=None))
+    return out
+
 def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_seconds: float = 0.5,
                         seed: int = 0) -> Path:
     """A tiny randomly initialised DiT bundle (DiT + VAE + MiniLM text), saved with

@@ -89,6 +89,9 @@ class TextEncoder:
     def __init__(self, path: str | Path | None = None, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no per-load "Loading weights" bar in our output
         self.path = Path(path) if path is not None else minilm_path()
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)

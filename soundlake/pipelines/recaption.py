@@ -15,7 +15,7 @@ from soundlake.catalog.sql import close, connect
 from soundlake.errors import UserError
 from soundlake.pipelines.runner import (RunSummary, _consume, _map_stage, init_ray, lake_clips_dataset, new_run_id,
                                         recorded_run, write_block)
-from soundlake.pipelines.spec import PipelineSpec, RaySpec
+from soundlake.pipelines.spec import RaySpec
 from soundlake.stages.recaption import QwenCaptionStage, RefineStage
 
 
@@ -70,7 +70,7 @@ def recaption(lake_uri: str, args: RecaptionArgs, ray: RaySpec | None = None, wa
         with recorded_run(lake, "recaption", config, summary):
             t0 = time.perf_counter()
             if need:
-                summary.ray_startup_s = init_ray(PipelineSpec(name="recaption", ray=ray or RaySpec()))
+                summary.ray_startup_s = init_ray(ray or RaySpec())
                 t0 = time.perf_counter()
                 kw = dict(batch_size=args.batch_size, num_gpus=args.num_gpus, concurrency=args.concurrency)
                 stages = [QwenCaptionStage(args.model, run_id, prompt_version=args.prompt_version, **kw)]

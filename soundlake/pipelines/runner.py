@@ -27,7 +27,7 @@ import pyarrow as pa
 import soundlake
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
-from soundlake.pipelines.spec import PipelineSpec
+from soundlake.pipelines.spec import PipelineSpec, RaySpec
 from soundlake.stages.base import Stage
 from soundlake.stages.segment import SegmentStage
 from soundlake.stages.sources import INPUT_SCHEMA, local_inputs, synth_inputs
@@ -202,7 +202,7 @@ def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]
 
 
 # ---- Ray ---------------------------------------------------------------------------
-def init_ray(spec: PipelineSpec) -> float:
+def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
     """Start local Ray (or join --address); returns the seconds it took (0 if already up)."""
     import logging
 
@@ -211,12 +211,12 @@ def init_ray(spec: PipelineSpec) -> float:
     if ray.is_initialized():
         return 0.0
     t0 = time.perf_counter()
-    kw: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+    kw: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=log_to_driver,
                     configure_logging=True)
-    if spec.ray.address:
-        ray.init(address=spec.ray.address, **kw)
+    if spec.address:
+        ray.init(address=spec.address, **kw)
     else:
-        ray.init(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_mb * 2**20, **kw)
+        ray.init(num_cpus=spec.num_cpus, object_store_memory=spec.object_store_mb * 2**20, **kw)
     return time.perf_counter() - t0
 
 
@@ -403,7 +403,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             t0 = time.perf_counter()
             # Ray first: stages may create shared actors (the per-host rate limiter).
             if todo or {"embed", "score"} & set(spec.active_stages()):
-                summary.ray_startup_s = init_ray(spec)
+                summary.ray_startup_s = init_ray(spec.ray)
                 t0 = time.perf_counter()
             stages = build_stages(spec, run_id)
             if todo:

@@ -119,10 +119,58 @@ class Decode:
                 length = n
             elif length < n:
                 audio = np.pad(audio, ((0, 0), (0, n - length)))
-        captions = meta.get("captions") or [meta.get("caption", "")]
-        text = rng.choice(captions) if self.caption == "random" else meta.get("caption", captions[0])
-        return {"__key__": sample["__key__"], "audio": np.ascontiguousarray(audio), "caption": text,
+        return {"__key__": sample["__key__"], "audio": np.ascontiguousarray(audio),
+                "caption": choose_caption(meta, self.caption, rng),
                 "offset_s": offset / sr, "length": length, "sample_rate": sr, "meta": meta}
+
+
+def choose_caption(meta: dict, how: CaptionChoice, rng: random.Random) -> str:
+    captions = meta.get("captions") or [meta.get("caption", "")]
+    return rng.choice(captions) if how == "random" else meta.get("caption", captions[0])
+
+
+@dataclass
+class DecodeLatents(Decode):
+    """Latent shards (``soundlake encode``): ``<key>.latents.npy`` [C, F] cropped/padded to
+    ``frames`` (``seconds`` is unused), keeping the crop offset in frames."""
+
+    frames: int | None = None
+
+    def __call__(self, sample: dict) -> dict:
+        rng = self._get_rng()
+        meta = json.loads(sample["json"])
+        z = np.load(io.BytesIO(sample["latents.npy"]), allow_pickle=False).astype(np.float32, copy=False)
+        length, offset = z.shape[1], 0
+        if self.frames is not None:
+            if length > self.frames:
+                offset = rng.randrange(length - self.frames + 1) if self.crop == "random" else 0
+                z, length = z[:, offset: offset + self.frames], self.frames
+            elif length < self.frames:
+                z = np.pad(z, ((0, 0), (0, self.frames - length)))
+        return {"__key__": sample["__key__"], "latents": np.ascontiguousarray(z),
+                "caption": choose_caption(meta, self.caption, rng), "offset": offset, "length": length,
+                "meta": meta}
+
+
+@dataclass
+class LatentBatch:
+    latents: torch.Tensor        # [B, C, F] float32
+    captions: list[str]
+    offsets: torch.Tensor        # [B] crop start, frames
+    lengths: torch.Tensor        # [B] real (unpadded) frames
+    meta: list[dict]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def collate_latents(samples: list[dict]) -> LatentBatch:
+    f = max(s["latents"].shape[1] for s in samples)
+    z = np.stack([np.pad(s["latents"], ((0, 0), (0, f - s["latents"].shape[1]))) for s in samples])
+    return LatentBatch(torch.from_numpy(z), [s["caption"] for s in samples],
+                       torch.tensor([s["offset"] for s in samples]), torch.tensor([s["length"] for s in samples]),
+                       [s["meta"] for s in samples], [s["__key__"] for s in samples])
 
 
 @dataclass
@@ -155,9 +203,11 @@ def make_dataset(urls: list[str], *, batch_size: int | None = None, seconds: flo
                  sample_rate: int | None = None, caption: CaptionChoice = "random",
                  crop: Literal["random", "start"] = "random", shuffle: int = 1000, seed: int = 0,
                  resample: bool = False, partial: bool = True,
-                 max_member_bytes: int = shards.DEFAULT_MAX_MEMBER_BYTES) -> wds.DataPipeline:
+                 max_member_bytes: int = shards.DEFAULT_MAX_MEMBER_BYTES,
+                 latent_frames: int | None = None) -> wds.DataPipeline:
     """The webdataset pipeline (an IterableDataset). With ``batch_size`` it yields Batches,
-    else decoded sample dicts. ``shuffle=0`` keeps shard order (deterministic reads)."""
+    else decoded sample dicts. ``shuffle=0`` keeps shard order (deterministic reads).
+    ``latent_frames``: read latent shards instead (LatentBatch, cropped to that many frames)."""
     urls = list(urls)
     if not urls:
         raise ValueError("no shards to read")
@@ -169,9 +219,13 @@ def make_dataset(urls: list[str], *, batch_size: int | None = None, seconds: flo
     stages.append(lambda src: safe_tar_samples(src, max_member_bytes))
     if shuffle:
         stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), seed=seed))
-    stages.append(wds.map(Decode(seconds, sample_rate, caption, crop, seed)))
+    if latent_frames:
+        decode, collation = DecodeLatents(None, None, caption, crop, seed, frames=latent_frames), collate_latents
+    else:
+        decode, collation = Decode(seconds, sample_rate, caption, crop, seed), collate
+    stages.append(wds.map(decode))
     if batch_size:
-        stages.append(wds.batched(batch_size, collation_fn=collate, partial=partial))
+        stages.append(wds.batched(batch_size, collation_fn=collation, partial=partial))
     return wds.DataPipeline(*stages)
 
 

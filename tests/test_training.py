@@ -1,0 +1,186 @@
+"""Generators trained end to end from shards on Ray Train: VAE, encode, DiT, resume, generate."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from soundlake import shards
+from soundlake.errors import UserError
+from soundlake.testing import make_synth_export
+from soundlake.training.bundle import Generator, load_vae, load_weights
+from soundlake.training.data import _open, shard_urls
+from soundlake.training.encode import encode_shards
+from soundlake.training.trainer import load_train_spec, train
+
+from conftest import soundlake_cmd
+
+pytestmark = pytest.mark.slow
+SMALL_DIT = ["overrides.depth=4", "overrides.hidden=64", "overrides.heads=4", "overrides.sola_rank=8"]
+
+
+def log_rows(out) -> list[dict]:
+    with open(out / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out) -> dict[int, float]:
+    return {int(r["step"]): float(r["loss"]) for r in log_rows(out)}
+
+
+@pytest.fixture(scope="module")
+def audio_shards(tmp_path_factory):
+    return make_synth_export(tmp_path_factory.mktemp("synth"), 24, seconds=2.0, sr=16000, shard_count=4)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(audio_shards, ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vae"
+    spec = load_train_spec("vae", shards=str(audio_shards), out=str(out), steps=40, batch_size=4, seconds=0.5,
+                           sets=["log_every=5", "checkpoint_every=20", "shuffle=16", "lr=1e-3"])
+    summary = train(spec)
+    assert summary.steps == 40
+    return out
+
+
+@pytest.fixture(scope="module")
+def latent_shards(vae_dir, audio_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents") / "v1"
+    encode_shards(str(vae_dir), str(audio_shards), str(out))
+    return out
+
+
+def dit_spec(latents, vae_dir, out, steps, *sets, **kw):
+    return load_train_spec("dit", shards=str(latents), vae=str(vae_dir), out=str(out), steps=steps, batch_size=4,
+                           seconds=1.0, sets=[*SMALL_DIT, "shuffle=16", *sets], **kw)
+
+
+def test_vae_loss_falls_and_model_folder_loads(vae_dir, audio_shards):
+    rows = log_rows(vae_dir)
+    assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < 0.7 * first, (first, last)
+    assert float(rows[-1]["samples_per_s"]) > 0
+    vae, meta = load_vae(vae_dir)
+    assert meta["kind"] == "vae" and meta["train"]["step"] == 40
+    wav = torch.zeros(1, 1, vae.hop * 10)
+    assert vae.decode(vae.encode(wav).mode()).shape == wav.shape
+    # Ray Train kept the newest checkpoints (num_to_keep=2): step 20 and step 40
+    assert sorted(p.name for p in (vae_dir / "ray_train").glob("step-*")) == ["step-00000020", "step-00000040"]
+
+
+def test_encode_writes_vae_latents_and_resumes(vae_dir, audio_shards, latent_shards):
+    vae, _ = load_vae(vae_dir)
+    manifest = json.loads((latent_shards / "manifest.json").read_text())
+    assert manifest["latents"]["channels"] == vae.latent_dim and manifest["latents"]["rate"] == 50.0
+    assert [s["name"] for s in manifest["shards"]] == \
+        [s["name"] for s in json.loads((audio_shards / "manifest.json").read_text())["shards"]]
+    # a stored latent is the VAE's posterior mean of the stored audio
+    src = dict(_samples(shard_urls(str(audio_shards))[0]))
+    key, lat = next(iter(_samples(shard_urls(str(latent_shards))[0])))
+    z = np.load(io.BytesIO(lat["latents.npy"]))
+    audio, sr = sf.read(io.BytesIO(src[key]["flac"]), dtype="float32")
+    with torch.no_grad():
+        want = vae.encode(torch.from_numpy(audio)[None, None]).mean[0].numpy()
+    np.testing.assert_allclose(z, want, atol=1e-5)
+    assert json.loads(lat["json"])["latents"]["frames"] == z.shape[1]
+    # resume: a finished shard is kept (same inode), a missing one is written again
+    first, second = (latent_shards / manifest["shards"][0]["name"]), (latent_shards / manifest["shards"][1]["name"])
+    inode = first.stat().st_ino
+    second.unlink()
+    r = encode_shards(str(vae_dir), str(audio_shards), str(latent_shards))
+    assert (r.written, r.kept) == (1, len(manifest["shards"]) - 1)
+    assert first.stat().st_ino == inode and second.exists()
+    assert json.loads((latent_shards / "manifest.json").read_text())["shards"] == manifest["shards"]
+
+
+def _samples(url):
+    with _open(url) as f:
+        for s in shards.iter_samples(f, url):
+            yield s["__key__"], s
+
+
+def test_dit_stages_loss_falls_and_generate_writes_audio(latent_shards, vae_dir, tmp_path):
+    out = tmp_path / "dit"
+    spec = dit_spec(latent_shards, vae_dir, out, None, "log_every=5", "lr=1e-3", "ema=0.9",
+                    "stages=[{name: pretrain, mode: masked, shards: %s, steps: 10}, "
+                    "{name: text, shards: %s, steps: 50}]" % (latent_shards, latent_shards))
+    s = train(spec)
+    assert s.steps == 60
+    rows = log_rows(out)
+    assert [r["stage"] for r in rows] == ["pretrain"] * 2 + ["text"] * 10
+    text = [float(r["loss"]) for r in rows if r["stage"] == "text"]
+    assert np.mean(text[-3:]) < 0.8 * text[0], text
+    # the folder is self-contained: DiT + its VAE + latent statistics + text encoder identity
+    gen = Generator.load(out)
+    assert gen.meta["train"]["step"] == 60 and gen.meta["train"]["ema"] == 0.9
+    assert (out / "vae" / "model.safetensors").exists()
+    wav = tmp_path / "gen" / "beep.wav"
+    cmd = soundlake_cmd("generate", "a high beep", "a bell rings", "--model", str(out), "--seconds", "1.5",
+                        "--steps", "4", "--rescale-axis", "time", "--out", str(wav))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for i, prompt in enumerate(["a high beep", "a bell rings"]):
+        p = tmp_path / "gen" / f"beep-{i}.wav"
+        info = sf.info(str(p))
+        assert info.samplerate == 16000 and info.frames == 24000
+        side = json.loads(p.with_name(p.name + ".json").read_text())
+        assert side["prompt"] == prompt and side["rescale_axis"] == "time" and side["steps"] == 4
+    # long audio with sparse attention: 4x the 1 s training crop
+    r = subprocess.run(soundlake_cmd("generate", "a bell rings", "--model", str(out), "--seconds", "4",
+                                     "--steps", "2", "--sparse-attention", "litefocus", "--ratio", "0.2",
+                                     "--out", str(tmp_path / "long.wav")), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(tmp_path / "long.wav")).frames == 64000
+    assert json.loads((tmp_path / "long.wav.json").read_text())["sparse_attention"] == "litefocus"
+
+
+def test_resume_reproduces_the_uninterrupted_next_step_loss(latent_shards, vae_dir, tmp_path):
+    sets = ("log_every=1", "checkpoint_every=100")
+    train(dit_spec(latent_shards, vae_dir, tmp_path / "a", 8, *sets))
+    train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 5, *sets))       # stops (checkpoint) at step 5
+    s = train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 8, *sets))   # resumes at step 5
+    assert s.resumed_from == 5 and s.steps == 8
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))    # no duplicated or missing log rows
+    # 24 samples / batch 4 = 6 batches per epoch: step 7 starts the second epoch
+    for step in (6, 7, 8):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), (step, a[step], b[step])
+
+
+def test_weights_only_init(latent_shards, vae_dir, tmp_path):
+    base = tmp_path / "base"
+    train(dit_spec(latent_shards, vae_dir, base, 3))
+    out = tmp_path / "init"
+    s = train(dit_spec(latent_shards, vae_dir, out, 1, "lr=1e-12", init=str(base)))
+    assert s.resumed_from == 0 and s.steps == 1     # a fresh run (step 0), not a resume
+    a, b = load_weights(base), load_weights(out)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)
+
+
+def test_two_workers_ddp(audio_shards, tmp_path):
+    out = tmp_path / "ddp"
+    s = train(load_train_spec("vae", shards=str(audio_shards), out=str(out), steps=3, batch_size=2, seconds=0.5,
+                              sets=["workers=2", "log_every=1", "shuffle=0"]))
+    assert s.steps == 3
+    assert len(log_rows(out)) == 3
+
+
+def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown key 'lrr'"):
+        load_train_spec("vae", shards=str(audio_shards), out=str(tmp_path), steps=1, sets=["lrr=1"])
+    with pytest.raises(UserError, match="vae: a DiT trains on VAE latents"):
+        load_train_spec("dit", shards=str(audio_shards), out=str(tmp_path), steps=1)
+    with pytest.raises(UserError, match="soundlake encode"):  # audio shards given to the DiT
+        train(dit_spec(audio_shards, vae_dir, tmp_path / "x", 1))
+    with pytest.raises(UserError, match="no such bundled config"):
+        load_train_spec("vae", shards=str(audio_shards), out=str(tmp_path), steps=1, config="vae-huge")
+    r = subprocess.run(soundlake_cmd("generate", "x", "--model", str(tmp_path)), capture_output=True, text=True)
+    assert r.returncode == 2 and "not a soundlake model folder" in " ".join(r.stderr.split())
