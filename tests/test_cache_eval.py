@@ -166,7 +166,10 @@ def test_evaluate_with_references_and_sparse_attention(models, tmp_path):
 def test_cli_errors_are_one_line(models, tmp_path):
     dit, clap = models
     (tmp_path / "p.txt").write_text("a\nb\n")
-    cases = [(["--model", dit, "--prompts", tmp_path / "p.txt"], "--clap PATH is needed"),
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not really a wav file")
+    (tmp_path / "bad.jsonl").write_text('{"caption": "a", "audio": "bad.wav"}\n{"caption": "b", "audio": "bad.wav"}\n')
+    cases = [(["--model", dit, "--prompts", tmp_path / "bad.jsonl", "--clap", clap], "bad.wav: cannot decode"),
+             (["--model", dit, "--prompts", tmp_path / "p.txt"], "--clap PATH is needed"),
              (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--cache-delta", "0.1,x"],
               "--cache-delta '0.1,x'"),
              (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--sampler", "heun"],

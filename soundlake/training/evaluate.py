@@ -374,6 +374,10 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
         raise UserError(f"{len(prompts)} prompt(s): FD needs at least 2; add prompts")
     if settings.deltas and profile is None:
         raise UserError("cache settings need a calibration profile (soundlake calibrate-cache)")
+    refs = None  # (clips at the CLAP's rate, their file rates), read first: a bad file fails fast
+    if prompts[0].reference is not None:
+        loaded = [_load_reference(p.reference, clap.sample_rate) for p in prompts]
+        refs = ([a for a, _ in loaded], sorted({sr for _, sr in loaded}))
     plan = _plan(settings)
     caches = {s.delta: AudioCache(gen.dit, profile, delta=s.delta, max_reuse=settings.max_reuse,
                                   sampler=sampling.sampler)
@@ -403,7 +407,7 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
             s.wall_s += out.wall_s
             s.dit_s += out.dit_s
             s.attention_s += timer.seconds
-    return _score(gen, prompts, sampling, settings, plan, clap, labels, profile, profile_source, window, chunk)
+    return _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source, window, chunk)
 
 
 def _load_reference(path: Path, rate: int) -> tuple[np.ndarray, int]:
@@ -426,14 +430,11 @@ def _resample(clips: list[np.ndarray], src: int, dst: int) -> list[np.ndarray]:
     return [soxr.resample(np.asarray(c, np.float32), src, dst).astype(np.float32) for c in clips]
 
 
-def _score(gen, prompts, sampling, settings, plan, clap, labels, profile, profile_source,
+def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source,
            window, chunk) -> "CacheEvalReport":
     captions = [p.caption for p in prompts]
     rate = clap.sample_rate
-    refs, ref_rates = None, set()
-    if prompts[0].reference is not None:
-        loaded = [_load_reference(p.reference, rate) for p in prompts]
-        refs, ref_rates = [a for a, _ in loaded], {sr for _, sr in loaded}
+    refs, ref_rates = refs or (None, [])
     splits = max(1, min(10, len(prompts) // 10))
     rows = []
     for s in plan:
@@ -468,7 +469,7 @@ def _score(gen, prompts, sampling, settings, plan, clap, labels, profile, profil
         "clap": {"model": clap.model, "sample_rate": rate},
         "reference": ("reference audio from the prompt file" if refs is not None else
                       "generated-uncached audio (no reference audio given): FD/KL measure drift from exact inference"),
-        "reference_clips": len(prompts), "reference_sample_rates": sorted(ref_rates),
+        "reference_clips": len(prompts), "reference_sample_rates": ref_rates,
         "labels": {"name": labels[0], "count": len(labels[1])}, "is_splits": splits,
         "kl_direction": "KL(reference||generated)",
         "sparse": (None if settings.sparse_ratio is None else
