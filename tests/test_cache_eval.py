@@ -123,6 +123,8 @@ def test_calibrate_then_evaluate_report(models, tmp_path):
     # δ = 0 through the real Generator: outputs identical to the uncached ones
     assert rows[1]["fd"] == pytest.approx(0.0, abs=1e-6) and rows[1]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert rows[1]["clap"] == rows[0]["clap"] and rows[3]["clap"] != rows[0]["clap"]
+    assert rows[0]["latent_drift"] == rows[1]["latent_drift"] == 0.0 and rows[3]["latent_drift"] > 0
+    assert rows[3]["fd_exact"] == rows[3]["fd"]  # without references, FD is against the exact outputs
 
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.count("| δ=") == 3 and "change_rates.png" in md and "Reference set: generated-uncached" in md
@@ -157,6 +159,7 @@ def test_evaluate_with_references_and_sparse_attention(models, tmp_path):
     by = dict(zip(names, rows))
     assert by["full 2 s"]["frames"] == 100 and by["litefocus r=0.1 2 s"]["attention_s"] > 0
     assert by["uncached"]["fd"] > 0  # against real references, not against itself
+    assert by["uncached"]["fd_exact"] == pytest.approx(0.0, abs=1e-6) and by["δ=0.05"]["latent_drift"] > 0
     # up to the training length the sparse module is exact attention
     assert by["litefocus r=0.1 0.5 s"]["clap"] == pytest.approx(by["uncached"]["clap"], abs=1e-5)
     assert by["litefocus r=0.1 2 s"]["clap"] != pytest.approx(by["full 2 s"]["clap"], abs=1e-7)

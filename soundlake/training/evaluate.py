@@ -141,6 +141,7 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class _Timed:
     audio: np.ndarray
+    latents: np.ndarray  # the sampler's final latents [B, F, C], before the VAE
     wall_s: float
     dit_s: float
 
@@ -150,6 +151,7 @@ def _generate(gen, captions: list[str], seconds: float, s: Sampling, seed: int,
     """One ``gen.generate`` call, timed end to end and from the first DiT call to the last step."""
     first: list[float] = []
     last = [0.0]
+    final: list[torch.Tensor] = []
 
     def pre_hook(*_):
         if not first:
@@ -157,6 +159,7 @@ def _generate(gen, captions: list[str], seconds: float, s: Sampling, seed: int,
 
     def callback(i, t, x):
         last[0] = time.perf_counter()
+        final[:] = [x]
         if on_step is not None:
             on_step()
 
@@ -169,7 +172,7 @@ def _generate(gen, captions: list[str], seconds: float, s: Sampling, seed: int,
         wall = time.perf_counter() - t0
     finally:
         handle.remove()
-    return _Timed(out.audio, wall, last[0] - first[0] if first else 0.0)
+    return _Timed(out.audio, final[0].float().cpu().numpy(), wall, last[0] - first[0] if first else 0.0)
 
 
 def _batches(items: Sequence, size: int) -> list[list]:
@@ -299,6 +302,7 @@ class _Setting:
     delta: float | None = None  # None: no cache
     ratio: float | None = None  # None: full attention
     audio: list = field(default_factory=list)
+    latents: list = field(default_factory=list)
     wall_s: float = 0.0
     dit_s: float = 0.0
     attention_s: float = 0.0
@@ -404,6 +408,7 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
                     s.computed += st["computed"]
                     s.reused += st["reused"]
             s.audio.extend(out.audio)
+            s.latents.extend(out.latents)
             s.wall_s += out.wall_s
             s.dit_s += out.dit_s
             s.attention_s += timer.seconds
@@ -448,6 +453,10 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
                "layer_computed": s.computed, "layer_reused": s.reused,
                "layer_total": s.computed + s.reused, "layer_cut": (s.computed + s.reused) / max(1, s.computed),
                "frames": gen.frames(s.seconds)}
+        # drift from exact inference, whatever the reference set: the final latents' relative
+        # L1 change (before the VAE) and FD between the two sets of outputs
+        row["latent_drift"] = float(np.mean([np.abs(z - z0).sum() / max(np.abs(z0).sum(), 1e-12)
+                                             for z, z0 in zip(s.latents, base.latents)]))
         if s.delta is not None:
             row["planned_fraction"] = planned_fraction(profile, sampling.steps, s.delta, settings.max_reuse)
         metrics = {
@@ -457,7 +466,11 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
             "clap": clap_score_audio(gen_audio, captions, clap.embed_audio, clap.embed_text, rate,
                                      model=clap.model),
         }
+        if refs is not None:
+            metrics["fd_exact"] = fd_audio(gen_audio, _resample(base.audio, gen.sample_rate, rate), clap.embed_audio,
+                                           rate, model=clap.model)
         row |= {k: m.value for k, m in metrics.items()} | {"is_std": metrics["is"].std}
+        row.setdefault("fd_exact", row["fd"])  # without references FD already is against exact inference
         row["metrics"] = {k: m.to_dict() for k, m in metrics.items()}
         rows.append(row)
     meta = {
@@ -521,16 +534,19 @@ class CacheEvalReport:
                  f"{m['kl_direction']}, IS with {m['is_splits']} split(s).", "",
                  "## AudioCache (Table I)", "",
                  "| setting | speed-up | wall s | DiT loop speed-up | layer evaluations | cut | planned | "
-                 "FD ↓ | KL ↓ | IS ↑ | CLAP ↑ |", "|" + "---|" * 11]
+                 "FD ↓ | KL ↓ | IS ↑ | CLAP ↑ | drift | FD vs exact |", "|" + "---|" * 13]
         for r in self.cache_rows():
             lines.append(
                 f"| {r['setting']} | {r['speedup']:.2f}x | {r['wall_s']:.1f} | {r['dit_speedup']:.2f}x | "
                 f"{r['layer_computed']} / {r['layer_total']} | {r['layer_cut']:.2f}x | "
                 f"{fmt_metric(r.get('planned_fraction'), '.1%')} | {fmt_metric(r['fd'])} | {fmt_metric(r['kl'])} | "
-                f"{fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} |")
+                f"{fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} | {r['latent_drift']:.2%} | "
+                f"{fmt_metric(r['fd_exact'])} |")
         lines += ["", "*layer evaluations*: self_attn / cross_attn / ff outputs computed / all the "
                   "sampler asked for (AudioCache.stats(), summed over batches); *cut* = all / computed; "
-                  "*planned* = the fraction Eq. 2 computes on the profile, predicted before the run."]
+                  "*planned* = the fraction Eq. 2 computes on the profile, predicted before the run; "
+                  "*drift* = relative L1 change of the final latents vs exact inference (same noise), "
+                  "*FD vs exact* = FD against the exact outputs instead of the reference set."]
         if images:
             lines += ["", "![FD and CLAP score against speed-up](tradeoff.png)"]
         if self.meta.get("sparse"):
@@ -540,13 +556,14 @@ class CacheEvalReport:
                       f"{fmt_metric(m['training_seconds'], 'g')} s at {sp['latent_rate']:g} frames/s), random keys "
                       f"r = {sp['ratio']}, {sp['chunk']} queries per block; exact attention up to the band.", "",
                       "| setting | frames | attention s | attention speed-up | wall s | speed-up | FD ↓ | KL ↓ | "
-                      "IS ↑ | CLAP ↑ |", "|" + "---|" * 10]
+                      "IS ↑ | CLAP ↑ | drift | FD vs exact |", "|" + "---|" * 12]
             for r in self.sparse_rows():
                 name = r["setting"] if r["group"] == "sparse" else f"full {r['seconds']:g} s"
                 lines.append(
                     f"| {name} | {r['frames']} | {r['attention_s']:.2f} | {r['attention_speedup']:.2f}x | "
                     f"{r['wall_s']:.1f} | {r['speedup']:.2f}x | {fmt_metric(r['fd'])} | {fmt_metric(r['kl'])} | "
-                    f"{fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} |")
+                    f"{fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} | {r['latent_drift']:.2%} | "
+                    f"{fmt_metric(r['fd_exact'])} |")
         p = m.get("profile")
         if p:
             lines += ["", "## Change-rate profile (Fig. 3)", "",
