@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--deltas", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--sparse-batch-size", type=int, default=2,
+                    help="prompts per call at 4x length (small: several batches interleave full and sparse)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other load)")
     ap.add_argument("--work", type=Path, help="folder for models, references and reports (default: a temp dir)")
     args = ap.parse_args()
@@ -148,7 +150,8 @@ def main():
     rep = evaluate_generation(gen, prompts[:args.prompts], sampling, EvalSettings(deltas + [FLOOR], T), clap,
                               label_set, profile, profile_source=f"calibrated here on {len(cal)} synth prompts")
     rep.write(work / "report-cache")
-    sparse = evaluate_generation(gen, prompts[:args.sparse_prompts], sampling,
+    sparse = evaluate_generation(gen, prompts[:args.sparse_prompts],
+                                 Sampling(steps=args.steps, batch_size=args.sparse_batch_size),
                                  EvalSettings([], 4 * T, sparse_ratio=args.ratio, durations=[4 * T]), clap,
                                  label_set, None)
     sparse.write(work / "report-sparse")
@@ -197,7 +200,7 @@ def main():
           f"embeddings, VAE decode, text encoder); self-attention is "
           f"{100 * full['attention_s'] / full['wall_s']:.0f}% of the full-attention wall time at {4 * T:g} s")
     cfg = gen.dit.cfg
-    rows_b = min(args.sparse_prompts, args.batch_size) * 2  # CFG doubles the batch
+    rows_b = min(args.sparse_prompts, args.sparse_batch_size) * 2  # CFG doubles the batch
     for n in (lite["frames"], 2000):
         w = sp_meta["window_frames"] if n == lite["frames"] else n // 4
         full_ms, sparse_ms, visited = attention_kernels(n, w, max(16, w // 2), args.ratio, rows_b, cfg.heads,
