@@ -549,10 +549,13 @@ def generate(
     ratio: float = typer.Option(0.1, help="litefocus: fraction of all keys each query also attends to."),
     window: Optional[int] = typer.Option(None, help="litefocus: local band in latent frames (default: the "
                                          "training crop's frames)."),
+    reference: Optional[Path] = typer.Option(None, help="A reference clip for a DiT trained with a second "
+                                             "condition stream (DC-LDM, cond2: latents)."),
 ):
     """Generate audio from text with a trained DiT and its VAE."""
     from contextlib import nullcontext
 
+    import soundfile as sf
     from rich.progress import Progress
 
     from soundlake.training.bundle import Generator, write_audio
@@ -561,6 +564,15 @@ def generate(
         _fail(UserError(f"--sparse-attention {sparse_attention!r}: expected none or litefocus"))
     try:
         gen = Generator.load(model)
+        ref = None
+        if reference is not None:
+            from soundlake.stages.audio_io import resample
+
+            try:
+                ref, sr = sf.read(str(reference), dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise UserError(f"--reference {reference}: cannot decode ({e})") from None
+            ref = resample(ref.mean(axis=1), sr, gen.sample_rate)
         ctx = nullcontext()
         if sparse_attention == "litefocus":
             from soundlake.training.litefocus import attach_sparse_attention
@@ -571,7 +583,7 @@ def generate(
         with Progress(console=console) as progress, ctx:
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
-                               rescale_axis=rescale_axis, seed=seed,
+                               rescale_axis=rescale_axis, seed=seed, reference=ref,
                                callback=lambda i, t, x: progress.update(task, completed=i + 1))
         if sparse_attention == "litefocus":
             res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": window or train_frames}

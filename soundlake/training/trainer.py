@@ -71,6 +71,12 @@ class TrainSpec(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict, description="model config keys to change")
     vae: str | None = Field(None, description="dit: the trained VAE folder whose latents the shards hold")
     text_encoder: str | None = Field(None, description="dit: transformers encoder folder (default: MiniLM)")
+    extra_clap: str | None = Field(None, description="dit, GenAu dual encoder: a CLAP model whose text embedding "
+                                                     "of the caption is a second text condition")
+    cond2: Literal["latents"] | None = Field(None, description="dit, DC-LDM second stream: 'latents' = the clip's "
+                                                               "VAE latents pooled to cond2_frames (an acoustic "
+                                                               "sequence; at generation: a reference clip's)")
+    cond2_frames: int = Field(16, ge=1, description="length of the second stream")
     stages: list[StageSpec] = Field(..., min_length=1)
     batch_size: int = Field(16, ge=1, description="per worker")
     seconds: float = Field(2.0, gt=0, description="training crop length in seconds")
@@ -203,9 +209,16 @@ def make_plan(spec: TrainSpec) -> dict:
     plan["vae_config"] = vae_meta["config"]
     plan["schedule"] = raw.get("schedule", {})
     try:
-        cfg = DiTConfig.from_dict({**raw.get("model", {}), **spec.overrides,
-                                   "in_channels": vae_meta["config"]["latent_dim"],
-                                   "cond_dim": _text_dim(spec.text_encoder)})
+        model = {**raw.get("model", {}), **spec.overrides, "in_channels": vae_meta["config"]["latent_dim"],
+                 "cond_dim": _text_dim(spec.text_encoder)}
+        if spec.extra_clap:
+            from soundlake.models.clap import load_clap
+
+            model["cond_extra_dim"] = load_clap(spec.extra_clap).dim
+        if spec.cond2:
+            model["cond2_dim"] = vae_meta["config"]["latent_dim"]
+            model.setdefault("cross_attn2_blocks", list(range(3, int(model.get("depth", 12)), 4)) or [0])
+        cfg = DiTConfig.from_dict(model)
     except (ValueError, TypeError) as e:
         raise UserError(f"config {spec.config}: {e}") from None
     plan["dit_config"] = cfg.to_dict()
@@ -279,9 +292,6 @@ class VaeTask:
 
         return vae_train_step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
 
-    def model_meta(self, plan: dict) -> dict:
-        return {"config": plan["vae_config"]}
-
 
 class DitTask:
     def __init__(self, spec: TrainSpec, plan: dict, device):
@@ -296,6 +306,11 @@ class DitTask:
         self.mean, self.std = plan["latents"]["mean"], plan["latents"]["std"]
         self.loader_kw = {"latent_frames": max(1, round(spec.seconds * plan["latents"]["rate"]))}
         self._cache: dict[str, Any] = {}
+        self.clap = None
+        if spec.extra_clap:
+            from soundlake.models.clap import load_clap
+
+            self.clap = load_clap(spec.extra_clap, device=str(device))
 
     def extra_modules(self) -> dict:
         return {}
@@ -308,36 +323,40 @@ class DitTask:
 
         new = sorted({c for c in captions if c not in self._cache})
         if new:
-            hidden, mask = self.text.encode(new)
-            for c, h, m in zip(new, hidden, mask):
-                self._cache[c] = h[m].clone()
             if len(self._cache) > 50_000:
                 self._cache.clear()
-        seqs = [self._cache[c] for c in captions]
+            hidden, mask = self.text.encode(new)
+            extra = self.clap.embed_text(new) if self.clap is not None else [None] * len(new)
+            for c, h, m, e in zip(new, hidden, mask, extra):
+                self._cache[c] = (h[m].clone(), None if e is None else torch.as_tensor(e))
+        seqs = [self._cache[c][0] for c in captions]
         n = max(s.shape[0] for s in seqs)
         ctx = torch.zeros(len(seqs), n, seqs[0].shape[1])
         mask = torch.zeros(len(seqs), n, dtype=torch.bool)
         for i, s in enumerate(seqs):
             ctx[i, :len(s)], mask[i, :len(s)] = s, True
-        return Condition(ctx, mask).to(self.device)
+        extra = torch.stack([self._cache[c][1] for c in captions]) if self.clap is not None else None
+        return Condition(ctx, mask, extra).to(self.device)
 
     def prepare(self, batch) -> tuple[Any, int]:
         x0 = ((batch.latents - self.mean) / self.std).transpose(1, 2).to(self.device)  # [B, F, C]
         return (x0, batch.captions), x0.shape[0]
 
     def step(self, model, opt, extra_opts, item, stage: StageSpec) -> dict:
+        import torch
+
+        from soundlake.training.bundle import pool_frames
         from soundlake.training.diffusion import diffusion_train_step
 
         x0, captions = item
         masked = stage.mode == "masked"
         cond = None if masked else self._encode(captions)
+        if cond is not None and self.spec.cond2 == "latents":
+            cond.context2 = pool_frames(x0, self.spec.cond2_frames)
+            cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=x0.device)
         return diffusion_train_step(model, opt, x0, cond, self.schedule, masked=masked,
                                     cond_drop=self.spec.cond_drop, grad_clip=self.spec.grad_clip,
                                     mask_frac=tuple(self.spec.mask_frac))
-
-    def model_meta(self, plan: dict) -> dict:
-        return {"config": plan["dit_config"], "schedule": self.schedule.meta(), "latents": plan["latents"],
-                "text": {"path": self.spec.text_encoder, **self.text.identity}}
 
 
 @dataclass
@@ -584,8 +603,11 @@ def _absolute_paths(spec: TrainSpec) -> TrainSpec:
         return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
 
     stages = [s.model_copy(update={"shards": local(s.shards)}) for s in spec.stages]
+    clap = spec.extra_clap  # a folder, or a cached hub id left as it is
+    clap = local(clap) if clap and Path(clap).expanduser().exists() else clap
     return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
-                                   "text_encoder": local(spec.text_encoder), "stages": stages})
+                                   "text_encoder": local(spec.text_encoder), "extra_clap": clap,
+                                   "stages": stages})
 
 
 def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) -> TrainSummary:
@@ -657,7 +679,9 @@ def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) ->
         else:
             text_meta = {"path": None, "model": "all-MiniLM-L6-v2"}
         meta |= {"config": task_plan["dit_config"], "schedule": task_plan["schedule"] or {},
-                 "latents": task_plan["latents"], "text": text_meta}
+                 "latents": task_plan["latents"], "text": text_meta,
+                 "conditioning": {"extra_clap": spec.extra_clap, "cond2": spec.cond2,
+                                  "cond2_frames": spec.cond2_frames}}
         from soundlake.training.diffusion import Schedule
 
         meta["schedule"] = Schedule(**meta["schedule"]).meta()
