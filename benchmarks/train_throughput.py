@@ -5,7 +5,9 @@ tiny DiT, each through the same Ray Train path twice per round: ``data=shards`` 
 loader: tar reading, FLAC decode, resampling or latent loading, crop, collate) and
 ``data=memory`` (the same batches read once beforehand, then served from RAM). Samples/s
 is taken from the training log after the first logged interval (start-up excluded); the
-loader's cost is ``1 - shards / memory``. Target: < 10 %.
+loader's cost is ``1 - shards / memory``. Target: < 10 %. The log also times how long
+each step waited for its batch, so the share of loop time spent in the loader is printed
+too (a measure within one run, less exposed to other load on the machine).
 
     python benchmarks/train_throughput.py [--clips 64] [--steps 60] [--rounds 2]
 """
@@ -22,13 +24,16 @@ from soundlake.training.encode import encode_shards
 from soundlake.training.trainer import load_train_spec, train
 
 
-def rate(out: Path) -> float:
+def rate(out: Path) -> tuple[float, float]:
+    """(samples/s, share of the loop's time spent waiting for batches), start-up excluded."""
     with open(out / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))[1:]  # the first interval holds start-up
-    return sum(float(r["seconds"]) * float(r["samples_per_s"]) for r in rows) / sum(float(r["seconds"]) for r in rows)
+    seconds = sum(float(r["seconds"]) for r in rows)
+    samples = sum(float(r["seconds"]) * float(r["samples_per_s"]) for r in rows)
+    return samples / seconds, sum(float(r["data_s"]) for r in rows) / seconds
 
 
-def run(kind: str, root: Path, tag: str, data: str, steps: int, **kw) -> float:
+def run(kind: str, root: Path, tag: str, data: str, steps: int, **kw) -> tuple[float, float]:
     out = root / f"{kind}-{tag}-{data}"
     spec = load_train_spec(kind, out=str(out), steps=steps, sets=[f"data={data}", "log_every=10",
                                                                    f"checkpoint_every={steps}"], **kw)
@@ -54,7 +59,7 @@ def main() -> None:
         latents = root / "latents"
         encode_shards(str(vae_dir), str(shards), str(latents))
         dit_kw = dict(shards=str(latents), vae=str(vae_dir), batch_size=8, seconds=2.0)
-        results: dict[str, dict[str, list[float]]] = {"vae-tiny": {}, "dit-tiny": {}}
+        results: dict[str, dict[str, list[tuple[float, float]]]] = {"vae-tiny": {}, "dit-tiny": {}}
         for r in range(a.rounds):
             for data in ("shards", "memory"):
                 results["vae-tiny"].setdefault(data, []).append(run("vae", root, f"r{r}", data, a.steps, **vae_kw))
@@ -62,9 +67,12 @@ def main() -> None:
         print(f"{a.clips} synth clips (4 s, 32 kHz; VAE at 16 kHz, 1 s crops; DiT on 2 s of latents), "
               f"batch 8, {a.steps} steps, 1 Ray Train worker, median of {a.rounds} rounds")
         for name, res in results.items():
-            shards_r, mem_r = statistics.median(res["shards"]), statistics.median(res["memory"])
+            shards_r = statistics.median(r for r, _ in res["shards"])
+            mem_r = statistics.median(r for r, _ in res["memory"])
+            wait = statistics.median(w for _, w in res["shards"])
             print(f"{name}: shards {shards_r:6.1f} samples/s · memory {mem_r:6.1f} samples/s · "
-                  f"ratio {shards_r / mem_r:.2f}x · loader cost {100 * (1 - shards_r / mem_r):+.1f}% (target < 10%)")
+                  f"ratio {shards_r / mem_r:.2f}x · loader cost {100 * (1 - shards_r / mem_r):+.1f}% (target < 10%) · "
+                  f"time waiting for batches in the shards runs {100 * wait:.1f}%")
     ray.shutdown()
 
 
