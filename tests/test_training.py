@@ -192,6 +192,9 @@ def test_two_workers_ddp(audio_shards, tmp_path):
                               sets=["workers=2", "log_every=1", "shuffle=0"]))
     assert s.steps == 3
     assert len(log_rows(out)) == 3
+    # both ranks' data positions are in the merged checkpoint, the model state once
+    ckpt = out / "ray_train" / "step-00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rank-0.pt", "rank-1.pt", "state.pt"]
 
 
 def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):

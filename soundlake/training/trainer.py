@@ -13,10 +13,10 @@ Workers: ``workers`` Ray Train workers (CPU by default; ``use_gpu`` and the clus
 nodes from the spec), DDP across them; each reads its share of the shards through the
 export loader (:mod:`soundlake.training.data`; split by rank and DataLoader worker).
 
-Checkpoints (rank 0, every ``checkpoint_every`` steps and at the end) hold the full state:
-model, optimizer, EMA, step, stage, data position (epoch and batches read in it; every
-epoch's order is seeded, so the position restores it exactly), torch RNG state and the
-spec itself; the learning-rate schedule (warm-up, then constant or cosine per stage) is a
+Checkpoints (every ``checkpoint_every`` steps and at the end) hold the full state: model,
+optimizer, EMA, step, stage and the spec itself (rank 0), and each rank's data position
+(epoch and batches read in it; every epoch's order is seeded, so the position restores it
+exactly) and RNG states; the learning-rate schedule (warm-up, then constant or cosine per stage) is a
 function of the step. Ray Train keeps them under ``<out>/ray_train`` and a re-run with the
 same ``--out`` resumes from the newest one. ``init`` starts from another model's weights
 only. Rank 0 appends the loss and throughput to ``<out>/train_log.csv`` (and TensorBoard
@@ -411,8 +411,7 @@ def _save_state(folder: Path, model, opt, extra: dict, extra_opts: dict, ema, po
         "extra": {k: m.state_dict() for k, m in extra.items()},
         "extra_optimizers": {k: o.state_dict() for k, o in extra_opts.items()},
         "ema": ema.state_dict() if ema is not None else None,
-        "position": vars(pos), "rng": torch.get_rng_state(), "py_rng": random.getstate(),
-        "spec": spec.model_dump(mode="json"), "plan": plan, "history": history[-2000:],
+        "position": vars(pos), "spec": spec.model_dump(mode="json"), "plan": plan, "history": history[-2000:],
         "lr_schedule": {"kind": spec.lr_schedule, "warmup_steps": spec.warmup_steps, "per_stage": True},
     }, folder / STATE)
 
@@ -452,6 +451,8 @@ def train_loop(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
+            mine = Path(d) / f"rank-{rank}.pt"  # this worker's data position and RNG states
+            rs = torch.load(mine if mine.exists() else Path(d) / "rank-0.pt", weights_only=False)
         task.model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         for k, m in extra.items():
@@ -459,9 +460,9 @@ def train_loop(config: dict) -> None:
             extra_opts[k].load_state_dict(st["extra_optimizers"][k])
         if ema is not None and st["ema"] is not None:
             ema.load_state_dict(st["ema"])
-        pos, history = Position(**st["position"]), st["history"]
-        torch.set_rng_state(st["rng"])
-        random.setstate(st["py_rng"])
+        pos, history = Position(**rs["position"]), st["history"]
+        torch.set_rng_state(rs["rng"])
+        random.setstate(rs["py_rng"])
     else:
         if spec.init:
             from soundlake.training.bundle import load_weights, read_meta
@@ -517,13 +518,15 @@ def train_loop(config: dict) -> None:
             window, t_last, n_last, t_data = [], time.perf_counter(), 0, 0.0
         if pos.step % spec.checkpoint_every == 0 or pos.step == spec.total_steps:
             metrics = {"step": pos.step, "loss": history[-1].get("loss") if history else None}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
+            # Every rank saves its own data position and RNG states (ranks read different
+            # shards); rank 0 also the model and optimizers. Ray Train merges the folders.
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"position": vars(pos), "rng": torch.get_rng_state(), "py_rng": random.getstate()},
+                           Path(d) / f"rank-{rank}.pt")
+                if rank == 0:
                     _save_state(Path(d), model, opt, extra, extra_opts, ema, pos, spec, plan, history)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=f"step-{pos.step:08d}")
-            else:
-                ray.train.report(metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"step-{pos.step:08d}")
     if logger:
         logger.close()
 
