@@ -228,8 +228,8 @@ def tiny_autocap_config(**overrides):
     """Sizes for tests: every part of the architecture, a few thousand parameters each."""
     from soundlake.models.autocap import AutocapConfig
 
-    sizes = dict(num_queries=4, qformer_dim=16, qformer_layers=1, qformer_heads=2, qformer_ffn=32, d_model=16,
-                 encoder_layers=1, decoder_layers=1, heads=2, ffn=32, vocab_size=200, max_meta_tokens=32,
+    sizes = dict(num_queries=4, qformer_dim=16, qformer_layers=1, qformer_heads=2, qformer_ffn=32, d_model=32,
+                 encoder_layers=1, decoder_layers=1, heads=2, ffn=64, vocab_size=200, max_meta_tokens=32,
                  max_caption_tokens=24, max_length=12, num_beams=2)
     return AutocapConfig(**{**sizes, **overrides})
 

@@ -17,6 +17,15 @@ from soundlake.stages.synth import synth_clip
 from soundlake.testing import make_tiny_autocap, make_tiny_bart, make_tiny_inhouse_clap, tiny_autocap_config
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and crawl on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_clap(tmp_path_factory):
     return make_tiny_inhouse_clap(tmp_path_factory.mktemp("clap") / "clap")
@@ -34,12 +43,15 @@ def test_two_stage_training_loss_falls_and_folder_loads(tiny_clap, tmp_path):
     items = _items(12)
     rows = []
     res = train_autocap(items, tmp_path / "ac", tiny_autocap_config(),
-                        AutocapTrainConfig(stage1_epochs=2, stage2_epochs=6, batch_size=4, lr_stage1=3e-3,
-                                           lr_stage2=3e-3, warmup_steps=1, val_clips=4),
+                        AutocapTrainConfig(bart_epochs=3, stage1_epochs=2, stage2_epochs=14, batch_size=4,
+                                           lr_bart=1e-2, lr_stage1=1e-2, lr_stage2=1e-2, warmup_steps=1, val_clips=4),
                         clap=tiny_clap, val=_items(4, 100), progress=rows.append)
+    bart = [r["bart_loss"] for r in rows if "bart_loss" in r]
+    rows = [r for r in rows if "stage" in r]
     losses = [r["loss"] for r in rows]
-    assert [r["stage"] for r in rows] == [1, 1, 2, 2, 2, 2, 2, 2]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert len(bart) == 3 and bart[-1] < bart[0]                 # the from-config BART's denoising pretraining
+    assert [r["stage"] for r in rows] == [1] * 2 + [2] * 14
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] < 0.9 * losses[2], losses
     assert rows[2]["trainable"] > rows[0]["trainable"]           # BART joins in stage 2
     assert {"val_loss", "val_bleu_4", "val_cider_d"} <= set(rows[-1])
 
@@ -215,7 +227,9 @@ def test_released_checkpoint_maps_every_tensor(tmp_path):
         "<HQVC> a dog runs </HQVC> \n <TITLE> Dog park </TITLE>"
     ids, _ = tokenize_meta(model.tokenizer, ["<HQVC>  </HQVC> \n <TITLE>  </TITLE>"], 16)
     base = model.net.base_vocab
-    assert ids[0].tolist() == [base + 0, base + 1, base + 4, base + 5, model.tokenizer.eos_token_id]
+    ids = ids[0].tolist()   # byte-level BPE keeps the spaces between tags as tokens, as AutoCap's tokenizer does
+    assert [i for i in ids if i >= base] == [base + 0, base + 1, base + 4, base + 5]
+    assert ids[-1] == model.tokenizer.eos_token_id
     texts = model.caption_features(frames, torch.randn(2, 20), [{"title": "Dog park"}, None])
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     with pytest.raises(ValueError, match="no audio encoder"):

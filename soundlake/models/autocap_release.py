@@ -70,7 +70,6 @@ _TOP = [("decoder.", "bart."), ("enc_to_dec_proj.", "frame_proj."), ("audio_quer
         ("audio_position_embedding.", "qformer.frame_pos."), ("audio_Qfromer_layernorm_embedding.", "qformer.frame_norm."),
         ("audio_qformer_proj.", "qformer.out."), ("clap_proj.", "clap_proj."), ("clap_layernorm.", "clap_norm."),
         ("special_tokens_embed.special_token_embed.", "tag_embed.")]
-_BART_HEADS = {"facebook/bart-base": 12, "facebook/bart-large": 16}
 
 
 @dataclass
@@ -204,8 +203,6 @@ def _bart_for(settings: dict, state: dict[str, torch.Tensor], bart: str | Path |
         raise UserError(f"the checkpoint's BART encoder has {pos} positions and its decoder {dec_pos}: "
                         "extended encoder positions are not supported")
     config.vocab_size, config.max_position_embeddings = rows, pos - 2
-    if name in _BART_HEADS and config.encoder_attention_heads != _BART_HEADS[name]:
-        raise UserError(f"{source}: {config.encoder_attention_heads} heads, but {name} has {_BART_HEADS[name]}")
     return BartForConditionalGeneration(config), source
 
 
