@@ -9,7 +9,7 @@ trained on synth clips so that captions have their real length; pass --model to 
     the clips (Ray Data actor pool of one 1-CPU actor, batch 8, Parquet in and out), Ray start-up
     reported separately.
 
-Usage: python benchmarks/caption_throughput.py [--clips 96] [--model DIR]
+Usage: python benchmarks/caption_throughput.py [--clips 192] [--model DIR]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def quick_model(out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--clips", type=int, default=192)
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

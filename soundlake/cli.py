@@ -453,14 +453,18 @@ def train_captioner_cmd(
     console.print(f"training on {len(items)} clips, validating on {len(val)} (lake {lake})")
     from rich.progress import Progress
 
-    total = stage1_epochs + stage2_epochs + (0 if clap else clap_epochs)
+    total = stage1_epochs + stage2_epochs + (0 if clap else clap_epochs) + (0 if bart else tcfg.bart_epochs)
     with Progress(console=console) as progress:
         task = progress.add_task("epochs", total=total)
 
-        def report(row):
+        def report(row):   # CLAP epochs, BART denoising epochs, then stage 1 and 2 epochs
             progress.update(task, advance=1)
-            name = "clap epoch" if "clap_epoch" in row else f"stage {row['stage']} epoch"
-            num = row.get("clap_epoch", row.get("epoch"))
+            if "clap_epoch" in row:
+                name, num = "clap epoch", row["clap_epoch"]
+            elif "bart_epoch" in row:
+                name, num = "bart denoising epoch", row["bart_epoch"]
+            else:
+                name, num = f"stage {row['stage']} epoch", row["epoch"]
             extra = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and "seconds" not in k)
             progress.console.print(f"{name} {num:3d}  {extra}", highlight=False)
 
@@ -471,7 +475,7 @@ def train_captioner_cmd(
     model = res["model"]
     console.print(f"saved {out} in {res['train_seconds']:.0f} s · checkpoint {model.model_hash}\n"
                   f"use it: soundlake curate demo --lake {lake} --set 'caption.captioners=[template,autocap]' "
-                  f"--set caption.autocap_model={out}", highlight=False)
+                  f"--set caption.autocap_model={out}", highlight=False, markup=False)
 
 
 @app.command("retry-failed")
