@@ -594,6 +594,78 @@ def generate(
         console.print(f"wrote {p} ({seconds:g} s at {res.sample_rate} Hz; settings in {p.name}.json)", highlight=False)
 
 
+@train_app.command("captioner")
+def train_captioner_cmd(
+    lake: str = LAKE,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to save the model in (loadable by caption.autocap_model)."),
+    captioner: str = typer.Option("reference", help="Train on this captioner's captions."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'synth'\"."),
+    holdout: float = typer.Option(0.1, help="Fraction of clips (stable hash of clip_id) held out for validation."),
+    clap: Optional[Path] = typer.Option(None, help="In-house CLAP folder used (frozen) as the audio encoder; "
+                                        "default: train one on the same pairs first."),
+    clap_epochs: int = typer.Option(12, help="Epochs of that CLAP, when --clap is not given."),
+    stage1_epochs: int = typer.Option(2, help="Stage 1: BART frozen; Q-Former, projections, tag tokens train."),
+    stage2_epochs: int = typer.Option(14, help="Stage 2: BART trains too, except its token embeddings."),
+    batch_size: int = typer.Option(32),
+    field_dropout: float = typer.Option(0.5, help="Chance of leaving each metadata field empty in training."),
+    bart: Optional[Path] = typer.Option(None, help="A pretrained BART folder (its tokenizer too); default: a small "
+                                        "BART from a config with a WordPiece vocabulary trained on the captions."),
+    tokenizer: str = typer.Option("train", help="train (WordPiece on the training texts) or minilm (the MiniLM "
+                                  "vocabulary shipped offline); ignored with --bart."),
+    seed: int = typer.Option(0),
+):
+    """Train the in-house autocap (AutoCap architecture: Q-Former over frozen audio frames, CLAP token, tagged metadata, BART) on the lake's clips, captions and metadata, in two stages.
+
+    Prints the loss and validation metrics each epoch."""
+    from soundlake.catalog.pairs import clip_metadata, load_pairs
+    from soundlake.models.autocap import AutocapConfig
+    from soundlake.models.autocap_train import AutocapTrainConfig, CaptionItem, train_autocap
+
+    if tokenizer not in ("train", "minilm"):
+        _fail(UserError(f"--tokenizer {tokenizer!r}: expected train or minilm"))
+    cfg = AutocapConfig(bart=str(bart) if bart else None, tokenizer="bart" if bart else tokenizer)
+    tcfg = AutocapTrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
+                              field_dropout=field_dropout, clap_epochs=clap_epochs, seed=seed)
+    try:
+        rate = 16000
+        if clap:
+            from soundlake.models.autocap import ClapAudio
+
+            rate = ClapAudio(clap).sample_rate
+        train, held = load_pairs(lake, rate, captioner=captioner, where=where, holdout=holdout)
+        meta = clip_metadata(lake, [c for c, _, _ in train + held])
+    except (UserError, ValueError) as e:
+        _fail(e)
+    items = [CaptionItem(a, t, meta.get(c, {})) for c, a, t in train]
+    val = [CaptionItem(a, t, meta.get(c, {})) for c, a, t in held]
+    console.print(f"training on {len(items)} clips, validating on {len(val)} (lake {lake})")
+    from rich.progress import Progress
+
+    total = stage1_epochs + stage2_epochs + (0 if clap else clap_epochs) + (0 if bart else tcfg.bart_epochs)
+    with Progress(console=console) as progress:
+        task = progress.add_task("epochs", total=total)
+
+        def report(row):   # CLAP epochs, BART denoising epochs, then stage 1 and 2 epochs
+            progress.update(task, advance=1)
+            if "clap_epoch" in row:
+                name, num = "clap epoch", row["clap_epoch"]
+            elif "bart_epoch" in row:
+                name, num = "bart denoising epoch", row["bart_epoch"]
+            else:
+                name, num = f"stage {row['stage']} epoch", row["epoch"]
+            extra = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and "seconds" not in k)
+            progress.console.print(f"{name} {num:3d}  {extra}", highlight=False)
+
+        try:
+            res = train_autocap(items, out, cfg, tcfg, clap=clap, val=val or None, progress=report)
+        except (UserError, ValueError) as e:
+            _fail(e)
+    model = res["model"]
+    console.print(f"saved {out} in {res['train_seconds']:.0f} s · checkpoint {model.model_hash}\n"
+                  f"use it: soundlake curate demo --lake {lake} --set 'caption.captioners=[template,autocap]' "
+                  f"--set caption.autocap_model={out}", highlight=False, markup=False)
+
+
 @app.command("retry-failed")
 def retry_failed(
     lake: str = LAKE,

@@ -92,8 +92,22 @@ class ClapSpec(Section):
 
 
 class CaptionSpec(Section):
-    captioners: list[Literal["template"]] = Field(["template"], description="captioners run by the caption stage")
-    use_metadata: bool = Field(True, description="template: use titles and tags, not only labels")
+    captioners: list[Literal["template", "autocap"]] = Field(["template"], description="captioners run by the "
+                                                             "caption stage")
+    use_metadata: bool = Field(True, description="template: titles and tags too, not only labels; autocap: "
+                                                 "metadata fields in its tags (false: every field left empty)")
+    autocap_model: str | None = Field(None, description="autocap: a folder saved by `soundlake train captioner`")
+    autocap_batch_size: int = Field(16, ge=1, description="autocap: clips per beam-search call")
+    autocap_num_beams: int | None = Field(None, ge=1, description="autocap: beams (default: the model's)")
+    autocap_num_gpus: float = Field(0.0, ge=0, description="autocap: GPUs per actor")
+    autocap_concurrency: int = Field(1, ge=1, description="autocap: actors in the pool")
+
+    @model_validator(mode="after")
+    def _check_autocap(self):
+        if "autocap" in self.captioners and not self.autocap_model:
+            raise ValueError("caption.autocap_model: the autocap captioner needs a model folder "
+                             "(train one with `soundlake train captioner`)")
+        return self
 
 
 class RaySpec(Section):
