@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soundlake.errors import UserError
@@ -120,28 +119,16 @@ class TrainSpec(_Section):
         return sum(s.steps for s in self.stages)
 
 
-def _describe(err: dict) -> str:
-    from soundlake.pipelines.spec import _describe as describe
-
-    return describe(err)
-
-
 def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
     """A spec from a YAML file (optional), then the command's options (``given``, None = unset),
     then ``--set key=value`` overrides; one-line errors naming the key."""
-    from soundlake.pipelines.spec import _set, parse_override
+    from soundlake.pipelines.spec import _set, describe_error, parse_override, read_yaml_mapping
 
     raw: dict = {}
     if spec:
-        p = Path(spec)
-        if not p.is_file():
+        if not Path(spec).is_file():
             raise UserError(f"--spec {spec}: no such file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--spec {spec}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"--spec {spec}: expected a mapping of settings")
+        raw = read_yaml_mapping(Path(spec), f"--spec {spec}")
     raw["kind"] = kind
     shards, steps = given.pop("shards", None), given.pop("steps", None)
     if shards is not None or steps is not None:
@@ -158,7 +145,7 @@ def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None =
     try:
         return TrainSpec.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"train spec: {_describe(e.errors()[0])}") from None
+        raise UserError(f"train spec: {describe_error(e.errors()[0])}") from None
 
 
 def _config_defaults(config: str | None, kind: str) -> dict:
