@@ -11,7 +11,8 @@ components, symbolic or hard links, device files/FIFOs, and sizes over a limit.
 
 Public API:
     tar_key(clip_id) -> str, clip_id_from_key(key) -> str
-    write_shard(fs, path, samples) -> ShardInfo          samples: [(key, {ext: bytes})]
+    write_shard(fs, path, samples, writer=None) -> ShardInfo   samples: [(key, {ext: bytes | FileSlice})]
+    TarWriter()                                          reusable buffers for many shards
     open_uri(uri) -> (pyarrow FileSystem, path)
     check_member(info, max_member_bytes)                 raises UnsafeTarError
     iter_members(fileobj, max_member_bytes) -> (name, bytes)...
@@ -25,7 +26,8 @@ import os
 import posixpath
 import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
@@ -118,8 +120,19 @@ class ShardInfo:
     sha256: str
 
 
-def _member(name: str, size: int) -> bytes:
-    """The tar header block(s) of a regular file with fixed metadata (no time, owner or name)."""
+@dataclass(frozen=True)
+class FileSlice:
+    """``length`` bytes at ``offset`` of a local file, as member data: the writer reads them
+    straight into its buffer (e.g. a FLAC value inside a Parquet part)."""
+    path: str
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _tarfile_member(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     info.uid = info.gid = 0
@@ -128,57 +141,170 @@ def _member(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def write_tar(sink, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[int, int, str]:
-    """Write samples to a binary sink as a deterministic tar; returns (count, bytes, sha256).
+# tarfile's header for a short ASCII name, with the name, size and checksum fields blank.
+_HEADER = bytearray(_tarfile_member("", 0))
+_HEADER[148:156] = b" " * 8
 
-    Each sample's members are contiguous, in sorted extension order. tarfile makes the
-    headers; the data goes out in one write per member (tarfile's stream mode would cut
-    it into 10 KiB records, a third of the export time)."""
-    h, n, count = hashlib.sha256(), 0, 0
-    # Hashing runs on its own thread, overlapped with the writes (both release the GIL);
-    # a one-worker executor keeps the updates in order.
-    hasher = ThreadPoolExecutor(max_workers=1)
 
-    def put(b) -> None:
-        nonlocal n
-        sink.write(b)
-        hasher.submit(h.update, b)
-        n += len(b)
+def _member(name: str, size: int) -> bytes:
+    """The tar header block(s) of a regular file with fixed metadata (no time, owner or name).
 
+    The same bytes tarfile writes in PAX format; short ASCII names (every shard key) are
+    filled into a template, 30x faster than tarfile, anything else goes through tarfile."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+        return _tarfile_member(name, size)
+    h = bytearray(_HEADER)
+    h[:len(raw)] = raw
+    h[124:136] = b"%011o\0" % size
+    h[148:155] = b"%06o\0" % sum(h)
+    return bytes(h)
+
+
+_ZEROS = bytes(2 * tarfile.RECORDSIZE)  # the longest run of padding: the end of an archive
+
+
+class TarWriter:
+    """Writes deterministic tars through a few reused buffers; one writer serves many shards.
+
+    The tar stream is assembled in fixed buffers (headers, member data copied or read
+    straight from files, padding); each full buffer goes to the sink and to a hashing
+    thread while the next one fills (file reads, writes and sha256 all release the GIL).
+    The buffers are reused for every shard: touching fresh memory (page faults) costs
+    more here than the copies themselves."""
+
+    def __init__(self, chunk: int = 4 * 2**20, depth: int = 3, open_files: int = 32):
+        self._views = [memoryview(bytearray(chunk)) for _ in range(depth)]
+        self._hashing: list[Future | None] = [None] * depth
+        self._hasher = ThreadPoolExecutor(max_workers=1)  # one worker: updates stay in order
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._open_files = open_files
+        self._i = self._fill = self._n = 0
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, sink, samples: Iterable[tuple[str, dict]], copy: bool = False) -> tuple[int, int, str]:
+        """Write samples ``(key, {ext: bytes | FileSlice})`` to a binary sink as one tar;
+        returns (count, bytes, sha256). Each sample's members are contiguous, in sorted
+        extension order. ``copy``: hand the sink fresh bytes (for sinks that may keep a
+        reference to what they are given, such as object-store uploads)."""
+        self._sink, self._copy, self._h = sink, copy, hashlib.sha256()
+        self._fill = self._n = count = 0
+        try:
+            for key, fields in samples:
+                if not key or "." in key or "/" in key:
+                    raise ValueError(f"bad shard key {key!r}: keys may not contain '.' or '/'")
+                for ext in sorted(fields):
+                    data = fields[ext]
+                    self._put(_member(f"{key}.{ext}", len(data)))
+                    if isinstance(data, FileSlice):
+                        self._put_file(data)
+                    else:
+                        self._put(data)
+                    self._put(_ZEROS[: -len(data) % tarfile.BLOCKSIZE])
+                count += 1
+            # End of archive: two zero blocks, padded to a whole record as tar(1) and tarfile do.
+            end = 2 * tarfile.BLOCKSIZE
+            self._put(_ZEROS[: end + (-(self._n + end)) % tarfile.RECORDSIZE])
+            self._flush()
+        finally:
+            for i, f in enumerate(self._hashing):
+                if f is not None:
+                    f.result()
+                    self._hashing[i] = None
+            self._sink = None
+        return count, self._n, self._h.hexdigest()
+
+    def _room(self) -> memoryview:
+        """The free part of the current buffer (flushing it first when full)."""
+        view = self._views[self._i]
+        if self._fill == len(view):
+            self._flush()
+            view = self._views[self._i]
+        return view[self._fill:]
+
+    def _put(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while data:
+            room = self._room()
+            k = min(len(room), len(data))
+            room[:k] = data[:k]
+            self._fill += k
+            self._n += k
+            data = data[k:]
+
+    def _put_file(self, piece: FileSlice) -> None:
+        fd = self._fd(piece.path)
+        offset, left = piece.offset, piece.length
+        while left:
+            room = self._room()
+            got = os.preadv(fd, [room[: min(len(room), left)]], offset)
+            if got <= 0:
+                raise OSError(f"{piece.path} ended before byte {offset + left} (was it rewritten?)")
+            self._fill += got
+            self._n += got
+            offset += got
+            left -= got
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        data = self._views[self._i][: self._fill]
+        self._sink.write(bytes(data) if self._copy else data)
+        self._hashing[self._i] = self._hasher.submit(self._h.update, data)
+        self._i = (self._i + 1) % len(self._views)
+        self._fill = 0
+        if self._hashing[self._i] is not None:  # reuse a buffer only once it is hashed
+            self._hashing[self._i].result()
+            self._hashing[self._i] = None
+
+    def _fd(self, path: str) -> int:
+        if path in self._fds:
+            self._fds.move_to_end(path)
+        else:
+            if len(self._fds) >= self._open_files:
+                os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+
+def write_tar(sink, samples: Iterable[tuple[str, dict]]) -> tuple[int, int, str]:
+    """Write samples to a binary sink as a deterministic tar; returns (count, bytes, sha256)."""
+    with TarWriter() as w:
+        return w.write(sink, samples)
+
+
+def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dict]],
+                writer: TarWriter | None = None) -> ShardInfo:
+    """Write one shard atomically: readers never see a partial tar under its final name.
+    Pass a ``writer`` to reuse its buffers across shards."""
+    own = writer is None
+    writer = writer or TarWriter()
     try:
-        for key, fields in samples:
-            if not key or "." in key or "/" in key:
-                raise ValueError(f"bad shard key {key!r}: keys may not contain '.' or '/'")
-            for ext in sorted(fields):
-                data = fields[ext]
-                put(_member(f"{key}.{ext}", len(data)))
-                put(data)
-                if len(data) % tarfile.BLOCKSIZE:
-                    put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-            count += 1
-        # End of archive: two zero blocks, padded to a whole record as tar(1) and tarfile do.
-        end = 2 * tarfile.BLOCKSIZE
-        end += (-(n + end)) % tarfile.RECORDSIZE
-        put(tarfile.NUL * end)
+        if is_local(fs):
+            tmp = path + ".tmp"
+            # No fsync: the rename alone keeps a killed process from leaving a partial shard,
+            # and resume re-checks every finished shard's sha256, so a shard damaged by a power
+            # loss is rewritten rather than trusted.
+            with open(tmp, "wb") as f:
+                count, size, sha = writer.write(f, samples)
+            os.replace(tmp, path)
+        else:
+            # An object-store upload becomes visible only when the stream closes cleanly.
+            with fs.open_output_stream(path) as out:
+                count, size, sha = writer.write(out, samples, copy=True)
     finally:
-        hasher.shutdown(wait=True)
-    return count, n, h.hexdigest()
-
-
-def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> ShardInfo:
-    """Write one shard atomically: readers never see a partial tar under its final name."""
-    if is_local(fs):
-        tmp = path + ".tmp"
-        # No fsync: the rename alone keeps a killed process from leaving a partial shard,
-        # and resume re-checks every finished shard's sha256, so a shard damaged by a power
-        # loss is rewritten rather than trusted.
-        with open(tmp, "wb") as f:
-            count, size, sha = write_tar(f, samples)
-        os.replace(tmp, path)
-    else:
-        # An object-store upload becomes visible only when the stream closes cleanly.
-        with fs.open_output_stream(path) as out:
-            count, size, sha = write_tar(out, samples)
+        if own:
+            writer.close()
     return ShardInfo(path, count, size, sha)
 
 

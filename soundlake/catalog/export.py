@@ -43,7 +43,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from soundlake import shards
-from soundlake.catalog import schema, sql
+from soundlake.catalog import parquet_pages, schema, sql
 from soundlake.catalog.lake import Lake
 from soundlake.errors import UserError
 
@@ -409,40 +409,54 @@ def _audio_locator(lake: Lake, files: list[str]) -> dict[str, list[str]]:
 
 
 class _AudioReader:
-    """The FLAC bytes of one shard's clips, reading whole part files (a part is one row
-    group) and keeping the most recent ones, up to ``cache_bytes``, for the next chunks.
-    A small cache lets the allocator hand freed buffers back to the next reads: touching
-    fresh memory (page faults) costs more than the reads themselves."""
+    """The FLAC bytes of one shard's clips, per part file (read once, kept for the next chunks).
+
+    Local parts whose ``flac`` column is stored uncompressed PLAIN (how the lake writes it)
+    give :class:`shards.FileSlice` ranges, found from the page headers: the tar writer reads
+    them straight into its reused buffer. Other parts (object stores, other layouts) are
+    read with pyarrow, the most recent ones kept up to ``cache_bytes``; a small cache lets
+    the allocator hand freed buffers back to the next reads, as fresh memory (page faults)
+    costs more than the reads themselves."""
 
     def __init__(self, lake: Lake, where: dict[str, list[str]], cache_bytes: int = 64 * 2**20):
         self.lake, self.where, self.cache_bytes = lake, where, cache_bytes
-        self.cache: OrderedDict[str, dict[str, tuple[str, bytes]]] = OrderedDict()
+        self.cache: OrderedDict[str, dict[str, tuple[str, object]]] = OrderedDict()
         self.size = 0
 
-    def _part(self, path: str) -> dict[str, tuple[str, memoryview]]:
+    def _part(self, path: str) -> dict[str, tuple[str, shards.FileSlice | memoryview]]:
         if path in self.cache:
             self.cache.move_to_end(path)
             return self.cache[path]
-        cols = ["clip_id", "audio_sha256", "flac"]
-        # Local lakes: memory-mapped reads skip a copy of every FLAC byte into fresh buffers.
-        t = pq.read_table(path, columns=cols, memory_map=True) if self.lake.is_local \
-            else pq.read_table(path, filesystem=self.lake.fs, columns=cols)
-        # Zero-copy views into the Arrow buffer: the bytes go from Parquet to the tar untouched.
-        flac = t.column("flac").combine_chunks()
-        offsets = np.frombuffer(flac.buffers()[1], dtype=np.int64)[flac.offset: flac.offset + len(flac) + 1]
-        data = memoryview(flac.buffers()[2]) if flac.buffers()[2] is not None else memoryview(b"")
-        part: dict[str, tuple[str, memoryview]] = {}
-        for i, (cid, sha) in enumerate(zip(t["clip_id"].to_pylist(), t["audio_sha256"].to_pylist())):
-            part.setdefault(cid, (sha, data[offsets[i]: offsets[i + 1]]))
+        f = pq.ParquetFile(path) if self.lake.is_local else pq.ParquetFile(self.lake.fs.open_input_file(path))
+        with f:
+            ids = f.read(columns=["clip_id", "audio_sha256"])
+            ranges = None
+            if self.lake.is_local:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    ranges = parquet_pages.value_ranges(fd, f.metadata, "flac")
+                finally:
+                    os.close(fd)
+            if ranges is not None:
+                audio: list = [shards.FileSlice(path, off, n) for off, n in ranges]
+            else:
+                # Zero-copy views into the Arrow buffer: the bytes go from Parquet to the tar untouched.
+                flac = f.read(columns=["flac"]).column("flac").combine_chunks()
+                offsets = np.frombuffer(flac.buffers()[1], dtype=np.int64)[flac.offset: flac.offset + len(flac) + 1]
+                data = memoryview(flac.buffers()[2]) if flac.buffers()[2] is not None else memoryview(b"")
+                audio = [data[offsets[i]: offsets[i + 1]] for i in range(len(flac))]
+                self.size += len(data)
+        part: dict[str, tuple[str, shards.FileSlice | memoryview]] = {}
+        for cid, sha, a in zip(ids["clip_id"].to_pylist(), ids["audio_sha256"].to_pylist(), audio):
+            part.setdefault(cid, (sha, a))
         self.cache[path] = part
-        self.size += t.nbytes
         while self.size > self.cache_bytes and len(self.cache) > 1:
             _, old = self.cache.popitem(last=False)
-            self.size -= sum(len(f) for _, f in old.values())
+            self.size -= sum(len(a) for _, a in old.values() if isinstance(a, memoryview))
         return part
 
-    def read(self, samples: list[Sample]) -> dict[str, memoryview]:
-        out: dict[str, memoryview] = {}
+    def read(self, samples: list[Sample]) -> dict[str, shards.FileSlice | memoryview]:
+        out: dict[str, shards.FileSlice | memoryview] = {}
         for s in samples:
             for path in self.where.get(s.clip_id, []):
                 sha, flac = self._part(path).get(s.clip_id, (None, None))
@@ -519,6 +533,7 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
     submit(1)
     cursor = [0]  # next job to write
     written = kept = 0
+    writer = shards.TarWriter()  # one set of buffers for every shard
     try:
         for n, sh in enumerate(plan.shards):
             members = plan.samples[sh["start"]: sh["end"]]
@@ -537,7 +552,7 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
                             if extra_fields is not None:
                                 fields.update(extra_fields(s.clip_id, json.loads(s.json_bytes)))
                             yield shards.tar_key(s.clip_id), fields
-                info = shards.write_shard(fs, sh["path"], gen())
+                info = shards.write_shard(fs, sh["path"], gen(), writer)
                 manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
                                            "bytes": info.bytes, "sha256": info.sha256,
                                            "first": members[0].clip_id, "last": members[-1].clip_id})
@@ -550,6 +565,7 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         for f in futures.values():
             f.cancel()
         prefetch.shutdown(wait=True)
+        writer.close()
     splits: dict[str, int] = {}
     for s in plan.samples:
         splits[s.split] = splits.get(s.split, 0) + 1
