@@ -89,14 +89,17 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def put_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a small file atomically (tmp + rename locally; one PUT on object stores)."""
+def put_bytes(fs: pafs.FileSystem, path: str, data: bytes, sync: bool = True) -> None:
+    """Write a small file atomically (tmp + rename locally; one PUT on object stores).
+    ``sync=False`` skips the fsync: still atomic for a killed process, not durable
+    across a power loss."""
     if is_local(fs):
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as out:

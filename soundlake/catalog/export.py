@@ -39,6 +39,7 @@ from typing import Callable
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -230,20 +231,22 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
     if args.licenses:
         con.register("_licenses", pa.table({"l": pa.array(args.licenses, pa.string())}))
         conds.append("license IN (SELECT l FROM _licenses)")
-    base = f"SELECT * FROM clips WHERE {' AND '.join(conds)}"
-    # One row per clip id even if a clip was written twice (e.g. by two runs).
-    q = f"""SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY clip_id ORDER BY created, run_id) AS _rn
-              FROM ({base})) WHERE _rn = 1"""
+    # One row per clip id even if a clip was written twice (e.g. by two runs); excluded clips
+    # are flagged, not filtered, so the one query also counts them. Only the columns the
+    # samples' JSON needs.
+    cols = ", ".join(dict.fromkeys((*_META, "meta_json", "flac_bytes")))
     try:
-        selected = con.execute(f"SELECT count(*) FROM ({q})").fetchall()[0][0]
-        clips = con.sql(f"""SELECT * EXCLUDE (_rn) FROM ({q}) s
-              WHERE clip_id NOT IN (SELECT id FROM _exclude)
-                AND coalesce(source_id, '') NOT IN (SELECT id FROM _exclude)
-                AND coalesce(source || ':' || source_id, '') NOT IN (SELECT id FROM _exclude)
+        clips = con.sql(f"""SELECT {cols}, (clip_id IN (SELECT id FROM _exclude)
+                  OR coalesce(source_id, '') IN (SELECT id FROM _exclude)
+                  OR coalesce(source || ':' || source_id, '') IN (SELECT id FROM _exclude)) AS _excluded
+              FROM clips WHERE {' AND '.join(conds)}
+              QUALIFY row_number() OVER (PARTITION BY clip_id ORDER BY created, run_id) = 1
               ORDER BY clip_id""").to_arrow_table()
     except duckdb.Error as e:
         raise UserError(f"--where: SQL error: {str(e).strip().splitlines()[0]}") from None
-    dropped = {"excluded": selected - clips.num_rows}
+    excluded_rows = clips["_excluded"]
+    dropped = {"excluded": pc.sum(excluded_rows).as_py() or 0}
+    clips = clips.filter(pc.invert(excluded_rows)).drop_columns(["_excluded"])
     con.register("_sel", clips.select(["clip_id"]))
 
     # Captions of the selected clips, distinct texts, in policy order (best first).
@@ -347,7 +350,7 @@ def plan_export(lake: Lake | str, args: ExportArgs) -> Plan:
     clips, captions, catalog, dropped = select(lake, args)
     dropped["no_caption"] = 0
     samples: list[Sample] = []
-    for row in clips.drop_columns([]).to_pylist():
+    for row in clips.to_pylist():
         caps = apply_policy(captions.get(row["clip_id"], []), args.caption, args.min_score)
         if not caps:
             dropped["no_caption"] += 1
@@ -557,8 +560,11 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
                                            "bytes": info.bytes, "sha256": info.sha256,
                                            "first": members[0].clip_id, "last": members[-1].clip_id})
                 written += 1
-            # The manifest is the record of finished shards: rewrite it after each one.
-            shards.put_bytes(fs, manifest_path, _dumps(manifest))
+            # The manifest is the record of finished shards: rewrite it after each one. Atomic
+            # without an fsync, which would wait for the disk to take every shard so far (ext4
+            # orders data before metadata): after a power loss, resume re-checks each shard's
+            # sha256 anyway. Only the final manifest is synced.
+            shards.put_bytes(fs, manifest_path, _dumps(manifest), sync=False)
             if on_shard:
                 on_shard(sh, n + 1, len(plan.shards))
     finally:
