@@ -331,8 +331,12 @@ def check_member(info: tarfile.TarInfo, max_member_bytes: int = DEFAULT_MAX_MEMB
 
 
 def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of a tar stream, every TarInfo checked first."""
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+    """(name, bytes) of each regular member of a tar stream, every TarInfo checked first.
+
+    Seekable files (local shards) are read member by member in one read each; streams
+    (object stores) go through tarfile's stream mode, which reads 10 KiB records."""
+    seekable = getattr(fileobj, "seekable", lambda: False)()
+    with tarfile.open(fileobj=fileobj, mode="r:*" if seekable else "r|*") as tar:
         for info in tar:
             check_member(info, max_member_bytes)
             if info.isdir():
@@ -342,7 +346,7 @@ def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_
             if len(data) != info.size:
                 raise UnsafeTarError(f"truncated tar member {info.name!r}")
             yield info.name, data
-            tar.members = []  # streaming: do not keep every TarInfo
+            tar.members = []  # do not keep every TarInfo (iteration reads on from the file)
 
 
 def iter_samples(fileobj: IO[bytes], url: str = "",
