@@ -180,22 +180,6 @@ class Plan:
     shards: list[dict]             # {"name", "split", "start", "end"} over samples
 
 
-def _pin(con: duckdb.DuckDBPyConnection, lake: Lake, files: dict[str, list[str]]) -> None:
-    """Point the views at exactly the part files listed, so the export reads one catalog state
-    even while a curation job adds parts."""
-    if not lake.is_local:
-        return  # sql.connect already registered fixed pyarrow datasets for object stores
-    for table, parts in files.items():
-        if not parts:
-            continue
-        lst = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)
-        src = f"read_parquet([{lst}], union_by_name = true)"
-        # The raw view under any dedupe view (DEDUPE_KEYS), so dedupe still applies.
-        view = {"clips": "_clip_parts", "runs": "_runs"}.get(table) or \
-            (f"_{table}_all" if table in getattr(schema, "DEDUPE_KEYS", getattr(sql, "DEDUPE_KEYS", {})) else table)
-        con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {src}")
-
-
 def _has(con, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
                             [name]).fetchall()[0][0])
@@ -215,9 +199,9 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
     """Run the selection: (clip rows, captions per clip, catalog state, dropped counts)."""
     if args.caption not in ("preferred", "all") and not args.caption.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--caption {args.caption!r}: expected preferred, all or a captioner name")
-    con = sql.connect(lake)
-    files = {t: lake.parts(t) for t in ("clips", "captions", "scores") if t in schema.TABLES}
-    _pin(con, lake, files)
+    # Exactly the part files listed now: one catalog state even while a curation job adds parts.
+    files = {t: lake.parts(t) for t in ("clips", "captions", "scores")}
+    con = sql.connect(lake, parts=files)
     rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in files.items()}
     catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()}
     if not files.get("clips"):
