@@ -407,7 +407,7 @@ class _AudioReader:
 
     def __init__(self, lake: Lake, where: dict[str, list[str]], cache_bytes: int = 64 * 2**20):
         self.lake, self.where, self.cache_bytes = lake, where, cache_bytes
-        self.cache: OrderedDict[str, dict[str, tuple[str, object]]] = OrderedDict()
+        self.cache: OrderedDict[str, dict[str, tuple[str, shards.FileSlice | memoryview]]] = OrderedDict()
         self.size = 0
 
     def _part(self, path: str) -> dict[str, tuple[str, shards.FileSlice | memoryview]]:
@@ -425,6 +425,7 @@ class _AudioReader:
                 finally:
                     os.close(fd)
             if ranges is not None:
+                # By path: a part is never rewritten once committed (unique name, atomic rename).
                 audio: list = [shards.FileSlice(path, off, n) for off, n in ranges]
             else:
                 # Zero-copy views into the Arrow buffer: the bytes go from Parquet to the tar untouched.
@@ -545,9 +546,9 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
                                            "first": members[0].clip_id, "last": members[-1].clip_id})
                 written += 1
             # The manifest is the record of finished shards: rewrite it after each one. Atomic
-            # without an fsync, which would wait for the disk to take every shard so far (ext4
-            # orders data before metadata): after a power loss, resume re-checks each shard's
-            # sha256 anyway. Only the final manifest is synced.
+            # (tmp + rename) without an fsync, which can wait for the disk to take the shards
+            # written so far: after a power loss, resume re-checks each shard's sha256 anyway.
+            # Only the final manifest is synced.
             shards.put_bytes(fs, manifest_path, _dumps(manifest), sync=False)
             if on_shard:
                 on_shard(sh, n + 1, len(plan.shards))
