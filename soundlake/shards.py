@@ -120,7 +120,11 @@ class ShardInfo:
     path: str
     count: int
     bytes: int
-    sha256: str
+    digest: Future  # the sha256 (hex), still being computed when the shard is written
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.result()
 
 
 @dataclass(frozen=True)
@@ -195,11 +199,13 @@ class TarWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def write(self, sink, samples: Iterable[tuple[str, dict]], copy: bool = False) -> tuple[int, int, str]:
+    def write(self, sink, samples: Iterable[tuple[str, dict]], copy: bool = False) -> tuple[int, int, Future]:
         """Write samples ``(key, {ext: bytes | FileSlice})`` to a binary sink as one tar;
-        returns (count, bytes, sha256). Each sample's members are contiguous, in sorted
-        extension order. ``copy``: hand the sink fresh bytes (for sinks that may keep a
-        reference to what they are given, such as object-store uploads)."""
+        returns (count, bytes, future of the sha256 hex digest). Each sample's members are
+        contiguous, in sorted extension order. The digest is not waited for: the hashing of
+        this tar's last buffers overlaps the next tar. ``copy``: hand the sink fresh bytes
+        (for sinks that may keep a reference to what they are given, such as object-store
+        uploads)."""
         self._sink, self._copy, self._h = sink, copy, hashlib.sha256()
         self._fill = self._n = count = 0
         try:
@@ -220,12 +226,9 @@ class TarWriter:
             self._put(_ZEROS[: end + (-(self._n + end)) % tarfile.RECORDSIZE])
             self._flush()
         finally:
-            for i, f in enumerate(self._hashing):
-                if f is not None:
-                    f.result()
-                    self._hashing[i] = None
             self._sink = None
-        return count, self._n, self._h.hexdigest()
+        # One hashing worker runs tasks in order: the digest comes after this tar's updates.
+        return count, self._n, self._hasher.submit(self._h.hexdigest)
 
     def _room(self) -> memoryview:
         """The free part of the current buffer (flushing it first when full)."""
@@ -283,7 +286,8 @@ class TarWriter:
 def write_tar(sink, samples: Iterable[tuple[str, dict]]) -> tuple[int, int, str]:
     """Write samples to a binary sink as a deterministic tar; returns (count, bytes, sha256)."""
     with TarWriter() as w:
-        return w.write(sink, samples)
+        count, size, digest = w.write(sink, samples)
+        return count, size, digest.result()
 
 
 def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dict]],
@@ -299,16 +303,16 @@ def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dic
             # and resume re-checks every finished shard's sha256, so a shard damaged by a power
             # loss is rewritten rather than trusted.
             with open(tmp, "wb") as f:
-                count, size, sha = writer.write(f, samples)
+                count, size, digest = writer.write(f, samples)
             os.replace(tmp, path)
         else:
             # An object-store upload becomes visible only when the stream closes cleanly.
             with fs.open_output_stream(path) as out:
-                count, size, sha = writer.write(out, samples, copy=True)
+                count, size, digest = writer.write(out, samples, copy=True)
     finally:
         if own:
             writer.close()
-    return ShardInfo(path, count, size, sha)
+    return ShardInfo(path, count, size, digest)
 
 
 # ---- reading -----------------------------------------------------------------------

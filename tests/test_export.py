@@ -379,9 +379,9 @@ def test_tar_writer_matches_tarfile(tmp_path):
         with writer:
             for _ in range(2):  # buffers reused for a second tar
                 out = io.BytesIO()
-                count, n, sha = writer.write(out, samples)
+                count, n, digest = writer.write(out, samples)
                 assert out.getvalue() == ref.getvalue()
-                assert (count, n, sha) == (len(samples), len(ref.getvalue()), hashlib.sha256(ref.getvalue()).hexdigest())
+                assert (count, n, digest.result()) == (len(samples), len(ref.getvalue()), hashlib.sha256(ref.getvalue()).hexdigest())
     with pytest.raises(OSError, match="ended before"), shards.TarWriter() as writer:
         writer.write(io.BytesIO(), [("k", {"flac": shards.FileSlice(str(blob), 49_000, 2000)})])
 

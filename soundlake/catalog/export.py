@@ -31,7 +31,7 @@ import os
 import re
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -505,26 +505,39 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         sh["kept"] = prev if keep else None
         if not keep:
             todo.append(sh)
-    # One reader thread fetches audio two chunks ahead while the current chunk is written
-    # (Parquet reads and file writes both release the GIL); it alone touches the reader's
-    # cache. Chunks, not whole shards, so reading and writing overlap inside a shard too.
-    prefetch = ThreadPoolExecutor(max_workers=1)
+    # Object stores: one reader thread fetches audio two chunks ahead while the current chunk
+    # is written (reads and writes release the GIL); it alone touches the reader's cache.
+    # Chunks, not whole shards, so reading and writing overlap inside a shard too. Local
+    # parts only need their page headers read: inline, as hand-offs between threads cost
+    # more than that on a busy machine.
+    prefetch = None if lake.is_local else ThreadPoolExecutor(max_workers=1)
     jobs = [(sh["name"], plan.samples[a: min(a + _READ_CHUNK, sh["end"])])
             for sh in todo for a in range(sh["start"], sh["end"], _READ_CHUNK)]
-    futures: dict[int, object] = {}
+    futures: dict[int, Future] = {}
 
     def submit(j: int) -> None:
         if j < len(jobs) and j not in futures:
-            futures[j] = prefetch.submit(reader.read, jobs[j][1])
+            if prefetch is not None:
+                futures[j] = prefetch.submit(reader.read, jobs[j][1])
+            else:
+                futures[j] = Future()
+                futures[j].set_result(reader.read(jobs[j][1]))
 
     submit(0)
     submit(1)
     cursor = [0]  # next job to write
     written = kept = 0
     writer = shards.TarWriter()  # one set of buffers for every shard
+    hashing: list[tuple[dict, shards.ShardInfo]] = []  # written shards whose sha256 may still be running
+
+    def record(sh: dict, info: shards.ShardInfo) -> None:
+        manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
+                                   "bytes": info.bytes, "sha256": info.sha256,
+                                   "first": plan.samples[sh["start"]].clip_id,
+                                   "last": plan.samples[sh["end"] - 1].clip_id})
+
     try:
         for n, sh in enumerate(plan.shards):
-            members = plan.samples[sh["start"]: sh["end"]]
             if sh["kept"] is not None:
                 manifest["shards"].append(sh["kept"])
                 kept += 1
@@ -540,11 +553,12 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
                             if extra_fields is not None:
                                 fields.update(extra_fields(s.clip_id, json.loads(s.json_bytes)))
                             yield shards.tar_key(s.clip_id), fields
-                info = shards.write_shard(fs, sh["path"], gen(), writer)
-                manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
-                                           "bytes": info.bytes, "sha256": info.sha256,
-                                           "first": members[0].clip_id, "last": members[-1].clip_id})
+                hashing.append((sh, shards.write_shard(fs, sh["path"], gen(), writer)))
                 written += 1
+            # A written shard enters the manifest once its sha256 is known: the newest one is
+            # still being hashed while the next shard is written, so nothing waits per shard.
+            while len(hashing) > 1 or (hashing and n == len(plan.shards) - 1):
+                record(*hashing.pop(0))
             # The manifest is the record of finished shards: rewrite it after each one. Atomic
             # (tmp + rename) without an fsync, which can wait for the disk to take the shards
             # written so far: after a power loss, resume re-checks each shard's sha256 anyway.
@@ -555,8 +569,11 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
     finally:
         for f in futures.values():
             f.cancel()
-        prefetch.shutdown(wait=True)
+        if prefetch is not None:
+            prefetch.shutdown(wait=True)
         writer.close()
+    order = {sh["name"]: i for i, sh in enumerate(plan.shards)}
+    manifest["shards"].sort(key=lambda e: order[e["name"]])
     splits: dict[str, int] = {}
     for s in plan.samples:
         splits[s.split] = splits.get(s.split, 0) + 1
