@@ -446,3 +446,22 @@ def test_export_bytes_do_not_depend_on_the_part_layout(lake, tmp_path):
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("plain", "zstd"))
     assert len(a["shards"]) > 2
     assert [(s["name"], s["sha256"]) for s in a["shards"]] == [(s["name"], s["sha256"]) for s in b["shards"]]
+
+
+def test_part_committed_while_the_export_plans(tmp_path, monkeypatch):
+    """Audio is located from the part list seen before the selection; a part committed in
+    between is still found (the selection's own list wins)."""
+    from soundlake.catalog import export
+
+    lake = build_lake(tmp_path, range(5))
+    real = export.plan_export
+
+    def plan_after_a_commit(lk, args):
+        build_lake(tmp_path, range(5, 9), lake=lake, run="r2")
+        return real(lk, args)
+
+    monkeypatch.setattr(export, "plan_export", plan_after_a_commit)
+    r = run_export(lake, ExportArgs(out=str(tmp_path / "o"), shard_count=100, shard_size=None))
+    audio = lake_audio(lake)
+    got = read_export(tmp_path / "o")
+    assert r.clips == 9 and set(got) == set(audio) and all(s["flac"] == audio[c] for c, s in got.items())

@@ -472,7 +472,27 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
     ``latents.npy`` to each sample (they must be deterministic to keep shards identical).
     ``on_shard(shard, done, total)`` reports progress."""
     lake = Lake(lake) if isinstance(lake, str) else lake
-    plan = plan_export(lake, args)
+    # Locating each clip's audio needs only the clips part list, and the writer's buffers
+    # need touching once: both happen on a second thread while the selection runs.
+    clip_parts = lake.parts("clips")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        early = pool.submit(lambda: (_audio_locator(lake, clip_parts) if clip_parts else {}, shards.TarWriter()))
+        try:
+            plan = plan_export(lake, args)
+        except BaseException:
+            if early.exception() is None:
+                early.result()[1].close()
+            raise
+    located, writer = early.result()
+    planned = [lake.path(p) for p in plan.catalog["parts"]["clips"]]
+    if sorted(planned) != sorted(clip_parts):  # a part was committed in between
+        located = _audio_locator(lake, planned)
+    with writer:
+        return _write_export(lake, args, plan, _AudioReader(lake, located), writer, wait, on_shard, extra_fields)
+
+
+def _write_export(lake: Lake, args: ExportArgs, plan: Plan, reader: _AudioReader, writer: shards.TarWriter,
+                  wait: bool, on_shard, extra_fields) -> ExportResult:
     fs, root = shards.open_uri(args.out)
     out_uri = args.out if "://" in args.out else root
     fs.create_dir(root, recursive=True)
@@ -495,7 +515,6 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         "args": args.identity(), "catalog": plan.catalog, "dropped": plan.dropped,
         "captioner_priority": list(CAPTIONER_PRIORITY), "shards": [],
     }
-    reader = _AudioReader(lake, _audio_locator(lake, [lake.path(p) for p in plan.catalog["parts"]["clips"]]))
     # Which shards need writing: a finished shard is kept when its sha256 still matches.
     todo = []
     for sh in plan.shards:
@@ -527,7 +546,6 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
     submit(1)
     cursor = [0]  # next job to write
     written = kept = 0
-    writer = shards.TarWriter()  # one set of buffers for every shard
     hashing: list[tuple[dict, shards.ShardInfo]] = []  # written shards whose sha256 may still be running
 
     def record(sh: dict, info: shards.ShardInfo) -> None:
@@ -571,7 +589,6 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
             f.cancel()
         if prefetch is not None:
             prefetch.shutdown(wait=True)
-        writer.close()
     order = {sh["name"]: i for i, sh in enumerate(plan.shards)}
     manifest["shards"].sort(key=lambda e: order[e["name"]])
     splits: dict[str, int] = {}
