@@ -148,9 +148,12 @@ def _tarfile_member(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-# tarfile's header for a short ASCII name, with the name, size and checksum fields blank.
+# tarfile's header for a short ASCII name, with the name, size and checksum fields blank
+# (the checksum counts as spaces), and the byte sum of that template.
 _HEADER = bytearray(_tarfile_member("", 0))
+_HEADER[124:136] = bytes(12)
 _HEADER[148:156] = b" " * 8
+_HEADER_SUM = sum(_HEADER)
 
 
 def _member(name: str, size: int) -> bytes:
@@ -163,8 +166,8 @@ def _member(name: str, size: int) -> bytes:
         return _tarfile_member(name, size)
     h = bytearray(_HEADER)
     h[:len(raw)] = raw
-    h[124:136] = b"%011o\0" % size
-    h[148:155] = b"%06o\0" % sum(h)
+    h[124:136] = field = b"%011o\0" % size
+    h[148:155] = b"%06o\0" % (_HEADER_SUM + sum(raw) + sum(field))
     return bytes(h)
 
 
