@@ -362,7 +362,8 @@ def test_tar_writer_matches_tarfile(tmp_path):
     blob = tmp_path / "blob.bin"
     blob.write_bytes(rng.randbytes(50_000))
     sizes = [0, 1, 511, 512, 513, 4095, 4096, 4097, 9000, 20_000]
-    samples = [(f"k{i}-" + "x" * (i * 11), {"flac": shards.FileSlice(str(blob), 37 * i, n), "json": rng.randbytes(i * 97)})
+    samples = [(f"k{i}-" + "x" * (i * 11),
+                {"flac": shards.FileSlice(str(blob), 37 * i, n), "json": rng.randbytes(i * 97)})
                for i, n in enumerate(sizes)]
     samples.append(("k-é-" + "y" * 120, {"a": b"long non-ASCII name", "b": rng.randbytes(1000)}))
     ref = io.BytesIO()
@@ -381,7 +382,8 @@ def test_tar_writer_matches_tarfile(tmp_path):
                 out = io.BytesIO()
                 count, n, digest = writer.write(out, samples)
                 assert out.getvalue() == ref.getvalue()
-                assert (count, n, digest.result()) == (len(samples), len(ref.getvalue()), hashlib.sha256(ref.getvalue()).hexdigest())
+                want = ref.getvalue()
+                assert (count, n, digest.result()) == (len(samples), len(want), hashlib.sha256(want).hexdigest())
     with pytest.raises(OSError, match="ended before"), shards.TarWriter() as writer:
         writer.write(io.BytesIO(), [("k", {"flac": shards.FileSlice(str(blob), 49_000, 2000)})])
 
@@ -396,7 +398,8 @@ def test_parquet_value_ranges_match_pyarrow(tmp_path):
     rng = random.Random(1)
     values = [rng.randbytes(rng.randint(0, 30_000)) for _ in range(40)]
     table = pa.table({"n": list(range(40)), "flac": pa.array(values, pa.large_binary())})
-    required = pa.table({"flac": pa.array(values, pa.binary())}, schema=pa.schema([pa.field("flac", pa.binary(), False)]))
+    required = pa.table({"flac": pa.array(values, pa.binary())},
+                        schema=pa.schema([pa.field("flac", pa.binary(), nullable=False)]))
     path = tmp_path / "t.parquet"
 
     def ranges(t, **kw):
