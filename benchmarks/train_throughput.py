@@ -21,7 +21,8 @@ from pathlib import Path
 
 from soundlake.testing import make_synth_export
 from soundlake.training.encode import encode_shards
-from soundlake.training.trainer import load_train_spec, train
+from soundlake.training.train_spec import load_train_spec
+from soundlake.training.trainer import train
 
 
 def rate(out: Path) -> tuple[float, float]:

@@ -409,7 +409,8 @@ def train_clap_cmd(
 def _train_cmd(kind: str, spec_file: Optional[Path], sets: List[str], **given) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from soundlake.training.trainer import load_train_spec, train
+    from soundlake.training.train_spec import load_train_spec
+    from soundlake.training.trainer import train
 
     try:
         spec = load_train_spec(kind, str(spec_file) if spec_file else None, sets, **given)

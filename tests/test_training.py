@@ -17,7 +17,8 @@ from soundlake.testing import make_synth_export
 from soundlake.training.bundle import Generator, load_vae, load_weights
 from soundlake.training.data import _open, shard_urls
 from soundlake.training.encode import encode_shards
-from soundlake.training.trainer import load_train_spec, train
+from soundlake.training.train_spec import load_train_spec
+from soundlake.training.trainer import train
 
 from conftest import soundlake_cmd
 

@@ -1,6 +1,6 @@
 """Train the waveform VAE and the DiT from shards on Ray Train (TorchTrainer).
 
-    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")
+    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")  # train_spec.py
     summary = train(spec)          # resumes from the newest checkpoint in runs/dit/ray_train
 
 A spec (YAML, validated; ``--set key=value`` overrides) names the model config, the
@@ -36,212 +36,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Callable
 
 from soundlake.errors import UserError
+from soundlake.training.tasks import DitTask, VaeTask
+from soundlake.training.train_spec import TrainSpec, absolute_paths, make_plan
 
 RUN_NAME = "ray_train"
 LOG = "train_log.csv"
 PROGRESS = "progress.json"
 STATE = "state.pt"
 
-
-# ---------------------------------------------------------------------- spec
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class StageSpec(_Section):
-    name: str = "main"
-    shards: str = Field(..., description="export folder/URI (its manifest), or a brace pattern of .tar paths")
-    split: str | None = Field("train", description="the export split to read (None = all)")
-    steps: int = Field(..., ge=1)
-    mode: Literal["text", "masked"] = Field("text", description="dit: text-conditioned, or masked pretraining")
-    lr: float | None = Field(None, gt=0, description="this stage's peak learning rate (default: lr)")
-
-
-class TrainSpec(_Section):
-    kind: Literal["vae", "dit"]
-    out: str
-    config: str = Field(..., description="model config: a bundled name (vae-tiny, dit-tiny, ...) or a YAML path")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="model config keys to change")
-    vae: str | None = Field(None, description="dit: the trained VAE folder whose latents the shards hold")
-    text_encoder: str | None = Field(None, description="dit: transformers encoder folder (default: MiniLM)")
-    extra_clap: str | None = Field(None, description="dit, GenAu dual encoder: a CLAP model whose text embedding "
-                                                     "of the caption is a second text condition")
-    cond2: Literal["latents"] | None = Field(None, description="dit, DC-LDM second stream: 'latents' = the clip's "
-                                                               "VAE latents pooled to cond2_frames (an acoustic "
-                                                               "sequence; at generation: a reference clip's)")
-    cond2_frames: int = Field(16, ge=1, description="length of the second stream")
-    stages: list[StageSpec] = Field(..., min_length=1)
-    batch_size: int = Field(16, ge=1, description="per worker")
-    seconds: float = Field(2.0, gt=0, description="training crop length in seconds")
-    lr: float = Field(3e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of every stage")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    cond_drop: float = Field(0.1, ge=0, le=1, description="dit: condition dropout for classifier-free guidance")
-    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked stages: span fraction range")
-    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay (e.g. 0.999); the saved model is the EMA")
-    seed: int = 0
-    init: str | None = Field(None, description="weights-only start: a model folder of the same kind")
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
-    tensorboard: bool = Field(False, description="also log to <out>/tensorboard")
-    workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
-    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
-    shuffle: int = Field(256, ge=0, description="shuffle buffer (samples)")
-    resample: bool = Field(False, description="draw shards with replacement (fewer shards than readers)")
-    data: Literal["shards", "memory"] = Field("shards", description="memory: batches held in RAM (benchmarks)")
-    ray_address: str | None = None
-    ray_num_cpus: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.kind == "dit" and not self.vae:
-            raise ValueError("vae: a DiT trains on VAE latents; give the VAE folder (--vae runs/vae)")
-        if self.kind == "vae" and any(s.mode == "masked" for s in self.stages):
-            raise ValueError("stages: mode 'masked' is for the DiT")
-        if "://" in self.out:
-            raise ValueError("out: a local or shared folder (Ray Train's storage), not a URI")
-        return self
-
-    @property
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
-
-def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
-    """A spec from a YAML file (optional), then the command's options (``given``, None = unset),
-    then ``--set key=value`` overrides; one-line errors naming the key."""
-    from soundlake.pipelines.spec import _set, describe_error, parse_override, read_yaml_mapping
-
-    raw: dict = {}
-    if spec:
-        if not Path(spec).is_file():
-            raise UserError(f"--spec {spec}: no such file")
-        raw = read_yaml_mapping(Path(spec), f"--spec {spec}")
-    raw["kind"] = kind
-    shards, steps = given.pop("shards", None), given.pop("steps", None)
-    if shards is not None or steps is not None:
-        if len(raw.get("stages") or [{}]) > 1:
-            raise UserError("--shards/--steps set a single stage; this spec has several (edit its stages)")
-        stage = dict((raw.get("stages") or [{}])[0])
-        stage.update({k: v for k, v in (("shards", shards), ("steps", steps)) if v is not None})
-        raw["stages"] = [stage]
-    defaults = _config_defaults(raw.get("config") or given.get("config"), kind)
-    raw = {**defaults, **raw}
-    raw.update({k: v for k, v in given.items() if v is not None})
-    for text in sets or []:
-        _set(raw, *parse_override(text))
-    try:
-        return TrainSpec.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(f"train spec: {describe_error(e.errors()[0])}") from None
-
-
-def _config_defaults(config: str | None, kind: str) -> dict:
-    """Training defaults from the model config's ``train:`` section (DiT configs have one)."""
-    from soundlake.training.vae import read_config
-
-    config = config or ("vae-tiny" if kind == "vae" else "dit-tiny")
-    try:
-        train = dict(read_config(config).get("train") or {})
-    except FileNotFoundError:
-        raise UserError(f"config {config!r}: no such bundled config or file "
-                        "(bundled: vae-tiny, vae-ezaudio, dit-tiny, dit-L, dit-XL)") from None
-    allowed = set(TrainSpec.model_fields)
-    return {"config": config, **{k: v for k, v in train.items() if k in allowed}}
-
-
-# ---------------------------------------------------------------------- plan (driver)
-
-def _stage_urls(stage: StageSpec) -> list[str]:
-    from soundlake.training.data import shard_urls
-
-    try:
-        urls = shard_urls(stage.shards, split=stage.split)
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"stage {stage.name}: cannot read shards {stage.shards}: {e}") from None
-    if not urls:
-        raise UserError(f"stage {stage.name}: {stage.shards} has no shards of split {stage.split!r}")
-    return urls
-
-
-def make_plan(spec: TrainSpec) -> dict:
-    """Everything the workers need, resolved once on the driver (shard lists, configs)."""
-    from soundlake.training.encode import FORMAT, _read_manifest
-    from soundlake.training.vae import VAEConfig, read_config
-
-    plan: dict = {"stages": [_stage_urls(s) for s in spec.stages]}
-    if spec.kind == "vae":
-        try:
-            plan["vae_config"] = VAEConfig.from_dict({**read_config(spec.config), **spec.overrides}).to_dict()
-        except (ValueError, TypeError) as e:
-            raise UserError(f"config {spec.config}: {e}") from None
-        return plan
-    from soundlake.training.bundle import read_meta
-    from soundlake.training.dit import DiTConfig
-
-    vae_meta = read_meta(spec.vae, "vae")
-    raw = read_config(spec.config)
-    plan["vae_config"] = vae_meta["config"]
-    plan["schedule"] = raw.get("schedule", {})
-    try:
-        model = {**raw.get("model", {}), **spec.overrides, "in_channels": vae_meta["config"]["latent_dim"],
-                 "cond_dim": _text_dim(spec.text_encoder)}
-        if spec.extra_clap:
-            from soundlake.models.clap import load_clap
-
-            model["cond_extra_dim"] = load_clap(spec.extra_clap).dim
-        if spec.cond2:
-            model["cond2_dim"] = vae_meta["config"]["latent_dim"]
-            model.setdefault("cross_attn2_blocks", list(range(3, int(model.get("depth", 12)), 4)) or [0])
-        cfg = DiTConfig.from_dict(model)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config {spec.config}: {e}") from None
-    plan["dit_config"] = cfg.to_dict()
-    from soundlake.models.text import weights_sha256
-
-    vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
-    stats = None
-    for stage in spec.stages:
-        if stage.shards.endswith(".tar") or "{" in stage.shards:
-            raise UserError(f"stage {stage.name}: give the latent shard folder (its manifest has the latent "
-                            "statistics), not a list of tars")
-        m = _read_manifest(stage.shards)
-        if m is None or m.get("format") != FORMAT:
-            raise UserError(f"stage {stage.name}: {stage.shards} holds no latents; "
-                            f"run `soundlake encode --vae {spec.vae} --shards <export> --out <folder>` first")
-        if m["vae"]["weights_sha256"] != vae_sha:
-            raise UserError(f"stage {stage.name}: {stage.shards} was encoded by another VAE than {spec.vae}")
-        stats = stats or m["latents"]
-    plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"]}
-    return plan
-
-
-def _text_dim(path: str | None) -> int:
-    """The text encoder's width, from its config alone (no weights loaded on the driver)."""
-    from transformers import AutoConfig
-
-    from soundlake.models.text import minilm_path
-
-    try:
-        c = AutoConfig.from_pretrained(str(path or minilm_path()), local_files_only=True)
-    except OSError as e:
-        raise UserError(f"text_encoder {path}: not a transformers model folder ({e})") from None
-    return int(getattr(c, "hidden_size", None) or c.d_model)
-
-
-# ---------------------------------------------------------------------- tasks (workers)
 
 def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
     st = spec.stages[stage]
@@ -253,97 +58,6 @@ def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
         pos = min(1.0, (step_in_stage - spec.warmup_steps) / span)
         return peak * 0.5 * (1 + math.cos(math.pi * pos))
     return peak
-
-
-class VaeTask:
-    def __init__(self, spec: TrainSpec, plan: dict, device):
-        from soundlake.training.vae import VAEConfig, WaveVAE, build_discriminator
-
-        self.spec, self.device = spec, device
-        self.cfg = VAEConfig.from_dict(plan["vae_config"])
-        self.model = WaveVAE(self.cfg).to(device)
-        self.disc = build_discriminator(self.cfg)
-        self.disc = self.disc.to(device) if self.disc is not None else None
-        samples = max(1, round(spec.seconds * self.cfg.sample_rate / self.cfg.hop)) * self.cfg.hop
-        self.loader_kw = {"seconds": samples / self.cfg.sample_rate, "sample_rate": self.cfg.sample_rate}
-
-    def extra_modules(self) -> dict:
-        return {"disc": self.disc} if self.disc is not None else {}
-
-    def prepare(self, batch) -> tuple[Any, int]:
-        wav = batch.audio.mean(dim=1, keepdim=True).to(self.device)  # mono [B, 1, T]
-        return wav, wav.shape[0]
-
-    def step(self, model, opt, extra_opts, wav, stage: StageSpec) -> dict:
-        from soundlake.training.vae import vae_train_step
-
-        return vae_train_step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
-
-
-class DitTask:
-    def __init__(self, spec: TrainSpec, plan: dict, device):
-        from soundlake.training.conditioning import TextConditioner
-        from soundlake.training.diffusion import Schedule
-        from soundlake.training.dit import DiT, DiTConfig
-
-        self.spec, self.device = spec, device
-        self.text = TextConditioner(spec.text_encoder, device=str(device))
-        self.model = DiT(DiTConfig.from_dict(plan["dit_config"])).to(device)
-        self.schedule = Schedule(**plan["schedule"])
-        self.mean, self.std = plan["latents"]["mean"], plan["latents"]["std"]
-        self.loader_kw = {"latent_frames": max(1, round(spec.seconds * plan["latents"]["rate"]))}
-        self._cache: dict[str, Any] = {}
-        self.clap = None
-        if spec.extra_clap:
-            from soundlake.models.clap import load_clap
-
-            self.clap = load_clap(spec.extra_clap, device=str(device))
-
-    def extra_modules(self) -> dict:
-        return {}
-
-    def _encode(self, captions: list[str]):
-        """Text tokens for a batch; the frozen encoder's output is cached per caption."""
-        import torch
-
-        from soundlake.training.conditioning import Condition
-
-        new = sorted({c for c in captions if c not in self._cache})
-        if new:
-            if len(self._cache) > 50_000:
-                self._cache.clear()
-            hidden, mask = self.text.encode(new)
-            extra = self.clap.embed_text(new) if self.clap is not None else [None] * len(new)
-            for c, h, m, e in zip(new, hidden, mask, extra):
-                self._cache[c] = (h[m].clone(), None if e is None else torch.as_tensor(e))
-        seqs = [self._cache[c][0] for c in captions]
-        n = max(s.shape[0] for s in seqs)
-        ctx = torch.zeros(len(seqs), n, seqs[0].shape[1])
-        mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ctx[i, :len(s)], mask[i, :len(s)] = s, True
-        extra = torch.stack([self._cache[c][1] for c in captions]) if self.clap is not None else None
-        return Condition(ctx, mask, extra).to(self.device)
-
-    def prepare(self, batch) -> tuple[Any, int]:
-        x0 = ((batch.latents - self.mean) / self.std).transpose(1, 2).to(self.device)  # [B, F, C]
-        return (x0, batch.captions), x0.shape[0]
-
-    def step(self, model, opt, extra_opts, item, stage: StageSpec) -> dict:
-        import torch
-
-        from soundlake.training.bundle import pool_frames
-        from soundlake.training.diffusion import diffusion_train_step
-
-        x0, captions = item
-        masked = stage.mode == "masked"
-        cond = None if masked else self._encode(captions)
-        if cond is not None and self.spec.cond2 == "latents":
-            cond.context2 = pool_frames(x0, self.spec.cond2_frames)
-            cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=x0.device)
-        return diffusion_train_step(model, opt, x0, cond, self.schedule, masked=masked,
-                                    cond_drop=self.spec.cond_drop, grad_clip=self.spec.grad_clip,
-                                    mask_frac=tuple(self.spec.mask_frac))
 
 
 @dataclass
@@ -588,21 +302,8 @@ def _latest_step(out: Path) -> int:
         return 0
 
 
-def _absolute_paths(spec: TrainSpec) -> TrainSpec:
-    def local(p: str | None) -> str | None:
-        return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
-
-    stages = [s.model_copy(update={"shards": local(s.shards)}) for s in spec.stages]
-    clap = spec.extra_clap  # a folder, or a cached hub id left as it is
-    clap = local(clap) if clap and Path(clap).expanduser().exists() else clap
-    return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
-                                   "text_encoder": local(spec.text_encoder), "extra_clap": clap,
-                                   "stages": stages})
-
-
 def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) -> TrainSummary:
     """Run (or resume) training on Ray Train, then write the model folder into ``spec.out``."""
-    import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -611,7 +312,7 @@ def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) ->
     from soundlake.pipelines.spec import RaySpec
     from soundlake.training.bundle import copy_model, save_model
 
-    spec = _absolute_paths(spec)  # workers run in other folders (and on other nodes)
+    spec = absolute_paths(spec)
     out = Path(spec.out)
     plan = make_plan(spec)
     out.mkdir(parents=True, exist_ok=True)
