@@ -50,15 +50,14 @@ import torch
 import yaml
 
 from soundlake.errors import UserError
-from soundlake.models.autocap import Autocap, AutocapConfig, AutocapNet, add_tags
+from soundlake.models.autocap import RELEASED_AUDIO, Autocap, AutocapConfig, AutocapNet, add_tags, save_autocap
 from soundlake.models.text import weights_sha256
 
 # AutoCap's get_meta_dict: the fields, their tags, and the order they are joined in
 RELEASED_FIELDS = {"labels": ("<LBL>", "</LBL>"), "video_caption": ("<HQVC>", "</HQVC>"),
                    "title": ("<TITLE>", "</TITLE>"), "subtitle": ("<SUB>", "</SUB>"),
                    "videollama_caption": ("<AVC>", "</AVC>")}
-NOT_LOADED = {"encoder.": "HTS-AT audio encoder (not implemented in soundlake)",
-              "clap_model.": "laion-clap HTSAT-base (use clap.model with the laion backend)"}
+AUDIO_PREFIXES = ("encoder.", "clap_model.", "audio_clap_resampler.")   # placed by autocap_audio
 _LAYER = [("attention.self.query", "self_attn.q"), ("attention.self.key", "self_attn.k"),
           ("attention.self.value", "self_attn.v"), ("attention.output.dense", "self_attn.o"),
           ("attention.output.LayerNorm", "self_norm"), ("crossattention.self.query", "cross_attn.q"),
@@ -75,13 +74,17 @@ _TOP = [("decoder.", "bart."), ("enc_to_dec_proj.", "frame_proj."), ("audio_quer
 @dataclass
 class MappingReport:
     mapped: dict[str, str] = field(default_factory=dict)        # checkpoint key -> our key
+    split: dict[str, tuple] = field(default_factory=dict)       # checkpoint key -> our keys (HTS-AT qkv -> q, k, v)
     checked: dict[str, str] = field(default_factory=dict)       # checkpoint key -> why it needs no place
-    not_loaded: dict[str, list[str]] = field(default_factory=dict)   # reason -> checkpoint keys
+    constants: list[str] = field(default_factory=list)          # our index buffers the checkpoint does not store
+
+    def placed(self) -> set[str]:
+        """Our keys that got a checkpoint tensor."""
+        return set(self.mapped.values()) | {k for keys in self.split.values() for k in keys}
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{len(v)} tensors of the {k}" for k, v in self.not_loaded.items())
-        return (f"{len(self.mapped)} tensors loaded, {len(self.checked)} duplicates/constants checked"
-                + (f"; not loaded: {skipped}" if skipped else ""))
+        return (f"{len(self.mapped) + len(self.split)} tensors loaded ({len(self.split)} split into query/key/value), "
+                f"{len(self.checked)} duplicates/constants/unused heads checked")
 
 
 class _Loader(yaml.SafeLoader):
@@ -153,10 +156,8 @@ def map_released_state(state: dict[str, torch.Tensor], net: AutocapNet) -> tuple
     ours = net.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        prefix = next((p for p in NOT_LOADED if key.startswith(p)), None)
-        if prefix:
-            report.not_loaded.setdefault(NOT_LOADED[prefix], []).append(key)
-            continue
+        if key.startswith(AUDIO_PREFIXES):
+            continue   # the audio encoders: build_released_audio
         if key == "audio_Qformer.bert.embeddings.position_ids":
             if not torch.equal(value.flatten(), torch.arange(value.numel(), dtype=value.dtype)):
                 raise UserError(f"{key}: expected the constant 0..{value.numel() - 1}")
@@ -208,8 +209,10 @@ def _bart_for(settings: dict, state: dict[str, torch.Tensor], bart: str | Path |
 
 def load_released(ckpt: str | Path, yaml_path: str | Path, bart: str | Path | None = None,
                   device: str = "cpu") -> tuple[Autocap, MappingReport]:
-    """The released AutoCap as a soundlake Autocap (no audio encoder: see the module docstring)."""
+    """The released AutoCap as a soundlake Autocap that captions raw 32 kHz audio."""
     from transformers import AutoTokenizer
+
+    from soundlake.models.autocap_audio import build_released_audio
 
     settings = read_autocap_yaml(yaml_path)
     try:
@@ -227,5 +230,23 @@ def load_released(ckpt: str | Path, yaml_path: str | Path, bart: str | Path | No
     net = AutocapNet(cfg, bart_model, base_vocab)
     mapped, report = map_released_state(state, net)
     net.load_state_dict(mapped, strict=True)
-    model = Autocap(net, tokenizer, None, model_id=str(ckpt), model_hash=weights_sha256(Path(ckpt)), device=device)
+    audio = build_released_audio(state, settings, report)
+    if audio.frame_dim != cfg.frame_dim or audio.clap_dim != cfg.clap_dim:
+        raise UserError(f"{ckpt}: the audio encoders give {audio.frame_dim}-dim frames and {audio.clap_dim}-dim CLAP "
+                        f"embeddings, enc_to_dec_proj/clap_proj take {cfg.frame_dim}/{cfg.clap_dim}")
+    model = Autocap(net, tokenizer, audio.to(device), model_id=str(ckpt), model_hash=weights_sha256(Path(ckpt)),
+                    device=device)
     return model, report
+
+
+def convert_released(ckpt: str | Path, yaml_path: str | Path, out: str | Path,
+                     bart: str | Path | None = None) -> tuple[Path, MappingReport]:
+    """Write the released AutoCap as an autocap folder (``caption.autocap_model`` loads it)."""
+    model, report = load_released(ckpt, yaml_path, bart=bart)
+    out = Path(out)
+    model.audio.save(out / "audio")
+    save_autocap(model.net, model.tokenizer, out, None, extra={
+        "audio_encoder": {"kind": RELEASED_AUDIO, "path": "audio"},
+        "converted_from": {"checkpoint": str(ckpt), "checkpoint_sha256": model.model_hash, "yaml": str(yaml_path),
+                           "bart": str(model.cfg.bart)}})
+    return out, report
