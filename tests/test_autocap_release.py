@@ -19,12 +19,7 @@ from soundlake.testing import make_tiny_bart
 from tests.conftest import soundlake_cmd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+torch.set_num_threads(1)   # tiny models: intra-op threads only add synchronisation
 
 
 # ---------------------------------------------------------------- front end

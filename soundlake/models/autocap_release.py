@@ -1,44 +1,68 @@
 """Loading GenAU's released AutoCap checkpoint (``autocap-full.ckpt`` + ``autocap-full.yaml``).
 
 The names come from the public GenAU sources (``AutoCap/src/models/pl_htsat_q_bart_captioning.py``,
-``AutoCap/src/modules/qformer/Qformer.py``, ``AutoCap/settings/*.yaml``): a PyTorch Lightning
-checkpoint whose ``state_dict`` holds
+``AutoCap/src/modules/qformer/Qformer.py``, ``AutoCap/src/modules/audio_encoder/{htsat,audio_encoder,
+feature_extractor}.py``, ``AutoCap/settings/*.yaml``) and laion-clap (``clap_module/{model,htsat}.py``):
+a PyTorch Lightning checkpoint whose ``state_dict`` holds
 
-=============================================  =============================================
-AutoCap name                                   soundlake ``AutocapNet`` name
-=============================================  =============================================
-``decoder.*`` (BartForConditionalGeneration)   ``bart.*``
-``enc_to_dec_proj``                            ``frame_proj``
-``audio_query_tokens``                         ``qformer.queries``
-``audio_Qformer.bert.embeddings.LayerNorm``    ``qformer.query_norm``
-``audio_position_embedding``                   ``qformer.frame_pos``
-``audio_Qfromer_layernorm_embedding``          ``qformer.frame_norm``  (sic: "Qfromer")
-``audio_Qformer.bert.encoder.layer.i.``        ``qformer.layers.i.``
-  ``attention.self.{query,key,value}``           ``self_attn.{q,k,v}``
-  ``attention.output.dense / LayerNorm``         ``self_attn.o / self_norm``
-  ``crossattention.self.{query,key,value}``      ``cross_attn.{q,k,v}``
-  ``crossattention.output.dense / LayerNorm``    ``cross_attn.o / cross_norm``
-  ``intermediate_query.dense``                   ``fc1``
-  ``output_query.dense / LayerNorm``             ``fc2 / ffn_norm``
-``audio_qformer_proj``                         ``qformer.out``
-``clap_proj``, ``clap_layernorm``              ``clap_proj``, ``clap_norm``
-``special_tokens_embed.special_token_embed``   ``tag_embed``
-=============================================  =============================================
+===============================================  ===============================================
+AutoCap name                                     soundlake name
+===============================================  ===============================================
+``decoder.*`` (BartForConditionalGeneration)     ``net.bart.*``
+``enc_to_dec_proj``                              ``net.frame_proj``
+``audio_query_tokens``                           ``net.qformer.queries``
+``audio_Qformer.bert.embeddings.LayerNorm``      ``net.qformer.query_norm``
+``audio_position_embedding``                     ``net.qformer.frame_pos``
+``audio_Qfromer_layernorm_embedding``            ``net.qformer.frame_norm``  (sic: "Qfromer")
+``audio_Qformer.bert.encoder.layer.i.``          ``net.qformer.layers.i.``
+  ``attention.self.{query,key,value}``             ``self_attn.{q,k,v}``
+  ``attention.output.dense / LayerNorm``           ``self_attn.o / self_norm``
+  ``crossattention.self.{query,key,value}``        ``cross_attn.{q,k,v}``
+  ``crossattention.output.dense / LayerNorm``      ``cross_attn.o / cross_norm``
+  ``intermediate_query.dense``                     ``fc1``
+  ``output_query.dense / LayerNorm``               ``fc2 / ffn_norm``
+``audio_qformer_proj``                           ``net.qformer.out``
+``clap_proj``, ``clap_layernorm``                ``net.clap_proj``, ``net.clap_norm``
+``special_tokens_embed.special_token_embed``     ``net.tag_embed``
+``encoder.audio_enc.`` (HTS-AT)                  ``audio.htsat.audio_encoder.`` (transformers ClapAudioModel)
+  ``audio_feats_extractor.mel_trans.stft.conv_{real,imag}``   ``audio.htsat_mel.{real,imag}``
+  ``audio_feats_extractor.log_trans.melW``         ``audio.htsat_mel.mel``
+  ``bn0``                                          ``batch_norm``
+  ``patch_embed.{proj,norm}``, ``norm``            same
+  ``layers.i.blocks.j.norm1 / norm2``              ``layers.i.blocks.j.layernorm_before / layernorm_after``
+  ``layers.i.blocks.j.attn.qkv`` (rows q, k, v)    ``...attention.self.{query,key,value}`` (split)
+  ``layers.i.blocks.j.attn.proj``                  ``...attention.output.dense``
+  ``layers.i.blocks.j.attn.relative_position_*``   ``...attention.self.relative_position_*``
+  ``layers.i.blocks.j.mlp.fc1 / fc2``              ``...intermediate.dense / output.dense``
+  ``layers.i.downsample.{reduction,norm}``         same
+``clap_model.model.`` (laion-clap CLAP)          ``audio.clap.`` (transformers ClapModel)
+  ``audio_branch.`` (HTS-AT, names as above)       ``audio_model.audio_encoder.``
+  ``audio_branch.spectrogram_extractor.stft.*``    ``audio.clap_mel.{real,imag}``
+  ``audio_branch.logmel_extractor.melW``           ``audio.clap_mel.mel``
+  ``text_branch.`` (RoBERTa)                       ``text_model.``
+  ``{audio,text}_projection.{0,2}``                ``{audio,text}_projection.linear{1,2}``
+  ``logit_scale_a``, ``logit_scale_t``             same
+``audio_clap_resampler.kernel`` (32 -> 48 kHz)   ``audio.resampler``
+===============================================  ===============================================
 
 Accounted for without a place of their own, each checked: ``audio_Qformer.bert.embeddings.position_ids``
 (a constant ``arange`` buffer), ``special_tokens_embed.model.*`` (the same BART registered a
-second time inside AutoCap's SpecialTokensEmbeddings: equal to ``decoder.model.*``) and BART's tied
-copies of its token embeddings. **Not loaded**: ``encoder.*`` (the HTS-AT Swin-Transformer audio
-encoder, which soundlake does not implement) and ``clap_model.*`` (laion-clap's HTSAT-base, reachable
-through the ``laion`` CLAP backend instead). Without HTS-AT, the loaded model captions from frame
-features a caller supplies ([B, T, 768], HTS-AT's ``last_hidden_state``) via ``caption_features``.
+second time inside AutoCap's SpecialTokensEmbeddings: equal to ``decoder.model.*``), BART's tied
+copies of its token embeddings, the HTS-ATs' shifted-window ``attn_mask`` buffers (equal to the
+masks transformers builds), their AudioSet heads ``tscam_conv`` / ``head`` (AutoCap reads
+``fine_grained_embedding`` and laion-clap ``embedding``, both taken before them) and laion-clap's
+``{audio,text}_transform`` (MLP heads of its training loss, unused for embeddings). The front-end
+kernels and filters are checked against torchlibrosa's formulas for the yaml's ``audio_args``
+(a mismatch is an error). The RoBERTa text branch loads (sizes from the tensors, 64-dim heads as
+roberta-base) but captioning never runs it; no RoBERTa tokenizer is needed.
 
 Public API::
 
     read_autocap_yaml(path) -> dict
     released_config(settings, state, bart_config) -> AutocapConfig
     map_released_state(state, net) -> (mapped state dict, report)
-    load_released(ckpt, yaml, bart=None, device="cpu") -> (Autocap, report)
+    load_released(ckpt, yaml, bart=None, device="cpu") -> (Autocap, report)   # .caption(raw 32 kHz clips)
+    convert_released(ckpt, yaml, out, bart=None) -> (folder, report)   # a folder Autocap.load reads
 """
 from __future__ import annotations
 
