@@ -667,6 +667,34 @@ def train_captioner_cmd(
                   f"--set caption.autocap_model={out}", highlight=False, markup=False)
 
 
+convert_app = typer.Typer(help="Convert released checkpoints into folders soundlake loads.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("autocap")
+def convert_autocap_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="GenAU's released AutoCap checkpoint (autocap-full.ckpt)."),
+    yaml_file: Path = typer.Option(..., "--yaml", help="Its settings file (autocap-full.yaml)."),
+    bart: Optional[Path] = typer.Option(None, help="Folder of facebook/bart-base (config.json + tokenizer files); "
+                                        "needed unless it is in the local Hugging Face cache."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (loadable by caption.autocap_model)."),
+):
+    """Convert the released AutoCap (HTS-AT encoder, laion-CLAP, Q-Former, BART) into an autocap folder.
+
+    Every checkpoint tensor is placed or accounted for (duplicates, constants, unused classification
+    heads); the STFT kernels, mel filters and resampler kernel are checked against their formulas."""
+    from soundlake.models.autocap_release import convert_released
+
+    with console.status("reading and mapping the checkpoint"):
+        try:
+            folder, report = convert_released(ckpt, yaml_file, out, bart=bart)
+        except (UserError, ValueError) as e:
+            _fail(e)
+    console.print(f"wrote {folder}: {report.summary()}\n"
+                  f"use it: soundlake curate demo --lake ./lake --set 'caption.captioners=[template,autocap]' "
+                  f"--set caption.autocap_model={folder}", highlight=False, markup=False)
+
+
 @app.command("retry-failed")
 def retry_failed(
     lake: str = LAKE,

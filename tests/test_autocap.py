@@ -1,4 +1,4 @@
-"""autocap: two-stage training, saving and loading, the released-checkpoint mapping, the curate stage."""
+"""autocap: two-stage training, saving and loading, the curate stage (the released checkpoint: test_autocap_release)."""
 from __future__ import annotations
 
 import io
@@ -11,10 +11,10 @@ import torch
 
 from soundlake.catalog.sql import fetchall
 from soundlake.errors import UserError
-from soundlake.models.autocap import Autocap, meta_text, tokenize_meta
+from soundlake.models.autocap import Autocap, meta_text
 from soundlake.models.autocap_train import AutocapTrainConfig, CaptionItem, set_stage, train_autocap
 from soundlake.stages.synth import synth_clip
-from soundlake.testing import make_tiny_autocap, make_tiny_bart, make_tiny_inhouse_clap, tiny_autocap_config
+from soundlake.testing import make_tiny_autocap, make_tiny_inhouse_clap, tiny_autocap_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,160 +93,6 @@ def test_metadata_fields_keep_empty_tags():
     dropped = meta_text({"title": "Rain", "labels": ["rain"]}, cfg, drop={"title"})
     assert dropped.startswith("<TITLE>  </TITLE>") and "<LABELS> rain </LABELS>" in dropped
     assert meta_text({"tags": ["dog", "bark"]}, cfg).endswith("<LABELS> dog, bark </LABELS>")   # tags as labels
-
-
-# ---------------------------------------------------------------- the released checkpoint
-
-RELEASED_TAGS = ["<HQVC>", "</HQVC>", "<AVC>", "</AVC>", "<TITLE>", "</TITLE>", "<DESC>", "</DESC>",
-                 "<SUB>", "</SUB>", "<LBL>", "</LBL>"]
-YAML = """target: !module src.models.pl_htsat_q_bart_captioning.AutoCap
-variables:
-  sampling_rate: &sampling_rate 32000
-model:
-  audio_features_dropout_p: 0.2
-  text_features_dropout_p: 0.2
-  use_text_qformer: false
-  use_audio_qformer: true
-  use_clap_embeds: true
-  meta_input: true
-  add_special_tokens: True
-  meta_keys: ['video_caption', 'title']
-meta:
-  max_prompt_len : 128
-clap_embeds:
-  embed_dim: 20
-audio_qformer:
-  num_audio_query_token: 6
-  frozen_audio_Qformer: false
-  hidden_size: 16
-  add_cross_attention: true
-  num_attention_heads: 2
-  num_hidden_layers: 2
-tokenizer:
-  max_length: 30
-  special_tokens: %s
-audio_args:
-  sr: *sampling_rate
-  max_length: 10
-text_decoder_args:
-  name: "facebook/bart-base"
-  pretrained: true
-""" % RELEASED_TAGS
-
-
-def _released_state(bart_dir, frame_dim=40, q_dim=16, nq=6, clap_dim=20):
-    """A tiny checkpoint with AutoCap's state-dict names (read from the GenAU sources).
-
-    The Q-Former comes from transformers' Blip2QFormerModel (a port of the same LAVIS Q-Former)
-    with its names rewritten to LAVIS's, so the mapping is checked against an independent
-    implementation, not against itself.
-    """
-    from transformers import BartForConditionalGeneration, Blip2QFormerConfig, Blip2QFormerModel
-
-    torch.manual_seed(1)
-    bart = BartForConditionalGeneration.from_pretrained(bart_dir)
-    d = bart.config.d_model
-    qf = Blip2QFormerModel(Blip2QFormerConfig(hidden_size=q_dim, num_hidden_layers=2, num_attention_heads=2,
-                                              intermediate_size=48, cross_attention_frequency=1,
-                                              encoder_hidden_size=d, layer_norm_eps=1e-12)).eval()
-    with torch.no_grad():
-        for p in qf.parameters():
-            p.normal_(0, 0.2)
-    state = {}
-    for k, v in bart.state_dict().items():
-        state["decoder." + k] = v.clone()
-    shared = state["decoder.model.shared.weight"]
-    for k in ("decoder.lm_head.weight", "decoder.model.encoder.embed_tokens.weight",
-              "decoder.model.decoder.embed_tokens.weight"):    # transformers 4.x listed every tied copy
-        state[k] = shared.clone()
-    for k, v in list(state.items()):
-        if k.startswith("decoder.model."):
-            state["special_tokens_embed.model." + k[len("decoder.model."):]] = v.clone()
-    for k, v in qf.state_dict().items():
-        k = k.replace("layernorm.", "bert.embeddings.LayerNorm.", 1) if k.startswith("layernorm.") else "bert." + k
-        state["audio_Qformer." + k.replace(".attention.attention.", ".attention.self.")
-              .replace(".crossattention.attention.", ".crossattention.self.")] = v.clone()
-    state["audio_Qformer.bert.embeddings.position_ids"] = torch.arange(1024)[None]
-    rnd = lambda *s: torch.randn(*s) * 0.2  # noqa: E731
-    state.update({
-        "audio_query_tokens": rnd(1, nq, q_dim), "audio_position_embedding.weight": rnd(130, d),
-        "audio_Qfromer_layernorm_embedding.weight": 1 + rnd(d), "audio_Qfromer_layernorm_embedding.bias": rnd(d),
-        "audio_qformer_proj.weight": rnd(d, q_dim), "audio_qformer_proj.bias": rnd(d),
-        "enc_to_dec_proj.weight": rnd(d, frame_dim), "enc_to_dec_proj.bias": rnd(d),
-        "clap_proj.weight": rnd(d, clap_dim), "clap_proj.bias": rnd(d),
-        "clap_layernorm.weight": 1 + rnd(d), "clap_layernorm.bias": rnd(d),
-        "special_tokens_embed.special_token_embed.weight": rnd(len(RELEASED_TAGS), d),
-        # HTS-AT and laion-clap tensors (names from htsat.py / laion_clap), which soundlake does not load
-        "encoder.audio_enc.spectrogram_extractor.stft.conv_real.weight": rnd(513, 1, 1024),
-        "encoder.audio_enc.patch_embed.proj.weight": rnd(96, 1, 4, 4),
-        "encoder.audio_enc.layers.0.blocks.0.attn.qkv.weight": rnd(288, 96),
-        "clap_model.model.audio_branch.patch_embed.proj.weight": rnd(96, 1, 4, 4),
-        "clap_model.model.text_branch.embeddings.word_embeddings.weight": rnd(10, 8),
-    })
-    return state, qf
-
-
-def test_released_checkpoint_maps_every_tensor(tmp_path):
-    from soundlake.models.autocap_release import load_released
-
-    bart_dir = make_tiny_bart(tmp_path / "bart-base")
-    state, qf = _released_state(bart_dir)
-    ckpt = tmp_path / "autocap-full.ckpt"
-    torch.save({"state_dict": state, "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.1.3"}, ckpt)
-    (tmp_path / "autocap-full.yaml").write_text(YAML)
-
-    model, report = load_released(ckpt, tmp_path / "autocap-full.yaml", bart=bart_dir)
-    ours = model.net.state_dict()
-    # every checkpoint tensor is placed, checked as a duplicate/constant, or reported as not loaded
-    not_loaded = {k for keys in report.not_loaded.values() for k in keys}
-    assert set(report.mapped) | set(report.checked) | not_loaded == set(state)
-    assert not (set(report.mapped) & set(report.checked)) and not (set(report.mapped) & not_loaded)
-    assert not_loaded == {k for k in state if k.startswith(("encoder.", "clap_model."))}
-    # every tensor of ours comes from the checkpoint (strict), with the checkpoint's values
-    assert set(report.mapped.values()) == set(ours)
-    for theirs, mine in report.mapped.items():
-        assert torch.equal(ours[mine], state[theirs]), theirs
-    assert report.mapped["audio_Qformer.bert.encoder.layer.1.crossattention.self.key.weight"] == \
-        "qformer.layers.1.cross_attn.k.weight"
-    assert report.mapped["special_tokens_embed.special_token_embed.weight"] == "tag_embed.weight"
-
-    # The Q-Former computes what the reference implementation computes on the same weights.
-    net = model.net.eval()
-    frames = torch.randn(2, 7, net.cfg.frame_dim)
-    with torch.no_grad():
-        x = net.frame_proj(frames)
-        ctx = torch.nn.functional.layer_norm(x + state["audio_position_embedding.weight"][:7], (x.shape[-1],),
-                                             state["audio_Qfromer_layernorm_embedding.weight"],
-                                             state["audio_Qfromer_layernorm_embedding.bias"])
-        ref = qf(query_embeds=state["audio_query_tokens"].expand(2, -1, -1), encoder_hidden_states=ctx)[0]
-        ref = ref @ state["audio_qformer_proj.weight"].T + state["audio_qformer_proj.bias"]
-        torch.testing.assert_close(net.qformer(x), ref, atol=1e-5, rtol=1e-4)
-
-    # Metadata as AutoCap writes it (meta_keys video_caption and title, in AutoCap's order), tag ids after BART's vocabulary.
-    assert meta_text({"title": "Dog park", "video_caption": "a dog runs"}, model.cfg) == \
-        "<HQVC> a dog runs </HQVC> \n <TITLE> Dog park </TITLE>"
-    ids, _ = tokenize_meta(model.tokenizer, ["<HQVC>  </HQVC> \n <TITLE>  </TITLE>"], 16)
-    base = model.net.base_vocab
-    ids = ids[0].tolist()   # byte-level BPE keeps the spaces between tags as tokens, as AutoCap's tokenizer does
-    assert [i for i in ids if i >= base] == [base + 0, base + 1, base + 4, base + 5]
-    assert ids[-1] == model.tokenizer.eos_token_id
-    texts = model.caption_features(frames, torch.randn(2, 20), [{"title": "Dog park"}, None])
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    with pytest.raises(ValueError, match="no audio encoder"):
-        model.caption([np.zeros(16000, np.float32)])
-    assert "2 tensors of the laion-clap" in report.summary() and "3 tensors of the HTS-AT" in report.summary()
-
-
-def test_released_checkpoint_errors_are_one_line(tmp_path):
-    from soundlake.models.autocap_release import load_released
-
-    (tmp_path / "a.yaml").write_text(YAML)
-    torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "bad.ckpt")
-    with pytest.raises(UserError, match="not an AutoCap checkpoint"):
-        load_released(tmp_path / "bad.ckpt", tmp_path / "a.yaml")
-    (tmp_path / "b.yaml").write_text("model: {}\n")
-    with pytest.raises(UserError, match="not an AutoCap settings file"):
-        load_released(tmp_path / "bad.ckpt", tmp_path / "b.yaml")
 
 
 # ---------------------------------------------------------------- the curate stage

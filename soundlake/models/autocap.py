@@ -46,6 +46,7 @@ from soundlake.models.text import weights_sha256
 FORMAT = "soundlake-autocap/1"
 META_FILE = "soundlake_autocap.json"
 WEIGHTS = "model.safetensors"
+RELEASED_AUDIO = "autocap-released"   # audio_encoder kind of a converted released checkpoint
 PROMPT_VERSION = "autocap-tags-v1"   # the tagged-metadata input format; '-nometa' when fields are left empty
 
 # metadata field -> (open tag, close tag), in the order they are written
@@ -415,6 +416,17 @@ def save_autocap(net: AutocapNet, tokenizer, out_dir: Path, audio_dir: Path | No
     return meta
 
 
+def load_audio_encoder(path: Path, spec: dict | None, device: str = "cpu"):
+    """The frozen audio side a saved folder names: the in-house CLAP, or the released AutoCap's HTS-AT + CLAP."""
+    if not spec:
+        return None
+    if spec.get("kind") == RELEASED_AUDIO:
+        from soundlake.models.autocap_audio import ReleasedAudio
+
+        return ReleasedAudio.load(path / spec["path"], device)
+    return ClapAudio(path / spec["path"], device)
+
+
 def prompt_version(use_metadata: bool = True) -> str:
     """The input-format version recorded with each caption."""
     return PROMPT_VERSION if use_metadata else PROMPT_VERSION + "-nometa"
@@ -454,7 +466,7 @@ class Autocap:
         net = AutocapNet(cfg, bart, meta["base_vocab"])
         weights = path / meta.get("weights", WEIGHTS)
         missing, unexpected = load_model(net, str(weights), strict=True)
-        audio = ClapAudio(path / meta["audio_encoder"]["path"], device) if meta.get("audio_encoder") else None
+        audio = load_audio_encoder(path, meta.get("audio_encoder"), device)
         return cls(net, tokenizer, audio, model_id=str(path), model_hash=weights_sha256(weights), device=device)
 
     def tokenize_meta(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,44 +1,68 @@
 """Loading GenAU's released AutoCap checkpoint (``autocap-full.ckpt`` + ``autocap-full.yaml``).
 
 The names come from the public GenAU sources (``AutoCap/src/models/pl_htsat_q_bart_captioning.py``,
-``AutoCap/src/modules/qformer/Qformer.py``, ``AutoCap/settings/*.yaml``): a PyTorch Lightning
-checkpoint whose ``state_dict`` holds
+``AutoCap/src/modules/qformer/Qformer.py``, ``AutoCap/src/modules/audio_encoder/{htsat,audio_encoder,
+feature_extractor}.py``, ``AutoCap/settings/*.yaml``) and laion-clap (``clap_module/{model,htsat}.py``):
+a PyTorch Lightning checkpoint whose ``state_dict`` holds
 
-=============================================  =============================================
-AutoCap name                                   soundlake ``AutocapNet`` name
-=============================================  =============================================
-``decoder.*`` (BartForConditionalGeneration)   ``bart.*``
-``enc_to_dec_proj``                            ``frame_proj``
-``audio_query_tokens``                         ``qformer.queries``
-``audio_Qformer.bert.embeddings.LayerNorm``    ``qformer.query_norm``
-``audio_position_embedding``                   ``qformer.frame_pos``
-``audio_Qfromer_layernorm_embedding``          ``qformer.frame_norm``  (sic: "Qfromer")
-``audio_Qformer.bert.encoder.layer.i.``        ``qformer.layers.i.``
-  ``attention.self.{query,key,value}``           ``self_attn.{q,k,v}``
-  ``attention.output.dense / LayerNorm``         ``self_attn.o / self_norm``
-  ``crossattention.self.{query,key,value}``      ``cross_attn.{q,k,v}``
-  ``crossattention.output.dense / LayerNorm``    ``cross_attn.o / cross_norm``
-  ``intermediate_query.dense``                   ``fc1``
-  ``output_query.dense / LayerNorm``             ``fc2 / ffn_norm``
-``audio_qformer_proj``                         ``qformer.out``
-``clap_proj``, ``clap_layernorm``              ``clap_proj``, ``clap_norm``
-``special_tokens_embed.special_token_embed``   ``tag_embed``
-=============================================  =============================================
+===============================================  ===============================================
+AutoCap name                                     soundlake name
+===============================================  ===============================================
+``decoder.*`` (BartForConditionalGeneration)     ``net.bart.*``
+``enc_to_dec_proj``                              ``net.frame_proj``
+``audio_query_tokens``                           ``net.qformer.queries``
+``audio_Qformer.bert.embeddings.LayerNorm``      ``net.qformer.query_norm``
+``audio_position_embedding``                     ``net.qformer.frame_pos``
+``audio_Qfromer_layernorm_embedding``            ``net.qformer.frame_norm``  (sic: "Qfromer")
+``audio_Qformer.bert.encoder.layer.i.``          ``net.qformer.layers.i.``
+  ``attention.self.{query,key,value}``             ``self_attn.{q,k,v}``
+  ``attention.output.dense / LayerNorm``           ``self_attn.o / self_norm``
+  ``crossattention.self.{query,key,value}``        ``cross_attn.{q,k,v}``
+  ``crossattention.output.dense / LayerNorm``      ``cross_attn.o / cross_norm``
+  ``intermediate_query.dense``                     ``fc1``
+  ``output_query.dense / LayerNorm``               ``fc2 / ffn_norm``
+``audio_qformer_proj``                           ``net.qformer.out``
+``clap_proj``, ``clap_layernorm``                ``net.clap_proj``, ``net.clap_norm``
+``special_tokens_embed.special_token_embed``     ``net.tag_embed``
+``encoder.audio_enc.`` (HTS-AT)                  ``audio.htsat.audio_encoder.`` (transformers ClapAudioModel)
+  ``audio_feats_extractor.mel_trans.stft.conv_{real,imag}``   ``audio.htsat_mel.{real,imag}``
+  ``audio_feats_extractor.log_trans.melW``         ``audio.htsat_mel.mel``
+  ``bn0``                                          ``batch_norm``
+  ``patch_embed.{proj,norm}``, ``norm``            same
+  ``layers.i.blocks.j.norm1 / norm2``              ``layers.i.blocks.j.layernorm_before / layernorm_after``
+  ``layers.i.blocks.j.attn.qkv`` (rows q, k, v)    ``...attention.self.{query,key,value}`` (split)
+  ``layers.i.blocks.j.attn.proj``                  ``...attention.output.dense``
+  ``layers.i.blocks.j.attn.relative_position_*``   ``...attention.self.relative_position_*``
+  ``layers.i.blocks.j.mlp.fc1 / fc2``              ``...intermediate.dense / output.dense``
+  ``layers.i.downsample.{reduction,norm}``         same
+``clap_model.model.`` (laion-clap CLAP)          ``audio.clap.`` (transformers ClapModel)
+  ``audio_branch.`` (HTS-AT, names as above)       ``audio_model.audio_encoder.``
+  ``audio_branch.spectrogram_extractor.stft.*``    ``audio.clap_mel.{real,imag}``
+  ``audio_branch.logmel_extractor.melW``           ``audio.clap_mel.mel``
+  ``text_branch.`` (RoBERTa)                       ``text_model.``
+  ``{audio,text}_projection.{0,2}``                ``{audio,text}_projection.linear{1,2}``
+  ``logit_scale_a``, ``logit_scale_t``             same
+``audio_clap_resampler.kernel`` (32 -> 48 kHz)   ``audio.resampler``
+===============================================  ===============================================
 
 Accounted for without a place of their own, each checked: ``audio_Qformer.bert.embeddings.position_ids``
 (a constant ``arange`` buffer), ``special_tokens_embed.model.*`` (the same BART registered a
-second time inside AutoCap's SpecialTokensEmbeddings: equal to ``decoder.model.*``) and BART's tied
-copies of its token embeddings. **Not loaded**: ``encoder.*`` (the HTS-AT Swin-Transformer audio
-encoder, which soundlake does not implement) and ``clap_model.*`` (laion-clap's HTSAT-base, reachable
-through the ``laion`` CLAP backend instead). Without HTS-AT, the loaded model captions from frame
-features a caller supplies ([B, T, 768], HTS-AT's ``last_hidden_state``) via ``caption_features``.
+second time inside AutoCap's SpecialTokensEmbeddings: equal to ``decoder.model.*``), BART's tied
+copies of its token embeddings, the HTS-ATs' shifted-window ``attn_mask`` buffers (equal to the
+masks transformers builds), their AudioSet heads ``tscam_conv`` / ``head`` (AutoCap reads
+``fine_grained_embedding`` and laion-clap ``embedding``, both taken before them) and laion-clap's
+``{audio,text}_transform`` (MLP heads of its training loss, unused for embeddings). The front-end
+kernels and filters are checked against torchlibrosa's formulas for the yaml's ``audio_args``
+(a mismatch is an error). The RoBERTa text branch loads (sizes from the tensors, 64-dim heads as
+roberta-base) but captioning never runs it; no RoBERTa tokenizer is needed.
 
 Public API::
 
     read_autocap_yaml(path) -> dict
     released_config(settings, state, bart_config) -> AutocapConfig
     map_released_state(state, net) -> (mapped state dict, report)
-    load_released(ckpt, yaml, bart=None, device="cpu") -> (Autocap, report)
+    load_released(ckpt, yaml, bart=None, device="cpu") -> (Autocap, report)   # .caption(raw 32 kHz clips)
+    convert_released(ckpt, yaml, out, bart=None) -> (folder, report)   # a folder Autocap.load reads
 """
 from __future__ import annotations
 
@@ -50,15 +74,14 @@ import torch
 import yaml
 
 from soundlake.errors import UserError
-from soundlake.models.autocap import Autocap, AutocapConfig, AutocapNet, add_tags
+from soundlake.models.autocap import RELEASED_AUDIO, Autocap, AutocapConfig, AutocapNet, add_tags, save_autocap
 from soundlake.models.text import weights_sha256
 
 # AutoCap's get_meta_dict: the fields, their tags, and the order they are joined in
 RELEASED_FIELDS = {"labels": ("<LBL>", "</LBL>"), "video_caption": ("<HQVC>", "</HQVC>"),
                    "title": ("<TITLE>", "</TITLE>"), "subtitle": ("<SUB>", "</SUB>"),
                    "videollama_caption": ("<AVC>", "</AVC>")}
-NOT_LOADED = {"encoder.": "HTS-AT audio encoder (not implemented in soundlake)",
-              "clap_model.": "laion-clap HTSAT-base (use clap.model with the laion backend)"}
+AUDIO_PREFIXES = ("encoder.", "clap_model.", "audio_clap_resampler.")   # placed by autocap_audio
 _LAYER = [("attention.self.query", "self_attn.q"), ("attention.self.key", "self_attn.k"),
           ("attention.self.value", "self_attn.v"), ("attention.output.dense", "self_attn.o"),
           ("attention.output.LayerNorm", "self_norm"), ("crossattention.self.query", "cross_attn.q"),
@@ -75,13 +98,17 @@ _TOP = [("decoder.", "bart."), ("enc_to_dec_proj.", "frame_proj."), ("audio_quer
 @dataclass
 class MappingReport:
     mapped: dict[str, str] = field(default_factory=dict)        # checkpoint key -> our key
+    split: dict[str, tuple] = field(default_factory=dict)       # checkpoint key -> our keys (HTS-AT qkv -> q, k, v)
     checked: dict[str, str] = field(default_factory=dict)       # checkpoint key -> why it needs no place
-    not_loaded: dict[str, list[str]] = field(default_factory=dict)   # reason -> checkpoint keys
+    constants: list[str] = field(default_factory=list)          # our index buffers the checkpoint does not store
+
+    def placed(self) -> set[str]:
+        """Our keys that got a checkpoint tensor."""
+        return set(self.mapped.values()) | {k for keys in self.split.values() for k in keys}
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{len(v)} tensors of the {k}" for k, v in self.not_loaded.items())
-        return (f"{len(self.mapped)} tensors loaded, {len(self.checked)} duplicates/constants checked"
-                + (f"; not loaded: {skipped}" if skipped else ""))
+        return (f"{len(self.mapped) + len(self.split)} tensors loaded ({len(self.split)} split into query/key/value), "
+                f"{len(self.checked)} duplicates/constants/unused heads checked")
 
 
 class _Loader(yaml.SafeLoader):
@@ -153,10 +180,8 @@ def map_released_state(state: dict[str, torch.Tensor], net: AutocapNet) -> tuple
     ours = net.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        prefix = next((p for p in NOT_LOADED if key.startswith(p)), None)
-        if prefix:
-            report.not_loaded.setdefault(NOT_LOADED[prefix], []).append(key)
-            continue
+        if key.startswith(AUDIO_PREFIXES):
+            continue   # the audio encoders: build_released_audio
         if key == "audio_Qformer.bert.embeddings.position_ids":
             if not torch.equal(value.flatten(), torch.arange(value.numel(), dtype=value.dtype)):
                 raise UserError(f"{key}: expected the constant 0..{value.numel() - 1}")
@@ -208,8 +233,10 @@ def _bart_for(settings: dict, state: dict[str, torch.Tensor], bart: str | Path |
 
 def load_released(ckpt: str | Path, yaml_path: str | Path, bart: str | Path | None = None,
                   device: str = "cpu") -> tuple[Autocap, MappingReport]:
-    """The released AutoCap as a soundlake Autocap (no audio encoder: see the module docstring)."""
+    """The released AutoCap as a soundlake Autocap that captions raw 32 kHz audio."""
     from transformers import AutoTokenizer
+
+    from soundlake.models.autocap_audio import build_released_audio
 
     settings = read_autocap_yaml(yaml_path)
     try:
@@ -227,5 +254,23 @@ def load_released(ckpt: str | Path, yaml_path: str | Path, bart: str | Path | No
     net = AutocapNet(cfg, bart_model, base_vocab)
     mapped, report = map_released_state(state, net)
     net.load_state_dict(mapped, strict=True)
-    model = Autocap(net, tokenizer, None, model_id=str(ckpt), model_hash=weights_sha256(Path(ckpt)), device=device)
+    audio = build_released_audio(state, settings, report)
+    if audio.frame_dim != cfg.frame_dim or audio.clap_dim != cfg.clap_dim:
+        raise UserError(f"{ckpt}: the audio encoders give {audio.frame_dim}-dim frames and {audio.clap_dim}-dim CLAP "
+                        f"embeddings, enc_to_dec_proj/clap_proj take {cfg.frame_dim}/{cfg.clap_dim}")
+    model = Autocap(net, tokenizer, audio.to(device), model_id=str(ckpt), model_hash=weights_sha256(Path(ckpt)),
+                    device=device)
     return model, report
+
+
+def convert_released(ckpt: str | Path, yaml_path: str | Path, out: str | Path,
+                     bart: str | Path | None = None) -> tuple[Path, MappingReport]:
+    """Write the released AutoCap as an autocap folder (``caption.autocap_model`` loads it)."""
+    model, report = load_released(ckpt, yaml_path, bart=bart)
+    out = Path(out)
+    model.audio.save(out / "audio")
+    save_autocap(model.net, model.tokenizer, out, None, extra={
+        "audio_encoder": {"kind": RELEASED_AUDIO, "path": "audio"},
+        "converted_from": {"checkpoint": str(ckpt), "checkpoint_sha256": model.model_hash, "yaml": str(yaml_path),
+                           "bart": str(model.cfg.bart)}})
+    return out, report

@@ -30,7 +30,7 @@ def autocap_identity(path: str, use_metadata: bool) -> tuple[str, str, str]:
     folder = Path(path)
     if not (folder / META_FILE).is_file():
         raise UserError(f"caption.autocap_model: {path} is not an autocap folder (no {META_FILE}); "
-                        "train one with `soundlake train captioner`")
+                        "train one with `soundlake train captioner` or convert GenAU's with `soundlake convert autocap`")
     weights = folder / json.loads((folder / META_FILE).read_text()).get("weights", WEIGHTS)
     return str(path), weights_sha256(weights), prompt_version(use_metadata)
 
