@@ -7,7 +7,8 @@ Exports N ten-second clips to shards, then reads them all, side by side in one r
 * the loader (safe tar reading, shuffle buffer, decode, crop to 10 s, caption choice,
   batching of 16) with 0, 1 and 2 DataLoader workers.
 
-Prints samples/s of each and its ratio to the baseline (median of the rounds).
+Prints samples/s of each and its ratio to the baseline (median of the rounds; the order
+of the variants rotates from round to round).
 Run: ``python benchmarks/loader_throughput.py [--clips 200]``.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ def loader(urls: list[str], workers: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,16 +65,18 @@ def main() -> None:
         urls = shard_urls(str(root / "shards"))
         print(f"{a.clips} clips of 10 s in {len(urls)} shards")
         runs: dict[str, list[float]] = {}
-        for _ in range(a.rounds):
-            for name, fn in [("bare tarfile + soundfile", lambda: bare(urls)),
-                             *[(f"loader, {w} workers", (lambda w=w: loader(urls, w))) for w in (0, 1, 2)]]:
+        steps = [("bare tarfile + soundfile", lambda: bare(urls)),
+                 *[(f"loader, {w} workers", (lambda w=w: loader(urls, w))) for w in (0, 1, 2)]]
+        for r in range(a.rounds):
+            # A different order each round: on a shared machine no variant always runs first.
+            for name, fn in steps[r % len(steps):] + steps[: r % len(steps)]:
                 t = time.perf_counter()
                 n = fn()
                 assert n == a.clips, (name, n)
                 runs.setdefault(name, []).append(n / (time.perf_counter() - t))
         base = statistics.median(runs["bare tarfile + soundfile"])
-        for name, v in runs.items():
-            m = statistics.median(v)
+        for name, _ in steps:
+            m = statistics.median(runs[name])
             print(f"{name:26s} {m:8.1f} samples/s   {m / base:5.2f}x")
 
 

@@ -409,7 +409,8 @@ def train_clap_cmd(
 def _train_cmd(kind: str, spec_file: Optional[Path], sets: List[str], **given) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from soundlake.training.trainer import load_train_spec, train
+    from soundlake.training.train_spec import load_train_spec
+    from soundlake.training.trainer import train
 
     try:
         spec = load_train_spec(kind, str(spec_file) if spec_file else None, sets, **given)
@@ -549,10 +550,13 @@ def generate(
     ratio: float = typer.Option(0.1, help="litefocus: fraction of all keys each query also attends to."),
     window: Optional[int] = typer.Option(None, help="litefocus: local band in latent frames (default: the "
                                          "training crop's frames)."),
+    reference: Optional[Path] = typer.Option(None, help="A reference clip for a DiT trained with a second "
+                                             "condition stream (DC-LDM, cond2: latents)."),
 ):
     """Generate audio from text with a trained DiT and its VAE."""
     from contextlib import nullcontext
 
+    import soundfile as sf
     from rich.progress import Progress
 
     from soundlake.training.bundle import Generator, write_audio
@@ -561,6 +565,15 @@ def generate(
         _fail(UserError(f"--sparse-attention {sparse_attention!r}: expected none or litefocus"))
     try:
         gen = Generator.load(model)
+        ref = None
+        if reference is not None:
+            from soundlake.stages.audio_io import resample
+
+            try:
+                ref, sr = sf.read(str(reference), dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise UserError(f"--reference {reference}: cannot decode ({e})") from None
+            ref = resample(ref.mean(axis=1), sr, gen.sample_rate)
         ctx = nullcontext()
         if sparse_attention == "litefocus":
             from soundlake.training.litefocus import attach_sparse_attention
@@ -571,7 +584,7 @@ def generate(
         with Progress(console=console) as progress, ctx:
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
-                               rescale_axis=rescale_axis, seed=seed,
+                               rescale_axis=rescale_axis, seed=seed, reference=ref,
                                callback=lambda i, t, x: progress.update(task, completed=i + 1))
         if sparse_attention == "litefocus":
             res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": window or train_frames}
@@ -580,6 +593,106 @@ def generate(
         _fail(e)
     for p in paths:
         console.print(f"wrote {p} ({seconds:g} s at {res.sample_rate} Hz; settings in {p.name}.json)", highlight=False)
+
+
+@train_app.command("captioner")
+def train_captioner_cmd(
+    lake: str = LAKE,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to save the model in (loadable by caption.autocap_model)."),
+    captioner: str = typer.Option("reference", help="Train on this captioner's captions."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'synth'\"."),
+    holdout: float = typer.Option(0.1, help="Fraction of clips (stable hash of clip_id) held out for validation."),
+    clap: Optional[Path] = typer.Option(None, help="In-house CLAP folder used (frozen) as the audio encoder; "
+                                        "default: train one on the same pairs first."),
+    clap_epochs: int = typer.Option(12, help="Epochs of that CLAP, when --clap is not given."),
+    stage1_epochs: int = typer.Option(2, help="Stage 1: BART frozen; Q-Former, projections, tag tokens train."),
+    stage2_epochs: int = typer.Option(14, help="Stage 2: BART trains too, except its token embeddings."),
+    batch_size: int = typer.Option(32),
+    field_dropout: float = typer.Option(0.5, help="Chance of leaving each metadata field empty in training."),
+    bart: Optional[Path] = typer.Option(None, help="A pretrained BART folder (its tokenizer too); default: a small "
+                                        "BART from a config with a WordPiece vocabulary trained on the captions."),
+    tokenizer: str = typer.Option("train", help="train (WordPiece on the training texts) or minilm (the MiniLM "
+                                  "vocabulary shipped offline); ignored with --bart."),
+    seed: int = typer.Option(0),
+):
+    """Train the in-house autocap (AutoCap architecture: Q-Former over frozen audio frames, CLAP token, tagged metadata, BART) on the lake's clips, captions and metadata, in two stages.
+
+    Prints the loss and validation metrics each epoch."""
+    from soundlake.catalog.pairs import clip_metadata, load_pairs
+    from soundlake.models.autocap import AutocapConfig
+    from soundlake.models.autocap_train import AutocapTrainConfig, CaptionItem, train_autocap
+
+    if tokenizer not in ("train", "minilm"):
+        _fail(UserError(f"--tokenizer {tokenizer!r}: expected train or minilm"))
+    cfg = AutocapConfig(bart=str(bart) if bart else None, tokenizer="bart" if bart else tokenizer)
+    tcfg = AutocapTrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
+                              field_dropout=field_dropout, clap_epochs=clap_epochs, seed=seed)
+    try:
+        rate = 16000
+        if clap:
+            from soundlake.models.autocap import ClapAudio
+
+            rate = ClapAudio(clap).sample_rate
+        train, held = load_pairs(lake, rate, captioner=captioner, where=where, holdout=holdout)
+        meta = clip_metadata(lake, [c for c, _, _ in train + held])
+    except (UserError, ValueError) as e:
+        _fail(e)
+    items = [CaptionItem(a, t, meta.get(c, {})) for c, a, t in train]
+    val = [CaptionItem(a, t, meta.get(c, {})) for c, a, t in held]
+    console.print(f"training on {len(items)} clips, validating on {len(val)} (lake {lake})")
+    from rich.progress import Progress
+
+    total = stage1_epochs + stage2_epochs + (0 if clap else clap_epochs) + (0 if bart else tcfg.bart_epochs)
+    with Progress(console=console) as progress:
+        task = progress.add_task("epochs", total=total)
+
+        def report(row):   # CLAP epochs, BART denoising epochs, then stage 1 and 2 epochs
+            progress.update(task, advance=1)
+            if "clap_epoch" in row:
+                name, num = "clap epoch", row["clap_epoch"]
+            elif "bart_epoch" in row:
+                name, num = "bart denoising epoch", row["bart_epoch"]
+            else:
+                name, num = f"stage {row['stage']} epoch", row["epoch"]
+            extra = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and "seconds" not in k)
+            progress.console.print(f"{name} {num:3d}  {extra}", highlight=False)
+
+        try:
+            res = train_autocap(items, out, cfg, tcfg, clap=clap, val=val or None, progress=report)
+        except (UserError, ValueError) as e:
+            _fail(e)
+    model = res["model"]
+    console.print(f"saved {out} in {res['train_seconds']:.0f} s · checkpoint {model.model_hash}\n"
+                  f"use it: soundlake curate demo --lake {lake} --set 'caption.captioners=[template,autocap]' "
+                  f"--set caption.autocap_model={out}", highlight=False, markup=False)
+
+
+convert_app = typer.Typer(help="Convert released checkpoints into folders soundlake loads.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("autocap")
+def convert_autocap_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="GenAU's released AutoCap checkpoint (autocap-full.ckpt)."),
+    yaml_file: Path = typer.Option(..., "--yaml", help="Its settings file (autocap-full.yaml)."),
+    bart: Optional[Path] = typer.Option(None, help="Folder of facebook/bart-base (config.json + tokenizer files); "
+                                        "needed unless it is in the local Hugging Face cache."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (loadable by caption.autocap_model)."),
+):
+    """Convert the released AutoCap (HTS-AT encoder, laion-CLAP, Q-Former, BART) into an autocap folder.
+
+    Every checkpoint tensor is placed or accounted for (duplicates, constants, unused classification
+    heads); the STFT kernels, mel filters and resampler kernel are checked against their formulas."""
+    from soundlake.models.autocap_release import convert_released
+
+    with console.status("reading and mapping the checkpoint"):
+        try:
+            folder, report = convert_released(ckpt, yaml_file, out, bart=bart)
+        except (UserError, ValueError) as e:
+            _fail(e)
+    console.print(f"wrote {folder}: {report.summary()}\n"
+                  f"use it: soundlake curate demo --lake ./lake --set 'caption.captioners=[template,autocap]' "
+                  f"--set caption.autocap_model={folder}", highlight=False, markup=False)
 
 
 @app.command("retry-failed")

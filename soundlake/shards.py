@@ -11,7 +11,8 @@ components, symbolic or hard links, device files/FIFOs, and sizes over a limit.
 
 Public API:
     tar_key(clip_id) -> str, clip_id_from_key(key) -> str
-    write_shard(fs, path, samples) -> ShardInfo          samples: [(key, {ext: bytes})]
+    write_shard(fs, path, samples, writer=None) -> ShardInfo   samples: [(key, {ext: bytes | FileSlice})]
+    TarWriter()                                          reusable buffers for many shards
     open_uri(uri) -> (pyarrow FileSystem, path)
     check_member(info, max_member_bytes)                 raises UnsafeTarError
     iter_members(fileobj, max_member_bytes) -> (name, bytes)...
@@ -25,7 +26,8 @@ import os
 import posixpath
 import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
@@ -87,14 +89,17 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def put_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a small file atomically (tmp + rename locally; one PUT on object stores)."""
+def put_bytes(fs: pafs.FileSystem, path: str, data: bytes, sync: bool = True) -> None:
+    """Write a small file atomically (tmp + rename locally; one PUT on object stores).
+    ``sync=False`` skips the fsync: still atomic for a killed process, not durable
+    across a power loss."""
     if is_local(fs):
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as out:
@@ -115,11 +120,26 @@ class ShardInfo:
     path: str
     count: int
     bytes: int
-    sha256: str
+    digest: Future  # the sha256 (hex), still being computed when the shard is written
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.result()
 
 
-def _member(name: str, size: int) -> bytes:
-    """The tar header block(s) of a regular file with fixed metadata (no time, owner or name)."""
+@dataclass(frozen=True)
+class FileSlice:
+    """``length`` bytes at ``offset`` of a local file, as member data: the writer reads them
+    straight into its buffer (e.g. a FLAC value inside a Parquet part)."""
+    path: str
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _tarfile_member(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     info.uid = info.gid = 0
@@ -128,58 +148,176 @@ def _member(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def write_tar(sink, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[int, int, str]:
-    """Write samples to a binary sink as a deterministic tar; returns (count, bytes, sha256).
+# tarfile's header for a short ASCII name, with the name, size and checksum fields blank
+# (the checksum counts as spaces), and the byte sum of that template.
+_HEADER = bytearray(_tarfile_member("", 0))
+_HEADER[124:136] = bytes(12)
+_HEADER[148:156] = b" " * 8
+_HEADER_SUM = sum(_HEADER)
 
-    Each sample's members are contiguous, in sorted extension order. tarfile makes the
-    headers; the data goes out in one write per member (tarfile's stream mode would cut
-    it into 10 KiB records, a third of the export time)."""
-    h, n, count = hashlib.sha256(), 0, 0
-    # Hashing runs on its own thread, overlapped with the writes (both release the GIL);
-    # a one-worker executor keeps the updates in order.
-    hasher = ThreadPoolExecutor(max_workers=1)
 
-    def put(b) -> None:
-        nonlocal n
-        sink.write(b)
-        hasher.submit(h.update, b)
-        n += len(b)
+def _member(name: str, size: int) -> bytes:
+    """The tar header block(s) of a regular file with fixed metadata (no time, owner or name).
 
+    The same bytes tarfile writes in PAX format; short ASCII names (every shard key) are
+    filled into a template, 30x faster than tarfile, anything else goes through tarfile."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+        return _tarfile_member(name, size)
+    h = bytearray(_HEADER)
+    h[:len(raw)] = raw
+    h[124:136] = field = b"%011o\0" % size
+    h[148:155] = b"%06o\0" % (_HEADER_SUM + sum(raw) + sum(field))
+    return bytes(h)
+
+
+_ZEROS = bytes(2 * tarfile.RECORDSIZE)  # the longest run of padding: the end of an archive
+
+
+class TarWriter:
+    """Writes deterministic tars through a few reused buffers; one writer serves many shards.
+
+    The tar stream is assembled in fixed buffers (headers, member data copied or read
+    straight from files, padding); each full buffer goes to the sink and to a hashing
+    thread while the next one fills (file reads, writes and sha256 all release the GIL).
+    The buffers are reused for every shard: touching fresh memory (page faults) costs
+    more here than the copies themselves. They are small enough (1 MiB) to stay in the
+    CPU caches between the read into them, the write and the hash: measured, a quarter
+    less CPU than 4 MiB buffers."""
+
+    def __init__(self, chunk: int = 2**20, depth: int = 3, open_files: int = 32):
+        self._views = [memoryview(bytearray(chunk)) for _ in range(depth)]
+        self._hashing: list[Future | None] = [None] * depth
+        self._hasher = ThreadPoolExecutor(max_workers=1)  # one worker: updates stay in order
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._open_files = open_files
+        self._i = self._fill = self._n = 0
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, sink, samples: Iterable[tuple[str, dict]], copy: bool = False) -> tuple[int, int, Future]:
+        """Write samples ``(key, {ext: bytes | FileSlice})`` to a binary sink as one tar;
+        returns (count, bytes, future of the sha256 hex digest). Each sample's members are
+        contiguous, in sorted extension order. The digest is not waited for: the hashing of
+        this tar's last buffers overlaps the next tar. ``copy``: hand the sink fresh bytes
+        (for sinks that may keep a reference to what they are given, such as object-store
+        uploads)."""
+        self._sink, self._copy, self._h = sink, copy, hashlib.sha256()
+        self._fill = self._n = count = 0
+        try:
+            for key, fields in samples:
+                if not key or "." in key or "/" in key:
+                    raise ValueError(f"bad shard key {key!r}: keys may not contain '.' or '/'")
+                for ext in sorted(fields):
+                    data = fields[ext]
+                    self._put(_member(f"{key}.{ext}", len(data)))
+                    if isinstance(data, FileSlice):
+                        self._put_file(data)
+                    else:
+                        self._put(data)
+                    self._put(_ZEROS[: -len(data) % tarfile.BLOCKSIZE])
+                count += 1
+            # End of archive: two zero blocks, padded to a whole record as tar(1) and tarfile do.
+            end = 2 * tarfile.BLOCKSIZE
+            self._put(_ZEROS[: end + (-(self._n + end)) % tarfile.RECORDSIZE])
+            self._flush()
+        finally:
+            self._sink = None
+        # One hashing worker runs tasks in order: the digest comes after this tar's updates.
+        return count, self._n, self._hasher.submit(self._h.hexdigest)
+
+    def _room(self) -> memoryview:
+        """The free part of the current buffer (flushing it first when full)."""
+        view = self._views[self._i]
+        if self._fill == len(view):
+            self._flush()
+            view = self._views[self._i]
+        return view[self._fill:]
+
+    def _put(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while data:
+            room = self._room()
+            k = min(len(room), len(data))
+            room[:k] = data[:k]
+            self._fill += k
+            self._n += k
+            data = data[k:]
+
+    def _put_file(self, piece: FileSlice) -> None:
+        fd = self._fd(piece.path)
+        offset, left = piece.offset, piece.length
+        while left:
+            room = self._room()
+            got = os.preadv(fd, [room[: min(len(room), left)]], offset)
+            if got <= 0:
+                raise OSError(f"{piece.path} ended before byte {offset + left} (was it rewritten?)")
+            self._fill += got
+            self._n += got
+            offset += got
+            left -= got
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        data = self._views[self._i][: self._fill]
+        self._sink.write(bytes(data) if self._copy else data)
+        self._hashing[self._i] = self._hasher.submit(self._h.update, data)
+        self._i = (self._i + 1) % len(self._views)
+        self._fill = 0
+        if self._hashing[self._i] is not None:  # reuse a buffer only once it is hashed
+            self._hashing[self._i].result()
+            self._hashing[self._i] = None
+
+    def _fd(self, path: str) -> int:
+        if path in self._fds:
+            self._fds.move_to_end(path)
+        else:
+            if len(self._fds) >= self._open_files:
+                os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+
+def write_tar(sink, samples: Iterable[tuple[str, dict]]) -> tuple[int, int, str]:
+    """Write samples to a binary sink as a deterministic tar; returns (count, bytes, sha256)."""
+    with TarWriter() as w:
+        count, size, digest = w.write(sink, samples)
+        return count, size, digest.result()
+
+
+def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dict]],
+                writer: TarWriter | None = None) -> ShardInfo:
+    """Write one shard atomically: readers never see a partial tar under its final name.
+    Pass a ``writer`` to reuse its buffers across shards."""
+    own = writer is None
+    writer = writer or TarWriter()
     try:
-        for key, fields in samples:
-            if not key or "." in key or "/" in key:
-                raise ValueError(f"bad shard key {key!r}: keys may not contain '.' or '/'")
-            for ext in sorted(fields):
-                data = fields[ext]
-                put(_member(f"{key}.{ext}", len(data)))
-                put(data)
-                if len(data) % tarfile.BLOCKSIZE:
-                    put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-            count += 1
-        # End of archive: two zero blocks, padded to a whole record as tar(1) and tarfile do.
-        end = 2 * tarfile.BLOCKSIZE
-        end += (-(n + end)) % tarfile.RECORDSIZE
-        put(tarfile.NUL * end)
+        if is_local(fs):
+            tmp = path + ".tmp"
+            # No fsync: the rename alone keeps a killed process from leaving a partial shard,
+            # and resume re-checks every finished shard's sha256, so a shard damaged by a power
+            # loss is rewritten rather than trusted.
+            with open(tmp, "wb") as f:
+                count, size, digest = writer.write(f, samples)
+            os.replace(tmp, path)
+        else:
+            # An object-store upload becomes visible only when the stream closes cleanly.
+            with fs.open_output_stream(path) as out:
+                count, size, digest = writer.write(out, samples, copy=True)
     finally:
-        hasher.shutdown(wait=True)
-    return count, n, h.hexdigest()
-
-
-def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> ShardInfo:
-    """Write one shard atomically: readers never see a partial tar under its final name."""
-    if is_local(fs):
-        tmp = path + ".tmp"
-        # No fsync: the rename alone keeps a killed process from leaving a partial shard,
-        # and resume re-checks every finished shard's sha256, so a shard damaged by a power
-        # loss is rewritten rather than trusted.
-        with open(tmp, "wb") as f:
-            count, size, sha = write_tar(f, samples)
-        os.replace(tmp, path)
-    else:
-        # An object-store upload becomes visible only when the stream closes cleanly.
-        with fs.open_output_stream(path) as out:
-            count, size, sha = write_tar(out, samples)
-    return ShardInfo(path, count, size, sha)
+        if own:
+            writer.close()
+    return ShardInfo(path, count, size, digest)
 
 
 # ---- reading -----------------------------------------------------------------------
@@ -202,8 +340,12 @@ def check_member(info: tarfile.TarInfo, max_member_bytes: int = DEFAULT_MAX_MEMB
 
 
 def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of a tar stream, every TarInfo checked first."""
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+    """(name, bytes) of each regular member of a tar stream, every TarInfo checked first.
+
+    Seekable files (local shards) are read member by member in one read each; streams
+    (object stores) go through tarfile's stream mode, which reads 10 KiB records."""
+    seekable = getattr(fileobj, "seekable", lambda: False)()
+    with tarfile.open(fileobj=fileobj, mode="r:*" if seekable else "r|*") as tar:
         for info in tar:
             check_member(info, max_member_bytes)
             if info.isdir():
@@ -213,7 +355,7 @@ def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_
             if len(data) != info.size:
                 raise UnsafeTarError(f"truncated tar member {info.name!r}")
             yield info.name, data
-            tar.members = []  # streaming: do not keep every TarInfo
+            tar.members = []  # do not keep every TarInfo (iteration reads on from the file)
 
 
 def iter_samples(fileobj: IO[bytes], url: str = "",

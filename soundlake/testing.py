@@ -235,6 +235,75 @@ def make_synth_export(root: Path, n: int, seconds: float = 2.0, sr: int = 16000,
     run_export(lake, ExportArgs(out=str(out), shard_count=shard_count, shard_size=None))
     return out
 
+
+def make_tiny_inhouse_clap(path: Path, window_s: float = 2.0) -> Path:
+    """An untrained, tiny in-house CLAP saved through its real save path (autocap's audio encoder in tests)."""
+    import torch
+
+    from soundlake.models.clap_inhouse import ClapNet, ClapTrainConfig, save_clap
+    from soundlake.models.text import load_text_encoder
+
+    cfg = ClapTrainConfig(window_s=window_s, channels=16, dim=16, n_mels=16, n_fft=512, hop_length=320)
+    text = load_text_encoder()
+    torch.manual_seed(0)
+    save_clap(ClapNet(cfg, text.dim), cfg, text, path)
+    return path
+
+
+def tiny_autocap_config(**overrides):
+    """Sizes for tests: every part of the architecture, a few thousand parameters each."""
+    from soundlake.models.autocap import AutocapConfig
+
+    sizes = dict(num_queries=4, qformer_dim=16, qformer_layers=1, qformer_heads=2, qformer_ffn=32, d_model=32,
+                 encoder_layers=1, decoder_layers=1, heads=2, ffn=64, vocab_size=200, max_meta_tokens=32,
+                 max_caption_tokens=24, max_length=12, num_beams=2)
+    return AutocapConfig(**{**sizes, **overrides})
+
+
+def make_tiny_autocap(path: Path, clap_path: Path, texts: list[str]) -> Path:
+    """A random tiny autocap (real tokenizer training, BART from a config, saving path) around ``clap_path``."""
+    import torch
+
+    from soundlake.models.autocap import (AutocapNet, ClapAudio, add_tags, build_tokenizer, new_bart,
+                                          save_autocap)
+
+    cfg = tiny_autocap_config()
+    audio = ClapAudio(clap_path)
+    cfg.frame_dim, cfg.clap_dim, cfg.sample_rate = audio.frame_dim, audio.clap_dim, audio.sample_rate
+    tok = build_tokenizer(cfg, texts)
+    base = add_tags(tok, cfg)
+    torch.manual_seed(0)
+    save_autocap(AutocapNet(cfg, new_bart(cfg, tok, base), base).eval(), tok, path, clap_path)
+    return path
+
+
+def make_tiny_bart(path: Path) -> Path:
+    """A tiny random BartForConditionalGeneration with a byte-level BPE tokenizer using BART's special tokens."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a dog barks", "rain falls on a roof", "the sound of a bell", "a man speaks"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>")
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=len(fast), d_model=24, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=128,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
 def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_seconds: float = 0.5,
                         seed: int = 0) -> Path:
     """A tiny randomly initialised DiT bundle (DiT + VAE + MiniLM text), saved with
@@ -266,17 +335,3 @@ def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_se
                                     "latents": {"mean": 0.0, "std": 1.0}, "text": {"path": None},
                                     "train": {"step": 0, "spec": {"seconds": train_seconds}}})
     return folder
-
-
-def make_tiny_inhouse_clap(folder: Path, sample_rate: int = 16000, seed: int = 0) -> Path:
-    """A tiny randomly initialised in-house CLAP folder (loadable by ``load_clap``)."""
-    import torch
-
-    from soundlake.models.clap_inhouse import ClapNet, ClapTrainConfig, save_clap
-    from soundlake.models.text import load_text_encoder
-
-    cfg = ClapTrainConfig(dim=16, channels=16, window_s=1.0, n_mels=16, sample_rate=sample_rate)
-    text = load_text_encoder()
-    torch.manual_seed(seed)
-    save_clap(ClapNet(cfg, text.dim), cfg, text, Path(folder))
-    return Path(folder)

@@ -21,7 +21,7 @@ from soundlake.stages.base import FLOW
 from soundlake.stages.segment import SegmentStage, segment_tables
 from soundlake.stages.sources import input_row
 from soundlake.testing import tone_mix, write_audio
-from soundlake.training.data import (Batch, make_dataset, make_loader, read_shards_ray, shard_urls)
+from soundlake.training.data import (Batch, collate, make_dataset, make_loader, read_shards_ray, shard_urls)
 
 torch.set_num_threads(1)
 SR = 16000
@@ -87,6 +87,18 @@ def test_crop_pad_offsets_and_collate(export):
     b = batches[0]
     assert b.audio.shape == (5, 2, SR) and b.audio.dtype == torch.float32 and len(b.captions) == 5
     assert b.offsets_s.shape == (5,) and len(b.meta) == 5 and b.sample_rate == SR
+
+
+def test_collate_pads_shorter_clips_with_zeros():
+    def item(c: int, n: int, v: float) -> dict:
+        return {"__key__": f"k{n}", "audio": np.full((c, n), v, np.float32), "caption": "x", "offset_s": 0.0,
+                "length": n, "sample_rate": SR, "meta": {}}
+
+    b = collate([item(2, 5, 1.0), item(2, 3, 2.0)])
+    assert b.audio.shape == (2, 2, 5) and b.lengths.tolist() == [5, 3]
+    assert (b.audio[0] == 1).all() and (b.audio[1, :, :3] == 2).all() and not b.audio[1, :, 3:].any()
+    with pytest.raises(ValueError, match="channel counts"):
+        collate([item(2, 5, 1.0), item(1, 5, 1.0)])
 
 
 def test_caption_choice_is_seeded(export):
@@ -160,6 +172,25 @@ def test_malicious_tars_are_rejected(tmp_path, case, members, message):
     assert url in str(e.value)
     with open(url, "rb") as f, pytest.raises(shards.UnsafeTarError, match=message):
         list(shards.iter_samples(f, url, max_member_bytes=4096))
+    with _stream(url) as f, pytest.raises(shards.UnsafeTarError, match=message):
+        list(shards.iter_samples(f, url, max_member_bytes=4096))
+
+
+class _Unseekable(io.RawIOBase):
+    """A file read as a stream (as from an object store): tarfile's stream mode reads it."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._data.readinto(b)
+
+
+def _stream(path) -> io.BufferedReader:
+    return io.BufferedReader(_Unseekable(Path(path).read_bytes()))
 
 
 def test_safe_tar_reads_normally(tmp_path, export):
@@ -168,6 +199,13 @@ def test_safe_tar_reads_normally(tmp_path, export):
     with open(url, "rb") as f:
         got = list(shards.iter_samples(f, url, max_member_bytes=10 ** 6))
     assert len(got) == 4 and all({"flac", "json"} <= set(s) for s in got)
+    with _stream(url) as f:
+        assert not f.seekable() and list(shards.iter_samples(f, url, max_member_bytes=10 ** 6)) == got
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(url).read_bytes()[:3000])
+    for f in (open(cut, "rb"), _stream(cut)):
+        with f, pytest.raises(tarfile.ReadError):
+            list(shards.iter_samples(f, str(cut)))
     with open(url, "rb") as f, pytest.raises(shards.UnsafeTarError, match="member limit"):
         list(shards.iter_samples(f, url, max_member_bytes=1000))
 

@@ -17,7 +17,8 @@ from soundlake.testing import make_synth_export
 from soundlake.training.bundle import Generator, load_vae, load_weights
 from soundlake.training.data import _open, shard_urls
 from soundlake.training.encode import encode_shards
-from soundlake.training.trainer import load_train_spec, train
+from soundlake.training.train_spec import load_train_spec
+from soundlake.training.trainer import train
 
 from conftest import soundlake_cmd
 
@@ -165,12 +166,36 @@ def test_weights_only_init(latent_shards, vae_dir, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)
 
 
+def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(latent_shards, vae_dir, audio_shards, tmp_path):
+    from soundlake.models.clap import load_clap
+    from soundlake.testing import make_tiny_hf_clap
+
+    clap = make_tiny_hf_clap(tmp_path / "clap", sample_rate=16000)
+    out = tmp_path / "dual"
+    train(dit_spec(latent_shards, vae_dir, out, 3, f"extra_clap={clap}", "cond2=latents", "cond2_frames=5"))
+    gen = Generator.load(out)
+    cfg = gen.dit.cfg
+    assert cfg.cond_extra_dim == load_clap(str(clap)).dim and cfg.cond2_dim == 16 and cfg.cross_attn2_blocks == [3]
+    # the stream reached the loss: its zero-initialised out-projection was trained
+    assert gen.dit.blocks[3].cross_attn2.out.weight.abs().max() > 0
+    # and generation reads it: two reference clips give two different generations
+    key, sample = next(iter(_samples(shard_urls(str(audio_shards))[0])))
+    ref, _ = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
+    a = gen.generate(["a bell"], seconds=0.5, steps=2, reference=ref).audio
+    b = gen.generate(["a bell"], seconds=0.5, steps=2, reference=np.roll(ref, 8000) * 0.5).audio
+    assert a.shape == b.shape == (1, 8000)
+    assert not np.array_equal(a, b)
+
+
 def test_two_workers_ddp(audio_shards, tmp_path):
     out = tmp_path / "ddp"
     s = train(load_train_spec("vae", shards=str(audio_shards), out=str(out), steps=3, batch_size=2, seconds=0.5,
                               sets=["workers=2", "log_every=1", "shuffle=0"]))
     assert s.steps == 3
     assert len(log_rows(out)) == 3
+    # both ranks' data positions are in the merged checkpoint, the model state once
+    ckpt = out / "ray_train" / "step-00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rank-0.pt", "rank-1.pt", "state.pt"]
 
 
 def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):

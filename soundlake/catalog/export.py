@@ -31,7 +31,7 @@ import os
 import re
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -39,11 +39,12 @@ from typing import Callable
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from soundlake import shards
-from soundlake.catalog import schema, sql
+from soundlake.catalog import parquet_pages, schema, sql
 from soundlake.catalog.lake import Lake
 from soundlake.errors import UserError
 
@@ -179,22 +180,6 @@ class Plan:
     shards: list[dict]             # {"name", "split", "start", "end"} over samples
 
 
-def _pin(con: duckdb.DuckDBPyConnection, lake: Lake, files: dict[str, list[str]]) -> None:
-    """Point the views at exactly the part files listed, so the export reads one catalog state
-    even while a curation job adds parts."""
-    if not lake.is_local:
-        return  # sql.connect already registered fixed pyarrow datasets for object stores
-    for table, parts in files.items():
-        if not parts:
-            continue
-        lst = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)
-        src = f"read_parquet([{lst}], union_by_name = true)"
-        # The raw view under any dedupe view (DEDUPE_KEYS), so dedupe still applies.
-        view = {"clips": "_clip_parts", "runs": "_runs"}.get(table) or \
-            (f"_{table}_all" if table in getattr(schema, "DEDUPE_KEYS", getattr(sql, "DEDUPE_KEYS", {})) else table)
-        con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {src}")
-
-
 def _has(con, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
                             [name]).fetchall()[0][0])
@@ -214,9 +199,9 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
     """Run the selection: (clip rows, captions per clip, catalog state, dropped counts)."""
     if args.caption not in ("preferred", "all") and not args.caption.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--caption {args.caption!r}: expected preferred, all or a captioner name")
-    con = sql.connect(lake)
-    files = {t: lake.parts(t) for t in ("clips", "captions", "scores") if t in schema.TABLES}
-    _pin(con, lake, files)
+    # Exactly the part files listed now: one catalog state even while a curation job adds parts.
+    files = {t: lake.parts(t) for t in ("clips", "captions", "scores")}
+    con = sql.connect(lake, parts=files)
     rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in files.items()}
     catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()}
     if not files.get("clips"):
@@ -230,20 +215,22 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
     if args.licenses:
         con.register("_licenses", pa.table({"l": pa.array(args.licenses, pa.string())}))
         conds.append("license IN (SELECT l FROM _licenses)")
-    base = f"SELECT * FROM clips WHERE {' AND '.join(conds)}"
-    # One row per clip id even if a clip was written twice (e.g. by two runs).
-    q = f"""SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY clip_id ORDER BY created, run_id) AS _rn
-              FROM ({base})) WHERE _rn = 1"""
+    # One row per clip id even if a clip was written twice (e.g. by two runs); excluded clips
+    # are flagged, not filtered, so the one query also counts them. Only the columns the
+    # samples' JSON needs.
+    cols = ", ".join(dict.fromkeys((*_META, "meta_json", "flac_bytes")))
     try:
-        selected = con.execute(f"SELECT count(*) FROM ({q})").fetchall()[0][0]
-        clips = con.sql(f"""SELECT * EXCLUDE (_rn) FROM ({q}) s
-              WHERE clip_id NOT IN (SELECT id FROM _exclude)
-                AND coalesce(source_id, '') NOT IN (SELECT id FROM _exclude)
-                AND coalesce(source || ':' || source_id, '') NOT IN (SELECT id FROM _exclude)
+        clips = con.sql(f"""SELECT {cols}, (clip_id IN (SELECT id FROM _exclude)
+                  OR coalesce(source_id, '') IN (SELECT id FROM _exclude)
+                  OR coalesce(source || ':' || source_id, '') IN (SELECT id FROM _exclude)) AS _excluded
+              FROM clips WHERE {' AND '.join(conds)}
+              QUALIFY row_number() OVER (PARTITION BY clip_id ORDER BY created, run_id) = 1
               ORDER BY clip_id""").to_arrow_table()
     except duckdb.Error as e:
         raise UserError(f"--where: SQL error: {str(e).strip().splitlines()[0]}") from None
-    dropped = {"excluded": selected - clips.num_rows}
+    excluded_rows = clips["_excluded"]
+    dropped = {"excluded": pc.sum(excluded_rows).as_py() or 0}
+    clips = clips.filter(pc.invert(excluded_rows)).drop_columns(["_excluded"])
     con.register("_sel", clips.select(["clip_id"]))
 
     # Captions of the selected clips, distinct texts, in policy order (best first).
@@ -347,7 +334,7 @@ def plan_export(lake: Lake | str, args: ExportArgs) -> Plan:
     clips, captions, catalog, dropped = select(lake, args)
     dropped["no_caption"] = 0
     samples: list[Sample] = []
-    for row in clips.drop_columns([]).to_pylist():
+    for row in clips.to_pylist():
         caps = apply_policy(captions.get(row["clip_id"], []), args.caption, args.min_score)
         if not caps:
             dropped["no_caption"] += 1
@@ -409,40 +396,55 @@ def _audio_locator(lake: Lake, files: list[str]) -> dict[str, list[str]]:
 
 
 class _AudioReader:
-    """The FLAC bytes of one shard's clips, reading whole part files (a part is one row
-    group) and keeping the most recent ones, up to ``cache_bytes``, for the next chunks.
-    A small cache lets the allocator hand freed buffers back to the next reads: touching
-    fresh memory (page faults) costs more than the reads themselves."""
+    """The FLAC bytes of one shard's clips, per part file (read once, kept for the next chunks).
+
+    Local parts whose ``flac`` column is stored uncompressed PLAIN (how the lake writes it)
+    give :class:`shards.FileSlice` ranges, found from the page headers: the tar writer reads
+    them straight into its reused buffer. Other parts (object stores, other layouts) are
+    read with pyarrow, the most recent ones kept up to ``cache_bytes``; a small cache lets
+    the allocator hand freed buffers back to the next reads, as fresh memory (page faults)
+    costs more than the reads themselves."""
 
     def __init__(self, lake: Lake, where: dict[str, list[str]], cache_bytes: int = 64 * 2**20):
         self.lake, self.where, self.cache_bytes = lake, where, cache_bytes
-        self.cache: OrderedDict[str, dict[str, tuple[str, bytes]]] = OrderedDict()
+        self.cache: OrderedDict[str, dict[str, tuple[str, shards.FileSlice | memoryview]]] = OrderedDict()
         self.size = 0
 
-    def _part(self, path: str) -> dict[str, tuple[str, memoryview]]:
+    def _part(self, path: str) -> dict[str, tuple[str, shards.FileSlice | memoryview]]:
         if path in self.cache:
             self.cache.move_to_end(path)
             return self.cache[path]
-        cols = ["clip_id", "audio_sha256", "flac"]
-        # Local lakes: memory-mapped reads skip a copy of every FLAC byte into fresh buffers.
-        t = pq.read_table(path, columns=cols, memory_map=True) if self.lake.is_local \
-            else pq.read_table(path, filesystem=self.lake.fs, columns=cols)
-        # Zero-copy views into the Arrow buffer: the bytes go from Parquet to the tar untouched.
-        flac = t.column("flac").combine_chunks()
-        offsets = np.frombuffer(flac.buffers()[1], dtype=np.int64)[flac.offset: flac.offset + len(flac) + 1]
-        data = memoryview(flac.buffers()[2]) if flac.buffers()[2] is not None else memoryview(b"")
-        part: dict[str, tuple[str, memoryview]] = {}
-        for i, (cid, sha) in enumerate(zip(t["clip_id"].to_pylist(), t["audio_sha256"].to_pylist())):
-            part.setdefault(cid, (sha, data[offsets[i]: offsets[i + 1]]))
+        f = pq.ParquetFile(path) if self.lake.is_local else pq.ParquetFile(self.lake.fs.open_input_file(path))
+        with f:
+            ids = f.read(columns=["clip_id", "audio_sha256"])
+            ranges = None
+            if self.lake.is_local:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    ranges = parquet_pages.value_ranges(fd, f.metadata, "flac")
+                finally:
+                    os.close(fd)
+            if ranges is not None:
+                # By path: a part is never rewritten once committed (unique name, atomic rename).
+                audio: list = [shards.FileSlice(path, off, n) for off, n in ranges]
+            else:
+                # Zero-copy views into the Arrow buffer: the bytes go from Parquet to the tar untouched.
+                flac = f.read(columns=["flac"]).column("flac").combine_chunks()
+                offsets = np.frombuffer(flac.buffers()[1], dtype=np.int64)[flac.offset: flac.offset + len(flac) + 1]
+                data = memoryview(flac.buffers()[2]) if flac.buffers()[2] is not None else memoryview(b"")
+                audio = [data[offsets[i]: offsets[i + 1]] for i in range(len(flac))]
+                self.size += len(data)
+        part: dict[str, tuple[str, shards.FileSlice | memoryview]] = {}
+        for cid, sha, a in zip(ids["clip_id"].to_pylist(), ids["audio_sha256"].to_pylist(), audio):
+            part.setdefault(cid, (sha, a))
         self.cache[path] = part
-        self.size += t.nbytes
         while self.size > self.cache_bytes and len(self.cache) > 1:
             _, old = self.cache.popitem(last=False)
-            self.size -= sum(len(f) for _, f in old.values())
+            self.size -= sum(len(a) for _, a in old.values() if isinstance(a, memoryview))
         return part
 
-    def read(self, samples: list[Sample]) -> dict[str, memoryview]:
-        out: dict[str, memoryview] = {}
+    def read(self, samples: list[Sample]) -> dict[str, shards.FileSlice | memoryview]:
+        out: dict[str, shards.FileSlice | memoryview] = {}
         for s in samples:
             for path in self.where.get(s.clip_id, []):
                 sha, flac = self._part(path).get(s.clip_id, (None, None))
@@ -470,7 +472,27 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
     ``latents.npy`` to each sample (they must be deterministic to keep shards identical).
     ``on_shard(shard, done, total)`` reports progress."""
     lake = Lake(lake) if isinstance(lake, str) else lake
-    plan = plan_export(lake, args)
+    # Locating each clip's audio needs only the clips part list, and the writer's buffers
+    # need touching once: both happen on a second thread while the selection runs.
+    clip_parts = lake.parts("clips")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        early = pool.submit(lambda: (_audio_locator(lake, clip_parts) if clip_parts else {}, shards.TarWriter()))
+        try:
+            plan = plan_export(lake, args)
+        except BaseException:
+            if early.exception() is None:
+                early.result()[1].close()
+            raise
+    located, writer = early.result()
+    planned = [lake.path(p) for p in plan.catalog["parts"]["clips"]]
+    if sorted(planned) != sorted(clip_parts):  # a part was committed in between
+        located = _audio_locator(lake, planned)
+    with writer:
+        return _write_export(lake, args, plan, _AudioReader(lake, located), writer, wait, on_shard, extra_fields)
+
+
+def _write_export(lake: Lake, args: ExportArgs, plan: Plan, reader: _AudioReader, writer: shards.TarWriter,
+                  wait: bool, on_shard, extra_fields) -> ExportResult:
     fs, root = shards.open_uri(args.out)
     out_uri = args.out if "://" in args.out else root
     fs.create_dir(root, recursive=True)
@@ -493,7 +515,6 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         "args": args.identity(), "catalog": plan.catalog, "dropped": plan.dropped,
         "captioner_priority": list(CAPTIONER_PRIORITY), "shards": [],
     }
-    reader = _AudioReader(lake, _audio_locator(lake, [lake.path(p) for p in plan.catalog["parts"]["clips"]]))
     # Which shards need writing: a finished shard is kept when its sha256 still matches.
     todo = []
     for sh in plan.shards:
@@ -503,25 +524,38 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
         sh["kept"] = prev if keep else None
         if not keep:
             todo.append(sh)
-    # One reader thread fetches audio two chunks ahead while the current chunk is written
-    # (Parquet reads and file writes both release the GIL); it alone touches the reader's
-    # cache. Chunks, not whole shards, so reading and writing overlap inside a shard too.
-    prefetch = ThreadPoolExecutor(max_workers=1)
+    # Object stores: one reader thread fetches audio two chunks ahead while the current chunk
+    # is written (reads and writes release the GIL); it alone touches the reader's cache.
+    # Chunks, not whole shards, so reading and writing overlap inside a shard too. Local
+    # parts only need their page headers read: inline, as hand-offs between threads cost
+    # more than that on a busy machine.
+    prefetch = None if lake.is_local else ThreadPoolExecutor(max_workers=1)
     jobs = [(sh["name"], plan.samples[a: min(a + _READ_CHUNK, sh["end"])])
             for sh in todo for a in range(sh["start"], sh["end"], _READ_CHUNK)]
-    futures: dict[int, object] = {}
+    futures: dict[int, Future] = {}
 
     def submit(j: int) -> None:
         if j < len(jobs) and j not in futures:
-            futures[j] = prefetch.submit(reader.read, jobs[j][1])
+            if prefetch is not None:
+                futures[j] = prefetch.submit(reader.read, jobs[j][1])
+            else:
+                futures[j] = Future()
+                futures[j].set_result(reader.read(jobs[j][1]))
 
     submit(0)
     submit(1)
     cursor = [0]  # next job to write
     written = kept = 0
+    hashing: list[tuple[dict, shards.ShardInfo]] = []  # written shards whose sha256 may still be running
+
+    def record(sh: dict, info: shards.ShardInfo) -> None:
+        manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
+                                   "bytes": info.bytes, "sha256": info.sha256,
+                                   "first": plan.samples[sh["start"]].clip_id,
+                                   "last": plan.samples[sh["end"] - 1].clip_id})
+
     try:
         for n, sh in enumerate(plan.shards):
-            members = plan.samples[sh["start"]: sh["end"]]
             if sh["kept"] is not None:
                 manifest["shards"].append(sh["kept"])
                 kept += 1
@@ -537,19 +571,26 @@ def run_export(lake: Lake | str, args: ExportArgs, wait: bool = False,
                             if extra_fields is not None:
                                 fields.update(extra_fields(s.clip_id, json.loads(s.json_bytes)))
                             yield shards.tar_key(s.clip_id), fields
-                info = shards.write_shard(fs, sh["path"], gen())
-                manifest["shards"].append({"name": sh["name"], "split": sh["split"], "count": info.count,
-                                           "bytes": info.bytes, "sha256": info.sha256,
-                                           "first": members[0].clip_id, "last": members[-1].clip_id})
+                hashing.append((sh, shards.write_shard(fs, sh["path"], gen(), writer)))
                 written += 1
-            # The manifest is the record of finished shards: rewrite it after each one.
-            shards.put_bytes(fs, manifest_path, _dumps(manifest))
+            # A written shard enters the manifest once its sha256 is known: the newest one is
+            # still being hashed while the next shard is written, so nothing waits per shard.
+            while len(hashing) > 1 or (hashing and n == len(plan.shards) - 1):
+                record(*hashing.pop(0))
+            # The manifest is the record of finished shards: rewrite it after each one. Atomic
+            # (tmp + rename) without an fsync, which can wait for the disk to take the shards
+            # written so far: after a power loss, resume re-checks each shard's sha256 anyway.
+            # Only the final manifest is synced.
+            shards.put_bytes(fs, manifest_path, _dumps(manifest), sync=False)
             if on_shard:
                 on_shard(sh, n + 1, len(plan.shards))
     finally:
         for f in futures.values():
             f.cancel()
-        prefetch.shutdown(wait=True)
+        if prefetch is not None:
+            prefetch.shutdown(wait=True)
+    order = {sh["name"]: i for i, sh in enumerate(plan.shards)}
+    manifest["shards"].sort(key=lambda e: order[e["name"]])
     splits: dict[str, int] = {}
     for s in plan.samples:
         splits[s.split] = splits.get(s.split, 0) + 1

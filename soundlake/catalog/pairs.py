@@ -40,3 +40,14 @@ def load_pairs(lake: Lake | str, sample_rate: int, captioner: str = "reference",
         mono = audio_io.resample(audio.mean(axis=1, keepdims=True), sr, sample_rate)[:, 0]
         (held if holdout_fraction(clip_id) < holdout else train).append((clip_id, np.ascontiguousarray(mono), text))
     return train, held
+
+
+def clip_metadata(lake: Lake | str, clip_ids: list[str]) -> dict[str, dict]:
+    """{clip_id: {title, description, labels, tags, meta_json}} for training captioners on metadata."""
+    con = connect(lake)
+    con.execute("CREATE TEMP TABLE wanted(clip_id VARCHAR)")
+    con.executemany("INSERT INTO wanted VALUES (?)", [[c] for c in clip_ids])
+    rows = con.execute("""SELECT clip_id, title, description, labels, tags, meta_json FROM clips
+                          JOIN wanted USING (clip_id)""").fetchall()
+    names = ["title", "description", "labels", "tags", "meta_json"]
+    return {r[0]: dict(zip(names, r[1:])) for r in rows}

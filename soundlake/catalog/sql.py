@@ -57,10 +57,14 @@ def add_view(name: str, sql: str) -> None:
     _VIEWS[name] = sql
 
 
-def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
-    """A FROM-able expression for a table's parts, typed even when it has none."""
-    files = lake.parts(table)
+def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[str] | None = None) -> str:
+    """A FROM-able expression for a table's parts (all, or exactly ``files``), typed even when it has none."""
+    pinned = files is not None
+    files = lake.parts(table) if files is None else files
     if files and lake.is_local:
+        if pinned:
+            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            return f"read_parquet([{listed}], union_by_name = true)"
         glob = lake.path(table, "*.parquet").replace("'", "''")
         return f"read_parquet('{glob}', union_by_name = true)"
     name = f"_arrow_{table}"
@@ -71,9 +75,12 @@ def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
     return name
 
 
-def connect(lake: Lake | str, caption_policy: str | None = None) -> duckdb.DuckDBPyConnection:
+def connect(lake: Lake | str, caption_policy: str | None = None,
+            parts: dict[str, list[str]] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views. ``caption_policy`` (or
-    $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption."""
+    $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption.
+    ``parts``: {table: part files} to read exactly those (one catalog state, e.g. for an
+    export, even while a curation job adds parts); other tables read all their parts."""
     import os
 
     lake = Lake(lake) if isinstance(lake, str) else lake
@@ -85,8 +92,10 @@ def connect(lake: Lake | str, caption_policy: str | None = None) -> duckdb.DuckD
     import soundlake.catalog.export  # noqa: F401  (importing it registers the export tables)
 
     con = duckdb.connect(":memory:")
+    # Parts never change once written: parse each one's footer once, not at every view and query.
+    con.execute("SET parquet_metadata_cache = true")
     for table in schema.TABLES:
-        src = _source(con, lake, table)
+        src = _source(con, lake, table, (parts or {}).get(table))
         if table == "clips":
             con.execute(f"CREATE VIEW _clip_parts AS SELECT * FROM {src}")
             cols = ", ".join(schema.CLIP_COLUMNS)

@@ -123,12 +123,16 @@ class AudioEncoder(nn.Module):
         self.score = nn.Linear(c, 1)
         self.out = nn.Linear(2 * c, cfg.dim)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:  # [B, n_mels, T] -> [B, dim]
-        x = self.convs(self.norm(mel)).transpose(1, 2)       # [B, T', c]
-        x = self.attn(x + self.pos[:, : x.shape[1]])
+    def frames(self, mel: torch.Tensor) -> torch.Tensor:  # [B, n_mels, T] -> [B, T', c], before pooling
+        x = self.convs(self.norm(mel)).transpose(1, 2)
+        return self.attn(x + self.pos[:, : x.shape[1]])
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:      # [B, T', c] -> [B, dim]
         w = torch.softmax(self.score(x), dim=1)
-        pooled = torch.cat([(w * x).sum(1), x.amax(1)], dim=-1)
-        return self.out(pooled)
+        return self.out(torch.cat([(w * x).sum(1), x.amax(1)], dim=-1))
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:  # [B, n_mels, T] -> [B, dim]
+        return self.pool(self.frames(mel))
 
 
 def cfg_frames(cfg: ClapTrainConfig) -> int:

@@ -136,6 +136,13 @@ def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
     stages: list[Stage] = [first]
     if "caption" in active and "template" in spec.caption.captioners:
         stages.append(TemplateCaptionStage(run_id, spec.caption.use_metadata))
+    if "caption" in active and "autocap" in spec.caption.captioners:
+        from soundlake.stages.autocap import AutocapCaptionStage, autocap_identity
+
+        cap = spec.caption
+        autocap_identity(cap.autocap_model, cap.use_metadata)   # a bad folder fails here, not in an actor
+        stages.append(AutocapCaptionStage(cap.autocap_model, run_id, cap.use_metadata, cap.autocap_num_beams,
+                                          cap.autocap_batch_size, cap.autocap_num_gpus, cap.autocap_concurrency))
     if "embed" in active:
         stages.append(EmbedStage(spec.clap, run_id, tag="tag" in active))
     if "score" in active:
@@ -274,6 +281,7 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
 
     Yields (name, dataset of write summaries). Embeddings/tags: clips without an
     embedding from this model (audio read by the workers from the clip parts).
+    Autocap: clips without an autocap caption from this model, checkpoint and prompt version.
     Scores: captions without a score from this model (needs only text + stored embeddings).
     """
     from soundlake.catalog.sql import connect, execute_arrow
@@ -285,6 +293,22 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
                (SELECT clip_id FROM embeddings WHERE model_id = ?)""", [spec.clap.model]).fetchall()}
         if need:
             yield "embed", _embed_backfill(lake, need, by_name["embed"], run_id)
+    if "autocap" in by_name and lake.parts("clips"):
+        from soundlake.stages.autocap import autocap_identity
+
+        model_id, model_hash, version = autocap_identity(spec.caption.autocap_model, spec.caption.use_metadata)
+        need = {r[0] for r in connect(lake).execute(
+            """SELECT clip_id FROM clips c WHERE NOT EXISTS (SELECT 1 FROM captions k WHERE k.clip_id = c.clip_id
+               AND k.captioner = 'autocap' AND k.model_id = ? AND k.model_hash = ? AND k.prompt_version = ?)
+               AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.clip_id = c.clip_id AND f.stage = 'autocap')""",
+            [model_id, model_hash, version]).fetchall()}
+        if need:
+            stage = by_name["autocap"]
+            ds = _map_stage(lake_clips_dataset(lake, need, ["clip_id", "source", "source_id", "flac", "title",
+                                                            "description", "labels", "tags", "meta_json"]),
+                            stage, run_id)
+            yield "autocap", ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
+                                            batch_format="pyarrow", num_cpus=1)
     if "score" in by_name and lake.parts("captions"):
         table = execute_arrow(connect(lake),
             """SELECT c.clip_id, c.clip_id AS source_id, e.embedding::FLOAT[] AS clap_embedding,
@@ -402,7 +426,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                 on_start(summary)
             t0 = time.perf_counter()
             # Ray first: stages may create shared actors (the per-host rate limiter).
-            if todo or {"embed", "score"} & set(spec.active_stages()):
+            if todo or {"embed", "score"} & set(spec.active_stages()) or "autocap" in spec.caption.captioners:
                 summary.ray_startup_s = init_ray(spec.ray)
                 t0 = time.perf_counter()
             stages = build_stages(spec, run_id)

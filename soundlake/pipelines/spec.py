@@ -92,8 +92,22 @@ class ClapSpec(Section):
 
 
 class CaptionSpec(Section):
-    captioners: list[Literal["template"]] = Field(["template"], description="captioners run by the caption stage")
-    use_metadata: bool = Field(True, description="template: use titles and tags, not only labels")
+    captioners: list[Literal["template", "autocap"]] = Field(["template"], description="captioners run by the "
+                                                             "caption stage")
+    use_metadata: bool = Field(True, description="template: titles and tags too, not only labels; autocap: "
+                                                 "metadata fields in its tags (false: every field left empty)")
+    autocap_model: str | None = Field(None, description="autocap: a folder saved by `soundlake train captioner`")
+    autocap_batch_size: int = Field(16, ge=1, description="autocap: clips per beam-search call")
+    autocap_num_beams: int | None = Field(None, ge=1, description="autocap: beams (default: the model's)")
+    autocap_num_gpus: float = Field(0.0, ge=0, description="autocap: GPUs per actor")
+    autocap_concurrency: int = Field(1, ge=1, description="autocap: actors in the pool")
+
+    @model_validator(mode="after")
+    def _check_autocap(self):
+        if "autocap" in self.captioners and not self.autocap_model:
+            raise ValueError("caption.autocap_model: the autocap captioner needs a model folder "
+                             "(train one with `soundlake train captioner`)")
+        return self
 
 
 class RaySpec(Section):
@@ -131,7 +145,7 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"unknown key {key!r}: check the spelling (see `soundlake curate --help`)"
@@ -159,6 +173,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value) if value.strip() else None
 
 
+def read_yaml_mapping(path: Path, label: str) -> dict:
+    """A YAML file whose top level is a mapping; one-line errors start with ``label``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{label}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{label}: expected a mapping of settings at the top level")
+    return raw
+
+
 def load_spec(name_or_path: str, overrides: dict[str, Any] | None = None,
               sets: list[str] | None = None) -> PipelineSpec:
     path = Path(name_or_path)
@@ -167,12 +192,7 @@ def load_spec(name_or_path: str, overrides: dict[str, Any] | None = None,
         if not path.is_file():
             raise UserError(f"no pipeline {name_or_path!r}: give a YAML path or one of "
                             f"{', '.join(builtin_names())}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"spec {path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"spec {path}: expected a mapping of settings at the top level")
+    raw = read_yaml_mapping(path, f"spec {path}")
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(raw, key, value)
@@ -181,4 +201,4 @@ def load_spec(name_or_path: str, overrides: dict[str, Any] | None = None,
     try:
         return PipelineSpec.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"spec {path.name}: {_describe(e.errors()[0])}") from None
+        raise UserError(f"spec {path.name}: {describe_error(e.errors()[0])}") from None

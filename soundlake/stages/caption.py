@@ -38,7 +38,7 @@ class TemplateCaptionStage(Stage):
         return _add_captions(batch, out)
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
-        return caption_tables(batch, self.run_id)
+        return caption_tables(batch, self.run_id, captioner="template")
 
 
 def _add_captions(batch: pa.Table, new: list[list[dict]]) -> pa.Table:
@@ -51,11 +51,13 @@ def _add_captions(batch: pa.Table, new: list[list[dict]]) -> pa.Table:
     return batch.append_column("new_captions", pa.array(new, pa.list_(NEW_CAPTION)))
 
 
-def caption_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
+def caption_tables(batch: pa.Table, run_id: str, captioner: str | None = None) -> dict[str, pa.Table]:
+    """captions rows from the flow's new_captions (only ``captioner``'s when given: each stage writes its own)."""
     if "new_captions" not in batch.column_names:
         return {}
     ok = batch.filter(pc.equal(batch["status"], "ok"))
     now = datetime.now(timezone.utc)
     rows = [{"clip_id": r["clip_id"], **c, "run_id": run_id, "created": now}
-            for r in ok.select(["clip_id", "new_captions"]).to_pylist() for c in r["new_captions"] or []]
+            for r in ok.select(["clip_id", "new_captions"]).to_pylist() for c in r["new_captions"] or []
+            if captioner is None or c["captioner"] == captioner]
     return {"captions": pa.Table.from_pylist(rows, schema=CAPTIONS)} if rows else {}

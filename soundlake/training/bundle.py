@@ -93,6 +93,11 @@ def copy_model(src: str | Path, dst: str | Path) -> None:
         _atomic_write(dst / name, lambda p, n=name: shutil.copyfile(Path(src) / n, p))
 
 
+def pool_frames(z: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, F, C] latents averaged down to [B, n, C]: the DC-LDM second stream computed from audio."""
+    return torch.nn.functional.adaptive_avg_pool1d(z.transpose(1, 2), n).transpose(1, 2)
+
+
 @dataclass
 class GeneratedAudio:
     audio: np.ndarray            # [B, T] float32, mono
@@ -120,6 +125,12 @@ class Generator:
         self.text = TextConditioner(self.meta.get("text", {}).get("path"), device=device)
         self.latent_mean = float(self.meta["latents"]["mean"])
         self.latent_std = float(self.meta["latents"]["std"])
+        self.conditioning = self.meta.get("conditioning") or {}
+        self.clap = None
+        if self.conditioning.get("extra_clap"):
+            from soundlake.models.clap import load_clap
+
+            self.clap = load_clap(self.conditioning["extra_clap"], device=device)
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> "Generator":
@@ -132,10 +143,23 @@ class Generator:
     def frames(self, seconds: float) -> int:
         return max(1, round(seconds * self.vae.latent_rate))
 
-    def condition(self, prompts: list[str]):
+    def condition(self, prompts: list[str], reference: np.ndarray | None = None):
+        """Text tokens (+ the GenAu CLAP vector, + the DC-LDM stream of a reference clip
+        [T] at the VAE's rate, when the model was trained with them)."""
         from soundlake.training.conditioning import build_condition
 
-        return build_condition(list(prompts), self.text)
+        extra_fn = self.clap.embed_text if self.clap is not None else None
+        cond = build_condition(list(prompts), self.text, extra_fn=extra_fn)
+        if reference is not None:
+            if not self.conditioning.get("cond2"):
+                raise UserError(f"{self.folder}: this DiT has no second condition stream (trained without cond2)")
+            n = len(reference) - len(reference) % self.vae.hop
+            with torch.no_grad():
+                z = self.vae.encode(torch.as_tensor(reference[:n], dtype=torch.float32)[None, None].to(self.device)).mean
+            z = pool_frames((z.transpose(1, 2) - self.latent_mean) / self.latent_std, self.conditioning["cond2_frames"])
+            cond.context2 = z.expand(len(prompts), -1, -1).to(cond.context.device)
+            cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=cond.context.device)
+        return cond
 
     def to_audio(self, latents: torch.Tensor, seconds: float) -> np.ndarray:
         """DiT latents [B, F, C] -> waveforms [B, T] at the VAE's rate, cut to ``seconds``."""
@@ -148,7 +172,7 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list[str], seconds: float = 10.0, steps: int = 100, sampler: str = "ddim",
                  cfg: float = 5.0, rescale: float = 0.75, rescale_axis: str = "all", seed: int = 0,
-                 callback=None) -> GeneratedAudio:
+                 callback=None, reference: np.ndarray | None = None) -> GeneratedAudio:
         from soundlake.training.diffusion import sample
 
         if seconds <= 0:
@@ -156,12 +180,12 @@ class Generator:
         prompts = list(prompts)
         shape = (len(prompts), self.frames(seconds), self.dit.cfg.in_channels)
         gen = torch.Generator().manual_seed(seed)
-        latents, meta = sample(self.dit, shape, self.condition(prompts), steps=steps, sampler=sampler, cfg=cfg,
+        latents, meta = sample(self.dit, shape, self.condition(prompts, reference), steps=steps, sampler=sampler, cfg=cfg,
                                rescale=rescale, rescale_axis=rescale_axis, generator=gen, callback=callback,
                                schedule=self.schedule, device=self.device)
         meta |= {"seed": seed, "seconds": seconds, "frames": shape[1], "sample_rate": self.sample_rate,
                  "model": str(self.folder), "model_step": self.meta.get("train", {}).get("step"),
-                 "text_encoder": self.text.identity.get("model")}
+                 "text_encoder": self.text.identity.get("model"), "reference": reference is not None}
         return GeneratedAudio(self.to_audio(latents, seconds), self.sample_rate, prompts, meta)
 
 

@@ -191,8 +191,14 @@ def collate(samples: list[dict]) -> Batch:
     rates = {s["sample_rate"] for s in samples}
     if len(rates) != 1:
         raise ValueError(f"a batch mixes sample rates {sorted(rates)}: pass sample_rate= to resample")
+    channels = {s["audio"].shape[0] for s in samples}
+    if len(channels) != 1:
+        raise ValueError(f"a batch mixes channel counts {sorted(channels)}: export clips of one layout")
     t = max(s["audio"].shape[1] for s in samples)
-    audio = np.stack([np.pad(s["audio"], ((0, 0), (0, t - s["audio"].shape[1]))) for s in samples])
+    # One zeroed batch array, each clip copied in once (no per-clip padded copy).
+    audio = np.zeros((len(samples), channels.pop(), t), np.float32)
+    for i, s in enumerate(samples):
+        audio[i, :, : s["audio"].shape[1]] = s["audio"]
     return Batch(torch.from_numpy(audio), [s["caption"] for s in samples],
                  torch.tensor([s["offset_s"] for s in samples], dtype=torch.float64),
                  torch.tensor([s["length"] for s in samples]), rates.pop(),

@@ -1,6 +1,6 @@
 """Train the waveform VAE and the DiT from shards on Ray Train (TorchTrainer).
 
-    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")
+    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")  # train_spec.py
     summary = train(spec)          # resumes from the newest checkpoint in runs/dit/ray_train
 
 A spec (YAML, validated; ``--set key=value`` overrides) names the model config, the
@@ -13,10 +13,10 @@ Workers: ``workers`` Ray Train workers (CPU by default; ``use_gpu`` and the clus
 nodes from the spec), DDP across them; each reads its share of the shards through the
 export loader (:mod:`soundlake.training.data`; split by rank and DataLoader worker).
 
-Checkpoints (rank 0, every ``checkpoint_every`` steps and at the end) hold the full state:
-model, optimizer, EMA, step, stage, data position (epoch and batches read in it; every
-epoch's order is seeded, so the position restores it exactly), torch RNG state and the
-spec itself; the learning-rate schedule (warm-up, then constant or cosine per stage) is a
+Checkpoints (every ``checkpoint_every`` steps and at the end) hold the full state: model,
+optimizer, EMA, step, stage and the spec itself (rank 0), and each rank's data position
+(epoch and batches read in it; every epoch's order is seeded, so the position restores it
+exactly) and RNG states; the learning-rate schedule (warm-up, then constant or cosine per stage) is a
 function of the step. Ray Train keeps them under ``<out>/ray_train`` and a re-run with the
 same ``--out`` resumes from the newest one. ``init`` starts from another model's weights
 only. Rank 0 appends the loss and throughput to ``<out>/train_log.csv`` (and TensorBoard
@@ -36,212 +36,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Callable
 
 from soundlake.errors import UserError
+from soundlake.training.tasks import DitTask, VaeTask
+from soundlake.training.train_spec import TrainSpec, absolute_paths, make_plan
 
 RUN_NAME = "ray_train"
 LOG = "train_log.csv"
 PROGRESS = "progress.json"
 STATE = "state.pt"
 
-
-# ---------------------------------------------------------------------- spec
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class StageSpec(_Section):
-    name: str = "main"
-    shards: str = Field(..., description="export folder/URI (its manifest), or a brace pattern of .tar paths")
-    split: str | None = Field("train", description="the export split to read (None = all)")
-    steps: int = Field(..., ge=1)
-    mode: Literal["text", "masked"] = Field("text", description="dit: text-conditioned, or masked pretraining")
-    lr: float | None = Field(None, gt=0, description="this stage's peak learning rate (default: lr)")
-
-
-class TrainSpec(_Section):
-    kind: Literal["vae", "dit"]
-    out: str
-    config: str = Field(..., description="model config: a bundled name (vae-tiny, dit-tiny, ...) or a YAML path")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="model config keys to change")
-    vae: str | None = Field(None, description="dit: the trained VAE folder whose latents the shards hold")
-    text_encoder: str | None = Field(None, description="dit: transformers encoder folder (default: MiniLM)")
-    stages: list[StageSpec] = Field(..., min_length=1)
-    batch_size: int = Field(16, ge=1, description="per worker")
-    seconds: float = Field(2.0, gt=0, description="training crop length in seconds")
-    lr: float = Field(3e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of every stage")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    cond_drop: float = Field(0.1, ge=0, le=1, description="dit: condition dropout for classifier-free guidance")
-    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked stages: span fraction range")
-    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay (e.g. 0.999); the saved model is the EMA")
-    seed: int = 0
-    init: str | None = Field(None, description="weights-only start: a model folder of the same kind")
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
-    tensorboard: bool = Field(False, description="also log to <out>/tensorboard")
-    workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
-    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
-    shuffle: int = Field(256, ge=0, description="shuffle buffer (samples)")
-    resample: bool = Field(False, description="draw shards with replacement (fewer shards than readers)")
-    data: Literal["shards", "memory"] = Field("shards", description="memory: batches held in RAM (benchmarks)")
-    ray_address: str | None = None
-    ray_num_cpus: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.kind == "dit" and not self.vae:
-            raise ValueError("vae: a DiT trains on VAE latents; give the VAE folder (--vae runs/vae)")
-        if self.kind == "vae" and any(s.mode == "masked" for s in self.stages):
-            raise ValueError("stages: mode 'masked' is for the DiT")
-        if "://" in self.out:
-            raise ValueError("out: a local or shared folder (Ray Train's storage), not a URI")
-        return self
-
-    @property
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
-
-def _describe(err: dict) -> str:
-    from soundlake.pipelines.spec import _describe as describe
-
-    return describe(err)
-
-
-def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
-    """A spec from a YAML file (optional), then the command's options (``given``, None = unset),
-    then ``--set key=value`` overrides; one-line errors naming the key."""
-    from soundlake.pipelines.spec import _set, parse_override
-
-    raw: dict = {}
-    if spec:
-        p = Path(spec)
-        if not p.is_file():
-            raise UserError(f"--spec {spec}: no such file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--spec {spec}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"--spec {spec}: expected a mapping of settings")
-    raw["kind"] = kind
-    shards, steps = given.pop("shards", None), given.pop("steps", None)
-    if shards is not None or steps is not None:
-        if len(raw.get("stages") or [{}]) > 1:
-            raise UserError("--shards/--steps set a single stage; this spec has several (edit its stages)")
-        stage = dict((raw.get("stages") or [{}])[0])
-        stage.update({k: v for k, v in (("shards", shards), ("steps", steps)) if v is not None})
-        raw["stages"] = [stage]
-    defaults = _config_defaults(raw.get("config") or given.get("config"), kind)
-    raw = {**defaults, **raw}
-    raw.update({k: v for k, v in given.items() if v is not None})
-    for text in sets or []:
-        _set(raw, *parse_override(text))
-    try:
-        return TrainSpec.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(f"train spec: {_describe(e.errors()[0])}") from None
-
-
-def _config_defaults(config: str | None, kind: str) -> dict:
-    """Training defaults from the model config's ``train:`` section (DiT configs have one)."""
-    from soundlake.training.vae import read_config
-
-    config = config or ("vae-tiny" if kind == "vae" else "dit-tiny")
-    try:
-        train = dict(read_config(config).get("train") or {})
-    except FileNotFoundError:
-        raise UserError(f"config {config!r}: no such bundled config or file "
-                        "(bundled: vae-tiny, vae-ezaudio, dit-tiny, dit-L, dit-XL)") from None
-    allowed = set(TrainSpec.model_fields)
-    return {"config": config, **{k: v for k, v in train.items() if k in allowed}}
-
-
-# ---------------------------------------------------------------------- plan (driver)
-
-def _stage_urls(stage: StageSpec) -> list[str]:
-    from soundlake.training.data import shard_urls
-
-    try:
-        urls = shard_urls(stage.shards, split=stage.split)
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"stage {stage.name}: cannot read shards {stage.shards}: {e}") from None
-    if not urls:
-        raise UserError(f"stage {stage.name}: {stage.shards} has no shards of split {stage.split!r}")
-    return urls
-
-
-def make_plan(spec: TrainSpec) -> dict:
-    """Everything the workers need, resolved once on the driver (shard lists, configs)."""
-    from soundlake.training.encode import FORMAT, _read_manifest
-    from soundlake.training.vae import VAEConfig, read_config
-
-    plan: dict = {"stages": [_stage_urls(s) for s in spec.stages]}
-    if spec.kind == "vae":
-        try:
-            plan["vae_config"] = VAEConfig.from_dict({**read_config(spec.config), **spec.overrides}).to_dict()
-        except (ValueError, TypeError) as e:
-            raise UserError(f"config {spec.config}: {e}") from None
-        return plan
-    from soundlake.training.bundle import read_meta
-    from soundlake.training.dit import DiTConfig
-
-    vae_meta = read_meta(spec.vae, "vae")
-    raw = read_config(spec.config)
-    plan["vae_config"] = vae_meta["config"]
-    plan["schedule"] = raw.get("schedule", {})
-    try:
-        cfg = DiTConfig.from_dict({**raw.get("model", {}), **spec.overrides,
-                                   "in_channels": vae_meta["config"]["latent_dim"],
-                                   "cond_dim": _text_dim(spec.text_encoder)})
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config {spec.config}: {e}") from None
-    plan["dit_config"] = cfg.to_dict()
-    from soundlake.models.text import weights_sha256
-
-    vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
-    stats = None
-    for stage in spec.stages:
-        if stage.shards.endswith(".tar") or "{" in stage.shards:
-            raise UserError(f"stage {stage.name}: give the latent shard folder (its manifest has the latent "
-                            "statistics), not a list of tars")
-        m = _read_manifest(stage.shards)
-        if m is None or m.get("format") != FORMAT:
-            raise UserError(f"stage {stage.name}: {stage.shards} holds no latents; "
-                            f"run `soundlake encode --vae {spec.vae} --shards <export> --out <folder>` first")
-        if m["vae"]["weights_sha256"] != vae_sha:
-            raise UserError(f"stage {stage.name}: {stage.shards} was encoded by another VAE than {spec.vae}")
-        stats = stats or m["latents"]
-    plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"]}
-    return plan
-
-
-def _text_dim(path: str | None) -> int:
-    """The text encoder's width, from its config alone (no weights loaded on the driver)."""
-    from transformers import AutoConfig
-
-    from soundlake.models.text import minilm_path
-
-    try:
-        c = AutoConfig.from_pretrained(str(path or minilm_path()), local_files_only=True)
-    except OSError as e:
-        raise UserError(f"text_encoder {path}: not a transformers model folder ({e})") from None
-    return int(getattr(c, "hidden_size", None) or c.d_model)
-
-
-# ---------------------------------------------------------------------- tasks (workers)
 
 def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
     st = spec.stages[stage]
@@ -253,91 +58,6 @@ def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
         pos = min(1.0, (step_in_stage - spec.warmup_steps) / span)
         return peak * 0.5 * (1 + math.cos(math.pi * pos))
     return peak
-
-
-class VaeTask:
-    def __init__(self, spec: TrainSpec, plan: dict, device):
-        from soundlake.training.vae import VAEConfig, WaveVAE, build_discriminator
-
-        self.spec, self.device = spec, device
-        self.cfg = VAEConfig.from_dict(plan["vae_config"])
-        self.model = WaveVAE(self.cfg).to(device)
-        self.disc = build_discriminator(self.cfg)
-        self.disc = self.disc.to(device) if self.disc is not None else None
-        samples = max(1, round(spec.seconds * self.cfg.sample_rate / self.cfg.hop)) * self.cfg.hop
-        self.loader_kw = {"seconds": samples / self.cfg.sample_rate, "sample_rate": self.cfg.sample_rate}
-
-    def extra_modules(self) -> dict:
-        return {"disc": self.disc} if self.disc is not None else {}
-
-    def prepare(self, batch) -> tuple[Any, int]:
-        wav = batch.audio.mean(dim=1, keepdim=True).to(self.device)  # mono [B, 1, T]
-        return wav, wav.shape[0]
-
-    def step(self, model, opt, extra_opts, wav, stage: StageSpec) -> dict:
-        from soundlake.training.vae import vae_train_step
-
-        return vae_train_step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
-
-    def model_meta(self, plan: dict) -> dict:
-        return {"config": plan["vae_config"]}
-
-
-class DitTask:
-    def __init__(self, spec: TrainSpec, plan: dict, device):
-        from soundlake.training.conditioning import TextConditioner
-        from soundlake.training.diffusion import Schedule
-        from soundlake.training.dit import DiT, DiTConfig
-
-        self.spec, self.device = spec, device
-        self.text = TextConditioner(spec.text_encoder, device=str(device))
-        self.model = DiT(DiTConfig.from_dict(plan["dit_config"])).to(device)
-        self.schedule = Schedule(**plan["schedule"])
-        self.mean, self.std = plan["latents"]["mean"], plan["latents"]["std"]
-        self.loader_kw = {"latent_frames": max(1, round(spec.seconds * plan["latents"]["rate"]))}
-        self._cache: dict[str, Any] = {}
-
-    def extra_modules(self) -> dict:
-        return {}
-
-    def _encode(self, captions: list[str]):
-        """Text tokens for a batch; the frozen encoder's output is cached per caption."""
-        import torch
-
-        from soundlake.training.conditioning import Condition
-
-        new = sorted({c for c in captions if c not in self._cache})
-        if new:
-            hidden, mask = self.text.encode(new)
-            for c, h, m in zip(new, hidden, mask):
-                self._cache[c] = h[m].clone()
-            if len(self._cache) > 50_000:
-                self._cache.clear()
-        seqs = [self._cache[c] for c in captions]
-        n = max(s.shape[0] for s in seqs)
-        ctx = torch.zeros(len(seqs), n, seqs[0].shape[1])
-        mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ctx[i, :len(s)], mask[i, :len(s)] = s, True
-        return Condition(ctx, mask).to(self.device)
-
-    def prepare(self, batch) -> tuple[Any, int]:
-        x0 = ((batch.latents - self.mean) / self.std).transpose(1, 2).to(self.device)  # [B, F, C]
-        return (x0, batch.captions), x0.shape[0]
-
-    def step(self, model, opt, extra_opts, item, stage: StageSpec) -> dict:
-        from soundlake.training.diffusion import diffusion_train_step
-
-        x0, captions = item
-        masked = stage.mode == "masked"
-        cond = None if masked else self._encode(captions)
-        return diffusion_train_step(model, opt, x0, cond, self.schedule, masked=masked,
-                                    cond_drop=self.spec.cond_drop, grad_clip=self.spec.grad_clip,
-                                    mask_frac=tuple(self.spec.mask_frac))
-
-    def model_meta(self, plan: dict) -> dict:
-        return {"config": plan["dit_config"], "schedule": self.schedule.meta(), "latents": plan["latents"],
-                "text": {"path": self.spec.text_encoder, **self.text.identity}}
 
 
 @dataclass
@@ -392,8 +112,7 @@ def _save_state(folder: Path, model, opt, extra: dict, extra_opts: dict, ema, po
         "extra": {k: m.state_dict() for k, m in extra.items()},
         "extra_optimizers": {k: o.state_dict() for k, o in extra_opts.items()},
         "ema": ema.state_dict() if ema is not None else None,
-        "position": vars(pos), "rng": torch.get_rng_state(), "py_rng": random.getstate(),
-        "spec": spec.model_dump(mode="json"), "plan": plan, "history": history[-2000:],
+        "position": vars(pos), "spec": spec.model_dump(mode="json"), "plan": plan, "history": history[-2000:],
         "lr_schedule": {"kind": spec.lr_schedule, "warmup_steps": spec.warmup_steps, "per_stage": True},
     }, folder / STATE)
 
@@ -433,6 +152,8 @@ def train_loop(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
+            mine = Path(d) / f"rank-{rank}.pt"  # this worker's data position and RNG states
+            rs = torch.load(mine if mine.exists() else Path(d) / "rank-0.pt", weights_only=False)
         task.model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         for k, m in extra.items():
@@ -440,9 +161,9 @@ def train_loop(config: dict) -> None:
             extra_opts[k].load_state_dict(st["extra_optimizers"][k])
         if ema is not None and st["ema"] is not None:
             ema.load_state_dict(st["ema"])
-        pos, history = Position(**st["position"]), st["history"]
-        torch.set_rng_state(st["rng"])
-        random.setstate(st["py_rng"])
+        pos, history = Position(**rs["position"]), st["history"]
+        torch.set_rng_state(rs["rng"])
+        random.setstate(rs["py_rng"])
     else:
         if spec.init:
             from soundlake.training.bundle import load_weights, read_meta
@@ -498,13 +219,15 @@ def train_loop(config: dict) -> None:
             window, t_last, n_last, t_data = [], time.perf_counter(), 0, 0.0
         if pos.step % spec.checkpoint_every == 0 or pos.step == spec.total_steps:
             metrics = {"step": pos.step, "loss": history[-1].get("loss") if history else None}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
+            # Every rank saves its own data position and RNG states (ranks read different
+            # shards); rank 0 also the model and optimizers. Ray Train merges the folders.
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"position": vars(pos), "rng": torch.get_rng_state(), "py_rng": random.getstate()},
+                           Path(d) / f"rank-{rank}.pt")
+                if rank == 0:
                     _save_state(Path(d), model, opt, extra, extra_opts, ema, pos, spec, plan, history)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=f"step-{pos.step:08d}")
-            else:
-                ray.train.report(metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"step-{pos.step:08d}")
     if logger:
         logger.close()
 
@@ -579,18 +302,8 @@ def _latest_step(out: Path) -> int:
         return 0
 
 
-def _absolute_paths(spec: TrainSpec) -> TrainSpec:
-    def local(p: str | None) -> str | None:
-        return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
-
-    stages = [s.model_copy(update={"shards": local(s.shards)}) for s in spec.stages]
-    return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
-                                   "text_encoder": local(spec.text_encoder), "stages": stages})
-
-
 def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) -> TrainSummary:
     """Run (or resume) training on Ray Train, then write the model folder into ``spec.out``."""
-    import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -599,7 +312,7 @@ def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) ->
     from soundlake.pipelines.spec import RaySpec
     from soundlake.training.bundle import copy_model, save_model
 
-    spec = _absolute_paths(spec)  # workers run in other folders (and on other nodes)
+    spec = absolute_paths(spec)
     out = Path(spec.out)
     plan = make_plan(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -657,7 +370,9 @@ def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) ->
         else:
             text_meta = {"path": None, "model": "all-MiniLM-L6-v2"}
         meta |= {"config": task_plan["dit_config"], "schedule": task_plan["schedule"] or {},
-                 "latents": task_plan["latents"], "text": text_meta}
+                 "latents": task_plan["latents"], "text": text_meta,
+                 "conditioning": {"extra_clap": spec.extra_clap, "cond2": spec.cond2,
+                                  "cond2_frames": spec.cond2_frames}}
         from soundlake.training.diffusion import Schedule
 
         meta["schedule"] = Schedule(**meta["schedule"]).meta()

@@ -1,0 +1,81 @@
+"""Training throughput fed from shards vs from batches already in memory, side by side.
+
+Builds a synth export (N clips), trains the tiny VAE on it and, after encoding it, the
+tiny DiT, each through the same Ray Train path twice per round: ``data=shards`` (the export
+loader: tar reading, FLAC decode, resampling or latent loading, crop, collate) and
+``data=memory`` (the same batches read once beforehand, then served from RAM). Samples/s
+is taken from the training log after the first logged interval (start-up excluded); the
+loader's cost is ``1 - shards / memory``. Target: < 10 %. The log also times how long
+each step waited for its batch, so the share of loop time spent in the loader is printed
+too (a measure within one run, less exposed to other load on the machine).
+
+    python benchmarks/train_throughput.py [--clips 64] [--steps 60] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import tempfile
+from pathlib import Path
+
+from soundlake.testing import make_synth_export
+from soundlake.training.encode import encode_shards
+from soundlake.training.train_spec import load_train_spec
+from soundlake.training.trainer import train
+
+
+def rate(out: Path) -> tuple[float, float]:
+    """(samples/s, share of the loop's time spent waiting for batches), start-up excluded."""
+    with open(out / "train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[1:]  # the first interval holds start-up
+    seconds = sum(float(r["seconds"]) for r in rows)
+    samples = sum(float(r["seconds"]) * float(r["samples_per_s"]) for r in rows)
+    return samples / seconds, sum(float(r["data_s"]) for r in rows) / seconds
+
+
+def run(kind: str, root: Path, tag: str, data: str, steps: int, **kw) -> tuple[float, float]:
+    out = root / f"{kind}-{tag}-{data}"
+    spec = load_train_spec(kind, out=str(out), steps=steps, sets=[f"data={data}", "log_every=10",
+                                                                   f"checkpoint_every={steps}"], **kw)
+    train(spec)
+    return rate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shards = make_synth_export(root / "data", a.clips, seconds=4.0, sr=32000, shard_count=8)
+        vae_kw = dict(shards=str(shards), batch_size=8, seconds=1.0)
+        vae_dir = root / "vae-ref"
+        train(load_train_spec("vae", out=str(vae_dir), steps=20, sets=["log_every=10"], **vae_kw))
+        latents = root / "latents"
+        encode_shards(str(vae_dir), str(shards), str(latents))
+        dit_kw = dict(shards=str(latents), vae=str(vae_dir), batch_size=8, seconds=2.0)
+        results: dict[str, dict[str, list[tuple[float, float]]]] = {"vae-tiny": {}, "dit-tiny": {}}
+        for r in range(a.rounds):
+            for data in ("shards", "memory"):
+                results["vae-tiny"].setdefault(data, []).append(run("vae", root, f"r{r}", data, a.steps, **vae_kw))
+                results["dit-tiny"].setdefault(data, []).append(run("dit", root, f"r{r}", data, a.steps, **dit_kw))
+        print(f"{a.clips} synth clips (4 s, 32 kHz; VAE at 16 kHz, 1 s crops; DiT on 2 s of latents), "
+              f"batch 8, {a.steps} steps, 1 Ray Train worker, median of {a.rounds} rounds")
+        for name, res in results.items():
+            shards_r = statistics.median(r for r, _ in res["shards"])
+            mem_r = statistics.median(r for r, _ in res["memory"])
+            wait = statistics.median(w for _, w in res["shards"])
+            print(f"{name}: shards {shards_r:6.1f} samples/s · memory {mem_r:6.1f} samples/s · "
+                  f"ratio {shards_r / mem_r:.2f}x · loader cost {100 * (1 - shards_r / mem_r):+.1f}% (target < 10%) · "
+                  f"time waiting for batches in the shards runs {100 * wait:.1f}%")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
