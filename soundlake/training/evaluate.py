@@ -501,7 +501,8 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
 def fmt_metric(v, fmt: str = ".3f") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    return format(0.0 if abs(v) < 1e-9 else v, fmt)  # no "-0.000" from float noise
+    text = format(v, fmt)
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text) else text  # no "-0.000"
 
 
 @dataclass
@@ -515,6 +516,9 @@ class CacheEvalReport:
 
     def cache_rows(self) -> list[dict]:
         return [r for r in self.rows if r["group"] == "cache"]
+
+    def has_cache_rows(self) -> bool:
+        return any(r["delta"] is not None for r in self.rows)
 
     def sparse_rows(self) -> list[dict]:
         return [r for r in self.rows if r["group"] == "sparse" or
@@ -532,23 +536,25 @@ class CacheEvalReport:
                     else "") + f"). Metrics at {m['clap']['sample_rate']} Hz with CLAP `{m['clap']['model']}`; "
                  f"KL and IS over the zero-shot classes `{m['labels']['name']}` ({m['labels']['count']} labels), "
                  f"{m['kl_direction']}, IS with {m['is_splits']} split(s).", "",
-                 "## AudioCache (Table I)", "",
-                 "| setting | speed-up | wall s | DiT loop speed-up | layer evaluations | cut | planned | "
-                 "FD ↓ | KL ↓ | IS ↑ | CLAP ↑ | drift | FD vs exact |", "|" + "---|" * 13]
-        for r in self.cache_rows():
-            lines.append(
-                f"| {r['setting']} | {r['speedup']:.2f}x | {r['wall_s']:.1f} | {r['dit_speedup']:.2f}x | "
-                f"{r['layer_computed']} / {r['layer_total']} | {r['layer_cut']:.2f}x | "
-                f"{fmt_metric(r.get('planned_fraction'), '.1%')} | {fmt_metric(r['fd'])} | {fmt_metric(r['kl'])} | "
-                f"{fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} | {r['latent_drift']:.2%} | "
-                f"{fmt_metric(r['fd_exact'])} |")
-        lines += ["", "*layer evaluations*: self_attn / cross_attn / ff outputs computed / all the "
-                  "sampler asked for (AudioCache.stats(), summed over batches); *cut* = all / computed; "
-                  "*planned* = the fraction Eq. 2 computes on the profile, predicted before the run; "
-                  "*drift* = relative L1 change of the final latents vs exact inference (same noise), "
-                  "*FD vs exact* = FD against the exact outputs instead of the reference set."]
-        if images:
-            lines += ["", "![FD and CLAP score against speed-up](tradeoff.png)"]
+                 ]
+        if self.has_cache_rows() or not self.meta.get("sparse"):
+            lines += ["## AudioCache (Table I)", "",
+                      "| setting | speed-up | wall s | DiT loop speed-up | layer evaluations | cut | planned | "
+                      "FD ↓ | KL ↓ | IS ↑ | CLAP ↑ | drift | FD vs exact |", "|" + "---|" * 13]
+            for r in self.cache_rows():
+                lines.append(
+                    f"| {r['setting']} | {r['speedup']:.2f}x | {r['wall_s']:.1f} | {r['dit_speedup']:.2f}x | "
+                    f"{r['layer_computed']} / {r['layer_total']} | {r['layer_cut']:.2f}x | "
+                    f"{fmt_metric(r.get('planned_fraction'), '.1%')} | {fmt_metric(r['fd'])} | "
+                    f"{fmt_metric(r['kl'])} | {fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} | "
+                    f"{r['latent_drift']:.2%} | {fmt_metric(r['fd_exact'])} |")
+            lines += ["", "*layer evaluations*: self_attn / cross_attn / ff outputs computed / all the "
+                      "sampler asked for (AudioCache.stats(), summed over batches); *cut* = all / computed; "
+                      "*planned* = the fraction Eq. 2 computes on the profile, predicted before the run; "
+                      "*drift* = relative L1 change of the final latents vs exact inference (same noise), "
+                      "*FD vs exact* = FD against the exact outputs instead of the reference set."]
+            if images:
+                lines += ["", "![FD and CLAP score against speed-up](tradeoff.png)"]
         if self.meta.get("sparse"):
             sp = self.meta["sparse"]
             lines += ["", "## Sparse self-attention (LiteFocus)", "",
@@ -594,7 +600,7 @@ class CacheEvalReport:
         return _png(fig)
 
     def images(self) -> dict[str, bytes]:
-        out = {"tradeoff.png": self.tradeoff_png()}
+        out = {"tradeoff.png": self.tradeoff_png()} if self.has_cache_rows() else {}
         if self.profile is not None:
             out["change_rates.png"] = change_rate_png(self.profile)
         return out
