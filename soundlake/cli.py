@@ -579,15 +579,17 @@ def generate(
             from soundlake.training.litefocus import attach_sparse_attention
 
             train_frames = round(gen.meta["train"]["spec"]["seconds"] * gen.vae.latent_rate)
-            ctx = attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=window or train_frames,
-                                          ratio=ratio, seed=seed, min_tokens=train_frames)
+            band = window or train_frames
+            # query chunks of half the band: each chunk's shared keys stay a small part of the sequence
+            ctx = attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=band, ratio=ratio,
+                                          seed=seed, chunk=max(16, band // 2), min_tokens=train_frames)
         with Progress(console=console) as progress, ctx:
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
                                rescale_axis=rescale_axis, seed=seed, reference=ref,
                                callback=lambda i, t, x: progress.update(task, completed=i + 1))
         if sparse_attention == "litefocus":
-            res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": window or train_frames}
+            res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": band, "chunk": max(16, band // 2)}
         paths = write_audio(res, out)
     except (UserError, ValueError) as e:
         _fail(e)

@@ -221,7 +221,8 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[tor
         win = torch.hann_window(n, device=x.device, dtype=x.dtype)
         X = torch.stft(x, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
         Y = torch.stft(y, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
-        sc = sc + torch.linalg.norm(Y - X, dim=(-2, -1)).div(torch.linalg.norm(Y, dim=(-2, -1)).clamp_min(1e-7)).mean()
+        # over the whole batch (as auraloss does): per clip, a near-silent crop would divide by ~0
+        sc = sc + torch.linalg.norm(Y - X) / torch.linalg.norm(Y).clamp_min(1e-7)
         mag = mag + F.l1_loss(X.log(), Y.log())
     return sc / len(sizes), mag / len(sizes)
 
