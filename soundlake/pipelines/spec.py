@@ -148,7 +148,7 @@ def builtin_names() -> list[str]:
 def describe_error(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"unknown key {key!r}: check the spelling (see `soundlake curate --help`)"
+        return f"unknown key {key!r}: check the spelling (the README lists every key)"
     if err["type"] == "value_error":
         return str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
@@ -196,9 +196,15 @@ def load_spec(name_or_path: str, overrides: dict[str, Any] | None = None,
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(raw, key, value)
+    return validate_with_sets(PipelineSpec, raw, sets, f"spec {path.name}")
+
+
+def validate_with_sets(cls: type[BaseModel], raw: dict, sets: list[str] | None, label: str):
+    """Apply ``--set key=value`` overrides to ``raw``, then validate it as ``cls``; a bad
+    value is one line naming the key."""
     for text in sets or []:
         _set(raw, *parse_override(text))
     try:
-        return PipelineSpec.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"spec {path.name}: {describe_error(e.errors()[0])}") from None
+        raise UserError(f"{label}: {describe_error(e.errors()[0])}") from None

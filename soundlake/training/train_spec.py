@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from soundlake.errors import UserError
 
@@ -89,7 +89,7 @@ class TrainSpec(_Section):
 def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
     """A spec from a YAML file (optional), then the command's options (``given``, None = unset),
     then ``--set key=value`` overrides; one-line errors naming the key."""
-    from soundlake.pipelines.spec import _set, describe_error, parse_override, read_yaml_mapping
+    from soundlake.pipelines.spec import read_yaml_mapping, validate_with_sets
 
     raw: dict = {}
     if spec:
@@ -107,12 +107,7 @@ def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None =
     defaults = _config_defaults(raw.get("config") or given.get("config"), kind)
     raw = {**defaults, **raw}
     raw.update({k: v for k, v in given.items() if v is not None})
-    for text in sets or []:
-        _set(raw, *parse_override(text))
-    try:
-        return TrainSpec.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(f"train spec: {describe_error(e.errors()[0])}") from None
+    return validate_with_sets(TrainSpec, raw, sets, "train spec")
 
 
 def _config_defaults(config: str | None, kind: str) -> dict:
