@@ -88,7 +88,8 @@ class EncodeShard:
                     res[i] = z[j]
         return [res[i] for i in range(len(clips))]
 
-    def _samples(self, src: str) -> list[tuple[str, dict[str, bytes]]]:
+    def _samples(self, src: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[np.ndarray]]:
+        """The latent shard's samples, and the latent arrays themselves (for the statistics)."""
         import soundfile as sf
 
         from soundlake.stages.audio_io import resample
@@ -106,7 +107,8 @@ class EncodeShard:
                 audio = resample(audio, sr, self.vae.cfg.sample_rate)
             clips.append(np.asarray(audio, np.float32))
         out = []
-        for s, z in zip(raw, self._encode(clips)):
+        latents = self._encode(clips)
+        for s, z in zip(raw, latents):
             meta = json.loads(s["json"])
             meta["latents"] = {**self.vae_id, "frames": int(z.shape[1])}
             buf = io.BytesIO()
@@ -116,7 +118,7 @@ class EncodeShard:
             if self.keep_audio:
                 members["flac"] = s["flac"]
             out.append((s["__key__"], members))
-        return out
+        return out, latents
 
     def __call__(self, batch: dict) -> dict:
         rows = {"name": [], "split": [], "count": [], "bytes": [], "sha256": [], "sum": [], "sumsq": [],
@@ -125,8 +127,7 @@ class EncodeShard:
             stats = (0.0, 0.0, 0)
             info, error = None, ""
             try:
-                samples = self._samples(src)
-                zs = [np.load(io.BytesIO(m["latents.npy"])) for _, m in samples]
+                samples, zs = self._samples(src)
                 stats = (float(sum(z.sum(dtype=np.float64) for z in zs)),
                          float(sum(np.square(z, dtype=np.float64).sum() for z in zs)), int(sum(z.size for z in zs)))
                 fs, root = shards.open_uri(self.out)
