@@ -1,7 +1,7 @@
 """AudioCache and LiteFocus on the project's own trained DiT: speed vs quality, side by side.
 
 One run measures, on the same prompts and the same seeded noise, interleaved batch by batch
-(``soundlake.training.evaluate``, what ``soundlake evaluate --model`` runs):
+(``soundlake.generation.inference.evaluate``, what ``soundlake evaluate --model`` runs):
 
 * uncached sampling vs AudioCache at each δ (default 0.1-0.4) at the training length:
   wall-time speed-up, layer evaluations cut, FD and CLAP score (and KL, IS in the report);
@@ -32,12 +32,22 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from soundlake.models.clap import load_clap
-from soundlake.stages.synth import BASE_CLASSES, synth_clip
-from soundlake.training.bundle import Generator
-from soundlake.training.evaluate import (EvalPrompt, EvalSettings, Sampling, calibrate_cache,
-                                         evaluate_generation, training_seconds)
-from soundlake.training.metrics import ClapFunctions, clap_score_audio, fd_audio
+from soundlake.generation.inference.evaluate import (
+    EvalPrompt,
+    EvalSettings,
+    Sampling,
+    calibrate_cache,
+    evaluate_generation,
+    training_seconds,
+)
+from soundlake.generation.inference.metrics import (
+    ClapFunctions,
+    clap_score_audio,
+    fd_audio,
+)
+from soundlake.generation.model_folder import Generator
+from soundlake.models.clap.load import load_clap
+from soundlake.sources.synth import BASE_CLASSES, synth_clip
 
 SEED = 7
 REF0, CAL0 = 300_000, 400_000  # synth index ranges of the reference and calibration sets
@@ -57,7 +67,7 @@ def synth_prompts(folder: Path, n: int, seconds: float, sr: int) -> list[EvalPro
 
 
 def train_clap_on_synth(out: Path, seconds: float, n: int = 1000, epochs: int = 20) -> Path:
-    from soundlake.models.clap_inhouse import ClapTrainConfig, train_clap
+    from soundlake.models.clap.inhouse import ClapTrainConfig, train_clap
 
     cfg = ClapTrainConfig(epochs=epochs, window_s=seconds, batch_size=32)
     scenes = [synth_clip(1, i, seconds, cfg.sample_rate) for i in range(n)]
@@ -69,9 +79,9 @@ def train_models(work: Path, clips: int = 256, vae_steps: int = 150, dit_steps: 
     """The project's own pipeline on synth data, sized for ~10 CPU minutes: synth clips
     exported as shards, the tiny VAE (1 s crops), its latents, then dit-tiny (12 blocks,
     2 s crops), each on Ray Train / Ray Data like `soundlake train vae|dit` and `encode`."""
+    from soundlake.generation.train.encode import encode_shards
+    from soundlake.generation.train.trainer import load_train_spec, train
     from soundlake.testing import make_synth_export
-    from soundlake.training.encode import encode_shards
-    from soundlake.training.trainer import load_train_spec, train
 
     t0 = time.perf_counter()
     shards = make_synth_export(work / "synth", clips, seconds=2.0, sr=16000, shard_count=4)
@@ -91,7 +101,7 @@ def attention_kernels(n: int, window: int, chunk: int, ratio: float, batch: int,
     call of the model's shape, the two timed alternately (median of ``reps``)."""
     import torch.nn.functional as F
 
-    from soundlake.training.litefocus import SparseAttention
+    from soundlake.generation.inference.litefocus import SparseAttention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g) for _ in range(3))

@@ -1,6 +1,6 @@
 """Caption quality on held-out synth clips: the in-house autocap vs the template captioner.
 
-Trains ``soundlake.models.autocap_train.train_autocap`` (which first trains the in-house CLAP
+Trains ``soundlake.models.captioners.autocap_train.train_autocap`` (which first trains the in-house CLAP
 it uses, frozen, as its audio encoder) on N synth clips (seed 1, indices 0..N-1) with their
 ground-truth captions and labels as metadata (random field dropout), then captions clips it
 never saw (indices from 200000 on) and scores each captioner against the ground truth:
@@ -26,11 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soundlake.models.autocap import AutocapConfig
-from soundlake.models.autocap_train import AutocapTrainConfig, CaptionItem, train_autocap
 from soundlake.models.caption_metrics import caption_scores
-from soundlake.models.template_captioner import template_caption
-from soundlake.stages.synth import caption_mentions, synth_clip
+from soundlake.models.captioners.autocap import AutocapConfig
+from soundlake.models.captioners.autocap_train import (
+    AutocapTrainConfig,
+    CaptionItem,
+    train_autocap,
+)
+from soundlake.models.captioners.template import template_caption
+from soundlake.sources.synth import caption_mentions, synth_clip
 
 SEED = 1
 VAL0, TEST0 = 100_000, 200_000   # held-out index ranges: never seen in training

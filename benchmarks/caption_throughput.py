@@ -22,12 +22,16 @@ import numpy as np
 import torch
 
 from soundlake.catalog.sql import fetchall
-from soundlake.models.autocap import Autocap, AutocapConfig
-from soundlake.models.autocap_train import AutocapTrainConfig, CaptionItem, train_autocap
+from soundlake.core import audio as audio_io
+from soundlake.models.captioners.autocap import Autocap, AutocapConfig
+from soundlake.models.captioners.autocap_train import (
+    AutocapTrainConfig,
+    CaptionItem,
+    train_autocap,
+)
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
-from soundlake.stages import audio_io
-from soundlake.stages.synth import synth_clip
+from soundlake.sources.synth import synth_clip
 
 
 def quick_model(out: Path) -> Path:

@@ -1,6 +1,6 @@
 """In-house CLAP quality on the synth corpus: retrieval, mismatch AUC, filter precision.
 
-Trains ``soundlake.models.clap_inhouse`` on N synth clips (seed 1, indices 0..N-1), then
+Trains ``soundlake.models.clap.inhouse`` on N synth clips (seed 1, indices 0..N-1), then
 measures on clips it never saw (indices from 100000 on):
 
 * text->audio retrieval over a held-out set of 200 clips: R@1 / R@5, where a hit is the
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soundlake.models.clap import load_clap
-from soundlake.models.clap_inhouse import ClapTrainConfig, train_clap
-from soundlake.stages.synth import mismatched_caption, synth_clip
+from soundlake.models.clap.inhouse import ClapTrainConfig, train_clap
+from soundlake.models.clap.load import load_clap
+from soundlake.sources.synth import mismatched_caption, synth_clip
 
 SEED = 1
 VAL0, TEST0 = 100_000, 200_000  # held-out index ranges: never seen in training

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from soundlake.catalog.sql import fetchall
-from soundlake.models.clap_inhouse import ClapNet, ClapTrainConfig, save_clap
-from soundlake.models.clap import load_clap
+from soundlake.core import audio as audio_io
+from soundlake.models.clap.inhouse import ClapNet, ClapTrainConfig, save_clap
+from soundlake.models.clap.load import load_clap
 from soundlake.models.text import load_text_encoder
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
-from soundlake.stages import audio_io
 from soundlake.testing import make_corpus
 
 

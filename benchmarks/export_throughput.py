@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from soundlake.catalog.export import ExportArgs, plan_export, run_export
 from soundlake.catalog.lake import Lake
-from soundlake.pipelines.spec import SegmentSpec
+from soundlake.export.exporter import ExportArgs, plan_export, run_export
+from soundlake.sources.base import input_row
 from soundlake.stages.base import FLOW
-from soundlake.stages.segment import SegmentStage, segment_tables
-from soundlake.stages.sources import input_row
+from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 from soundlake.testing import tone_mix, write_audio
 
 

@@ -1,4 +1,4 @@
-"""Loader throughput: soundlake.training.data with 0/1/2 DataLoader workers vs a bare loop.
+"""Loader throughput: soundlake.generation.train.data with 0/1/2 DataLoader workers vs a bare loop.
 
 Exports N ten-second clips to shards, then reads them all, side by side in one run:
 
@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_throughput import build  # noqa: E402
 
-from soundlake.catalog.export import ExportArgs, run_export  # noqa: E402
-from soundlake.training.data import make_loader, shard_urls  # noqa: E402
+from soundlake.export.exporter import ExportArgs, run_export  # noqa: E402
+from soundlake.generation.train.data import make_loader, shard_urls  # noqa: E402
 
 
 def bare(urls: list[str]) -> int:

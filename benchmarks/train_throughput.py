@@ -19,10 +19,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from soundlake.generation.train.encode import encode_shards
+from soundlake.generation.train.specs import load_train_spec
+from soundlake.generation.train.trainer import train
 from soundlake.testing import make_synth_export
-from soundlake.training.encode import encode_shards
-from soundlake.training.train_spec import load_train_spec
-from soundlake.training.trainer import train
 
 
 def rate(out: Path) -> tuple[float, float]:

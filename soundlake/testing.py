@@ -123,7 +123,13 @@ def make_tiny_hf_clap(path: Path, sample_rate: int = 16000, window_s: float = 2.
     The tokenizer is the offline MiniLM one, so nothing is downloaded.
     """
     import torch
-    from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+    from transformers import (
+        AutoTokenizer,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+    )
 
     from soundlake.models.text import minilm_path
 
@@ -174,8 +180,12 @@ def _tiny_bpe_tokenizer(chat: bool):
 def make_tiny_qwen2_audio(path: Path, instruct: bool = True) -> Path:
     """A tiny random Qwen2-Audio (whisper-style encoder + Qwen2 decoder) and its processor."""
     import torch
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              WhisperFeatureExtractor)
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
 
     tok = _tiny_bpe_tokenizer(chat=instruct)
     fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
@@ -216,12 +226,11 @@ def make_synth_export(root: Path, n: int, seconds: float = 2.0, sr: int = 16000,
     ``root/shards``; returns that folder. For training tests and benchmarks."""
     import pyarrow as pa
 
-    from soundlake.catalog.export import ExportArgs, run_export
     from soundlake.catalog.lake import Lake
-    from soundlake.pipelines.spec import SegmentSpec
+    from soundlake.export.exporter import ExportArgs, run_export
+    from soundlake.sources.synth import synth_inputs
     from soundlake.stages.base import FLOW
-    from soundlake.stages.segment import SegmentStage, segment_tables
-    from soundlake.stages.sources import synth_inputs
+    from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 
     lake = Lake(str(Path(root) / "lake"))
     stage = SegmentStage(SegmentSpec(sample_rate=sr, window=seconds, loudness=False, silence_dbfs=-90), "synth")
@@ -240,7 +249,7 @@ def make_tiny_inhouse_clap(path: Path, window_s: float = 2.0) -> Path:
     """An untrained, tiny in-house CLAP saved through its real save path (autocap's audio encoder in tests)."""
     import torch
 
-    from soundlake.models.clap_inhouse import ClapNet, ClapTrainConfig, save_clap
+    from soundlake.models.clap.inhouse import ClapNet, ClapTrainConfig, save_clap
     from soundlake.models.text import load_text_encoder
 
     cfg = ClapTrainConfig(window_s=window_s, channels=16, dim=16, n_mels=16, n_fft=512, hop_length=320)
@@ -252,7 +261,7 @@ def make_tiny_inhouse_clap(path: Path, window_s: float = 2.0) -> Path:
 
 def tiny_autocap_config(**overrides):
     """Sizes for tests: every part of the architecture, a few thousand parameters each."""
-    from soundlake.models.autocap import AutocapConfig
+    from soundlake.models.captioners.autocap import AutocapConfig
 
     sizes = dict(num_queries=4, qformer_dim=16, qformer_layers=1, qformer_heads=2, qformer_ffn=32, d_model=32,
                  encoder_layers=1, decoder_layers=1, heads=2, ffn=64, vocab_size=200, max_meta_tokens=32,
@@ -264,8 +273,14 @@ def make_tiny_autocap(path: Path, clap_path: Path, texts: list[str]) -> Path:
     """A random tiny autocap (real tokenizer training, BART from a config, saving path) around ``clap_path``."""
     import torch
 
-    from soundlake.models.autocap import (AutocapNet, ClapAudio, add_tags, build_tokenizer, new_bart,
-                                          save_autocap)
+    from soundlake.models.captioners.autocap import (
+        AutocapNet,
+        ClapAudio,
+        add_tags,
+        build_tokenizer,
+        new_bart,
+        save_autocap,
+    )
 
     cfg = tiny_autocap_config()
     audio = ClapAudio(clap_path)
@@ -280,8 +295,19 @@ def make_tiny_autocap(path: Path, clap_path: Path, texts: list[str]) -> Path:
 def make_tiny_bart(path: Path) -> Path:
     """A tiny random BartForConditionalGeneration with a byte-level BPE tokenizer using BART's special tokens."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
 
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -314,10 +340,10 @@ def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_se
     """
     import torch
 
-    from soundlake.training.bundle import save_model
-    from soundlake.training.diffusion import Schedule
-    from soundlake.training.dit import DiT, DiTConfig
-    from soundlake.training.vae import VAEConfig, WaveVAE
+    from soundlake.generation.diffusion import Schedule
+    from soundlake.generation.dit import DiT, DiTConfig
+    from soundlake.generation.model_folder import save_model
+    from soundlake.generation.vae import VAEConfig, WaveVAE
 
     torch.manual_seed(seed)
     vcfg = VAEConfig(sample_rate=16000, channels=4, channel_mults=[1, 1, 1, 1], strides=[2, 4, 5, 8],

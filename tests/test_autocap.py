@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import soundfile as sf
 import torch
 
 from soundlake.catalog.sql import fetchall
-from soundlake.errors import UserError
-from soundlake.models.autocap import Autocap, meta_text
-from soundlake.models.autocap_train import AutocapTrainConfig, CaptionItem, set_stage, train_autocap
-from soundlake.stages.synth import synth_clip
-from soundlake.testing import make_tiny_autocap, make_tiny_inhouse_clap, tiny_autocap_config
+from soundlake.core.errors import UserError
+from soundlake.models.captioners.autocap import Autocap, meta_text
+from soundlake.models.captioners.autocap_train import (
+    AutocapTrainConfig,
+    CaptionItem,
+    set_stage,
+    train_autocap,
+)
+from soundlake.sources.synth import synth_clip
+from soundlake.testing import (
+    make_tiny_autocap,
+    make_tiny_inhouse_clap,
+    tiny_autocap_config,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,7 +129,7 @@ def test_curate_with_autocap_writes_caption_rows_and_resumes(ray_session, tiny_c
     assert fetchall(lake, "SELECT count(*) FROM captions WHERE prompt_version = 'autocap-tags-v1-nometa'") == [(6,)]
 
     # The stored caption is the model's caption for that clip and its metadata.
-    from soundlake.stages import audio_io
+    from soundlake.core import audio as audio_io
     from soundlake.stages.autocap import clip_meta
 
     clip_id, flac, text = fetchall(lake, """SELECT a.clip_id, a.flac, k.text FROM audio a JOIN captions k USING (clip_id)

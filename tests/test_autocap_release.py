@@ -12,12 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soundlake.errors import UserError
-from soundlake.models.autocap import Autocap, meta_text, tokenize_meta
-from soundlake.models.autocap_audio import mel_filters, resample, sinc_resample_kernel, stft_kernels
+from soundlake.core.errors import UserError
+from soundlake.models.captioners.autocap import Autocap, meta_text, tokenize_meta
+from soundlake.models.captioners.autocap_audio import (
+    mel_filters,
+    resample,
+    sinc_resample_kernel,
+    stft_kernels,
+)
 from soundlake.testing import make_tiny_bart
 from tests.conftest import soundlake_cmd
-
 
 torch.set_num_threads(1)   # tiny models: intra-op threads only add synchronisation
 
@@ -30,7 +34,7 @@ def test_log_mel_matches_an_independent_implementation(sr, hop):
     """torchlibrosa's front end (our conv kernels + Slaney filters) vs transformers' numpy spectrogram."""
     from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
-    from soundlake.models.autocap_audio import LogMel
+    from soundlake.models.captioners.autocap_audio import LogMel
 
     ref_mel = mel_filter_bank(num_frequency_bins=513, num_mel_filters=64, min_frequency=50, max_frequency=14000,
                               sampling_rate=sr, norm="slaney", mel_scale="slaney")
@@ -170,8 +174,13 @@ def _released_state(bart_dir, q_dim=16, nq=6, clap_dim=16, embed=8):
     of the same LAVIS Q-Former) with its names rewritten to LAVIS's, so the mapping is checked against
     independent implementations, not against itself.
     """
-    from transformers import (BartForConditionalGeneration, Blip2QFormerConfig, Blip2QFormerModel, RobertaConfig,
-                              RobertaModel)
+    from transformers import (
+        BartForConditionalGeneration,
+        Blip2QFormerConfig,
+        Blip2QFormerModel,
+        RobertaConfig,
+        RobertaModel,
+    )
 
     torch.manual_seed(1)
     bart = BartForConditionalGeneration.from_pretrained(bart_dir)
@@ -300,7 +309,7 @@ def _clips():
 
 
 def test_released_checkpoint_loads_every_tensor_and_captions_raw_audio(released):
-    from soundlake.models.autocap_release import load_released
+    from soundlake.models.captioners.autocap_release import load_released
 
     tmp, bart_dir, state, qf, ckpt = released
     model, report = load_released(ckpt, tmp / "autocap-full.yaml", bart=bart_dir)
@@ -388,7 +397,7 @@ def test_released_checkpoint_loads_every_tensor_and_captions_raw_audio(released)
 
 
 def test_released_checkpoint_errors_are_one_line(released, tmp_path):
-    from soundlake.models.autocap_release import load_released
+    from soundlake.models.captioners.autocap_release import load_released
 
     _, bart_dir, state, _, ckpt = released
     (tmp_path / "a.yaml").write_text(YAML)

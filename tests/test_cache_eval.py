@@ -17,12 +17,18 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from soundlake.cli import app
-from soundlake.errors import UserError
+from soundlake.cli.app import app
+from soundlake.core.errors import UserError
+from soundlake.generation.inference.audiocache import (
+    AudioCache,
+    CacheProfile,
+    layer_names,
+    plan_refreshes,
+    profile_path,
+)
+from soundlake.generation.inference.evaluate import Sampling, load_profile, read_prompts
+from soundlake.generation.model_folder import Generator
 from soundlake.testing import make_tiny_generator, make_tiny_inhouse_clap
-from soundlake.training.audiocache import AudioCache, CacheProfile, layer_names, plan_refreshes, profile_path
-from soundlake.training.bundle import Generator
-from soundlake.training.evaluate import Sampling, load_profile, read_prompts
 
 torch.set_num_threads(1)
 STEPS = 6

@@ -2,7 +2,7 @@
 
 A toy DiT with the project's block contract (blocks[i].self_attn / cross_attn / ff /
 optional cross_attn2, swappable ``self_attn.attention``, CFG in one forward) is defined
-here; the real ``soundlake.training.dit.DiT`` is exercised with a tiny config too.
+here; the real ``soundlake.generation.dit.DiT`` is exercised with a tiny config too.
 """
 from __future__ import annotations
 
@@ -14,10 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soundlake.training.audiocache import (
-    AudioCache, CacheProfile, HookRegistry, ModelHook, ProfileMismatch, calibrate, layer_names,
-    load_or_calibrate, model_hash, profile_path)
-from soundlake.training.litefocus import SparseAttention, attach_sparse_attention, dense_band_mask
+from soundlake.generation.inference.audiocache import (
+    AudioCache,
+    CacheProfile,
+    HookRegistry,
+    ModelHook,
+    ProfileMismatch,
+    calibrate,
+    layer_names,
+    load_or_calibrate,
+    model_hash,
+    profile_path,
+)
+from soundlake.generation.inference.litefocus import (
+    SparseAttention,
+    attach_sparse_attention,
+    dense_band_mask,
+)
 
 torch.set_num_threads(1)
 
@@ -434,7 +447,7 @@ def test_attach_sparse_attention_per_block():
 
 
 def tiny_dit():
-    from soundlake.training.dit import DiT, DiTConfig
+    from soundlake.generation.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     m = DiT(DiTConfig(in_channels=4, hidden=32, depth=4, heads=2, cond_dim=8, sola_rank=4,
@@ -516,8 +529,8 @@ def test_load_or_calibrate_reuses_matching_profile(tmp_path):
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 def test_real_sampler_with_cache(sampler):
     """The project's own sampler (diffusion.sample, CFG batched in one forward)."""
-    diffusion = pytest.importorskip("soundlake.training.diffusion")
-    from soundlake.training.conditioning import Condition
+    diffusion = pytest.importorskip("soundlake.generation.diffusion")
+    from soundlake.generation.conditioning import Condition
 
     dit = tiny_dit()
     g = torch.Generator().manual_seed(1)

@@ -4,7 +4,13 @@ import math
 import numpy as np
 import pytest
 
-from soundlake.models.caption_metrics import bleu, caption_scores, cider_d, rouge_l, tokenize
+from soundlake.models.caption_metrics import (
+    bleu,
+    caption_scores,
+    cider_d,
+    rouge_l,
+    tokenize,
+)
 
 
 class FakeEncoder:
@@ -74,8 +80,8 @@ def test_evaluate_captions_from_a_lake(tmp_path):
     import pyarrow as pa
 
     from soundlake.catalog import schema
-    from soundlake.catalog.caption_eval import evaluate_captions
     from soundlake.catalog.lake import Lake
+    from soundlake.models.caption_eval import evaluate_captions
 
     lake = Lake(str(tmp_path / "lake"))
     now = datetime.now(timezone.utc)

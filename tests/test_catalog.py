@@ -5,7 +5,7 @@ import pytest
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import connect, fetchall, query
-from soundlake.errors import UserError
+from soundlake.core.errors import UserError
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
 

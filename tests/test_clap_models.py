@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from soundlake.models.clap import Windowing, detect_backend, label_prompts, load_clap, zero_shot
+from soundlake.models.clap.load import (
+    Windowing,
+    detect_backend,
+    label_prompts,
+    load_clap,
+    zero_shot,
+)
 from soundlake.models.text import load_text_encoder
 
 torch.set_num_threads(1)
@@ -167,8 +173,8 @@ def test_laion_checkpoint_round_trip(tmp_path):
 
 
 def test_inhouse_trains_saves_and_loads(tmp_path):
-    synth = pytest.importorskip("soundlake.stages.synth")
-    from soundlake.models.clap_inhouse import ClapTrainConfig, InHouseClap, train_clap
+    synth = pytest.importorskip("soundlake.sources.synth")
+    from soundlake.models.clap.inhouse import ClapTrainConfig, InHouseClap, train_clap
 
     cfg = ClapTrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_steps=1, window_s=3.0, channels=32,
                           dim=32, seed=0, time_mask=0.0, freq_mask=0)

@@ -1,16 +1,15 @@
 """CLAP stages in the pipeline, with a tiny random transformers ClapModel loaded through the hf path."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import soundfile as sf
 
 from soundlake.catalog.sql import fetchall
-from soundlake.models.clap import load_clap
+from soundlake.core import audio as audio_io
+from soundlake.models.clap.load import load_clap
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
-from soundlake.stages import audio_io
 from soundlake.testing import make_tiny_hf_clap, tone_mix
 
 pytestmark = pytest.mark.slow

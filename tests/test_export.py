@@ -17,16 +17,21 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from soundlake import shards
 from soundlake.catalog import schema
-from soundlake.catalog.export import ExportArgs, parse_size, parse_splits, run_export, split_of
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import connect
-from soundlake.errors import UserError
-from soundlake.pipelines.spec import SegmentSpec
+from soundlake.core.errors import UserError
+from soundlake.export import shards
+from soundlake.export.exporter import (
+    ExportArgs,
+    parse_size,
+    parse_splits,
+    run_export,
+    split_of,
+)
+from soundlake.sources.base import input_row
 from soundlake.stages.base import FLOW
-from soundlake.stages.segment import SegmentStage, segment_tables
-from soundlake.stages.sources import input_row
+from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 from soundlake.testing import tone_mix, write_audio
 
 SR = 16000
@@ -393,7 +398,7 @@ def test_parquet_value_ranges_match_pyarrow(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from soundlake.catalog.parquet_pages import value_ranges
+    from soundlake.export.parquet_pages import value_ranges
 
     rng = random.Random(1)
     values = [rng.randbytes(rng.randint(0, 30_000)) for _ in range(40)]
@@ -428,7 +433,7 @@ def test_export_bytes_do_not_depend_on_the_part_layout(lake, tmp_path):
     through pyarrow, not as file slices) exports exactly the same shards."""
     import pyarrow.parquet as pq
 
-    from soundlake.catalog.parquet_pages import value_ranges
+    from soundlake.export.parquet_pages import value_ranges
 
     other = Lake(str(tmp_path / "lake"))
     shutil.copytree(lake.root, other.root)
@@ -454,8 +459,7 @@ def test_export_bytes_do_not_depend_on_the_part_layout(lake, tmp_path):
 def test_part_committed_while_the_export_plans(tmp_path, monkeypatch):
     """Audio is located from the part list seen before the selection; a part committed in
     between is still found (the selection's own list wins)."""
-    from soundlake.catalog import export
-
+    from soundlake.export import exporter as export
     lake = build_lake(tmp_path, range(5))
     real = export.plan_export
 

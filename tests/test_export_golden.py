@@ -16,12 +16,11 @@ import pyarrow as pa
 
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
-from soundlake.catalog.export import ExportArgs, run_export
-from soundlake.pipelines.spec import SegmentSpec
-from soundlake.stages.sources import synth_inputs
+from soundlake.export.exporter import ExportArgs, run_export
+from soundlake.sources.synth import synth_inputs
 from soundlake.stages.base import FLOW
 from soundlake.stages.caption import TemplateCaptionStage
-from soundlake.stages.segment import SegmentStage, segment_tables
+from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 
 GOLDEN = Path(__file__).parent / "golden" / "export_shards.json"
 RUN = "golden-run"

@@ -13,7 +13,7 @@ import pytest
 from soundlake.catalog.sql import connect
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import PipelineSpec
-from soundlake.stages.freesound import auth_headers
+from soundlake.sources.freesound import auth_headers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import Fault, FreesoundServer, Sound, make_media  # noqa: E402

@@ -8,13 +8,28 @@ import numpy as np
 import pytest
 import torch
 
-from soundlake.training.conditioning import Condition, TextConditioner, build_condition
-from soundlake.training.diffusion import (
-    SAMPLERS, Schedule, cfg_combine, diffusion_train_step, masked_training_loss, sample,
-    trailing_timesteps, training_loss,
+from soundlake.generation.conditioning import (
+    Condition,
+    TextConditioner,
+    build_condition,
 )
-from soundlake.training.dit import DiT, DiTConfig, count_parameters
-from soundlake.training.vae import VAEConfig, WaveVAE, build_discriminator, vae_train_step
+from soundlake.generation.diffusion import (
+    SAMPLERS,
+    Schedule,
+    cfg_combine,
+    diffusion_train_step,
+    masked_training_loss,
+    sample,
+    trailing_timesteps,
+    training_loss,
+)
+from soundlake.generation.dit import DiT, DiTConfig, count_parameters
+from soundlake.generation.vae import (
+    VAEConfig,
+    WaveVAE,
+    build_discriminator,
+    vae_train_step,
+)
 
 torch.set_num_threads(1)
 
@@ -23,7 +38,7 @@ def clips(n: int, seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
     """[n, 1, T] mono clips from the synth source (its loudest window), else seeded tones."""
     size = int(seconds * sr)
     try:
-        from soundlake.stages.synth import synth_clip
+        from soundlake.sources.synth import synth_clip
     except ImportError:
         synth_clip = None
     out = []

@@ -11,17 +11,23 @@ import pyarrow as pa
 import pytest
 import torch
 
-from soundlake import shards
 from soundlake.catalog import schema
-from soundlake.catalog.export import ExportArgs, run_export
 from soundlake.catalog.lake import Lake
-from soundlake.pipelines.spec import SegmentSpec
-from soundlake.stages.audio_io import decode_flac
+from soundlake.core.audio import decode_flac
+from soundlake.export import shards
+from soundlake.export.exporter import ExportArgs, run_export
+from soundlake.generation.train.data import (
+    Batch,
+    collate,
+    make_dataset,
+    make_loader,
+    read_shards_ray,
+    shard_urls,
+)
+from soundlake.sources.base import input_row
 from soundlake.stages.base import FLOW
-from soundlake.stages.segment import SegmentStage, segment_tables
-from soundlake.stages.sources import input_row
+from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 from soundlake.testing import tone_mix, write_audio
-from soundlake.training.data import (Batch, collate, make_dataset, make_loader, read_shards_ray, shard_urls)
 
 torch.set_num_threads(1)
 SR = 16000

@@ -5,11 +5,15 @@ import json
 
 import pytest
 
-from soundlake.errors import UserError
-from soundlake.stages import licenses
-from soundlake.stages.download import classify
-from soundlake.stages.freesound import redact
-from soundlake.stages.manifests import MALFORMED, audioset_inputs, load_ontology, vggsound_inputs
+from soundlake.core.errors import UserError
+from soundlake.sources import licenses
+from soundlake.sources.fetch import classify, redact
+from soundlake.sources.manifests import (
+    MALFORMED,
+    audioset_inputs,
+    load_ontology,
+    vggsound_inputs,
+)
 
 TEMPLATE = "http://127.0.0.1:1/media/{ytid}.m4a"
 

@@ -4,9 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soundlake.training.metrics import (
-    MetricResult, clap_score, clap_score_audio, fd_audio, frechet_distance,
-    frechet_distance_from_stats, inception_score, is_audio, kl_audio, kl_divergence, softmax)
+from soundlake.generation.inference.metrics import (
+    MetricResult,
+    clap_score,
+    clap_score_audio,
+    fd_audio,
+    frechet_distance,
+    frechet_distance_from_stats,
+    inception_score,
+    is_audio,
+    kl_audio,
+    kl_divergence,
+    softmax,
+)
 
 
 def test_fd_identical_sets_is_zero():
@@ -122,10 +132,10 @@ def test_inhouse_clap_plugs_in(tmp_path):
     """A tiny randomly initialised in-house CLAP, saved and loaded through load_clap."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from soundlake.models.clap import load_clap
-    from soundlake.models.clap_inhouse import ClapNet, ClapTrainConfig, save_clap
+    from soundlake.generation.inference.metrics import ClapFunctions
+    from soundlake.models.clap.inhouse import ClapNet, ClapTrainConfig, save_clap
+    from soundlake.models.clap.load import load_clap
     from soundlake.models.text import load_text_encoder
-    from soundlake.training.metrics import ClapFunctions
 
     cfg = ClapTrainConfig(dim=16, channels=16, window_s=1.0, n_mels=16, sample_rate=16000)
     text = load_text_encoder()

@@ -7,14 +7,13 @@ import subprocess
 import time
 
 import pytest
+from conftest import soundlake_cmd
 
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import fetchall
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
 from soundlake.testing import make_corpus
-
-from conftest import soundlake_cmd
 
 pytestmark = pytest.mark.slow
 

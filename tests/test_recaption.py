@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from soundlake.catalog.sql import fetchall
-from soundlake.models.qwen_captioner import QwenCaptioner, lint
+from soundlake.models.captioners.qwen import QwenCaptioner, lint
 from soundlake.pipelines.recaption import RecaptionArgs, recaption
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec

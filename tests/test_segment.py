@@ -6,10 +6,17 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from soundlake.errors import RowError
-from soundlake.pipelines.spec import SegmentSpec
-from soundlake.stages.segment import SegmentStage, clip_id, segment_tables, window_starts
-from soundlake.stages.sources import INPUT_SCHEMA, input_row, local_inputs
+from soundlake.catalog.schema import INPUT_SCHEMA
+from soundlake.core.errors import RowError
+from soundlake.sources.base import input_row
+from soundlake.sources.local import local_inputs
+from soundlake.stages.segment import (
+    SegmentSpec,
+    SegmentStage,
+    clip_id,
+    segment_tables,
+    window_starts,
+)
 from soundlake.testing import FORMATS, tone_mix, write_audio
 
 

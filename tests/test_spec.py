@@ -1,8 +1,9 @@
 """Pipeline specs: built-ins by name, paths, overrides, one-line errors naming the key."""
 import pytest
 
-from soundlake.errors import UserError
-from soundlake.pipelines.spec import builtin_names, load_spec, parse_override
+from soundlake.core.config import parse_override
+from soundlake.core.errors import UserError
+from soundlake.pipelines.spec import builtin_names, load_spec
 
 
 def test_builtins_load_by_name():

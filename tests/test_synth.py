@@ -4,8 +4,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from soundlake.stages.synth import (BASE_CLASSES, caption_mentions, mismatched_caption, plan_scene,
-                                    render_scene, synth_clip)
+from soundlake.sources.synth import (
+    BASE_CLASSES,
+    caption_mentions,
+    mismatched_caption,
+    plan_scene,
+    render_scene,
+    synth_clip,
+)
 
 
 def test_deterministic_whatever_the_order():

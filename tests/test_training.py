@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
-from soundlake import shards
-from soundlake.errors import UserError
-from soundlake.testing import make_synth_export
-from soundlake.training.bundle import Generator, load_vae, load_weights
-from soundlake.training.data import _open, shard_urls
-from soundlake.training.encode import encode_shards
-from soundlake.training.train_spec import load_train_spec
-from soundlake.training.trainer import train
-
 from conftest import soundlake_cmd
+
+from soundlake.core.errors import UserError
+from soundlake.core.storage import open_input
+from soundlake.export import shards
+from soundlake.generation.model_folder import Generator, load_vae, load_weights
+from soundlake.generation.train.data import shard_urls
+from soundlake.generation.train.encode import encode_shards
+from soundlake.generation.train.specs import load_train_spec
+from soundlake.generation.train.trainer import train
+from soundlake.testing import make_synth_export
 
 pytestmark = pytest.mark.slow
 SMALL_DIT = ["overrides.depth=4", "overrides.hidden=64", "overrides.heads=4", "overrides.sola_rank=8"]
@@ -102,7 +102,7 @@ def test_encode_writes_vae_latents_and_resumes(vae_dir, audio_shards, latent_sha
 
 
 def _samples(url):
-    with _open(url) as f:
+    with open_input(url) as f:
         for s in shards.iter_samples(f, url):
             yield s["__key__"], s
 
@@ -167,7 +167,7 @@ def test_weights_only_init(latent_shards, vae_dir, tmp_path):
 
 
 def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(latent_shards, vae_dir, audio_shards, tmp_path):
-    from soundlake.models.clap import load_clap
+    from soundlake.models.clap.load import load_clap
     from soundlake.testing import make_tiny_hf_clap
 
     clap = make_tiny_hf_clap(tmp_path / "clap", sample_rate=16000)

@@ -7,7 +7,6 @@ a half-written part. A lock file keeps a second writer out of a local lake.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import time
@@ -20,7 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from soundlake.catalog import schema
-from soundlake.errors import UserError
+from soundlake.core.errors import UserError
+from soundlake.core.storage import atomic_output, is_local, open_uri
 
 # Binary columns already compressed (FLAC) gain nothing from a second codec.
 _UNCOMPRESSED = {"flac"}
@@ -33,15 +33,11 @@ class Lake:
     root: str = field(init=False)
 
     def __post_init__(self):
-        if "://" in self.uri and not self.uri.startswith("file://"):
-            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-        else:
-            path = self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        self.fs, self.root = open_uri(self.uri)
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
+        return is_local(self.fs)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -62,14 +58,9 @@ class Lake:
         final = self.path(rel)
         self.fs.create_dir(self.path(table), recursive=True)
         compression = {c: ("none" if c in _UNCOMPRESSED else "zstd") for c in data.column_names}
-        if self.is_local:
-            tmp = final + ".tmp"
-            pq.write_table(data, tmp, compression=compression, use_dictionary=[c for c in data.column_names
-                                                                            if c not in _UNCOMPRESSED])
-            os.replace(tmp, final)
-        else:
-            with self.fs.open_output_stream(final) as out:
-                pq.write_table(data, out, compression=compression)
+        with atomic_output(self.fs, final) as out:
+            pq.write_table(data, out, compression=compression,
+                           use_dictionary=[c for c in data.column_names if c not in _UNCOMPRESSED])
         return rel
 
     def parts(self, table: str) -> list[str]:
@@ -98,20 +89,6 @@ class Lake:
                     os.remove(os.path.join(dirpath, f))
                     removed += 1
         return removed
-
-    # ---- run bookkeeping ----------------------------------------------------
-    def write_json(self, rel: str, obj: dict) -> None:
-        data = json.dumps(obj, indent=2, default=str).encode()
-        target = self.path(rel)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        if self.is_local:
-            tmp = f"{target}.{uuid.uuid4().hex[:6]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        else:
-            with self.fs.open_output_stream(target) as out:
-                out.write(data)
 
     @contextmanager
     def lock(self, run_id: str, wait: bool = False, poll: float = 1.0):

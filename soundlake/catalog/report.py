@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import close, connect, execute_arrow
-from soundlake.errors import UserError
+from soundlake.core.errors import UserError
 
 
 @dataclass

@@ -67,7 +67,7 @@ FAILURES = pa.schema([
     ("source_id", pa.string()),
     ("clip_id", pa.string()),         # null for failures before a clip exists
     ("stage", pa.string()),
-    ("error", pa.string()),           # a class from soundlake.errors.ERROR_CLASSES
+    ("error", pa.string()),           # a class from soundlake.core.errors.ERROR_CLASSES
     ("permanent", pa.bool_()),
     ("message", pa.string()),
     ("attempt", pa.int32()),

@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
-from soundlake.errors import UserError
+from soundlake.core.errors import UserError
 
 # Views built on the raw tables. Later modules add theirs with `add_view`.
 _VIEWS: dict[str, str] = {
@@ -89,7 +89,7 @@ def connect(lake: Lake | str, caption_policy: str | None = None,
         raise UserError(f"caption policy {policy!r}: expected one of {', '.join(CAPTION_POLICIES)}")
     if not lake.exists():
         raise UserError(f"no lake at {lake.uri}: run `soundlake curate demo --lake {lake.uri}` first")
-    import soundlake.catalog.export  # noqa: F401  (importing it registers the export tables)
+    import soundlake.export.exporter  # noqa: F401  (importing it registers the export tables)
 
     con = duckdb.connect(":memory:")
     # Parts never change once written: parse each one's footer once, not at every view and query.
@@ -139,7 +139,7 @@ def add_text_search(con: duckdb.DuckDBPyConnection, model: str | None = None) ->
     def clap_text(text: str):
         if text not in state:
             if "model" not in state:
-                from soundlake.models.clap import load_clap
+                from soundlake.models.clap.load import load_clap
 
                 try:
                     state["model"] = load_clap(path)

@@ -88,7 +88,6 @@ class TextEncoder:
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no per-load "Loading weights" bar in our output

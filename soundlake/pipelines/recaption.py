@@ -12,10 +12,16 @@ from dataclasses import asdict, dataclass
 
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import close, connect
-from soundlake.errors import UserError
-from soundlake.pipelines.runner import (RunSummary, _consume, _map_stage, init_ray, lake_clips_dataset, new_run_id,
-                                        recorded_run, write_block)
-from soundlake.pipelines.spec import RaySpec
+from soundlake.core.errors import UserError
+from soundlake.core.ray_env import RaySpec, init_ray
+from soundlake.pipelines.runner import (
+    RunSummary,
+    consume,
+    lake_clips_dataset,
+    map_and_write,
+    new_run_id,
+    recorded_run,
+)
 from soundlake.stages.recaption import QwenCaptionStage, RefineStage
 
 
@@ -34,7 +40,7 @@ class RecaptionArgs:
 
 def clips_to_caption(lake: Lake, args: RecaptionArgs) -> list[str]:
     """Clip ids matching ``where`` without this captioner's output (caption or lint failure)."""
-    from soundlake.models.qwen_captioner import qwen_prompt_version
+    from soundlake.models.captioners.qwen import qwen_prompt_version
 
     if args.refine:
         captioner, model_id, version = "refine", args.refine, args.refine_prompt_version
@@ -78,11 +84,7 @@ def recaption(lake_uri: str, args: RecaptionArgs, ray: RaySpec | None = None, wa
                     stages.append(RefineStage(args.refine, run_id, prompt_version=args.refine_prompt_version, **kw))
                 ds = lake_clips_dataset(lake, set(need), ["clip_id", "source", "source_id", "flac", "title",
                                                           "tags", "labels"])
-                for stage in stages:
-                    ds = _map_stage(ds, stage, run_id)
-                ds = ds.map_batches(write_block, fn_args=(lake.uri, run_id, stages), batch_size=None,
-                                    batch_format="pyarrow", num_cpus=1)
-                _consume(ds, summary, t0, on_progress)
+                consume(map_and_write(ds, stages, lake.uri, run_id), summary, t0, on_progress)
             summary.inputs_done = len(need)
             summary.elapsed_s = time.perf_counter() - t0
     return summary

@@ -11,13 +11,13 @@ already committed are not listed again.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 import os
 import socket
 import subprocess
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -27,10 +27,13 @@ import pyarrow as pa
 import soundlake
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
-from soundlake.pipelines.spec import PipelineSpec, RaySpec
+from soundlake.catalog.schema import INPUT_SCHEMA
+from soundlake.core.ray_env import data_context, init_ray
+from soundlake.pipelines.retry import inputs_table
+from soundlake.pipelines.spec import PipelineSpec
+from soundlake.sources.base import get_source
 from soundlake.stages.base import Stage
 from soundlake.stages.segment import SegmentStage
-from soundlake.stages.sources import INPUT_SCHEMA, local_inputs, synth_inputs
 
 SUMMARY = pa.schema([
     ("source_ids", pa.list_(pa.string())),
@@ -89,28 +92,8 @@ def new_run_id() -> str:
 
 
 def list_inputs(spec: PipelineSpec) -> tuple[list[dict], int]:
-    src = spec.source
-    if src.kind == "synth":
-        rows, skipped = synth_inputs(src.count, src.seed, src.duration, src.speech), 0
-    elif src.kind == "local":
-        rows, skipped = local_inputs(src.input, src.follow_symlinks)
-    elif src.kind in ("audioset", "vggsound"):
-        from soundlake.stages.manifests import audioset_inputs, vggsound_inputs
-
-        if not src.manifest:
-            from soundlake.errors import UserError
-            raise UserError(f"source.manifest: the {src.kind} source needs a segment CSV (--manifest FILE)")
-        rows = audioset_inputs(src.manifest, spec.download.url_template, src.ontology) \
-            if src.kind == "audioset" else vggsound_inputs(src.manifest, spec.download.url_template)
-        skipped = 0
-    elif src.kind == "freesound":
-        from soundlake.stages.freesound import freesound_inputs
-
-        rows, skipped = freesound_inputs(spec.freesound, spec.download), 0
-    else:
-        from soundlake.errors import UserError
-        raise UserError(f"source.kind={src.kind!r} is not available in this version")
-    return (rows[: src.limit] if src.limit else rows), skipped
+    rows, skipped = get_source(spec.source.kind).list_inputs(spec)
+    return (rows[: spec.source.limit] if spec.source.limit else rows), skipped
 
 
 def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
@@ -128,11 +111,11 @@ def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
 
     active = spec.active_stages()
     first: Stage = SegmentStage(spec.segment, run_id)
-    if spec.source.kind in ("audioset", "vggsound", "freesound"):
+    if get_source(spec.source.kind).fetch:
         # Remote media: download and segment in one task, on the worker's local disk.
         from soundlake.stages.download import DownloadStage
 
-        first = DownloadStage(spec, run_id, first)
+        first = DownloadStage(spec.source.kind, spec.download, spec.freesound.api_url, run_id, first)
     stages: list[Stage] = [first]
     if "caption" in active and "template" in spec.caption.captioners:
         stages.append(TemplateCaptionStage(run_id, spec.caption.use_metadata))
@@ -208,55 +191,17 @@ def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]
     }], schema=SUMMARY)
 
 
-# ---- Ray ---------------------------------------------------------------------------
-def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
-    """Start local Ray (or join --address); returns the seconds it took (0 if already up)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return 0.0
-    t0 = time.perf_counter()
-    kw: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=log_to_driver,
-                    configure_logging=True)
-    if spec.address:
-        ray.init(address=spec.address, **kw)
-    else:
-        ray.init(num_cpus=spec.num_cpus, object_store_memory=spec.object_store_mb * 2**20, **kw)
-    return time.perf_counter() - t0
-
-
-def _data_context():
-    import logging
-
-    import ray.data
-
-    # Our progress bar and summary replace Ray Data's per-operator logging
-    # (set after importing ray.data, which configures its loggers on import).
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False          # we draw one bar for the whole job
-    ctx.print_on_execution_start = False
-    ctx.enable_rich_progress_bars = False
-    return ctx
-
-
 def build_dataset(rows: list[dict], stages: list[Stage], spec: PipelineSpec, lake_uri: str, run_id: str):
     import ray.data
 
-    _data_context()
+    data_context()
     per_task = spec.ray.inputs_per_task
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     blocks = [table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]
-    ds = ray.data.from_arrow(blocks)
-    for stage in stages:
-        ds = _map_stage(ds, stage, run_id)
-    return ds.map_batches(write_block, fn_args=(lake_uri, run_id, stages), batch_size=None,
-                          batch_format="pyarrow", num_cpus=1, zero_copy_batch=True)
+    return map_and_write(ray.data.from_arrow(blocks), stages, lake_uri, run_id)
 
 
-def _consume(ds, summary: RunSummary, t0: float, on_progress) -> None:
+def consume(ds, summary: RunSummary, t0: float, on_progress) -> None:
     """Drain a dataset of write summaries into the run summary (small rows only)."""
     seen: set[str] = set()
     base = summary.inputs_done
@@ -292,7 +237,8 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
             """SELECT clip_id FROM clips WHERE clip_id NOT IN
                (SELECT clip_id FROM embeddings WHERE model_id = ?)""", [spec.clap.model]).fetchall()}
         if need:
-            yield "embed", _embed_backfill(lake, need, by_name["embed"], run_id)
+            clips = lake_clips_dataset(lake, need, ["clip_id", "source_id", "flac"])
+            yield "embed", map_and_write(clips, [by_name["embed"]], lake.uri, run_id)
     if "autocap" in by_name and lake.parts("clips"):
         from soundlake.stages.autocap import autocap_identity
 
@@ -303,12 +249,9 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
                AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.clip_id = c.clip_id AND f.stage = 'autocap')""",
             [model_id, model_hash, version]).fetchall()}
         if need:
-            stage = by_name["autocap"]
-            ds = _map_stage(lake_clips_dataset(lake, need, ["clip_id", "source", "source_id", "flac", "title",
-                                                            "description", "labels", "tags", "meta_json"]),
-                            stage, run_id)
-            yield "autocap", ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
-                                            batch_format="pyarrow", num_cpus=1)
+            clips = lake_clips_dataset(lake, need, ["clip_id", "source", "source_id", "flac", "title",
+                                                    "description", "labels", "tags", "meta_json"])
+            yield "autocap", map_and_write(clips, [by_name["autocap"]], lake.uri, run_id)
     if "score" in by_name and lake.parts("captions"):
         table = execute_arrow(connect(lake),
             """SELECT c.clip_id, c.clip_id AS source_id, e.embedding::FLOAT[] AS clap_embedding,
@@ -320,13 +263,11 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
         if table.num_rows:
             import ray.data
 
-            _data_context()
+            data_context()
             table = table.append_column("status", pa.array(["ok"] * table.num_rows))
             table = table.append_column("error", pa.nulls(table.num_rows, pa.string()))
             blocks = [table.slice(i, 256) for i in range(0, table.num_rows, 256)]
-            ds = _map_stage(ray.data.from_arrow(blocks), by_name["score"], run_id)
-            yield "score", ds.map_batches(write_block, fn_args=(lake.uri, run_id, [by_name["score"]]),
-                                          batch_size=None, batch_format="pyarrow", num_cpus=1)
+            yield "score", map_and_write(ray.data.from_arrow(blocks), [by_name["score"]], lake.uri, run_id)
 
 
 def lake_clips_dataset(lake: Lake, need: set[str], columns: list[str]):
@@ -335,7 +276,7 @@ def lake_clips_dataset(lake: Lake, need: set[str], columns: list[str]):
     import ray
     import ray.data
 
-    _data_context()
+    data_context()
     need_ref = ray.put(sorted(need))
     lake_uri = lake.uri
 
@@ -358,13 +299,8 @@ def lake_clips_dataset(lake: Lake, need: set[str], columns: list[str]):
     return ds.map_batches(read_part, batch_format="pyarrow", batch_size=1)
 
 
-def _embed_backfill(lake: Lake, need: set[str], stage: Stage, run_id: str):
-    ds = _map_stage(lake_clips_dataset(lake, need, ["clip_id", "source_id", "flac"]), stage, run_id)
-    return ds.map_batches(write_block, fn_args=(lake.uri, run_id, [stage]), batch_size=None,
-                          batch_format="pyarrow", num_cpus=1)
-
-
-def _map_stage(ds, stage: Stage, run_id: str):
+def map_stage(ds, stage: Stage, run_id: str):
+    """``ds`` through one stage: an actor pool for model stages, tasks for the rest."""
     res = stage.resources()
     if stage.uses_actors:
         return ds.map_batches(_ActorStage, fn_constructor_args=(stage,), batch_size=res.batch_size,
@@ -372,6 +308,15 @@ def _map_stage(ds, stage: Stage, run_id: str):
                               concurrency=res.concurrency or 1)
     return ds.map_batches(_task_fn(stage, f"{run_id}:{stage.name}"), batch_size=res.batch_size,
                           batch_format="pyarrow", num_cpus=res.num_cpus, zero_copy_batch=True)
+
+
+def map_and_write(ds, stages: list[Stage], lake_uri: str, run_id: str):
+    """``ds`` through ``stages``, each block's rows then written to the lake by the workers;
+    the result is a dataset of small write summaries (see :func:`consume`)."""
+    for stage in stages:
+        ds = map_stage(ds, stage, run_id)
+    return ds.map_batches(write_block, fn_args=(lake_uri, run_id, stages), batch_size=None,
+                          batch_format="pyarrow", num_cpus=1, zero_copy_batch=True)
 
 
 def record_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary, started: datetime,
@@ -418,8 +363,6 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
         summary.inputs_skipped = len(rows) - len(todo)
         if todo:
             # The listed inputs, so that `retry-failed` can rebuild them later.
-            from soundlake.stages.download import inputs_table
-
             lake.write_part("inputs", inputs_table(todo, run_id), run_id)
         with recorded_run(lake, spec.name, spec.model_dump_json(), summary):
             if on_start:
@@ -431,10 +374,10 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                 t0 = time.perf_counter()
             stages = build_stages(spec, run_id)
             if todo:
-                _consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
+                consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
             for name, ds in backfill_datasets(spec, lake, run_id, stages):
                 summary.notes.append(f"{name}: existing clips brought up to date")
-                _consume(ds, summary, t0, on_progress)
+                consume(ds, summary, t0, on_progress)
             skipped = [s for s in spec.stages if s not in spec.active_stages()]
             if skipped:
                 summary.notes.append(f"stages {', '.join(skipped)} skipped: set clap.model to run them")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from soundlake.catalog.schema import FAILURES
-from soundlake.errors import UserError
+from soundlake.core.audio import decode_mono
+from soundlake.core.errors import UserError
+from soundlake.stages.base import failure_row, failures_table
 from soundlake.stages.caption import _add_captions, caption_tables
 from soundlake.stages.recaption import _ModelStage
 
@@ -24,7 +25,7 @@ DECODE_ERRORS = (RuntimeError, ValueError, TypeError, OSError)   # soundfile rai
 
 def autocap_identity(path: str, use_metadata: bool) -> tuple[str, str, str]:
     """(model_id, model_hash, prompt_version) of a saved autocap folder, read on the driver."""
-    from soundlake.models.autocap import META_FILE, WEIGHTS, prompt_version
+    from soundlake.models.captioners.autocap import META_FILE, WEIGHTS, prompt_version
     from soundlake.models.text import weights_sha256
 
     folder = Path(path)
@@ -49,25 +50,21 @@ def clip_meta(row: dict) -> dict:
 
 class AutocapCaptionStage(_ModelStage):
     name = "autocap"
-    reads = ("flac", "status", "title", "description", "labels", "tags", "meta_json")
-    writes = ("new_captions", "autocap_errors")
 
     def __init__(self, path: str, run_id: str, use_metadata: bool = True, num_beams: int | None = None,
                  batch_size: int = 16, num_gpus: float = 0.0, concurrency: int = 1):
-        from soundlake.models.autocap import prompt_version
+        from soundlake.models.captioners.autocap import prompt_version
 
         super().__init__(path, run_id, batch_size=batch_size, num_gpus=num_gpus, concurrency=concurrency,
                          prompt_version=prompt_version(use_metadata))
         self.use_metadata, self.num_beams = use_metadata, num_beams
 
     def setup(self) -> None:
-        from soundlake.models.autocap import Autocap
+        from soundlake.models.captioners.autocap import Autocap
 
         self.model = Autocap.load(self.path, device=self.device())
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from soundlake.stages import audio_io
-
         cols = [c for c in ("clip_id", "status", "flac", "title", "description", "labels", "tags", "meta_json")
                 if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
@@ -77,8 +74,7 @@ class AutocapCaptionStage(_ModelStage):
             if r.get("status", "ok") != "ok" or not r.get("flac"):
                 continue
             try:
-                audio, sr = audio_io.decode_flac(r["flac"])
-                clips.append(audio_io.resample(audio.mean(axis=1, keepdims=True), sr, self.model.sample_rate)[:, 0])
+                clips.append(decode_mono(r["flac"], self.model.sample_rate))
             except DECODE_ERRORS as e:
                 errors[i] = f"cannot decode the stored FLAC: {str(e).splitlines()[0][:200]}"
                 continue
@@ -98,12 +94,8 @@ class AutocapCaptionStage(_ModelStage):
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         out = caption_tables(batch, self.run_id, captioner="autocap")
         now = datetime.now(timezone.utc)
-        fails = [{"source": r["source"], "source_id": r["source_id"], "clip_id": r["clip_id"], "stage": "autocap",
-                  "error": "corrupt", "permanent": True, "message": r["autocap_errors"], "attempt": 1,
-                  "run_id": self.run_id, "time": now}
-                 for r in batch.select(["source", "source_id", "clip_id", "autocap_errors"]).to_pylist()
-                 if r["autocap_errors"]]
-        if fails:
-            out["failures"] = pa.Table.from_pylist(fails, schema=FAILURES)
+        out.update(failures_table([failure_row(r, "autocap", self.run_id, "corrupt", r["autocap_errors"], now)
+                                   for r in batch.select(["source", "source_id", "clip_id", "autocap_errors"]).to_pylist()
+                                   if r["autocap_errors"]]))
         return out
 

@@ -1,19 +1,25 @@
 """The stage contract.
 
-A stage declares what it reads and writes and the resources it needs, sets itself
-up once per worker (``setup``), and turns an Arrow batch into an Arrow batch. One
-bad row never raises: it comes back with ``status='failed'``, an ``error`` class
-and a ``message``. Rows that arrive failed pass through untouched.
+A stage declares the resources it needs, sets itself up once per worker (``setup``),
+and turns an Arrow batch into an Arrow batch (``process``); ``tables`` says which catalog
+rows its output adds. One bad row never raises: it comes back as a failed flow row
+(:func:`flow_failure`) or adds a ``failures`` row (:func:`failure_row`), with a classified
+``error`` and a one-line ``message``. Rows that arrive failed pass through untouched.
+A genuine bug (anything that is not a :class:`~soundlake.core.errors.RowError`) still fails loudly.
+
+A new stage is a module in this folder with a :class:`Stage` subclass; the runner
+(:mod:`soundlake.pipelines.runner`) places it in the dataset.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from soundlake.catalog.schema import CLIPS
+from soundlake.catalog.schema import CLIPS, FAILURES
+from soundlake.core.errors import ERROR_CLASSES
 
 # The rows that flow between stages: a clip (or a failed input) and its bookkeeping.
 FLOW = pa.schema(list(CLIPS) + [
@@ -37,8 +43,6 @@ class Resources:
 
 class Stage:
     name: ClassVar[str] = "stage"
-    reads: ClassVar[tuple[str, ...]] = ()
-    writes: ClassVar[tuple[str, ...]] = ()
     uses_actors: ClassVar[bool] = False   # model stages: one actor keeps the model loaded
 
     def resources(self) -> Resources:
@@ -55,9 +59,21 @@ class Stage:
         return {}
 
 
-def ok_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch["status"], "ok")) if batch.num_rows else batch
+def flow_failure(row: dict, stage: str, run_id: str, error: str, message: str) -> dict:
+    """An input that yields no clip, as a failed flow row (it becomes a ``failures`` row at write)."""
+    base = {k: row.get(k) for k in ("source", "source_id", "title", "url", "attempt")}
+    return {**base, "run_id": run_id, "status": "failed", "stage": stage, "error": error,
+            "message": message, "created": datetime.now(timezone.utc)}
 
 
-def failed_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch["status"], "failed")) if batch.num_rows else batch
+def failure_row(row: dict, stage: str, run_id: str, error: str, message: str,
+                time: datetime | None = None) -> dict:
+    """A ``failures`` row for one clip that a stage could not process (its clip stays)."""
+    return {"source": row["source"], "source_id": row["source_id"], "clip_id": row["clip_id"], "stage": stage,
+            "error": error, "permanent": ERROR_CLASSES[error], "message": message, "attempt": 1,
+            "run_id": run_id, "time": time or datetime.now(timezone.utc)}
+
+
+def failures_table(rows: list[dict]) -> dict[str, pa.Table]:
+    """``{"failures": table}`` for :meth:`Stage.tables`, or nothing when there are none."""
+    return {"failures": pa.Table.from_pylist(rows, schema=FAILURES)} if rows else {}

@@ -8,22 +8,43 @@ actor stages; ``template`` needs no model and runs as a task.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field, model_validator
 
 from soundlake.catalog.schema import CAPTIONS
-from soundlake.models.template_captioner import PROMPT_VERSION, template_caption
+from soundlake.core.config import Section
+from soundlake.models.captioners.template import PROMPT_VERSION, template_caption
 from soundlake.stages.base import Stage
 
 NEW_CAPTION = pa.struct([("captioner", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
                          ("prompt_version", pa.string()), ("text", pa.string())])
 
 
+
+class CaptionSpec(Section):
+    captioners: list[Literal["template", "autocap"]] = Field(["template"], description="captioners run by the "
+                                                             "caption stage")
+    use_metadata: bool = Field(True, description="template: titles and tags too, not only labels; autocap: "
+                                                 "metadata fields in its tags (false: every field left empty)")
+    autocap_model: str | None = Field(None, description="autocap: a folder saved by `soundlake train captioner`")
+    autocap_batch_size: int = Field(16, ge=1, description="autocap: clips per beam-search call")
+    autocap_num_beams: int | None = Field(None, ge=1, description="autocap: beams (default: the model's)")
+    autocap_num_gpus: float = Field(0.0, ge=0, description="autocap: GPUs per actor")
+    autocap_concurrency: int = Field(1, ge=1, description="autocap: actors in the pool")
+
+    @model_validator(mode="after")
+    def _check_autocap(self):
+        if "autocap" in self.captioners and not self.autocap_model:
+            raise ValueError("caption.autocap_model: the autocap captioner needs a model folder "
+                             "(train one with `soundlake train captioner`)")
+        return self
+
+
 class TemplateCaptionStage(Stage):
     name = "caption"
-    reads = ("clip_id", "labels", "title", "tags")
-    writes = ("new_captions",)
 
     def __init__(self, run_id: str, use_metadata: bool = True):
         self.run_id, self.use_metadata = run_id, use_metadata

@@ -15,13 +15,31 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from soundlake.catalog.schema import SCORES, TAGS, embeddings_schema
+from soundlake.core.audio import decode_mono
+from soundlake.core.config import Section
 from soundlake.stages.base import Resources, Stage
+
+
+class ClapSpec(Section):
+    model: str | None = Field(None, description="CLAP model: in-house folder, transformers ClapModel folder or "
+                                                "hub id (cached), or a laion-clap .pt")
+    backend: Literal["hf", "laion", "soundlake"] | None = Field(None, description="default: detected from model")
+    batch_size: int = Field(16, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    concurrency: int = Field(1, ge=1, description="actors in the pool")
+    tag_labels: str | list[str] = Field("audioset", description="'audioset' (527 classes), a text file, or a list")
+    tag_template: str = "the sound of {label}"
+    top_k: int = Field(5, ge=1)
+
 
 ONTOLOGY = Path(__file__).resolve().parents[1] / "data" / "audioset_ontology.json"
 
@@ -63,7 +81,7 @@ class _ClapActorStage(Stage):
     def setup(self) -> None:
         import torch
 
-        from soundlake.models.clap import load_clap
+        from soundlake.models.clap.load import load_clap
 
         torch.set_num_threads(max(1, int(self.spec.num_cpus)))
         device = "cuda" if self.spec.num_gpus and torch.cuda.is_available() else "cpu"
@@ -79,8 +97,6 @@ class EmbedStage(_ClapActorStage):
     """Audio embeddings, and top-k zero-shot tags when ``tag`` is on."""
 
     name = "embed"
-    reads = ("flac", "status")
-    writes = ("clap_embedding", "clap_tags", "clap_model_id", "clap_model_hash", "clap_identity")
 
     def __init__(self, clap_spec, run_id: str, tag: bool):
         super().__init__(clap_spec, run_id)
@@ -89,22 +105,16 @@ class EmbedStage(_ClapActorStage):
     def setup(self) -> None:
         super().setup()
         if self.tag:
-            from soundlake.models.clap import label_prompts
+            from soundlake.models.clap.load import label_prompts
 
             self.label_set, self.labels = resolve_labels(self.spec.tag_labels)
             self.label_emb = self.model.embed_text(label_prompts(self.labels, self.spec.tag_template))
 
     def embed(self, flacs: list[bytes]) -> np.ndarray:
-        from soundlake.stages import audio_io
-
-        clips = []
-        for data in flacs:
-            audio, sr = audio_io.decode_flac(data)
-            clips.append(audio_io.resample(audio.mean(axis=1, keepdims=True), sr, self.model.sample_rate)[:, 0])
-        return self.model.embed_audio(clips)
+        return self.model.embed_audio([decode_mono(data, self.model.sample_rate) for data in flacs])
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from soundlake.models.clap import zero_shot
+        from soundlake.models.clap.load import zero_shot
 
         status = batch["status"].to_pylist()
         idx = [i for i, s in enumerate(status) if s == "ok"]
@@ -160,8 +170,6 @@ class ScoreStage(_ClapActorStage):
     """Cosine of each caption in the flow (reference + new captions) with the clip's embedding."""
 
     name = "score"
-    reads = ("clap_embedding", "ref_caption", "new_captions")
-    writes = ("clap_scores",)
 
     def process(self, batch: pa.Table) -> pa.Table:
         cols = batch.column_names

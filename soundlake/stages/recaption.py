@@ -2,7 +2,7 @@
 
 The Qwen stage appends its caption to the flow's ``new_captions`` and writes every new
 caption of the batch; the refine stage appends the rewritten caption when it passes
-:func:`~soundlake.models.qwen_captioner.lint`, and otherwise records a ``lint`` failure
+:func:`~soundlake.models.captioners.qwen.lint`, and otherwise records a ``lint`` failure
 (clip, rules broken, text) instead of a caption.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from soundlake.catalog.schema import FAILURES
-from soundlake.stages.base import Resources, Stage
+from soundlake.core.audio import decode_mono
+from soundlake.stages.base import Resources, Stage, failure_row, failures_table
 from soundlake.stages.caption import _add_captions, caption_tables
 
 LINT_TYPE = pa.list_(pa.struct([("text", pa.string()), ("rules", pa.string())]))
@@ -39,21 +39,14 @@ class _ModelStage(Stage):
 
 class QwenCaptionStage(_ModelStage):
     name = "qwen"
-    reads = ("flac",)
-    writes = ("new_captions",)
 
     def setup(self) -> None:
-        from soundlake.models.qwen_captioner import QwenCaptioner
+        from soundlake.models.captioners.qwen import QwenCaptioner
 
         self.model = QwenCaptioner(self.path, self.prompt_version, device=self.device())
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from soundlake.stages import audio_io
-
-        clips = []
-        for data in batch["flac"].to_pylist():
-            audio, sr = audio_io.decode_flac(data)
-            clips.append(audio_io.resample(audio.mean(axis=1, keepdims=True), sr, self.model.sample_rate)[:, 0])
+        clips = [decode_mono(data, self.model.sample_rate) for data in batch["flac"].to_pylist()]
         texts = self.model.caption(clips)
         new = [[{"captioner": "qwen", "model_id": self.model.model_id, "model_hash": self.model.model_hash,
                  "prompt_version": self.model.prompt_version, "text": t}] if t else [] for t in texts]
@@ -65,16 +58,14 @@ class QwenCaptionStage(_ModelStage):
 
 class RefineStage(_ModelStage):
     name = "refine"
-    reads = ("new_captions", "title", "tags", "labels")
-    writes = ("new_captions", "lint_failures")
 
     def setup(self) -> None:
-        from soundlake.models.qwen_captioner import Refiner
+        from soundlake.models.captioners.qwen import Refiner
 
         self.model = Refiner(self.path, self.prompt_version or "refine-v1", device=self.device())
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from soundlake.models.qwen_captioner import lint
+        from soundlake.models.captioners.qwen import lint
 
         rows = batch.select(["new_captions", "title", "tags", "labels"]).to_pylist()
         items, where = [], []
@@ -98,9 +89,6 @@ class RefineStage(_ModelStage):
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         now = datetime.now(timezone.utc)
-        rows = [{"source": r["source"], "source_id": r["source_id"], "clip_id": r["clip_id"], "stage": "refine",
-                 "error": "lint", "permanent": True, "message": f"{f['rules']}: {f['text'][:300]}", "attempt": 1,
-                 "run_id": self.run_id, "time": now}
-                for r in batch.select(["source", "source_id", "clip_id", "lint_failures"]).to_pylist()
-                for f in r["lint_failures"] or []]
-        return {"failures": pa.Table.from_pylist(rows, schema=FAILURES)} if rows else {}
+        return failures_table([failure_row(r, "refine", self.run_id, "lint", f"{f['rules']}: {f['text'][:300]}", now)
+                               for r in batch.select(["source", "source_id", "clip_id", "lint_failures"]).to_pylist()
+                               for f in r["lint_failures"] or []])

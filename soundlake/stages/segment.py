@@ -7,17 +7,35 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
+from typing import Literal
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from soundlake.catalog.schema import CAPTIONS, CLIPS, FAILURES
-from soundlake.errors import PERMANENT, RowError
-from soundlake.pipelines.spec import SegmentSpec
-from soundlake.stages import audio_io
-from soundlake.stages.base import FLOW, Stage
+from soundlake.core import audio as audio_io
+from soundlake.core.config import Section
+from soundlake.core.errors import PERMANENT, RowError
+from soundlake.stages.base import FLOW, Stage, flow_failure
+
+
+class SegmentSpec(Section):
+    sample_rate: int = Field(32000, ge=8000, le=192000)
+    channels: Literal[1, 2] = 1
+    window: float = Field(10.0, gt=0, description="clip length in seconds")
+    policy: Literal["annotated", "first", "sliding", "random"] = "first"
+    hop: float | None = Field(None, gt=0, description="sliding: hop in seconds (default: window)")
+    max_windows: int | None = Field(None, ge=1, description="at most this many clips per input")
+    remainder: Literal["pad", "drop"] = "pad"
+    min_duration: float = Field(1.0, ge=0, description="shorter content is a too_short failure")
+    max_duration: float = Field(3600.0, gt=0, description="longer inputs are a too_long failure")
+    silence_dbfs: float = Field(-60.0, le=0, description="windows with RMS below this are dropped")
+    loudness: bool = Field(True, description="measure integrated loudness (LUFS)")
+    seed: int = 0
+    ffmpeg_timeout: float = Field(60.0, gt=0)
 
 
 def clip_id(source: str, source_id: str, start_s: float) -> str:
@@ -54,7 +72,7 @@ def window_starts(content_s: float, spec: SegmentSpec, source_id: str,
 def _load(row: dict, spec: SegmentSpec) -> audio_io.Decoded:
     uri = row["uri"]
     if uri.startswith("synth://"):
-        from soundlake.stages.synth import plan_scene, render_scene
+        from soundlake.sources.synth import plan_scene, render_scene
 
         u = urlparse(uri)
         q = parse_qs(u.query)
@@ -68,8 +86,6 @@ def _load(row: dict, spec: SegmentSpec) -> audio_io.Decoded:
 
 class SegmentStage(Stage):
     name = "segment"
-    reads = ("uri", "source", "source_id")
-    writes = tuple(CLIPS.names)
 
     def __init__(self, spec: SegmentSpec, run_id: str):
         self.spec = spec
@@ -81,13 +97,8 @@ class SegmentStage(Stage):
             try:
                 out.extend(self.segment_one(row))
             except RowError as e:
-                out.append(self._failed(row, e.error, e.message))
+                out.append(flow_failure(row, self.name, self.run_id, e.error, e.message))
         return pa.Table.from_pylist(out, schema=FLOW)
-
-    def _failed(self, row: dict, error: str, message: str) -> dict:
-        base = {k: row.get(k) for k in ("source", "source_id", "title", "url", "attempt")}
-        return {**base, "run_id": self.run_id, "status": "failed", "stage": self.name,
-                "error": error, "message": message, "created": datetime.now(timezone.utc)}
 
     def segment_one(self, row: dict) -> list[dict]:
         spec = self.spec

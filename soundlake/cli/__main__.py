@@ -1,0 +1,3 @@
+from soundlake.cli.app import app
+
+app()

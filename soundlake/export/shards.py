@@ -1,0 +1,352 @@
+"""WebDataset tar shards: deterministic writing and safe reading.
+
+Writing: members get fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644)
+and are written in the order given, so the same samples always give the same bytes.
+A shard is written under ``<name>.tmp`` and renamed (local), or as one object that
+appears only when the upload completes (object stores via ``pyarrow.fs``).
+
+Reading shards from elsewhere is reading untrusted input: :func:`check_member`
+rejects, before any bytes are extracted, members with absolute paths, ``..``
+components, symbolic or hard links, device files/FIFOs, and sizes over a limit.
+
+Public API:
+    tar_key(clip_id) -> str, clip_id_from_key(key) -> str
+    write_shard(fs, path, samples, writer=None) -> ShardInfo   samples: [(key, {ext: bytes | FileSlice})]
+    TarWriter()                                          reusable buffers for many shards
+    read_manifest(uri) -> dict | None                    an export folder's manifest.json
+    check_member(info, max_member_bytes)                 raises UnsafeTarError
+    iter_members(fileobj, max_member_bytes) -> (name, bytes)...
+    iter_samples(fileobj, url, max_member_bytes) -> {"__key__", "__url__", ext: bytes}...
+    sha256_file(fs, path) -> str
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tarfile
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
+
+import pyarrow.fs as pafs
+
+from soundlake.core.errors import UserError
+from soundlake.core.storage import atomic_output, is_local, open_uri
+
+DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20  # a 10 min stereo 48 kHz FLAC is ~60 MiB
+_SAFE = re.compile(r"[A-Za-z0-9-]")
+
+
+class UnsafeTarError(ValueError):
+    """A tar member that must not be read (path escape, link, device, oversize)."""
+
+
+# ---- keys ----------------------------------------------------------------------
+def tar_key(clip_id: str) -> str:
+    """A reversible tar-safe key: letters, digits and '-' kept, '_' doubled, anything
+    else ``_xx`` (hex of its UTF-8 bytes). No dots (webdataset splits keys at the first
+    dot), slashes or colons, and two clip ids never share a key."""
+    out = []
+    for ch in clip_id:
+        if _SAFE.fullmatch(ch):
+            out.append(ch)
+        elif ch == "_":
+            out.append("__")
+        else:
+            out.extend(f"_{b:02x}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def clip_id_from_key(key: str) -> str:
+    raw, i = bytearray(), 0
+    while i < len(key):
+        if key[i] != "_":
+            raw += key[i].encode()
+            i += 1
+        elif key[i + 1] == "_":
+            raw += b"_"
+            i += 2
+        else:
+            raw.append(int(key[i + 1: i + 3], 16))
+            i += 3
+    return raw.decode("utf-8")
+
+
+# ---- files -------------------------------------------------------------------------
+def read_manifest(uri: str) -> dict | None:
+    """The ``manifest.json`` of an export folder (local or object store), or None when it has none."""
+    fs, root = open_uri(uri)
+    path = f"{root.rstrip('/')}/manifest.json"
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except (FileNotFoundError, OSError):
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise UserError(f"{path} is not a valid manifest; delete the export folder to start over") from None
+
+
+def sha256_file(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- writing ---------------------------------------------------------------------
+@dataclass
+class ShardInfo:
+    path: str
+    count: int
+    bytes: int
+    digest: Future  # the sha256 (hex), still being computed when the shard is written
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.result()
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """``length`` bytes at ``offset`` of a local file, as member data: the writer reads them
+    straight into its buffer (e.g. a FLAC value inside a Parquet part)."""
+    path: str
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _tarfile_member(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+# tarfile's header for a short ASCII name, with the name, size and checksum fields blank
+# (the checksum counts as spaces), and the byte sum of that template.
+_HEADER = bytearray(_tarfile_member("", 0))
+_HEADER[124:136] = bytes(12)
+_HEADER[148:156] = b" " * 8
+_HEADER_SUM = sum(_HEADER)
+
+
+def _member(name: str, size: int) -> bytes:
+    """The tar header block(s) of a regular file with fixed metadata (no time, owner or name).
+
+    The same bytes tarfile writes in PAX format; short ASCII names (every shard key) are
+    filled into a template, 30x faster than tarfile, anything else goes through tarfile."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+        return _tarfile_member(name, size)
+    h = bytearray(_HEADER)
+    h[:len(raw)] = raw
+    h[124:136] = field = b"%011o\0" % size
+    h[148:155] = b"%06o\0" % (_HEADER_SUM + sum(raw) + sum(field))
+    return bytes(h)
+
+
+_ZEROS = bytes(2 * tarfile.RECORDSIZE)  # the longest run of padding: the end of an archive
+
+
+class TarWriter:
+    """Writes deterministic tars through a few reused buffers; one writer serves many shards.
+
+    The tar stream is assembled in fixed buffers (headers, member data copied or read
+    straight from files, padding); each full buffer goes to the sink and to a hashing
+    thread while the next one fills (file reads, writes and sha256 all release the GIL).
+    The buffers are reused for every shard: touching fresh memory (page faults) costs
+    more here than the copies themselves. They are small enough (1 MiB) to stay in the
+    CPU caches between the read into them, the write and the hash: measured, a quarter
+    less CPU than 4 MiB buffers."""
+
+    def __init__(self, chunk: int = 2**20, depth: int = 3, open_files: int = 32):
+        self._views = [memoryview(bytearray(chunk)) for _ in range(depth)]
+        self._hashing: list[Future | None] = [None] * depth
+        self._hasher = ThreadPoolExecutor(max_workers=1)  # one worker: updates stay in order
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._open_files = open_files
+        self._i = self._fill = self._n = 0
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, sink, samples: Iterable[tuple[str, dict]], copy: bool = False) -> tuple[int, int, Future]:
+        """Write samples ``(key, {ext: bytes | FileSlice})`` to a binary sink as one tar;
+        returns (count, bytes, future of the sha256 hex digest). Each sample's members are
+        contiguous, in sorted extension order. The digest is not waited for: the hashing of
+        this tar's last buffers overlaps the next tar. ``copy``: hand the sink fresh bytes
+        (for sinks that may keep a reference to what they are given, such as object-store
+        uploads)."""
+        self._sink, self._copy, self._h = sink, copy, hashlib.sha256()
+        self._fill = self._n = count = 0
+        try:
+            for key, fields in samples:
+                if not key or "." in key or "/" in key:
+                    raise ValueError(f"bad shard key {key!r}: keys may not contain '.' or '/'")
+                for ext in sorted(fields):
+                    data = fields[ext]
+                    self._put(_member(f"{key}.{ext}", len(data)))
+                    if isinstance(data, FileSlice):
+                        self._put_file(data)
+                    else:
+                        self._put(data)
+                    self._put(_ZEROS[: -len(data) % tarfile.BLOCKSIZE])
+                count += 1
+            # End of archive: two zero blocks, padded to a whole record as tar(1) and tarfile do.
+            end = 2 * tarfile.BLOCKSIZE
+            self._put(_ZEROS[: end + (-(self._n + end)) % tarfile.RECORDSIZE])
+            self._flush()
+        finally:
+            self._sink = None
+        # One hashing worker runs tasks in order: the digest comes after this tar's updates.
+        return count, self._n, self._hasher.submit(self._h.hexdigest)
+
+    def _room(self) -> memoryview:
+        """The free part of the current buffer (flushing it first when full)."""
+        view = self._views[self._i]
+        if self._fill == len(view):
+            self._flush()
+            view = self._views[self._i]
+        return view[self._fill:]
+
+    def _put(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while data:
+            room = self._room()
+            k = min(len(room), len(data))
+            room[:k] = data[:k]
+            self._fill += k
+            self._n += k
+            data = data[k:]
+
+    def _put_file(self, piece: FileSlice) -> None:
+        fd = self._fd(piece.path)
+        offset, left = piece.offset, piece.length
+        while left:
+            room = self._room()
+            got = os.preadv(fd, [room[: min(len(room), left)]], offset)
+            if got <= 0:
+                raise OSError(f"{piece.path} ended before byte {offset + left} (was it rewritten?)")
+            self._fill += got
+            self._n += got
+            offset += got
+            left -= got
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        data = self._views[self._i][: self._fill]
+        self._sink.write(bytes(data) if self._copy else data)
+        self._hashing[self._i] = self._hasher.submit(self._h.update, data)
+        self._i = (self._i + 1) % len(self._views)
+        self._fill = 0
+        if self._hashing[self._i] is not None:  # reuse a buffer only once it is hashed
+            self._hashing[self._i].result()
+            self._hashing[self._i] = None
+
+    def _fd(self, path: str) -> int:
+        if path in self._fds:
+            self._fds.move_to_end(path)
+        else:
+            if len(self._fds) >= self._open_files:
+                os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+
+def write_shard(fs: pafs.FileSystem, path: str, samples: Iterable[tuple[str, dict]],
+                writer: TarWriter | None = None) -> ShardInfo:
+    """Write one shard atomically: readers never see a partial tar under its final name.
+    Pass a ``writer`` to reuse its buffers across shards."""
+    own = writer is None
+    writer = writer or TarWriter()
+    try:
+        # No fsync: the rename alone keeps a killed process from leaving a partial shard, and
+        # resume re-checks every finished shard's sha256, so a shard damaged by a power loss is
+        # rewritten rather than trusted. An object-store stream may keep the buffers it is
+        # handed, so it gets fresh bytes.
+        with atomic_output(fs, path) as out:
+            count, size, digest = writer.write(out, samples, copy=not is_local(fs))
+    finally:
+        if own:
+            writer.close()
+    return ShardInfo(path, count, size, digest)
+
+
+# ---- reading -----------------------------------------------------------------------
+def check_member(info: tarfile.TarInfo, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
+    """Raise UnsafeTarError unless ``info`` is a plain file with a relative, contained name."""
+    name = info.name
+    if info.issym() or info.islnk():
+        raise UnsafeTarError(f"unsafe tar member {name!r}: links are not allowed (-> {info.linkname!r})")
+    if info.ischr() or info.isblk() or info.isfifo() or info.isdev():
+        raise UnsafeTarError(f"unsafe tar member {name!r}: device files and FIFOs are not allowed")
+    if not name or name.startswith("/") or posixpath.isabs(name) or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeTarError(f"unsafe tar member {name!r}: absolute paths are not allowed")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise UnsafeTarError(f"unsafe tar member {name!r}: '..' path components are not allowed")
+    if not (info.isreg() or info.isdir()):
+        raise UnsafeTarError(f"unsafe tar member {name!r}: unsupported member type {info.type!r}")
+    if info.size > max_member_bytes:
+        raise UnsafeTarError(f"unsafe tar member {name!r}: {info.size} bytes is over the "
+                             f"{max_member_bytes}-byte member limit")
+
+
+def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of a tar stream, every TarInfo checked first.
+
+    Seekable files (local shards) are read member by member in one read each; streams
+    (object stores) go through tarfile's stream mode, which reads 10 KiB records."""
+    seekable = getattr(fileobj, "seekable", lambda: False)()
+    with tarfile.open(fileobj=fileobj, mode="r:*" if seekable else "r|*") as tar:
+        for info in tar:
+            check_member(info, max_member_bytes)
+            if info.isdir():
+                continue
+            f = tar.extractfile(info)
+            data = f.read() if f is not None else b""
+            if len(data) != info.size:
+                raise UnsafeTarError(f"truncated tar member {info.name!r}")
+            yield info.name, data
+            tar.members = []  # do not keep every TarInfo (iteration reads on from the file)
+
+
+def iter_samples(fileobj: IO[bytes], url: str = "",
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """Group contiguous members by key (the basename up to its first dot), as webdataset does."""
+    current: dict | None = None
+    for name, data in iter_members(fileobj, max_member_bytes):
+        base = name.rsplit("/", 1)[-1]
+        if "." not in base:
+            continue
+        prefix = name[: len(name) - len(base)] + base.split(".", 1)[0]
+        ext = base.split(".", 1)[1].lower()
+        if current is None or current["__key__"] != prefix:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": url}
+        if ext in current:
+            raise UnsafeTarError(f"duplicate tar member {name!r} in {url or 'tar'}")
+        current[ext] = data
+    if current is not None:
+        yield current

@@ -1,0 +1,280 @@
+"""v-prediction diffusion on latent frames: schedule, training losses, samplers, CFG.
+
+* ``Schedule``: scaled-linear or cosine betas, rescaled to **zero terminal SNR** with the
+  algorithm of Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are
+  Flawed"): shift sqrt(alpha_bar) so its last value is 0, scale so its first is unchanged.
+  With zero terminal SNR the model must predict v (eps is undefined at the last step).
+* ``training_loss``: MSE on v; each row's condition is replaced by the model's null
+  condition with probability ``cond_drop`` (10 %) so the same model serves as the
+  unconditional branch of classifier-free guidance. The null condition is the DiT's
+  learned null token per stream (``DiTConfig.null_cond="learned"``, or an all-zero token
+  with ``"zero"``), with every other key masked out.
+* ``masked_training_loss`` (stage-1 pretraining, no text): per row a random contiguous span
+  covering 25-100 % of the frames is noised; the rest is given clean (and flagged clean
+  through ``frame_mask``) and excluded from the loss.
+* Samplers (one model call per step, cond and uncond rows batched in that call):
+  ``"ddim"`` (eta = 0) with *trailing* timestep spacing (starts at t = T-1, where SNR = 0),
+  ``"euler"`` on the v-ODE in angle form (x = cos(phi) x0 + sin(phi) eps, so dx/dphi = v),
+  ``"dpmpp_2m"`` (DPM-Solver++ 2M, data prediction; first-order at the infinite-lambda ends).
+* CFG: ``cfg_combine`` with rescale phi (Lin et al.); the std axis is ``rescale_axis``:
+  ``"all"`` = std over all non-batch dims (EzAudio), ``"time"`` = per frame, over channels
+  (stable-audio-tools). The chosen axis is recorded in the sample's metadata.
+
+Latents are [B, F, C] (frames, channels) as the DiT takes them; VAE latents are [B, C, F].
+
+Public API::
+
+    Schedule(num_steps=1000, kind="scaled_linear", beta_start=0.00085, beta_end=0.012,
+             zero_terminal_snr=True)   # .alphas_cumprod, .betas; Schedule.from_yaml(name)
+    training_loss(model, x0, cond, schedule, cond_drop=0.1, generator=None) -> (loss, logs)
+    masked_training_loss(model, x0, schedule, min_frac=0.25, max_frac=1.0, generator=None)
+        -> (loss, logs)
+    diffusion_train_step(model, opt, x0, cond, schedule, masked=False, cond_drop=0.1,
+                         grad_clip=1.0, generator=None, mask_frac=(0.25, 1.0)) -> logs
+    cfg_combine(cond_out, uncond_out, scale, rescale=0.0, rescale_axis="all") -> Tensor
+    trailing_timesteps(num_train, steps) -> LongTensor (descending)
+    sample(model, shape, cond, uncond=None, steps=25, sampler="ddim", cfg=3.0, rescale=0.0,
+           rescale_axis="all", generator=None, callback=None, schedule=None)
+        -> (latents [B, F, C], meta dict)
+        cond: Condition or None (None = unconditional); uncond: Condition or None (None =
+        the model's null condition via ``drop``); callback(step_index, t, x) every step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soundlake.generation.conditioning import Condition
+from soundlake.generation.vae import read_config
+
+SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+RESCALE_AXES = ("all", "time")
+
+
+# ---------------------------------------------------------------- schedule
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1, on alpha_bar (float64 in, float64 out)."""
+    s = alphas_cumprod.sqrt()
+    s0, sT = s[0].clone(), s[-1].clone()
+    s = (s - sT) * s0 / (s0 - sT)
+    return s.pow(2)
+
+
+@dataclass
+class Schedule:
+    num_steps: int = 1000
+    kind: str = "scaled_linear"  # "scaled_linear" | "cosine"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = True
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        n = self.num_steps
+        if self.kind == "scaled_linear":
+            betas = torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=torch.float64) ** 2
+            ab = torch.cumprod(1.0 - betas, 0)
+        elif self.kind == "cosine":  # Nichol & Dhariwal, betas clipped at 0.999
+            f = lambda t: math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(n)], dtype=torch.float64)
+            ab = torch.cumprod(1.0 - betas, 0)
+        else:
+            raise ValueError(f"schedule kind must be 'scaled_linear' or 'cosine', not {self.kind!r}")
+        if self.zero_terminal_snr:
+            ab = rescale_zero_terminal_snr(ab)
+        self.alphas_cumprod = ab
+
+    @property
+    def betas(self) -> torch.Tensor:
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        return 1.0 - self.alphas_cumprod / prev
+
+    def alpha_sigma(self, t: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        ab = self.alphas_cumprod[t.long().cpu()]  # index on CPU: float64 is not on every device
+        return ab.sqrt().float().to(device), (1.0 - ab).sqrt().float().to(device)
+
+    def meta(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "alphas_cumprod"}
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path) -> "Schedule":
+        return cls(**read_config(name_or_path).get("schedule", {}))
+
+
+def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.view(-1, *([1] * (x.dim() - 1)))
+
+
+# ---------------------------------------------------------------- training
+
+def _cond_kwargs(cond: Condition | None) -> dict:
+    return {} if cond is None else cond.as_kwargs()
+
+
+def training_loss(model: nn.Module, x0: torch.Tensor, cond: Condition | None, schedule: Schedule,
+                  cond_drop: float = 0.1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """v-prediction MSE at uniformly drawn timesteps, with condition dropout."""
+    b, dev = x0.shape[0], x0.device
+    t = torch.randint(0, schedule.num_steps, (b,), generator=generator).to(dev)
+    noise = torch.randn(x0.shape, generator=generator).to(dev, x0.dtype)
+    a, s = schedule.alpha_sigma(t, dev)
+    a, s = _bcast(a, x0), _bcast(s, x0)
+    xt = a * x0 + s * noise
+    v = a * noise - s * x0
+    drop = (torch.rand(b, generator=generator) < cond_drop).to(dev)
+    pred = model(xt, t.float(), drop=drop, **_cond_kwargs(cond))
+    loss = F.mse_loss(pred.float(), v.float())
+    return loss, {"loss": loss.item(), "dropped": int(drop.sum())}
+
+
+def masked_training_loss(model: nn.Module, x0: torch.Tensor, schedule: Schedule, min_frac: float = 0.25,
+                         max_frac: float = 1.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Stage-1 masked modelling: noise one contiguous span per row, loss only on that span."""
+    b, n, _ = x0.shape
+    dev = x0.device
+    frac = min_frac + (max_frac - min_frac) * torch.rand(b, generator=generator)
+    length = (frac * n).round().long().clamp(1, n)
+    start = (torch.rand(b, generator=generator) * (n - length + 1)).floor().long()
+    pos = torch.arange(n)[None]
+    span = ((pos >= start[:, None]) & (pos < (start + length)[:, None])).to(dev)  # [B, F] True = noised
+    t = torch.randint(0, schedule.num_steps, (b,), generator=generator).to(dev)
+    noise = torch.randn(x0.shape, generator=generator).to(dev, x0.dtype)
+    a, s = schedule.alpha_sigma(t, dev)
+    a, s = _bcast(a, x0), _bcast(s, x0)
+    xt = torch.where(span[..., None], a * x0 + s * noise, x0)
+    v = a * noise - s * x0
+    pred = model(xt, t.float(), frame_mask=span)  # no context -> null condition (no text)
+    w = span[..., None].to(pred.dtype)
+    loss = ((pred.float() - v.float()).pow(2) * w).sum() / (w.sum() * x0.shape[-1]).clamp_min(1)
+    return loss, {"loss": loss.item(), "span_frac": float(span.float().mean())}
+
+
+def diffusion_train_step(model: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor,
+                         cond: Condition | None, schedule: Schedule, masked: bool = False,
+                         cond_drop: float = 0.1, grad_clip: float | None = 1.0,
+                         generator: torch.Generator | None = None,
+                         mask_frac: tuple[float, float] = (0.25, 1.0)) -> dict:
+    """One optimisation step of the DiT (text-conditioned, or masked pretraining)."""
+    model.train()
+    if masked:
+        loss, logs = masked_training_loss(model, x0, schedule, *mask_frac, generator=generator)
+    else:
+        loss, logs = training_loss(model, x0, cond, schedule, cond_drop, generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    opt.step()
+    return logs
+
+
+# ---------------------------------------------------------------- guidance
+
+def cfg_combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, scale: float, rescale: float = 0.0,
+                rescale_axis: str = "all") -> torch.Tensor:
+    """uncond + scale (cond - uncond), then blend with its std-matched version by ``rescale``.
+
+    ``rescale_axis="all"``: std over every non-batch dim; ``"time"``: per frame over channels
+    (x is [B, F, C]).
+    """
+    out = uncond_out + scale * (cond_out - uncond_out)
+    if rescale <= 0:
+        return out
+    if rescale_axis == "all":
+        dims = tuple(range(1, out.dim()))
+    elif rescale_axis == "time":
+        dims = (-1,)
+    else:
+        raise ValueError(f"rescale_axis must be one of {RESCALE_AXES}, not {rescale_axis!r}")
+    std_cond = cond_out.std(dim=dims, keepdim=True)
+    std_out = out.std(dim=dims, keepdim=True).clamp_min(1e-12)  # an all-zero output (untrained) stays 0
+    return rescale * (out * std_cond / std_out) + (1 - rescale) * out
+
+
+# ---------------------------------------------------------------- sampling
+
+def trailing_timesteps(num_train: int, steps: int) -> torch.Tensor:
+    """Trailing spacing (Lin et al. 2024): always starts at T-1, where SNR is zero."""
+    ts = torch.round(torch.arange(num_train, 0, -num_train / steps, dtype=torch.float64)) - 1
+    return ts.long().clamp(0, num_train - 1)[:steps]
+
+
+def _v_to_x0_eps(x, v, a, s):
+    return a * x - s * v, s * x + a * v
+
+
+@torch.no_grad()
+def sample(model: nn.Module, shape: tuple[int, ...], cond: Condition | None, uncond: Condition | None = None,
+           steps: int = 25, sampler: str = "ddim", cfg: float = 3.0, rescale: float = 0.0,
+           rescale_axis: str = "all", generator: torch.Generator | None = None,
+           callback: Callable[[int, int, torch.Tensor], None] | None = None,
+           schedule: Schedule | None = None, device=None) -> tuple[torch.Tensor, dict]:
+    """Generate latents [B, F, C] from pure noise; one model forward per step."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
+    if rescale_axis not in RESCALE_AXES:
+        raise ValueError(f"rescale_axis must be one of {RESCALE_AXES}, not {rescale_axis!r}")
+    schedule = schedule or Schedule()
+    device = device or next(model.parameters()).device
+    b = shape[0]
+    guided = cond is not None and cfg != 1.0
+    if guided:  # cond rows then uncond rows, one forward per step
+        if uncond is None:
+            batch_cond = cond.repeat(2).to(device)
+            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(device)
+        else:
+            batch_cond, drop = Condition.cat([cond, uncond]).to(device), None
+        kwargs = batch_cond.as_kwargs()
+    else:
+        kwargs = _cond_kwargs(cond.to(device) if cond is not None else None)
+        drop = None
+
+    def model_v(x: torch.Tensor, t: int) -> torch.Tensor:
+        xin = torch.cat([x, x]) if guided else x
+        tt = torch.full((xin.shape[0],), float(t), device=device)
+        out = model(xin, tt, drop=drop, **kwargs).float()
+        if not guided:
+            return out
+        c, u = out.chunk(2)
+        return cfg_combine(c, u, cfg, rescale, rescale_axis)
+
+    ts = trailing_timesteps(schedule.num_steps, steps)
+    ab = schedule.alphas_cumprod
+    ab_next = [float(ab[t]) for t in ts[1:]] + [1.0]  # the final step lands on clean data
+    x = torch.randn(shape, generator=generator).to(device)
+    prev_x0, prev_h = None, None
+    model.eval()
+    for i, t in enumerate(ts.tolist()):
+        a, s = math.sqrt(float(ab[t])), math.sqrt(1.0 - float(ab[t]))
+        a2, s2 = math.sqrt(ab_next[i]), math.sqrt(1.0 - ab_next[i])
+        v = model_v(x, t)
+        x0, eps = _v_to_x0_eps(x, v, a, s)
+        if sampler == "ddim":
+            x = a2 * x0 + s2 * eps
+        elif sampler == "euler":
+            x = x + (math.atan2(s2, a2) - math.atan2(s, a)) * v
+        else:  # dpmpp_2m in lambda = log(alpha / sigma); lambda is -inf at t=T-1, +inf at the end
+            lam = math.log(a / s) if a > 0 else -math.inf
+            lam2 = math.log(a2 / s2) if s2 > 0 else math.inf
+            h = lam2 - lam
+            d = x0
+            if prev_x0 is not None and math.isfinite(h) and math.isfinite(prev_h):
+                r = prev_h / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            # x_next = (s2/s) x - a2 (e^{-h} - 1) d; e^{-h} = 0 when h is infinite
+            x = (s2 / s) * x + a2 * (1 - math.exp(-h)) * d if s > 0 else a2 * d
+            prev_x0, prev_h = x0, h
+        if callback is not None:
+            callback(i, t, x)
+    meta = {"sampler": sampler, "steps": steps, "timesteps": ts.tolist(), "cfg": cfg, "rescale": rescale,
+            "rescale_axis": rescale_axis, "guided": guided, "nfe": steps, "prediction": "v",
+            "schedule": schedule.meta(),
+            "uncond": "explicit" if uncond is not None else "null_token"}
+    return x, meta

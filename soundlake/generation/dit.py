@@ -1,0 +1,340 @@
+"""EzAudio-DiT: a diffusion transformer over VAE latent frames [B, F, C].
+
+* **AdaLN-SOLA**: one shared AdaLN MLP maps the timestep embedding to shift/scale/gate
+  (6 x width) for all blocks; each block adds a rank-``sola_rank`` adjustment. The
+  ``adaln="full"`` variant (a full AdaLN MLP per block, as in DiT) exists only to compare
+  parameter counts.
+* **Long skips** (U-ViT): outputs of the first ``depth // 2`` blocks are concatenated to
+  the inputs of the mirrored last blocks and fused by Linear + LayerNorm (``skip_fuse``).
+* **Self-attention** with 1D RoPE over frames and QK-Norm (RMSNorm per head).
+* **Cross-attention** to the text tokens (key padding mask); its out-projection is zero
+  at init, so an untrained model ignores the condition. Optional **DC-LDM** second
+  cross-attention ``cross_attn2`` in the blocks listed in ``cross_attn2_blocks``,
+  reading a second condition stream, also zero-initialised and added to the residual.
+* Null condition for classifier-free guidance: a learned (or zero, ``null_cond``) token
+  per stream, substituted for the rows whose ``drop`` flag is set. Guidance batches cond
+  and uncond rows in one forward call (see diffusion.py).
+
+Structure contract (relied on by cache / sparse-attention hooks attached from outside)::
+
+    model.blocks: nn.ModuleList[DiTBlock]
+    DiTBlock.self_attn(h, rope)            -> [B, N, D]   (h = modulated norm of x)
+    DiTBlock.cross_attn(h, context, mask)  -> [B, N, D]
+    DiTBlock.cross_attn2(h, context2, mask2) -> [B, N, D]   (only in chosen blocks, else None)
+    DiTBlock.ff(h)                         -> [B, N, D]
+    block forward: x += gate1 * self_attn(..); x += cross_attn(..); [x += cross_attn2(..)];
+                   x += gate2 * ff(..)
+    SelfAttention / CrossAttention compute q, k, v [B, H, N, Dh] and call
+    ``self.attention(q, k, v)`` (cross: ``attn_mask=`` too), a swappable callable
+    attribute defaulting to ``F.scaled_dot_product_attention``.
+
+Public API::
+
+    DiTConfig(...)  # DiTConfig.from_yaml("dit-tiny" | path) reads the ``model:`` section
+    DiT(cfg).forward(x [B,F,C], t [B] (timestep index, float ok), context=None [B,T,Dc],
+                     context_mask=None [B,T], extra=None [B,De], context2=None [B,S,D2],
+                     context2_mask=None, drop=None [B] bool, frame_mask=None [B,F] bool)
+        -> v prediction [B, F, C]
+    count_parameters(module) -> int
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soundlake.generation.vae import read_config
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 32           # VAE latent channels
+    hidden: int = 128
+    depth: int = 12
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    cond_dim: int = 384             # text token width (MiniLM 384, FLAN-T5-large 1024)
+    cond_extra_dim: int = 0         # GenAu extra vector (e.g. CLAP text), 0 = off
+    cond2_dim: int = 0              # DC-LDM second stream width, 0 = off
+    cross_attn2_blocks: list[int] = field(default_factory=list)
+    adaln: str = "sola"             # "sola" | "full"
+    sola_rank: int = 32
+    long_skip: bool = True
+    qk_norm: bool = True
+    rope_base: float = 10000.0
+    null_cond: str = "learned"      # "learned" | "zero"
+    time_freq_dim: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown DiTConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path) -> "DiTConfig":
+        return cls.from_dict(read_config(name_or_path).get("model", {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- pieces
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_tables(n: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None]
+    ang = torch.cat([ang, ang], dim=-1)  # [N, Dh], rotate-half layout
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+def zero_init(lin: nn.Linear) -> nn.Linear:
+    """Zero a layer and mark it so the model's Xavier init leaves it alone."""
+    nn.init.zeros_(lin.weight)
+    if lin.bias is not None:
+        nn.init.zeros_(lin.bias)
+    lin._zero_init = True
+    return lin
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.out = nn.Linear(dim, dim)
+        self.attention = F.scaled_dot_product_attention  # swappable (sparse attention)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        o = self.attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.out = zero_init(nn.Linear(dim, dim))  # an untrained model ignores the condition
+        self.attention = F.scaled_dot_product_attention
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        s = context.shape[1]
+        q = self.q_norm(self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2))
+        k, v = self.kv(context).view(b, s, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k = self.k_norm(k)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        o = self.attention(q, k, v, attn_mask=attn_mask)
+        return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: float):
+        super().__init__()
+        inner = int(dim * mult)
+        self.net = nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, long_skip: bool = False, cross2: bool = False):
+        super().__init__()
+        d = cfg.hidden
+        self.skip_fuse = nn.Sequential(nn.Linear(2 * d, d), nn.LayerNorm(d)) if long_skip else None
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.self_attn = SelfAttention(d, cfg.heads, cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = CrossAttention(d, cfg.heads, cfg.qk_norm)
+        self.norm_c2 = nn.LayerNorm(d, eps=1e-6) if cross2 else None
+        self.cross_attn2 = CrossAttention(d, cfg.heads, cfg.qk_norm) if cross2 else None
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(d, cfg.mlp_ratio)
+        if cfg.adaln == "sola":  # low-rank per-block adjustment of the shared AdaLN output
+            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, cfg.sola_rank, bias=False),
+                                       nn.Linear(cfg.sola_rank, 6 * d, bias=False))
+        elif cfg.adaln == "full":
+            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        else:
+            raise ValueError(f"adaln must be 'sola' or 'full', not {cfg.adaln!r}")
+        zero_init(self.adaln[-1])
+
+    def modulation(self, c: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        m = self.adaln(c)
+        return m if shared is None else shared + m
+
+    def forward(self, x, c, shared, rope, context, context_mask, context2=None, context2_mask=None, skip=None):
+        if self.skip_fuse is not None:
+            x = self.skip_fuse(torch.cat([x, skip], dim=-1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c, shared).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + self.cross_attn(self.norm2(x), context, context_mask)
+        if self.cross_attn2 is not None:
+            x = x + self.cross_attn2(self.norm_c2(x), context2, context2_mask)
+        x = x + gate2[:, None] * self.ff(modulate(self.norm3(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, d: int, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.proj = nn.Linear(d, out)
+        zero_init(self.adaln[-1])
+        zero_init(self.proj)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaln(c).chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+# ---------------------------------------------------------------- model
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        if d % cfg.heads or (d // cfg.heads) % 2:
+            raise ValueError("hidden / heads must be an even integer (RoPE)")
+        self.x_embed = nn.Linear(cfg.in_channels, d)
+        self.frame_embed = nn.Embedding(2, d)  # 0 = clean (given) frame, 1 = noised frame
+        self.t_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        # adaLN-zero (DiT): gates start at 0, so every block starts as the identity
+        self.adaln_shared = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(d, 6 * d))) if cfg.adaln == "sola" else None
+        self.cond_proj = nn.Linear(cfg.cond_dim, d)
+        self.extra_proj = nn.Linear(cfg.cond_extra_dim, d) if cfg.cond_extra_dim else None
+        self.cond2_proj = nn.Linear(cfg.cond2_dim, d) if cfg.cond2_dim else None
+        if cfg.cross_attn2_blocks and not cfg.cond2_dim:
+            raise ValueError("cross_attn2_blocks needs cond2_dim > 0")
+        null = torch.randn(2, d) * 0.02 if cfg.null_cond == "learned" else torch.zeros(2, d)
+        if cfg.null_cond == "learned":
+            self.null_tokens = nn.Parameter(null)   # row 0: text stream, row 1: second stream
+        elif cfg.null_cond == "zero":
+            self.register_buffer("null_tokens", null)
+        else:
+            raise ValueError(f"null_cond must be 'learned' or 'zero', not {cfg.null_cond!r}")
+        half = cfg.depth // 2 if cfg.long_skip else 0
+        self.n_skip = half
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg, long_skip=i >= cfg.depth - half, cross2=i in cfg.cross_attn2_blocks)
+            for i in range(cfg.depth)
+        )
+        self.final = FinalLayer(d, cfg.in_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Xavier for linears that are not deliberately zero (adaLN-zero, cross-attn out, final)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not getattr(m, "_zero_init", False):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+
+    # -- conditions
+
+    def _finish(self, seq: torch.Tensor, mask: torch.Tensor | None, drop: torch.Tensor | None,
+                row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask guard, then put the null token (and a one-key mask) in the rows flagged ``drop``."""
+        b, n = seq.shape[:2]
+        mask = torch.ones(b, n, dtype=torch.bool, device=seq.device) if mask is None else mask.bool().clone()
+        mask[:, 0] |= ~mask.any(1)  # a row with no valid key would make attention NaN
+        if drop is not None:
+            null_seq = torch.zeros_like(seq)
+            null_seq[:, 0] = self.null_tokens[row].to(seq.dtype)
+            null_mask = torch.zeros_like(mask)
+            null_mask[:, 0] = True
+            seq = torch.where(drop[:, None, None], null_seq, seq)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        return seq, mask
+
+    def _null(self, b: int, row: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.null_tokens[row].to(ref.dtype).expand(b, 1, -1)
+        return seq, torch.ones(b, 1, dtype=torch.bool, device=ref.device)
+
+    def embed_condition(self, b: int, ref: torch.Tensor, context=None, context_mask=None, extra=None,
+                        context2=None, context2_mask=None, drop=None):
+        """Project the condition streams to the width -> (ctx, mask, ctx2, mask2); ctx2 None if unused."""
+        if context is None:
+            ctx, m = self._null(b, 0, ref)
+        else:
+            ctx, m = self.cond_proj(context), context_mask
+            if self.extra_proj is not None:  # GenAu: the extra vector becomes a leading token
+                if extra is None:
+                    raise ValueError("this DiT was built with cond_extra_dim: pass `extra`")
+                ctx = torch.cat([self.extra_proj(extra)[:, None], ctx], dim=1)
+                if m is not None:
+                    m = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=m.device), m.bool()], dim=1)
+            ctx, m = self._finish(ctx, m, drop, 0)
+        ctx2 = m2 = None
+        if self.cond2_proj is not None:
+            if context2 is None:
+                ctx2, m2 = self._null(b, 1, ref)
+            else:
+                ctx2, m2 = self._finish(self.cond2_proj(context2), context2_mask, drop, 1)
+        return ctx, m, ctx2, m2
+
+    # -- forward
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                context2: torch.Tensor | None = None, context2_mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        if t.dim() == 0:
+            t = t.expand(b)
+        h = self.x_embed(x)
+        fm = torch.ones(b, n, dtype=torch.long, device=x.device) if frame_mask is None else frame_mask.long()
+        h = h + self.frame_embed(fm)
+        c = self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(h.dtype))
+        shared = self.adaln_shared(c) if self.adaln_shared is not None else None
+        ctx, m, ctx2, m2 = self.embed_condition(b, h, context, context_mask, extra, context2, context2_mask, drop)
+        rope = rope_tables(n, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base, x.device)
+        skips: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            skip = skips.pop() if blk.skip_fuse is not None else None
+            h = blk(h, c, shared, rope, ctx, m, ctx2, m2, skip)
+            if i < self.n_skip:
+                skips.append(h)
+        return self.final(h, c)

@@ -1,0 +1,199 @@
+"""Trained model folders: what `soundlake train vae|dit` write and `generate` / `encode` read.
+
+A model folder holds ``model.safetensors`` (the weights; the EMA copy when training kept
+one) and ``soundlake_model.json`` (what the weights are: kind, config, provenance). A DiT
+folder is self-contained: it also holds the VAE it was trained with (``vae/``) and the
+latent normalisation, so ``soundlake generate --model runs/dit`` needs nothing else.
+
+    save_model(folder, "vae", model, {"config": ...})        # atomic per file
+    vae, meta = load_vae("runs/vae")
+    gen = Generator.load("runs/dit")
+    out = gen.generate(["a high beep repeats three times"], seconds=10, steps=100, cfg=5, rescale=0.75)
+    write_audio(out, "beep.wav")                              # + beep.wav.json with every setting
+
+The latents the DiT sees are ``(vae_latent - mean) / std`` with the per-channel-free
+scalars measured by ``soundlake encode`` over the training shards (as Stable Diffusion's
+scale factor), recorded in the DiT's folder.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soundlake.core.errors import UserError
+from soundlake.core.storage import atomic_path, write_text
+
+WEIGHTS = "model.safetensors"
+META = "soundlake_model.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def save_model(folder: str | Path, kind: str, model: torch.nn.Module | dict, meta: dict) -> Path:
+    """Write weights then metadata (each atomically): a folder with a META file is complete."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(state, p))
+    _atomic_write(folder / META, lambda p: Path(p).write_text(json.dumps({"kind": kind, **meta}, indent=2)))
+    return folder
+
+
+def read_meta(folder: str | Path, kind: str | None = None) -> dict:
+    folder = Path(folder)
+    path = folder / META
+    if not path.is_file():
+        hint = "train one with `soundlake train vae|dit`" if kind is None else f"train one with `soundlake train {kind}`"
+        raise UserError(f"{folder}: not a soundlake model folder (no {META}); {hint}")
+    meta = json.loads(path.read_text())
+    if kind is not None and meta.get("kind") != kind:
+        raise UserError(f"{folder}: holds a {meta.get('kind')!r} model, expected a {kind!r} model")
+    return meta
+
+
+def load_weights(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / WEIGHTS), device=str(device))
+
+
+def load_vae(folder: str | Path, device="cpu"):
+    """(WaveVAE in eval mode, meta) from a VAE folder."""
+    from soundlake.generation.vae import VAEConfig, WaveVAE
+
+    meta = read_meta(folder, "vae")
+    vae = WaveVAE(VAEConfig.from_dict(meta["config"]))
+    vae.load_state_dict(load_weights(folder, device))
+    return vae.to(device).eval(), meta
+
+
+def copy_model(src: str | Path, dst: str | Path) -> None:
+    """Copy a model folder's two files (a DiT keeps its own copy of its VAE)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, META):
+        _atomic_write(dst / name, lambda p, n=name: shutil.copyfile(Path(src) / n, p))
+
+
+def pool_frames(z: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, F, C] latents averaged down to [B, n, C]: the DC-LDM second stream computed from audio."""
+    return torch.nn.functional.adaptive_avg_pool1d(z.transpose(1, 2), n).transpose(1, 2)
+
+
+@dataclass
+class GeneratedAudio:
+    audio: np.ndarray            # [B, T] float32, mono
+    sample_rate: int
+    prompts: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+class Generator:
+    """A trained DiT with its VAE and text encoder, ready to sample."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        from soundlake.generation.conditioning import TextConditioner
+        from soundlake.generation.diffusion import Schedule
+        from soundlake.generation.dit import DiT, DiTConfig
+
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        self.meta = read_meta(folder, "dit")
+        self.dit = DiT(DiTConfig.from_dict(self.meta["config"]))
+        self.dit.load_state_dict(load_weights(folder, device))
+        self.dit.to(self.device).eval()
+        self.vae, self.vae_meta = load_vae(self.folder / "vae", device)
+        self.schedule = Schedule(**self.meta["schedule"])
+        self.text = TextConditioner(self.meta.get("text", {}).get("path"), device=device)
+        self.latent_mean = float(self.meta["latents"]["mean"])
+        self.latent_std = float(self.meta["latents"]["std"])
+        self.conditioning = self.meta.get("conditioning") or {}
+        self.clap = None
+        if self.conditioning.get("extra_clap"):
+            from soundlake.models.clap.load import load_clap
+
+            self.clap = load_clap(self.conditioning["extra_clap"], device=device)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu") -> "Generator":
+        return cls(folder, device)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.vae.cfg.sample_rate
+
+    def frames(self, seconds: float) -> int:
+        return max(1, round(seconds * self.vae.latent_rate))
+
+    def condition(self, prompts: list[str], reference: np.ndarray | None = None):
+        """Text tokens (+ the GenAu CLAP vector, + the DC-LDM stream of a reference clip
+        [T] at the VAE's rate, when the model was trained with them)."""
+        from soundlake.generation.conditioning import build_condition
+
+        extra_fn = self.clap.embed_text if self.clap is not None else None
+        cond = build_condition(list(prompts), self.text, extra_fn=extra_fn)
+        if reference is not None:
+            if not self.conditioning.get("cond2"):
+                raise UserError(f"{self.folder}: this DiT has no second condition stream (trained without cond2)")
+            n = len(reference) - len(reference) % self.vae.hop
+            with torch.no_grad():
+                z = self.vae.encode(torch.as_tensor(reference[:n], dtype=torch.float32)[None, None].to(self.device)).mean
+            z = pool_frames((z.transpose(1, 2) - self.latent_mean) / self.latent_std, self.conditioning["cond2_frames"])
+            cond.context2 = z.expand(len(prompts), -1, -1).to(cond.context.device)
+            cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=cond.context.device)
+        return cond
+
+    def to_audio(self, latents: torch.Tensor, seconds: float) -> np.ndarray:
+        """DiT latents [B, F, C] -> waveforms [B, T] at the VAE's rate, cut to ``seconds``."""
+        z = latents * self.latent_std + self.latent_mean
+        with torch.no_grad():
+            wav = self.vae.decode(z.transpose(1, 2).to(self.device))[:, 0]
+        n = round(seconds * self.sample_rate)
+        return wav[:, :n].float().cpu().numpy()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seconds: float = 10.0, steps: int = 100, sampler: str = "ddim",
+                 cfg: float = 5.0, rescale: float = 0.75, rescale_axis: str = "all", seed: int = 0,
+                 callback=None, reference: np.ndarray | None = None) -> GeneratedAudio:
+        from soundlake.generation.diffusion import sample
+
+        if seconds <= 0:
+            raise UserError(f"--seconds {seconds}: must be positive")
+        prompts = list(prompts)
+        shape = (len(prompts), self.frames(seconds), self.dit.cfg.in_channels)
+        gen = torch.Generator().manual_seed(seed)
+        latents, meta = sample(self.dit, shape, self.condition(prompts, reference), steps=steps, sampler=sampler, cfg=cfg,
+                               rescale=rescale, rescale_axis=rescale_axis, generator=gen, callback=callback,
+                               schedule=self.schedule, device=self.device)
+        meta |= {"seed": seed, "seconds": seconds, "frames": shape[1], "sample_rate": self.sample_rate,
+                 "model": str(self.folder), "model_step": self.meta.get("train", {}).get("step"),
+                 "text_encoder": self.text.identity.get("model"), "reference": reference is not None}
+        return GeneratedAudio(self.to_audio(latents, seconds), self.sample_rate, prompts, meta)
+
+
+def write_audio(out: GeneratedAudio, path: str | Path) -> list[Path]:
+    """One WAV per prompt (``name.wav``, or ``name-<i>.wav`` for several) with a JSON sidecar
+    recording the prompt and every sampling setting (CFG rescale axis included)."""
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (wav, prompt) in enumerate(zip(out.audio, out.prompts)):
+        p = path if len(out.prompts) == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        _atomic_write(p, lambda t: sf.write(t, np.clip(wav, -1, 1), out.sample_rate, format="WAV", subtype="PCM_16"))
+        side = {"prompt": prompt, **{k: v for k, v in out.meta.items() if k != "timesteps"}}
+        write_text(p.with_name(p.name + ".json"), json.dumps(side, indent=2))
+        written.append(p)
+    return written

@@ -1,0 +1,259 @@
+"""Streaming training data from exported WebDataset shards.
+
+    urls = shard_urls("./shards/v1", split="train")          # from the export's manifest
+    loader = make_loader(urls, batch_size=16, seconds=10.0, num_workers=2)
+    for batch in loader:   # Batch(audio [B, C, T] float32, captions [B], offsets_s [B], lengths [B], meta [B])
+        ...
+
+Pipeline (webdataset): shard list (or ``wds.ResampledShards`` for endless,
+seeded resampling) -> split by node (rank/world size) and by DataLoader worker ->
+our own tar reader, which checks every member (see :mod:`soundlake.export.shards`) before
+reading its bytes -> shuffle buffer -> FLAC decode (soundfile) -> crop/pad to N
+seconds, keeping the crop offset -> caption choice (seeded random among the
+clip's captions, or the preferred one) -> batches via :func:`collate`.
+
+Without resampling every (rank, worker) reads a disjoint subset of the shards, so
+there must be at least ranks x workers shards: fewer is a clear error instead of
+the DDP hang webdataset is known for.
+
+``read_shards_ray(paths)`` reads the same shards as a Ray Dataset (distributed
+pre-encoding, e.g. VAE latents).
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import webdataset as wds
+
+from soundlake.core.errors import UserError
+from soundlake.core.storage import open_input
+from soundlake.export import shards
+
+CaptionChoice = Literal["random", "preferred"]
+
+
+def shard_urls(source: str, split: str | None = "train") -> list[str]:
+    """Shard URLs of an export folder/URI (from its manifest), or a list given as a brace pattern."""
+    if source.endswith(".tar") or "{" in source:
+        import braceexpand
+
+        return list(braceexpand.braceexpand(source))
+    manifest = shards.read_manifest(source)
+    if manifest is None:
+        raise UserError(f"{source}: no manifest.json; give a folder that `soundlake export` wrote")
+    base = source.rstrip("/")
+    return [f"{base}/{s['name']}" for s in manifest["shards"] if split is None or s["split"] == split]
+
+
+def safe_tar_samples(src: Iterator[dict], max_member_bytes: int = shards.DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """webdataset stage: {"url"} -> samples, each tar member checked before it is read.
+
+    An unsafe member raises :class:`soundlake.export.shards.UnsafeTarError` naming the shard."""
+    for item in src:
+        url = item["url"]
+        with open_input(url) as stream:
+            try:
+                yield from shards.iter_samples(stream, url, max_member_bytes)
+            except shards.UnsafeTarError as e:
+                raise shards.UnsafeTarError(f"{url}: {e}") from None
+
+
+def _check_enough_shards(urls: list[str]):
+    def stage(src):
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        if len(urls) < world * workers:
+            raise ValueError(f"{len(urls)} shards cannot feed {world} ranks x {workers} workers "
+                             f"= {world * workers} readers: export with a smaller --shard-size/--shard-count, "
+                             "use fewer workers, or resample=True")
+        yield from src
+    return stage
+
+
+@dataclass
+class Decode:
+    """Decode FLAC, crop/pad to ``seconds``, choose a caption; a callable class so that each
+    DataLoader worker keeps its own RNG seeded from (seed, rank, worker)."""
+
+    seconds: float | None = 10.0
+    sample_rate: int | None = None      # resample to this rate when the shards differ
+    caption: CaptionChoice = "random"
+    crop: Literal["random", "start"] = "random"
+    seed: int = 0
+    _rng: random.Random | None = field(default=None, init=False, repr=False)
+
+    def _get_rng(self) -> random.Random:
+        if self._rng is None:
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            self._rng = random.Random(zlib.crc32(f"{self.seed}:{rank}:{worker}".encode()))
+        return self._rng
+
+    def __call__(self, sample: dict) -> dict:
+        rng = self._get_rng()
+        meta = json.loads(sample["json"])
+        audio, sr = sf.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)  # [T, C]
+        if self.sample_rate and sr != self.sample_rate:
+            from soundlake.core.audio import resample
+
+            audio, sr = resample(audio, sr, self.sample_rate), self.sample_rate
+        audio = audio.T  # [C, T]
+        length = audio.shape[1]
+        offset = 0
+        if self.seconds is not None:
+            n = int(round(self.seconds * sr))
+            if length > n:
+                offset = rng.randrange(length - n + 1) if self.crop == "random" else 0
+                audio = audio[:, offset: offset + n]
+                length = n
+            elif length < n:
+                audio = np.pad(audio, ((0, 0), (0, n - length)))
+        return {"__key__": sample["__key__"], "audio": np.ascontiguousarray(audio),
+                "caption": choose_caption(meta, self.caption, rng),
+                "offset_s": offset / sr, "length": length, "sample_rate": sr, "meta": meta}
+
+
+def choose_caption(meta: dict, how: CaptionChoice, rng: random.Random) -> str:
+    captions = meta.get("captions") or [meta.get("caption", "")]
+    return rng.choice(captions) if how == "random" else meta.get("caption", captions[0])
+
+
+@dataclass
+class DecodeLatents(Decode):
+    """Latent shards (``soundlake encode``): ``<key>.latents.npy`` [C, F] cropped/padded to
+    ``frames`` (``seconds`` is unused), keeping the crop offset in frames."""
+
+    frames: int | None = None
+
+    def __call__(self, sample: dict) -> dict:
+        rng = self._get_rng()
+        meta = json.loads(sample["json"])
+        z = np.load(io.BytesIO(sample["latents.npy"]), allow_pickle=False).astype(np.float32, copy=False)
+        length, offset = z.shape[1], 0
+        if self.frames is not None:
+            if length > self.frames:
+                offset = rng.randrange(length - self.frames + 1) if self.crop == "random" else 0
+                z, length = z[:, offset: offset + self.frames], self.frames
+            elif length < self.frames:
+                z = np.pad(z, ((0, 0), (0, self.frames - length)))
+        return {"__key__": sample["__key__"], "latents": np.ascontiguousarray(z),
+                "caption": choose_caption(meta, self.caption, rng), "offset": offset, "length": length,
+                "meta": meta}
+
+
+@dataclass
+class LatentBatch:
+    latents: torch.Tensor        # [B, C, F] float32
+    captions: list[str]
+    offsets: torch.Tensor        # [B] crop start, frames
+    lengths: torch.Tensor        # [B] real (unpadded) frames
+    meta: list[dict]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def collate_latents(samples: list[dict]) -> LatentBatch:
+    f = max(s["latents"].shape[1] for s in samples)
+    z = np.stack([np.pad(s["latents"], ((0, 0), (0, f - s["latents"].shape[1]))) for s in samples])
+    return LatentBatch(torch.from_numpy(z), [s["caption"] for s in samples],
+                       torch.tensor([s["offset"] for s in samples]), torch.tensor([s["length"] for s in samples]),
+                       [s["meta"] for s in samples], [s["__key__"] for s in samples])
+
+
+@dataclass
+class Batch:
+    audio: torch.Tensor          # [B, C, T] float32
+    captions: list[str]
+    offsets_s: torch.Tensor      # [B] crop start in the clip, seconds
+    lengths: torch.Tensor        # [B] real (unpadded) samples
+    sample_rate: int
+    meta: list[dict]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def collate(samples: list[dict]) -> Batch:
+    rates = {s["sample_rate"] for s in samples}
+    if len(rates) != 1:
+        raise ValueError(f"a batch mixes sample rates {sorted(rates)}: pass sample_rate= to resample")
+    channels = {s["audio"].shape[0] for s in samples}
+    if len(channels) != 1:
+        raise ValueError(f"a batch mixes channel counts {sorted(channels)}: export clips of one layout")
+    t = max(s["audio"].shape[1] for s in samples)
+    # One zeroed batch array, each clip copied in once (no per-clip padded copy).
+    audio = np.zeros((len(samples), channels.pop(), t), np.float32)
+    for i, s in enumerate(samples):
+        audio[i, :, : s["audio"].shape[1]] = s["audio"]
+    return Batch(torch.from_numpy(audio), [s["caption"] for s in samples],
+                 torch.tensor([s["offset_s"] for s in samples], dtype=torch.float64),
+                 torch.tensor([s["length"] for s in samples]), rates.pop(),
+                 [s["meta"] for s in samples], [s["__key__"] for s in samples])
+
+
+def make_dataset(urls: list[str], *, batch_size: int | None = None, seconds: float | None = 10.0,
+                 sample_rate: int | None = None, caption: CaptionChoice = "random",
+                 crop: Literal["random", "start"] = "random", shuffle: int = 1000, seed: int = 0,
+                 resample: bool = False, partial: bool = True,
+                 max_member_bytes: int = shards.DEFAULT_MAX_MEMBER_BYTES,
+                 latent_frames: int | None = None) -> wds.DataPipeline:
+    """The webdataset pipeline (an IterableDataset). With ``batch_size`` it yields Batches,
+    else decoded sample dicts. ``shuffle=0`` keeps shard order (deterministic reads).
+    ``latent_frames``: read latent shards instead (LatentBatch, cropped to that many frames)."""
+    urls = list(urls)
+    if not urls:
+        raise ValueError("no shards to read")
+    if resample:
+        # Every reader draws shards independently (seeded per rank/worker): no split needed.
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls), _check_enough_shards(urls), wds.split_by_node, wds.split_by_worker]
+    stages.append(lambda src: safe_tar_samples(src, max_member_bytes))
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), seed=seed))
+    if latent_frames:
+        decode, collation = DecodeLatents(None, None, caption, crop, seed, frames=latent_frames), collate_latents
+    else:
+        decode, collation = Decode(seconds, sample_rate, caption, crop, seed), collate
+    stages.append(wds.map(decode))
+    if batch_size:
+        stages.append(wds.batched(batch_size, collation_fn=collation, partial=partial))
+    return wds.DataPipeline(*stages)
+
+
+def make_loader(urls: list[str], batch_size: int, num_workers: int = 0, *, world_size: int | None = None,
+                **kw) -> torch.utils.data.DataLoader:
+    """A DataLoader over :func:`make_dataset` (batching happens in the workers)."""
+    if world_size is None:
+        world_size = wds.utils.pytorch_worker_info()[1]   # RANK/WORLD_SIZE env or torch.distributed
+    if not kw.get("resample") and len(urls) < world_size * max(1, num_workers):
+        raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers: "
+                         "export more, smaller shards, use fewer workers, or resample=True")
+    ds = make_dataset(urls, batch_size=batch_size, **kw)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False, collate_fn=None)
+
+
+def read_shards_ray(paths: str | list[str], split: str | None = None, **kw):
+    """The shards as a Ray Dataset, one row per sample (``__key__``, ``flac`` and ``json`` bytes),
+    for distributed pre-encoding. ``paths``: shard paths/URIs, or an export folder (all its
+    shards, or those of ``split``). Extra keyword arguments go to ``ray.data.read_webdataset``.
+
+    Ray's reader does its own tar parsing: read only shards you trust (your own exports);
+    untrusted shards go through :func:`make_dataset`, which checks every member."""
+    import ray.data
+
+    if isinstance(paths, str) and not paths.endswith(".tar"):
+        paths = shard_urls(paths, split=split)
+    kw.setdefault("decoder", None)
+    ds = ray.data.read_webdataset(paths, **kw)
+    return ds

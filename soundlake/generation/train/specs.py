@@ -1,0 +1,215 @@
+"""Train specs for `soundlake train vae|dit`, and the plan the driver resolves from one.
+
+A spec (YAML, ``--spec``) holds every training setting and one or more **stages**, each
+naming its shards; command options and ``--set key=value`` override it, and every
+validation error is one line naming the key. :func:`make_plan` resolves, once on the
+driver, what every worker needs: shard lists per stage, model configs (the DiT's input
+and condition widths from its VAE and encoders) and the latent statistics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from soundlake.core.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageSpec(_Section):
+    name: str = "main"
+    shards: str = Field(..., description="export folder/URI (its manifest), or a brace pattern of .tar paths")
+    split: str | None = Field("train", description="the export split to read (None = all)")
+    steps: int = Field(..., ge=1)
+    mode: Literal["text", "masked"] = Field("text", description="dit: text-conditioned, or masked pretraining")
+    lr: float | None = Field(None, gt=0, description="this stage's peak learning rate (default: lr)")
+
+
+class TrainSpec(_Section):
+    kind: Literal["vae", "dit"]
+    out: str
+    config: str = Field(..., description="model config: a bundled name (vae-tiny, dit-tiny, ...) or a YAML path")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="model config keys to change")
+    vae: str | None = Field(None, description="dit: the trained VAE folder whose latents the shards hold")
+    text_encoder: str | None = Field(None, description="dit: transformers encoder folder (default: MiniLM)")
+    extra_clap: str | None = Field(None, description="dit, GenAu dual encoder: a CLAP model whose text embedding "
+                                                     "of the caption is a second text condition")
+    cond2: Literal["latents"] | None = Field(None, description="dit, DC-LDM second stream: 'latents' = the clip's "
+                                                               "VAE latents pooled to cond2_frames (an acoustic "
+                                                               "sequence; at generation: a reference clip's)")
+    cond2_frames: int = Field(16, ge=1, description="length of the second stream")
+    stages: list[StageSpec] = Field(..., min_length=1)
+    batch_size: int = Field(16, ge=1, description="per worker")
+    seconds: float = Field(2.0, gt=0, description="training crop length in seconds")
+    lr: float = Field(3e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of every stage")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    cond_drop: float = Field(0.1, ge=0, le=1, description="dit: condition dropout for classifier-free guidance")
+    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked stages: span fraction range")
+    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay (e.g. 0.999); the saved model is the EMA")
+    seed: int = 0
+    init: str | None = Field(None, description="weights-only start: a model folder of the same kind")
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = Field(False, description="also log to <out>/tensorboard")
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
+    shuffle: int = Field(256, ge=0, description="shuffle buffer (samples)")
+    resample: bool = Field(False, description="draw shards with replacement (fewer shards than readers)")
+    data: Literal["shards", "memory"] = Field("shards", description="memory: batches held in RAM (benchmarks)")
+    ray_address: str | None = None
+    ray_num_cpus: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "dit" and not self.vae:
+            raise ValueError("vae: a DiT trains on VAE latents; give the VAE folder (--vae runs/vae)")
+        if self.kind == "vae" and any(s.mode == "masked" for s in self.stages):
+            raise ValueError("stages: mode 'masked' is for the DiT")
+        if "://" in self.out:
+            raise ValueError("out: a local or shared folder (Ray Train's storage), not a URI")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
+    """A spec from a YAML file (optional), then the command's options (``given``, None = unset),
+    then ``--set key=value`` overrides; one-line errors naming the key."""
+    from soundlake.pipelines.spec import read_yaml_mapping, validate_with_sets
+
+    raw: dict = {}
+    if spec:
+        if not Path(spec).is_file():
+            raise UserError(f"--spec {spec}: no such file")
+        raw = read_yaml_mapping(Path(spec), f"--spec {spec}")
+    raw["kind"] = kind
+    shards, steps = given.pop("shards", None), given.pop("steps", None)
+    if shards is not None or steps is not None:
+        if len(raw.get("stages") or [{}]) > 1:
+            raise UserError("--shards/--steps set a single stage; this spec has several (edit its stages)")
+        stage = dict((raw.get("stages") or [{}])[0])
+        stage.update({k: v for k, v in (("shards", shards), ("steps", steps)) if v is not None})
+        raw["stages"] = [stage]
+    defaults = _config_defaults(raw.get("config") or given.get("config"), kind)
+    raw = {**defaults, **raw}
+    raw.update({k: v for k, v in given.items() if v is not None})
+    return validate_with_sets(TrainSpec, raw, sets, "train spec")
+
+
+def _config_defaults(config: str | None, kind: str) -> dict:
+    """Training defaults from the model config's ``train:`` section (DiT configs have one)."""
+    from soundlake.generation.vae import read_config
+
+    config = config or ("vae-tiny" if kind == "vae" else "dit-tiny")
+    try:
+        train = dict(read_config(config).get("train") or {})
+    except FileNotFoundError:
+        raise UserError(f"config {config!r}: no such bundled config or file "
+                        "(bundled: vae-tiny, vae-ezaudio, dit-tiny, dit-L, dit-XL)") from None
+    allowed = set(TrainSpec.model_fields)
+    return {"config": config, **{k: v for k, v in train.items() if k in allowed}}
+
+
+def _stage_urls(stage: StageSpec) -> list[str]:
+    from soundlake.generation.train.data import shard_urls
+
+    try:
+        urls = shard_urls(stage.shards, split=stage.split)
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"stage {stage.name}: cannot read shards {stage.shards}: {e}") from None
+    if not urls:
+        raise UserError(f"stage {stage.name}: {stage.shards} has no shards of split {stage.split!r}")
+    return urls
+
+
+def make_plan(spec: TrainSpec) -> dict:
+    """Everything the workers need, resolved once on the driver (shard lists, configs)."""
+    from soundlake.export.shards import read_manifest
+    from soundlake.generation.train.encode import FORMAT
+    from soundlake.generation.vae import VAEConfig, read_config
+
+    plan: dict = {"stages": [_stage_urls(s) for s in spec.stages]}
+    if spec.kind == "vae":
+        try:
+            plan["vae_config"] = VAEConfig.from_dict({**read_config(spec.config), **spec.overrides}).to_dict()
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config {spec.config}: {e}") from None
+        return plan
+    from soundlake.generation.dit import DiTConfig
+    from soundlake.generation.model_folder import read_meta
+
+    vae_meta = read_meta(spec.vae, "vae")
+    raw = read_config(spec.config)
+    plan["vae_config"] = vae_meta["config"]
+    plan["schedule"] = raw.get("schedule", {})
+    try:
+        model = {**raw.get("model", {}), **spec.overrides, "in_channels": vae_meta["config"]["latent_dim"],
+                 "cond_dim": _text_dim(spec.text_encoder)}
+        if spec.extra_clap:
+            from soundlake.models.clap.load import load_clap
+
+            model["cond_extra_dim"] = load_clap(spec.extra_clap).dim
+        if spec.cond2:
+            model["cond2_dim"] = vae_meta["config"]["latent_dim"]
+            model.setdefault("cross_attn2_blocks", list(range(3, int(model.get("depth", 12)), 4)) or [0])
+        cfg = DiTConfig.from_dict(model)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config {spec.config}: {e}") from None
+    plan["dit_config"] = cfg.to_dict()
+    from soundlake.models.text import weights_sha256
+
+    vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
+    stats = None
+    for stage in spec.stages:
+        if stage.shards.endswith(".tar") or "{" in stage.shards:
+            raise UserError(f"stage {stage.name}: give the latent shard folder (its manifest has the latent "
+                            "statistics), not a list of tars")
+        m = read_manifest(stage.shards)
+        if m is None or m.get("format") != FORMAT:
+            raise UserError(f"stage {stage.name}: {stage.shards} holds no latents; "
+                            f"run `soundlake encode --vae {spec.vae} --shards <export> --out <folder>` first")
+        if m["vae"]["weights_sha256"] != vae_sha:
+            raise UserError(f"stage {stage.name}: {stage.shards} was encoded by another VAE than {spec.vae}")
+        stats = stats or m["latents"]
+    plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"]}
+    return plan
+
+
+def _text_dim(path: str | None) -> int:
+    """The text encoder's width, from its config alone (no weights loaded on the driver)."""
+    from transformers import AutoConfig
+
+    from soundlake.models.text import minilm_path
+
+    try:
+        c = AutoConfig.from_pretrained(str(path or minilm_path()), local_files_only=True)
+    except OSError as e:
+        raise UserError(f"text_encoder {path}: not a transformers model folder ({e})") from None
+    return int(getattr(c, "hidden_size", None) or c.d_model)
+
+
+def absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """Local paths made absolute: workers run in other folders (and on other nodes)."""
+    def local(p: str | None) -> str | None:
+        return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+    stages = [s.model_copy(update={"shards": local(s.shards)}) for s in spec.stages]
+    clap = spec.extra_clap  # a folder, or a cached hub id left as it is
+    clap = local(clap) if clap and Path(clap).expanduser().exists() else clap
+    return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
+                                   "text_encoder": local(spec.text_encoder), "extra_clap": clap,
+                                   "stages": stages})

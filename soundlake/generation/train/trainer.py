@@ -1,0 +1,384 @@
+"""Train the waveform VAE and the DiT from shards on Ray Train (TorchTrainer).
+
+    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")  # train_spec.py
+    summary = train(spec)          # resumes from the newest checkpoint in runs/dit/ray_train
+
+A spec (YAML, validated; ``--set key=value`` overrides) names the model config, the
+training settings and one or more **stages**, each naming its shards. The DiT stages
+follow EzAudio's recipe: ``masked`` (masked-modeling pretraining without text: a random
+25-100 % span of latent frames noised, the rest given clean), then ``text`` stages (e.g.
+CLAP-filtered synthetic captions, then a human-caption subset).
+
+Workers: ``workers`` Ray Train workers (CPU by default; ``use_gpu`` and the cluster's
+nodes from the spec), DDP across them; each reads its share of the shards through the
+export loader (:mod:`soundlake.generation.train.data`; split by rank and DataLoader worker).
+
+Checkpoints (every ``checkpoint_every`` steps and at the end) hold the full state: model,
+optimizer, EMA, step, stage and the spec itself (rank 0), and each rank's data position
+(epoch and batches read in it; every epoch's order is seeded, so the position restores it
+exactly) and RNG states; the learning-rate schedule (warm-up, then constant or cosine per stage) is a
+function of the step. Ray Train keeps them under ``<out>/ray_train`` and a re-run with the
+same ``--out`` resumes from the newest one. ``init`` starts from another model's weights
+only. Rank 0 appends the loss and throughput to ``<out>/train_log.csv`` (and TensorBoard
+when asked); at the end the driver writes the model folder (:mod:`.bundle`) into ``<out>``.
+``<out>`` must be a folder every worker and the driver can reach (local, or shared on a
+cluster), as Ray Train's storage path is.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from soundlake.core.errors import UserError
+from soundlake.core.storage import write_text
+from soundlake.generation.train.jobs import DitTask, VaeTask
+from soundlake.generation.train.specs import TrainSpec, absolute_paths, make_plan
+
+RUN_NAME = "ray_train"
+LOG = "train_log.csv"
+PROGRESS = "progress.json"
+STATE = "state.pt"
+
+
+def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
+    st = spec.stages[stage]
+    peak = st.lr or spec.lr
+    if spec.warmup_steps and step_in_stage < spec.warmup_steps:
+        return peak * (step_in_stage + 1) / spec.warmup_steps
+    if spec.lr_schedule == "cosine":
+        span = max(1, st.steps - spec.warmup_steps)
+        pos = min(1.0, (step_in_stage - spec.warmup_steps) / span)
+        return peak * 0.5 * (1 + math.cos(math.pi * pos))
+    return peak
+
+
+@dataclass
+class Position:
+    step: int = 0          # optimisation steps done
+    stage: int = 0
+    epoch: int = 0         # of the current stage's shards
+    batch: int = 0         # batches read in that epoch
+
+    def stage_start(self, spec: TrainSpec) -> int:
+        return sum(s.steps for s in spec.stages[:self.stage])
+
+
+def _batches(spec: TrainSpec, plan: dict, task, stage: int, epoch: int, skip: int, memory_cache: dict):
+    """Yield (epoch, batches read in it, batch) from ``skip`` batches into ``epoch`` of ``stage``,
+    exactly as an uninterrupted run reads them: each epoch's order is seeded by (seed, stage, epoch)."""
+    import torch
+
+    from soundlake.generation.train.data import make_dataset
+
+    while True:
+        urls = plan["stages"][stage]
+        seed = spec.seed * 1_000_003 + stage * 10_007 + epoch
+        ds = make_dataset(urls, batch_size=spec.batch_size, shuffle=spec.shuffle, seed=seed,
+                          resample=spec.resample, partial=False, caption="random", crop="random", **task.loader_kw)
+        if spec.data == "memory":  # benchmarks: the same batches, read once, then from RAM
+            key = (stage, 0)
+            if key not in memory_cache:
+                memory_cache[key] = [b for _, b in zip(range(64), ds)]
+            it = iter(memory_cache[key])
+        elif spec.loader_workers:
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=spec.loader_workers,
+                                                  generator=torch.Generator().manual_seed(seed)))
+        else:
+            it = iter(ds)
+        got = 0
+        for i, batch in enumerate(it):
+            got += 1
+            if i >= skip:  # resuming inside an epoch: re-read up to the saved position
+                yield epoch, i + 1, batch
+        if got == 0:
+            raise UserError(f"stage {spec.stages[stage].name}: no full batch of {spec.batch_size} in its shards")
+        epoch, skip = epoch + 1, 0
+
+
+def _save_state(folder: Path, model, opt, extra: dict, extra_opts: dict, ema, pos: Position,
+                spec: TrainSpec, plan: dict, history: list[dict]) -> None:
+    import torch
+
+    torch.save({
+        "model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+        "extra": {k: m.state_dict() for k, m in extra.items()},
+        "extra_optimizers": {k: o.state_dict() for k, o in extra_opts.items()},
+        "ema": ema.state_dict() if ema is not None else None,
+        "position": vars(pos), "spec": spec.model_dump(mode="json"), "plan": plan, "history": history[-2000:],
+        "lr_schedule": {"kind": spec.lr_schedule, "warmup_steps": spec.warmup_steps, "per_stage": True},
+    }, folder / STATE)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _make_optimizer(params, spec: TrainSpec):
+    import torch
+
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.99))
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker loop (Ray Train calls it on every worker)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    spec = TrainSpec.model_validate(config["spec"])
+    plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.threads or max(1, int(spec.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    task = (VaeTask if spec.kind == "vae" else DitTask)(spec, plan, device)
+    extra = task.extra_modules()
+    opt = _make_optimizer(task.model.parameters(), spec)
+    extra_opts = {k: _make_optimizer(m.parameters(), spec) for k, m in extra.items()}
+    ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True) \
+        if spec.ema else None
+    pos, history = Position(), []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
+            mine = Path(d) / f"rank-{rank}.pt"  # this worker's data position and RNG states
+            rs = torch.load(mine if mine.exists() else Path(d) / "rank-0.pt", weights_only=False)
+        task.model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        for k, m in extra.items():
+            m.load_state_dict(st["extra"][k])
+            extra_opts[k].load_state_dict(st["extra_optimizers"][k])
+        if ema is not None and st["ema"] is not None:
+            ema.load_state_dict(st["ema"])
+        pos, history = Position(**rs["position"]), st["history"]
+        torch.set_rng_state(rs["rng"])
+        random.setstate(rs["py_rng"])
+    else:
+        if spec.init:
+            from soundlake.generation.model_folder import load_weights, read_meta
+
+            read_meta(spec.init, spec.kind)
+            task.model.load_state_dict(load_weights(spec.init, device))
+            if ema is not None:
+                ema.module.load_state_dict(task.model.state_dict())
+        torch.manual_seed(spec.seed + 7919 * rank)  # different noise per rank
+        random.seed(spec.seed + rank)
+    if pos.step >= spec.total_steps:
+        ray.train.report({"step": pos.step, "done": True})
+        return
+    model = ray.train.torch.prepare_model(task.model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else task.model
+    out = Path(spec.out)
+    logger = _Logger(out, pos.step, spec) if rank == 0 else None
+    memory: dict = {}
+    t_last, n_last = time.perf_counter(), 0
+    window: list[dict] = []
+    batches = _batches(spec, plan, task, pos.stage, pos.epoch, pos.batch, memory)
+    t_data = 0.0
+    while pos.step < spec.total_steps:
+        t0 = time.perf_counter()
+        epoch, read, batch = next(batches)
+        item, n = task.prepare(batch)
+        t_data += time.perf_counter() - t0
+        stage = spec.stages[pos.stage]
+        lr = _lr_at(spec, pos.stage, pos.step - pos.stage_start(spec))
+        for o in [opt, *extra_opts.values()]:
+            for g in o.param_groups:
+                g["lr"] = lr
+        logs = task.step(model, opt, extra_opts, item, stage)
+        if ema is not None:
+            ema.update_parameters(task.model)
+        pos.epoch, pos.batch, pos.step = epoch, read, pos.step + 1
+        n_last += n * world
+        window.append(logs)
+        boundary = pos.step == pos.stage_start(spec) + stage.steps
+        if boundary and pos.stage + 1 < len(spec.stages):  # next stage: its own shards from the start
+            pos.stage, pos.epoch, pos.batch = pos.stage + 1, 0, 0
+            batches = _batches(spec, plan, task, pos.stage, 0, 0, memory)
+        if pos.step % spec.log_every == 0 or pos.step == spec.total_steps or boundary:
+            dt = time.perf_counter() - t_last
+            row = {"step": pos.step, "stage": stage.name, "lr": lr, "samples_per_s": n_last / max(dt, 1e-9),
+                   "data_s": t_data, "seconds": dt, "time": time.time()}
+            for k in window[0]:
+                if isinstance(window[0][k], (int, float)):
+                    row[k] = sum(w[k] for w in window) / len(window)
+            history.append(row)
+            if logger:
+                logger.write(row, spec.total_steps)
+            window, t_last, n_last, t_data = [], time.perf_counter(), 0, 0.0
+        if pos.step % spec.checkpoint_every == 0 or pos.step == spec.total_steps:
+            metrics = {"step": pos.step, "loss": history[-1].get("loss") if history else None}
+            # Every rank saves its own data position and RNG states (ranks read different
+            # shards); rank 0 also the model and optimizers. Ray Train merges the folders.
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"position": vars(pos), "rng": torch.get_rng_state(), "py_rng": random.getstate()},
+                           Path(d) / f"rank-{rank}.pt")
+                if rank == 0:
+                    _save_state(Path(d), model, opt, extra, extra_opts, ema, pos, spec, plan, history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"step-{pos.step:08d}")
+    if logger:
+        logger.close()
+
+
+class _Logger:
+    """Rank 0's CSV log (rows past a resumed checkpoint are dropped first), optional
+    TensorBoard, and a small progress file the driver's progress bar reads."""
+
+    FIELDS = ["step", "stage", "loss", "lr", "samples_per_s", "data_s", "seconds", "time"]
+
+    def __init__(self, out: Path, start_step: int, spec: TrainSpec):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path, self.progress = out / LOG, out / PROGRESS
+        rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self.fields = None
+        self.rows = rows
+        self.tb = None
+        if spec.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("tensorboard: `pip install tensorboard` to log to TensorBoard") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, row: dict, total: int) -> None:
+        if self.fields is None:
+            self.fields = self.FIELDS + sorted(k for k in row if k not in self.FIELDS)
+            old = self.rows
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, row["step"])
+        write_text(self.progress, json.dumps({"step": row["step"], "total": total, "loss": row.get("loss"),
+                                              "samples_per_s": row["samples_per_s"], "stage": row["stage"]}))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------- driver
+
+@dataclass
+class TrainSummary:
+    out: str
+    kind: str
+    steps: int
+    resumed_from: int
+    elapsed_s: float
+    ray_startup_s: float
+    samples_per_s: float
+    final_loss: float | None
+    checkpoint: str
+    history: list[dict] = field(default_factory=list)
+
+
+def _latest_step(out: Path) -> int:
+    try:
+        return int(json.loads((out / PROGRESS).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) -> TrainSummary:
+    """Run (or resume) training on Ray Train, then write the model folder into ``spec.out``."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from soundlake.core.ray_env import RaySpec, init_ray
+    from soundlake.generation.model_folder import copy_model, save_model
+
+    spec = absolute_paths(spec)
+    out = Path(spec.out)
+    plan = make_plan(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    started_at = _latest_step(out)
+    # Worker and controller logs stay in Ray's log files: the progress bar and the summary report.
+    ray_s = init_ray(RaySpec(address=spec.ray_address, num_cpus=spec.ray_num_cpus), log_to_driver=False)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={"spec": spec.model_dump(mode="json"), "plan": plan},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=0)))
+    stop = threading.Event()
+
+    def poll():
+        last = None
+        while not stop.wait(0.5):
+            try:
+                p = json.loads((out / PROGRESS).read_text())
+            except (OSError, ValueError):
+                continue
+            if p != last and on_progress:
+                on_progress(p)
+                last = p
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; show its last line
+        msg = str(e).strip().splitlines()
+        user = [line for line in msg if "UserError" in line]
+        raise UserError(f"training failed: {(user or msg or [type(e).__name__])[-1]}") from e
+    finally:
+        stop.set()
+        th.join()
+    elapsed = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise UserError(f"training produced no checkpoint under {out / RUN_NAME}")
+    with result.checkpoint.as_directory() as d:
+        st = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    weights = st["model"]
+    if st.get("ema"):
+        weights = {k[len("module."):]: v for k, v in st["ema"].items() if k.startswith("module.")}
+    task_plan = st["plan"]
+    meta = {"train": {"step": st["position"]["step"], "spec": st["spec"], "ema": spec.ema,
+                      "checkpoint": str(result.checkpoint.path)}}
+    if spec.kind == "vae":
+        meta["config"] = task_plan["vae_config"]
+    else:
+        if spec.text_encoder:
+            text_meta = {"path": str(Path(spec.text_encoder).resolve())}
+        else:
+            text_meta = {"path": None, "model": "all-MiniLM-L6-v2"}
+        meta |= {"config": task_plan["dit_config"], "schedule": task_plan["schedule"] or {},
+                 "latents": task_plan["latents"], "text": text_meta,
+                 "conditioning": {"extra_clap": spec.extra_clap, "cond2": spec.cond2,
+                                  "cond2_frames": spec.cond2_frames}}
+        from soundlake.generation.diffusion import Schedule
+
+        meta["schedule"] = Schedule(**meta["schedule"]).meta()
+        copy_model(spec.vae, out / "vae")
+    save_model(out, spec.kind, weights, meta)
+    history = st["history"]
+    losses = [h["loss"] for h in history[-1:] if h.get("loss") is not None]
+    rates = [h["samples_per_s"] for h in history if h["step"] > started_at]
+    return TrainSummary(str(out), spec.kind, st["position"]["step"], started_at, elapsed, ray_s,
+                        sum(rates) / len(rates) if rates else 0.0,
+                        losses[0] if losses else None, str(result.checkpoint.path), history)
+
