@@ -220,26 +220,40 @@ def make_tiny_causal_lm(path: Path) -> Path:
     return path
 
 
+def make_synth_lake(root: Path, n: int, seconds: float = 2.0, sr: int = 16000, seed: int = 0,
+                    run: str = "synth", silence_dbfs: float = -60.0, template: bool = False):
+    """A lake under ``root/lake`` of ``n`` synth scenes with their reference captions (and
+    template captions with ``template``), written through the real stages without Ray."""
+    import pyarrow as pa
+
+    from soundlake.catalog.lake import Lake
+    from soundlake.sources.synth import synth_inputs
+    from soundlake.stages.base import FLOW
+    from soundlake.stages.caption import TemplateCaptionStage
+    from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
+
+    lake = Lake(str(Path(root) / "lake"))
+    spec = SegmentSpec(sample_rate=sr, window=seconds, loudness=False, silence_dbfs=silence_dbfs)
+    stage = SegmentStage(spec, run)
+    flow = pa.Table.from_pylist([r for row in synth_inputs(n, seed, seconds) for r in stage.segment_one(row)],
+                                schema=FLOW)
+    tables = segment_tables(flow)
+    captions = [tables["captions"]]
+    if template:
+        captioner = TemplateCaptionStage(run)
+        captions += captioner.tables(captioner.process(flow)).values()
+    lake.write_part("clips", tables["clips"], run)
+    lake.write_part("captions", pa.concat_tables(captions), run)
+    return lake
+
+
 def make_synth_export(root: Path, n: int, seconds: float = 2.0, sr: int = 16000, shard_count: int = 4,
                       seed: int = 0) -> Path:
     """A lake of ``n`` synth scenes (reference captions, no Ray) exported as shards under
     ``root/shards``; returns that folder. For training tests and benchmarks."""
-    import pyarrow as pa
-
-    from soundlake.catalog.lake import Lake
     from soundlake.export.exporter import ExportArgs, run_export
-    from soundlake.sources.synth import synth_inputs
-    from soundlake.stages.base import FLOW
-    from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 
-    lake = Lake(str(Path(root) / "lake"))
-    stage = SegmentStage(SegmentSpec(sample_rate=sr, window=seconds, loudness=False, silence_dbfs=-90), "synth")
-    rows = []
-    for row in synth_inputs(n, seed, seconds):
-        rows += stage.segment_one(row)
-    tables = segment_tables(pa.Table.from_pylist(rows, schema=FLOW))
-    for name in ("clips", "captions"):
-        lake.write_part(name, tables[name], "synth")
+    lake = make_synth_lake(root, n, seconds, sr, seed, silence_dbfs=-90)
     out = Path(root) / "shards"
     run_export(lake, ExportArgs(out=str(out), shard_count=shard_count, shard_size=None))
     return out

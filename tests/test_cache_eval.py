@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from soundlake.cli.app import app
+from soundlake.cli import app
 from soundlake.core.errors import UserError
 from soundlake.generation.inference.audiocache import (
     AudioCache,

@@ -1,8 +1,8 @@
 """AudioCache (layer caching) and LiteFocus sparse attention on tiny real models.
 
 A toy DiT with the project's block contract (blocks[i].self_attn / cross_attn / ff /
-optional cross_attn2, swappable ``self_attn.attention``, CFG in one forward) is defined
-here; the real ``soundlake.generation.dit.DiT`` is exercised with a tiny config too.
+optional cross_attn2, a hookable ``self_attn.attention`` core, CFG in one forward) is
+defined here; the real ``soundlake.generation.dit.DiT`` is exercised with a tiny config too.
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soundlake.generation.dit import ScaledDotProductAttention, attention_core
 from soundlake.generation.inference.audiocache import (
     AudioCache,
     CacheProfile,
-    HookRegistry,
-    ModelHook,
     ProfileMismatch,
     calibrate,
     layer_names,
@@ -26,7 +25,9 @@ from soundlake.generation.inference.audiocache import (
     model_hash,
     profile_path,
 )
+from soundlake.generation.inference.hooks import HOOK_ATTR, HookRegistry, ModelHook
 from soundlake.generation.inference.litefocus import (
+    HOOK_NAME,
     SparseAttention,
     attach_sparse_attention,
     dense_band_mask,
@@ -44,7 +45,7 @@ class ToySelfAttn(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
-        self.attention = F.scaled_dot_product_attention
+        attention_core(self)
 
     def forward(self, x):
         b, n, d = x.shape
@@ -132,6 +133,15 @@ def toy_profile(model, steps=10, layers=None):
     prompts = [inputs(s) for s in range(3)]
     return calibrate(model, layers, lambda p: euler_cfg(model, *p, steps), prompts, steps,
                      sampler="euler_cfg")
+
+
+def hook_free(model):
+    """No module, the unregistered attention cores included, carries a hook or a forward
+    of its own."""
+    mods = list(model.modules())
+    mods += [m.attention for m in mods if isinstance(getattr(m, "attention", None), nn.Module)]
+    return all(not ({"forward", HOOK_ATTR} & m.__dict__.keys())
+               and m.forward.__func__ is type(m).forward for m in mods)
 
 
 def count_calls(model, names):
@@ -255,33 +265,9 @@ def test_model_untouched_by_hooks():
     assert m.state_dict().keys() == before.keys()
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
     cache.remove()
-    for mod in mods:
-        assert "forward" not in mod.__dict__ and "_soundlake_hooks" not in mod.__dict__
-        assert mod.forward.__func__ is type(mod).forward
+    assert hook_free(m)
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
     assert model_hash(m) == p.model_hash
-
-
-def test_registry_restores_preexisting_instance_forward_and_stacks():
-    lin = nn.Linear(2, 2)
-    custom = lambda x: x * 0  # noqa: E731
-    lin.forward = custom
-
-    class Plus(ModelHook):
-        def __init__(self, k):
-            self.k = k
-
-        def new_forward(self, module, forward, *a, **kw):
-            return forward(*a, **kw) + self.k
-
-    reg = HookRegistry.of(lin)
-    reg.register("a", Plus(1.0))
-    reg.register("b", Plus(10.0))
-    assert torch.equal(lin(torch.ones(1, 2)), torch.full((1, 2), 11.0))
-    reg.remove("a")
-    assert torch.equal(lin(torch.ones(1, 2)), torch.full((1, 2), 10.0))
-    reg.remove("b")
-    assert lin.__dict__["forward"] is custom
 
 
 def simulate(rates, delta, steps, max_reuse=None):
@@ -425,22 +411,33 @@ def test_sparse_key_padding_mask_and_min_tokens():
     torch.testing.assert_close(short(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
+def sparse_hook(model, i):
+    return HookRegistry.of(model.blocks[i].self_attn.attention).get_hook(HOOK_NAME)
+
+
 def test_attach_sparse_attention_per_block():
     m = make_toy()
     x, ctx = inputs(0, n=24)
     t = torch.zeros(2)
     ref = m(x, t, ctx)
     with attach_sparse_attention(m, blocks=[0, 2], window=3, ratio=1.0, seed=0, chunk=8):
-        assert isinstance(m.blocks[0].self_attn.attention, SparseAttention)
-        assert m.blocks[1].self_attn.attention is F.scaled_dot_product_attention
-        assert m.blocks[2].self_attn.attention.seed == 2
+        assert isinstance(sparse_hook(m, 0).attention, SparseAttention)
+        assert sparse_hook(m, 1) is None
+        assert sparse_hook(m, 2).attention.seed == 2
         torch.testing.assert_close(m(x, t, ctx), ref, atol=1e-5, rtol=1e-5)
     handle = attach_sparse_attention(m, blocks=[1], window=3, ratio=0.0)
     assert not torch.allclose(m(x, t, ctx), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="already registered"):  # block 1 taken: block 0 rolled back
+        attach_sparse_attention(m, blocks=[0, 1], window=3, ratio=0.0)
+    assert sparse_hook(m, 0) is None
     handle.detach()
-    assert all(b.self_attn.attention is F.scaled_dot_product_attention for b in m.blocks)
+    assert hook_free(m)
+    assert all(isinstance(b.self_attn.attention, ScaledDotProductAttention) for b in m.blocks)
     assert torch.equal(m(x, t, ctx), ref)
-    assert not any("attention" in name for name, _ in m.named_modules())
+    assert not any("attention" in name for name, _ in m.named_modules())  # the core stays unregistered
+    m.blocks[0].self_attn.attention = F.scaled_dot_product_attention  # a plain callable: not hookable
+    with pytest.raises(AttributeError, match="must be a module"):
+        attach_sparse_attention(m, blocks=[0], window=3, ratio=0.0)
 
 
 # --------------------------------------------------------------------------- real DiT
@@ -507,6 +504,66 @@ def test_real_dit_cache_and_sparse():
     with attach_sparse_attention(dit, blocks=[0, 3], window=5, ratio=0.2, chunk=4):
         assert not torch.allclose(dit(xx, t, **kw), full, atol=1e-5)
     assert torch.equal(dit(xx, t, **kw), full)
+
+
+def test_cache_and_sparse_attention_together():
+    """Both attached on one DiT (cache hooks on the layers, sparse hooks on the attention
+    cores): the result does not depend on the attach order, detaching either leaves exactly
+    the other, and detaching both leaves the model as it was."""
+    from soundlake.generation import diffusion
+    from soundlake.generation.conditioning import Condition
+
+    dit, bare = tiny_dit(), tiny_dit()  # same weights; `bare` is never hooked
+    g = torch.Generator().manual_seed(1)
+    cond = Condition(torch.randn(2, 3, 8, generator=g), torch.ones(2, 3, dtype=torch.bool),
+                     context2=torch.randn(2, 2, 8, generator=g))
+    sched = diffusion.Schedule(num_steps=100)
+
+    def run(steps=8):  # 32 frames: longer than the sparse band, so sparse attention matters
+        return diffusion.sample(dit, (2, 32, 4), cond, steps=steps, sampler="euler", cfg=3.0, schedule=sched,
+                                generator=torch.Generator().manual_seed(5))[0]
+
+    prof = calibrate(dit, layer_names(dit), lambda s: run(), [0], 8, sampler="euler")
+    plain = run()
+    cache = AudioCache(dit, prof, delta=float(np.quantile(prof.mean[:, 1:], 0.5)) * 2, sampler="euler")
+
+    def cached():
+        with cache.run(8):
+            return run()
+
+    def sparse():
+        return attach_sparse_attention(dit, blocks=[0, 3], window=5, ratio=0.2, chunk=4)
+
+    with cache:
+        cache_only = cached()
+        cache_stats = cache.stats()
+    with sparse():
+        sparse_only = run()
+    assert cache_stats["reused"] > 0 and not torch.equal(sparse_only, plain)
+    both = []
+    for sparse_first in (False, True):
+        if sparse_first:
+            handle = sparse()
+            cache.attach()
+        else:
+            cache.attach()
+            handle = sparse()
+        both.append(cached())
+        assert cache.stats() == cache_stats  # the refresh plan depends on the profile only
+        handle.detach()
+        assert torch.equal(cached(), cache_only)
+        handle = sparse()
+        cache.remove()
+        assert torch.equal(run(), sparse_only)
+        handle.detach()
+        assert torch.equal(run(), plain) and hook_free(dit)
+    assert torch.equal(both[0], both[1])
+    assert not torch.equal(both[0], cache_only) and not torch.equal(both[0], sparse_only)
+    # the forward of the detached model is the never-hooked model's, bit for bit
+    x, t = torch.randn(4, 32, 4, generator=g), torch.full((4,), 500.0)
+    kw = dict(context=cond.context.repeat(2, 1, 1), context2=cond.context2.repeat(2, 1, 1),
+              drop=torch.arange(4) >= 2)
+    assert torch.equal(dit(x, t, **kw), bare(x, t, **kw))
 
 
 def test_load_or_calibrate_reuses_matching_profile(tmp_path):

@@ -13,13 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from soundlake.models.clap.load import (
-    Windowing,
-    detect_backend,
-    label_prompts,
-    load_clap,
-    zero_shot,
-)
+from soundlake.models.clap.load import detect_backend, load_clap
+from soundlake.models.clap.windowing import Windowing, label_prompts, zero_shot
 from soundlake.models.text import load_text_encoder
 
 torch.set_num_threads(1)

@@ -21,13 +21,13 @@ from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import connect
 from soundlake.core.errors import UserError
+from soundlake.core.splits import split_of
 from soundlake.export import shards
 from soundlake.export.exporter import (
     ExportArgs,
     parse_size,
     parse_splits,
     run_export,
-    split_of,
 )
 from soundlake.sources.base import input_row
 from soundlake.stages.base import FLOW

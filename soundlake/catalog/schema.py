@@ -63,27 +63,19 @@ CLIPS = pa.schema([
 CLIP_COLUMNS = [f.name for f in CLIPS if f.name != "flac"]
 
 FAILURES = pa.schema([
-    ("source", pa.string()),
-    ("source_id", pa.string()),
+    ("source", pa.string()), ("source_id", pa.string()),
     ("clip_id", pa.string()),         # null for failures before a clip exists
     ("stage", pa.string()),
     ("error", pa.string()),           # a class from soundlake.core.errors.ERROR_CLASSES
-    ("permanent", pa.bool_()),
-    ("message", pa.string()),
-    ("attempt", pa.int32()),
-    ("run_id", pa.string()),
-    ("time", TS),
+    ("permanent", pa.bool_()), ("message", pa.string()), ("attempt", pa.int32()),
+    ("run_id", pa.string()), ("time", TS),
 ])
 
 CAPTIONS = pa.schema([
     ("clip_id", pa.string()),
     ("captioner", pa.string()),       # reference | template | autocap | qwen | refine ...
-    ("model_id", pa.string()),
-    ("model_hash", pa.string()),
-    ("prompt_version", pa.string()),
-    ("text", pa.string()),
-    ("run_id", pa.string()),
-    ("created", TS),
+    ("model_id", pa.string()), ("model_hash", pa.string()), ("prompt_version", pa.string()),
+    ("text", pa.string()), ("run_id", pa.string()), ("created", TS),
 ])
 
 RUNS = pa.schema([
@@ -123,6 +115,18 @@ SCORES = pa.schema([
     ("score", pa.float32()), ("run_id", pa.string()), ("created", TS),
 ])
 
+# Exports: one row per export, and which clips went to which split and shard.
+EXPORTS = pa.schema([
+    ("export_id", pa.string()), ("name", pa.string()), ("out", pa.string()), ("created", TS),
+    ("args_json", pa.string()),
+    ("catalog_sha256", pa.string()),   # hash of the part files the export read
+    ("manifest_sha256", pa.string()), ("clips", pa.int64()), ("shards", pa.int64()), ("bytes", pa.int64()),
+    ("splits_json", pa.string()),      # {"train": n, "valid": n, ...}
+])
+EXPORT_MEMBERS = pa.schema([
+    ("export_id", pa.string()), ("clip_id", pa.string()), ("split", pa.string()), ("shard", pa.string()),
+])
+
 # Every input a run listed, so `retry-failed` can rebuild the inputs it re-queues.
 INPUTS = pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
 
@@ -135,6 +139,8 @@ TABLES: dict[str, pa.Schema] = {
     "embeddings": embeddings_schema(1),  # the typed empty view's placeholder; parts carry their own dim
     "tags": TAGS,
     "scores": SCORES,
+    "exports": EXPORTS,
+    "export_members": EXPORT_MEMBERS,
 }
 
 # Derived rows are written before the clip rows that commit their input, so a kill in
@@ -145,8 +151,3 @@ DEDUPE_KEYS: dict[str, tuple[str, str]] = {
     "tags": ("clip_id, model_id, model_hash, label_set, rank", "created"),
     "scores": ("clip_id, captioner, caption_text, clap_model_id, clap_model_hash", "created"),
 }
-
-
-def register(name: str, schema: pa.Schema) -> None:
-    """Let later modules (embeddings, scores, exports...) add their tables."""
-    TABLES[name] = schema

@@ -6,6 +6,8 @@ queries run while a curation job writes, and see every part committed so far.
 """
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import duckdb
 import pyarrow.dataset as pads
 
@@ -28,16 +30,21 @@ _VIEWS: dict[str, str] = {
                     OR f.clip_id IS NOT NULL) WHERE rn = 1""",
     "audio": "SELECT clip_id, sample_rate, channels, flac FROM _clip_parts",
 }
-CAPTIONER_PRIORITY = ("reference", "refine", "qwen", "autocap", "template")
 CAPTION_POLICIES = ("score", "priority")
 
 
-def dataset_view(policy: str = "score") -> str:
+def ranking_sql(ranking: Sequence[str], alias: str = "c") -> str:
+    """A SQL expression ranking ``<alias>.captioner`` by ``ranking`` (most preferred first;
+    captioners not in it come last)."""
+    cases = " ".join("WHEN '" + n.replace("'", "''") + f"' THEN {i}" for i, n in enumerate(ranking))
+    return f"CASE {alias}.captioner {cases} ELSE {len(ranking)} END" if ranking else "0"
+
+
+def dataset_view(ranking: Sequence[str], policy: str = "score") -> str:
     """Each clip with its preferred caption: highest CLAP score from the newest CLAP model
-    (``score``; captions without a score come after, by captioner priority), or by
-    captioner priority alone (``priority``)."""
-    prio = "CASE c.captioner " + " ".join(f"WHEN '{n}' THEN {i}" for i, n in enumerate(CAPTIONER_PRIORITY)) \
-        + f" ELSE {len(CAPTIONER_PRIORITY)} END"
+    (``score``; captions without a score come after, by captioner ranking), or by
+    captioner ranking alone (``priority``)."""
+    prio = ranking_sql(ranking)
     order = (f"s.score DESC NULLS LAST, {prio}, c.text" if policy == "score" else f"{prio}, s.score DESC NULLS LAST, c.text")
     return f"""WITH newest AS (SELECT clap_model_id FROM scores GROUP BY 1 ORDER BY max(created) DESC LIMIT 1),
                ranked AS (
@@ -75,10 +82,12 @@ def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[
     return name
 
 
-def connect(lake: Lake | str, caption_policy: str | None = None,
-            parts: dict[str, list[str]] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str, list[str]] | None = None,
+            ranking: Sequence[str] = ()) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views. ``caption_policy`` (or
-    $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption.
+    $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption;
+    ``ranking``: captioner names, most preferred first (the captioner registry's order,
+    handed in by the layers above: :func:`soundlake.stages.caption.captioner_ranking`).
     ``parts``: {table: part files} to read exactly those (one catalog state, e.g. for an
     export, even while a curation job adds parts); other tables read all their parts."""
     import os
@@ -89,8 +98,6 @@ def connect(lake: Lake | str, caption_policy: str | None = None,
         raise UserError(f"caption policy {policy!r}: expected one of {', '.join(CAPTION_POLICIES)}")
     if not lake.exists():
         raise UserError(f"no lake at {lake.uri}: run `soundlake curate demo --lake {lake.uri}` first")
-    import soundlake.export.exporter  # noqa: F401  (importing it registers the export tables)
-
     con = duckdb.connect(":memory:")
     # Parts never change once written: parse each one's footer once, not at every view and query.
     con.execute("SET parquet_metadata_cache = true")
@@ -111,19 +118,22 @@ def connect(lake: Lake | str, caption_policy: str | None = None,
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {src}")
     for name in _VIEW_ORDER:
         con.execute(f"CREATE VIEW {name} AS {_VIEWS[name]}")
-    con.execute(f"CREATE VIEW dataset AS {dataset_view(policy)}")
+    con.execute(f"CREATE VIEW dataset AS {dataset_view(ranking, policy)}")
     return con
 
 
 TEXT_SEARCH_NAMES = ("text_similarity", "clap_text")
 
 
-def add_text_search(con: duckdb.DuckDBPyConnection, model: str | None = None) -> None:
+def add_text_search(con: duckdb.DuckDBPyConnection, load_model: Callable[[str], Any],
+                    model: str | None = None) -> None:
     """``clap_text('dog barking')`` -> the CLAP text vector, and the macro
     ``text_similarity(clip_id, 'dog barking')`` -> cosine with the clip's audio embedding.
 
     The model is the one that wrote the newest embeddings (or ``model`` /
-    $SOUNDLAKE_CLAP_MODEL), loaded on first use; each text is embedded once.
+    $SOUNDLAKE_CLAP_MODEL), loaded on first use with ``load_model(path)`` (an object with
+    ``embed_text(texts)``, e.g. :func:`soundlake.models.clap.load.load_clap`); each text
+    is embedded once.
     """
     import os
 
@@ -139,10 +149,8 @@ def add_text_search(con: duckdb.DuckDBPyConnection, model: str | None = None) ->
     def clap_text(text: str):
         if text not in state:
             if "model" not in state:
-                from soundlake.models.clap.load import load_clap
-
                 try:
-                    state["model"] = load_clap(path)
+                    state["model"] = load_model(path)
                 except (OSError, ValueError) as e:
                     raise UserError(f"cannot load CLAP model {path!r} for text search ({e}); "
                                     "set SOUNDLAKE_CLAP_MODEL to its folder") from None
@@ -165,12 +173,17 @@ def close(con: duckdb.DuckDBPyConnection) -> None:
     con.close()
 
 
-def query(lake: Lake | str, sql: str):
-    """Run one statement and return its result as an Arrow table; errors are one line."""
-    con = connect(lake)
+def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
+          load_model: Callable[[str], Any] | None = None):
+    """Run one statement and return its result as an Arrow table; errors are one line.
+    ``load_model`` enables text search (:func:`add_text_search`)."""
+    con = connect(lake, ranking=ranking)
     try:
         if any(name in sql for name in TEXT_SEARCH_NAMES):
-            add_text_search(con)
+            if load_model is None:
+                raise UserError("text search (text_similarity, clap_text) is not available here: "
+                                "run it through `soundlake sql`")
+            add_text_search(con, load_model)
         result = con.sql(sql)
         if result is None:
             return None

@@ -1,17 +1,11 @@
 """(audio, caption) pairs from the lake, for training models in-process."""
 from __future__ import annotations
 
-import hashlib
-
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import connect
 from soundlake.core.audio import decode_mono
 from soundlake.core.errors import UserError
-
-
-def holdout_fraction(clip_id: str) -> float:
-    """A stable number in [0, 1) per clip: the same split however the lake grows."""
-    return int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "little") / 2**64
+from soundlake.core.splits import in_holdout
 
 
 def load_pairs(lake: Lake | str, sample_rate: int, captioner: str = "reference", where: str | None = None,
@@ -34,7 +28,7 @@ def load_pairs(lake: Lake | str, sample_rate: int, captioner: str = "reference",
                         + (f" matching {where!r}" if where else "") + ": curate first (soundlake curate demo)")
     train, held = [], []
     for clip_id, flac, text in rows:
-        (held if holdout_fraction(clip_id) < holdout else train).append((clip_id, decode_mono(flac, sample_rate), text))
+        (held if in_holdout(clip_id, holdout) else train).append((clip_id, decode_mono(flac, sample_rate), text))
     return train, held
 
 

@@ -1,3 +1,3 @@
-from soundlake.cli.app import app
+from soundlake.cli import main
 
-app()
+main()

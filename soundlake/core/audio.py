@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from soundlake.core.errors import RowError
+from soundlake.core.errors import RowError, UserError
 
 # Containers libsndfile reads in-process; everything else goes through ffmpeg.
 SNDFILE_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64"}
@@ -192,6 +192,19 @@ def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
 def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
     audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return audio, sr
+
+
+def read_mono(path, sample_rate: int) -> np.ndarray:
+    """An audio file (a path) -> mono float32 [frames] at ``sample_rate`` (channels averaged).
+
+    For files a user names (reference clips): one line of UserError naming the file when
+    libsndfile cannot decode it."""
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for bad files
+        reason = " ".join(str(e).split())
+        raise UserError(f"audio file {path}: cannot decode ({e.__class__.__name__}: {reason})") from None
+    return resample(audio.mean(axis=1), sr, sample_rate)
 
 
 def decode_mono(data: bytes, sample_rate: int) -> np.ndarray:

@@ -47,35 +47,14 @@ import pyarrow.parquet as pq
 from soundlake.catalog import schema, sql
 from soundlake.catalog.lake import Lake
 from soundlake.core.errors import UserError
+from soundlake.core.splits import SPLIT_HASH, split_of
 from soundlake.core.storage import open_uri, put_bytes
 from soundlake.export import parquet_pages, shards
+from soundlake.stages.caption import captioner_ranking
 
 FORMAT_VERSION = 1
 _READ_CHUNK = 32  # samples read ahead per step while a shard is written
 # One captioner ranking for the dataset view and exports.
-CAPTIONER_PRIORITY = getattr(sql, "CAPTIONER_PRIORITY", ("reference", "refine", "qwen", "autocap", "template"))
-
-EXPORTS = pa.schema([
-    ("export_id", pa.string()),
-    ("name", pa.string()),
-    ("out", pa.string()),
-    ("created", schema.TS),
-    ("args_json", pa.string()),
-    ("catalog_sha256", pa.string()),   # hash of the part files the export read
-    ("manifest_sha256", pa.string()),
-    ("clips", pa.int64()),
-    ("shards", pa.int64()),
-    ("bytes", pa.int64()),
-    ("splits_json", pa.string()),      # {"train": n, "valid": n, ...}
-])
-EXPORT_MEMBERS = pa.schema([
-    ("export_id", pa.string()),
-    ("clip_id", pa.string()),
-    ("split", pa.string()),
-    ("shard", pa.string()),
-])
-schema.register("exports", EXPORTS)
-schema.register("export_members", EXPORT_MEMBERS)
 
 # Per-sample metadata copied from the clips view into <key>.json.
 _META = ("clip_id", "source", "source_id", "title", "url", "license", "uploader", "upload_date",
@@ -137,17 +116,6 @@ def parse_splits(text: str | None) -> dict[str, float]:
     return out
 
 
-def split_of(clip_id: str, splits: dict[str, float]) -> str:
-    """A clip's split from a hash of its id alone: adding clips never moves another clip."""
-    u = int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:8], "big") / 2**64
-    edge = 0.0
-    for name, frac in splits.items():
-        edge += frac
-        if u < edge:
-            return name
-    return "train"
-
-
 def read_exclusions(path: str) -> list[str]:
     """One id per line (a clip id, a source id, or source:source_id); '#' starts a comment."""
     try:
@@ -192,18 +160,14 @@ def _columns(con, name: str) -> set[str]:
                                       "WHERE table_name = ?", [name]).fetchall()}
 
 
-def _caption_rank_sql(alias: str = "c") -> str:
-    cases = " ".join(f"WHEN '{n}' THEN {i}" for i, n in enumerate(CAPTIONER_PRIORITY))
-    return f"CASE {alias}.captioner {cases} ELSE {len(CAPTIONER_PRIORITY)} END"
-
-
 def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]], dict, dict[str, int]]:
     """Run the selection: (clip rows, captions per clip, catalog state, dropped counts)."""
     if args.caption not in ("preferred", "all") and not args.caption.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--caption {args.caption!r}: expected preferred, all or a captioner name")
     # Exactly the part files listed now: one catalog state even while a curation job adds parts.
     files = {t: lake.parts(t) for t in ("clips", "captions", "scores")}
-    con = sql.connect(lake, parts=files)
+    ranking = captioner_ranking()
+    con = sql.connect(lake, parts=files, ranking=ranking)
     rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in files.items()}
     catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()}
     if not files.get("clips"):
@@ -237,7 +201,7 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
 
     # Captions of the selected clips, distinct texts, in policy order (best first).
     caps_sql = f"""SELECT c.clip_id, c.captioner, min(c.model_id) AS model_id, c.text,
-                          min({_caption_rank_sql()}) AS rank
+                          min({sql.ranking_sql(ranking)}) AS rank
                    FROM captions c JOIN _sel USING (clip_id) WHERE c.text IS NOT NULL AND c.text <> ''
                    GROUP BY c.clip_id, c.captioner, c.text"""
     first = "FALSE"
@@ -513,9 +477,9 @@ def _write_export(lake: Lake, args: ExportArgs, plan: Plan, reader: _AudioReader
                   "min_score": args.min_score, "score_model": args.score_model,
                   "exclude": [{"file": p, "sha256": _exclusion_digest(p), "ids": len(read_exclusions(p))}
                               for p in args.exclude],
-                  "order": "clip_id", "splits": args.splits, "split_hash": "sha256(clip_id)[:8] / 2**64"},
+                  "order": "clip_id", "splits": args.splits, "split_hash": SPLIT_HASH},
         "args": args.identity(), "catalog": plan.catalog, "dropped": plan.dropped,
-        "captioner_priority": list(CAPTIONER_PRIORITY), "shards": [],
+        "captioner_priority": list(captioner_ranking()), "shards": [],
     }
     # Which shards need writing: a finished shard is kept when its sha256 still matches.
     todo = []
@@ -632,12 +596,12 @@ def _record(lake: Lake, eid: str, args: ExportArgs, out: str, plan: Plan, manife
             "export_id": pa.array([eid] * len(plan.samples), pa.string()),
             "clip_id": [s.clip_id for s in plan.samples],
             "split": [s.split for s in plan.samples],
-            "shard": [shard_of[s.clip_id] for s in plan.samples]}, schema=EXPORT_MEMBERS), run_id)
+            "shard": [shard_of[s.clip_id] for s in plan.samples]}, schema=schema.EXPORT_MEMBERS), run_id)
         lake.write_part("exports", pa.table({
             "export_id": [eid], "name": [args.name or os.path.basename(out.rstrip("/"))], "out": [out],
             "created": pa.array([datetime.now(timezone.utc)], schema.TS),
             "args_json": [json.dumps(args.identity(), sort_keys=True)],
             "catalog_sha256": [plan.catalog["sha256"]], "manifest_sha256": [msha],
             "clips": [len(plan.samples)], "shards": [len(plan.shards)], "bytes": [manifest["bytes"]],
-            "splits_json": [json.dumps(manifest["splits"], sort_keys=True)]}, schema=EXPORTS), run_id)
+            "splits_json": [json.dumps(manifest["splits"], sort_keys=True)]}, schema=schema.EXPORTS), run_id)
     return True

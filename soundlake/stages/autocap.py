@@ -16,17 +16,16 @@ import pyarrow as pa
 
 from soundlake.core.audio import decode_mono
 from soundlake.core.errors import UserError
-from soundlake.stages.base import failure_row, failures_table
-from soundlake.stages.caption import _add_captions, caption_tables
-from soundlake.stages.recaption import _ModelStage
+from soundlake.stages.base import ModelStage, failure_row, failures_table
+from soundlake.stages.caption import add_captions, caption_tables, register_captioner
 
 DECODE_ERRORS = (RuntimeError, ValueError, TypeError, OSError)   # soundfile raises RuntimeError subclasses
 
 
 def autocap_identity(path: str, use_metadata: bool) -> tuple[str, str, str]:
     """(model_id, model_hash, prompt_version) of a saved autocap folder, read on the driver."""
+    from soundlake.core.fingerprints import weights_sha256
     from soundlake.models.captioners.autocap import META_FILE, WEIGHTS, prompt_version
-    from soundlake.models.text import weights_sha256
 
     folder = Path(path)
     if not (folder / META_FILE).is_file():
@@ -48,7 +47,8 @@ def clip_meta(row: dict) -> dict:
             "tags": row.get("tags"), "video_caption": extra.get("video_caption") if isinstance(extra, dict) else None}
 
 
-class AutocapCaptionStage(_ModelStage):
+@register_captioner("autocap", rank=3)
+class AutocapCaptionStage(ModelStage):
     name = "autocap"
 
     def __init__(self, path: str, run_id: str, use_metadata: bool = True, num_beams: int | None = None,
@@ -88,7 +88,7 @@ class AutocapCaptionStage(_ModelStage):
                     new[i] = [{"captioner": "autocap", "model_id": self.model.model_id,
                                "model_hash": self.model.model_hash, "prompt_version": self.prompt_version,
                                "text": text}]
-        batch = _add_captions(batch, new)
+        batch = add_captions(batch, new)
         return batch.append_column("autocap_errors", pa.array(errors, pa.string()))
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:

@@ -59,6 +59,27 @@ class Stage:
         return {}
 
 
+class ModelStage(Stage):
+    """A stage backed by a model folder: an actor pool, the model loaded once per actor in ``setup``."""
+
+    uses_actors = True
+
+    def __init__(self, path: str, run_id: str, batch_size: int = 8, num_gpus: float = 0.0,
+                 concurrency: int = 1, prompt_version: str | None = None):
+        self.path, self.run_id, self.prompt_version = path, run_id, prompt_version
+        self.batch_size, self.num_gpus, self.concurrency = batch_size, num_gpus, concurrency
+        self.model = None
+
+    def resources(self) -> Resources:
+        return Resources(num_cpus=1, num_gpus=self.num_gpus, concurrency=self.concurrency,
+                         batch_size=self.batch_size)
+
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
+
+
 def flow_failure(row: dict, stage: str, run_id: str, error: str, message: str) -> dict:
     """An input that yields no clip, as a failed flow row (it becomes a ``failures`` row at write)."""
     base = {k: row.get(k) for k in ("source", "source_id", "title", "url", "attempt")}

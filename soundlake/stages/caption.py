@@ -1,12 +1,18 @@
-"""Caption stage: each configured captioner adds rows; captions are never overwritten.
+"""Caption stage and the captioner registry; captions are never overwritten.
 
 Captions travel in the flow as ``new_captions`` (captioner, model id, hash, prompt
 version, text) so that the score stage can score them before the write step puts
-them into ``captions``. Model captioners (autocap, qwen, refine) plug in here as
-actor stages; ``template`` needs no model and runs as a task.
+them into ``captions``. Model captioners (autocap, qwen, refine) plug in as actor
+stages; ``template`` needs no model and runs as a task.
+
+A new captioner is one stage class decorated with ``@register_captioner(name, rank)``
+in a module imported by ``soundlake/stages/__init__.py``. Its rank places its captions
+in the preference order of the catalog's ``dataset`` view and of exports
+(:func:`captioner_ranking`, handed to the catalog as data).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -18,6 +24,31 @@ from soundlake.catalog.schema import CAPTIONS
 from soundlake.core.config import Section
 from soundlake.models.captioners.template import PROMPT_VERSION, template_caption
 from soundlake.stages.base import Stage
+
+
+@dataclass(frozen=True)
+class Captioner:
+    name: str
+    rank: int                          # lower: preferred in the dataset view and in exports
+    stage: type[Stage] | None = None   # None: captions that come with the source
+
+
+# "reference" captions come with the source (synth scenes, human captions in local metadata).
+CAPTIONERS: dict[str, Captioner] = {"reference": Captioner("reference", 0)}
+
+
+def register_captioner(name: str, rank: int):
+    """Class decorator: the stage writes captions with ``captioner = name``, ranked ``rank``."""
+    def add(cls):
+        CAPTIONERS[name] = Captioner(name, rank, cls)
+        return cls
+    return add
+
+
+def captioner_ranking() -> tuple[str, ...]:
+    """Captioner names, most preferred first (every module of ``soundlake.stages`` has registered)."""
+    return tuple(sorted(CAPTIONERS, key=lambda n: (CAPTIONERS[n].rank, n)))
+
 
 NEW_CAPTION = pa.struct([("captioner", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
                          ("prompt_version", pa.string()), ("text", pa.string())])
@@ -43,6 +74,7 @@ class CaptionSpec(Section):
         return self
 
 
+@register_captioner("template", rank=4)
 class TemplateCaptionStage(Stage):
     name = "caption"
 
@@ -56,13 +88,13 @@ class TemplateCaptionStage(Stage):
                                     self.use_metadata) if row["status"] == "ok" else None
             out.append([{"captioner": "template", "model_id": "template", "model_hash": None,
                          "prompt_version": PROMPT_VERSION, "text": text}] if text else [])
-        return _add_captions(batch, out)
+        return add_captions(batch, out)
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         return caption_tables(batch, self.run_id, captioner="template")
 
 
-def _add_captions(batch: pa.Table, new: list[list[dict]]) -> pa.Table:
+def add_captions(batch: pa.Table, new: list[list[dict]]) -> pa.Table:
     """Append to (or create) the flow's new_captions column."""
     if "new_captions" in batch.column_names:
         old = batch["new_captions"].to_pylist()

@@ -105,7 +105,7 @@ class EmbedStage(_ClapActorStage):
     def setup(self) -> None:
         super().setup()
         if self.tag:
-            from soundlake.models.clap.load import label_prompts
+            from soundlake.models.clap.windowing import label_prompts
 
             self.label_set, self.labels = resolve_labels(self.spec.tag_labels)
             self.label_emb = self.model.embed_text(label_prompts(self.labels, self.spec.tag_template))
@@ -114,7 +114,7 @@ class EmbedStage(_ClapActorStage):
         return self.model.embed_audio([decode_mono(data, self.model.sample_rate) for data in flacs])
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from soundlake.models.clap.load import zero_shot
+        from soundlake.models.clap.windowing import zero_shot
 
         status = batch["status"].to_pylist()
         idx = [i for i, s in enumerate(status) if s == "ok"]

@@ -12,32 +12,14 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from soundlake.core.audio import decode_mono
-from soundlake.stages.base import Resources, Stage, failure_row, failures_table
-from soundlake.stages.caption import _add_captions, caption_tables
+from soundlake.stages.base import ModelStage, failure_row, failures_table
+from soundlake.stages.caption import add_captions, caption_tables, register_captioner
 
 LINT_TYPE = pa.list_(pa.struct([("text", pa.string()), ("rules", pa.string())]))
 
 
-class _ModelStage(Stage):
-    uses_actors = True
-
-    def __init__(self, path: str, run_id: str, batch_size: int = 8, num_gpus: float = 0.0,
-                 concurrency: int = 1, prompt_version: str | None = None):
-        self.path, self.run_id, self.prompt_version = path, run_id, prompt_version
-        self.batch_size, self.num_gpus, self.concurrency = batch_size, num_gpus, concurrency
-        self.model = None
-
-    def resources(self) -> Resources:
-        return Resources(num_cpus=1, num_gpus=self.num_gpus, concurrency=self.concurrency,
-                         batch_size=self.batch_size)
-
-    def device(self) -> str:
-        import torch
-
-        return "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
-
-
-class QwenCaptionStage(_ModelStage):
+@register_captioner("qwen", rank=2)
+class QwenCaptionStage(ModelStage):
     name = "qwen"
 
     def setup(self) -> None:
@@ -50,13 +32,14 @@ class QwenCaptionStage(_ModelStage):
         texts = self.model.caption(clips)
         new = [[{"captioner": "qwen", "model_id": self.model.model_id, "model_hash": self.model.model_hash,
                  "prompt_version": self.model.prompt_version, "text": t}] if t else [] for t in texts]
-        return _add_captions(batch, new)
+        return add_captions(batch, new)
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         return caption_tables(batch, self.run_id)
 
 
-class RefineStage(_ModelStage):
+@register_captioner("refine", rank=1)
+class RefineStage(ModelStage):
     name = "refine"
 
     def setup(self) -> None:
@@ -84,7 +67,7 @@ class RefineStage(_ModelStage):
             else:
                 new[i] = [{"captioner": "refine", "model_id": self.model.model_id, "model_hash": self.model.model_hash,
                            "prompt_version": self.model.prompt_version, "text": text}]
-        batch = _add_captions(batch, new)
+        batch = add_captions(batch, new)
         return batch.append_column("lint_failures", pa.array(failures, LINT_TYPE))
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:

@@ -33,8 +33,9 @@ Public API::
     plan_refreshes(profile.rates_for(n), delta, max_reuse) -> bool [L, n]   # Eq. 2 offline:
                                         # which layer computes at which step (= stats() of a run)
 
-    HookRegistry.of(module).register(name, hook) / .remove(name)    # the hook mechanism
-    ModelHook.new_forward(module, forward, *args, **kwargs) / .reset() / .release()
+    HOOK_NAME = "audiocache"            # the hooks' name (soundlake.generation.inference.hooks):
+                                        # a step counter on the model, one hook per layer;
+                                        # calibration uses "audiocache.calibrate"
 
 Definitions:
 
@@ -62,8 +63,10 @@ Definitions:
 
 The cached tensor is returned as is (no copy): the block must not modify a layer's
 output in place (the DiT adds it out of place). Inference only (use ``torch.no_grad``).
-While attached, hooks live in instance attributes (closures): remove them before pickling
-or deep-copying the whole module (``state_dict`` is unaffected at all times).
+While attached, the hooks (see ``hooks.py``) live in instance attributes: remove them
+before pickling or deep-copying the whole module (``state_dict`` is unaffected at all times).
+AudioCache and LiteFocus hook different modules under different names and can be attached
+together; each detaches alone.
 """
 from __future__ import annotations
 
@@ -80,8 +83,14 @@ import torch
 from torch import nn
 
 from soundlake.core.storage import atomic_path, write_text
+from soundlake.generation.inference.hooks import (
+    ModelHook,
+    find_modules,
+    register_hooks,
+    remove_hooks,
+)
 
-HOOK_ATTR = "_soundlake_hooks"
+HOOK_NAME = "audiocache"  # the hook name on the model and on each cached layer
 
 
 class ProfileMismatch(ValueError):
@@ -91,96 +100,32 @@ class ProfileMismatch(ValueError):
 # --------------------------------------------------------------------------- hooks
 
 
-class ModelHook:
-    """Wraps one module's forward. Subclasses override ``new_forward``."""
-
-    def new_forward(self, module: nn.Module, forward: Callable, *args, **kwargs):
-        return forward(*args, **kwargs)
-
-    def reset(self) -> None:  # per-run state
-        pass
-
-    def release(self) -> None:  # drop held tensors at the end of a run, keep counters
-        pass
-
-
-class HookRegistry:
-    """Ordered hooks on one module instance, diffusers-style.
-
-    The module's bound ``forward`` is replaced by an instance attribute that runs the hooks
-    (first registered = outermost); the class is never touched. When the last hook is
-    removed the instance attribute is deleted (or the one that was there before restored),
-    so ``module.forward`` is again exactly what it was.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.hooks: dict[str, ModelHook] = {}
-        self._had_instance_forward = "forward" in module.__dict__
-        self._original = module.__dict__.get("forward")
-        self._base = module.forward  # bound method (or the previous instance forward)
-
-    @classmethod
-    def of(cls, module: nn.Module) -> "HookRegistry":
-        reg = module.__dict__.get(HOOK_ATTR)
-        if reg is None:
-            reg = cls(module)
-            object.__setattr__(module, HOOK_ATTR, reg)  # plain attribute, not a submodule
-        return reg
-
-    def register(self, name: str, hook: ModelHook) -> None:
-        if name in self.hooks:
-            raise ValueError(f"hook {name!r} already registered on {type(self.module).__name__}")
-        self.hooks[name] = hook
-        self._install()
-
-    def remove(self, name: str) -> None:
-        self.hooks.pop(name, None)
-        if self.hooks:
-            self._install()
-            return
-        if self._had_instance_forward:
-            self.module.__dict__["forward"] = self._original
-        else:
-            self.module.__dict__.pop("forward", None)
-        self.module.__dict__.pop(HOOK_ATTR, None)
-
-    def _install(self) -> None:
-        forward = self._base
-        for hook in reversed(list(self.hooks.values())):
-            forward = _bind(hook, self.module, forward)
-        self.module.__dict__["forward"] = forward
-
-
-def _bind(hook: ModelHook, module: nn.Module, inner: Callable) -> Callable:
-    def forward(*args, **kwargs):
-        return hook.new_forward(module, inner, *args, **kwargs)
-
-    return forward
-
-
 class _StepCounter(ModelHook):
     """On the top-level model: each call is one sampler step."""
 
     def __init__(self, owner: "_Stepper"):
         self.owner = owner
 
-    def new_forward(self, module, forward, *args, **kwargs):
+    def pre_forward(self, module, *args, **kwargs):
         self.owner._advance()
-        return forward(*args, **kwargs)
+        return args, kwargs
 
 
 class _Stepper:
-    """Step bookkeeping shared by calibration and caching."""
+    """Step bookkeeping shared by calibration and caching: a step counter on the model and
+    one layer hook per named layer, all registered under ``name``."""
 
-    name = "stepper"
+    name = HOOK_NAME
 
     def __init__(self, model: nn.Module, layers: Sequence[str]):
         self.model = model
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("no layers named")
-        self.modules = [_get(model, n) for n in self.layers]
+        try:
+            self.modules = find_modules(model, self.layers)
+        except LookupError as e:
+            raise ProfileMismatch(str(e)) from None
         self.num_steps: int | None = None
         self.step = -1
         self.attached = False
@@ -204,21 +149,15 @@ class _Stepper:
     def attach(self):
         if self.attached:
             return self
-        HookRegistry.of(self.model).register(self.name + ".step", _StepCounter(self))
-        self._hooks = []
-        for i, m in enumerate(self.modules):
-            hook = self._layer_hook(i)
-            HookRegistry.of(m).register(self.name, hook)
-            self._hooks.append(hook)
+        self._hooks = [self._layer_hook(i) for i in range(len(self.modules))]
+        register_hooks([self.model, *self.modules], [_StepCounter(self), *self._hooks], self.name)
         self.attached = True
         return self
 
     def remove(self) -> None:
         if not self.attached:
             return
-        for m in self.modules:
-            HookRegistry.of(m).remove(self.name)
-        HookRegistry.of(self.model).remove(self.name + ".step")
+        remove_hooks([self.model, *self.modules], self.name)
         self.attached = False
 
     def __enter__(self):
@@ -230,7 +169,7 @@ class _Stepper:
     def reset(self) -> None:
         self.step = -1
         for h in getattr(self, "_hooks", []):
-            h.reset()
+            h.reset_state()
 
     @contextlib.contextmanager
     def run(self, num_steps: int) -> Iterator[Any]:
@@ -251,13 +190,6 @@ class _Stepper:
 
     def _start(self, num_steps: int) -> None:
         pass
-
-
-def _get(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError as e:
-        raise ProfileMismatch(f"model has no submodule {name!r}") from e
 
 
 def layer_names(
@@ -365,19 +297,20 @@ def profile_path(model_dir: str | Path, sampler: str, steps: int) -> Path:
 
 
 class _Recorder(ModelHook):
+    stateful = True
+
     def __init__(self, owner: "_Calibrator", index: int):
         self.owner, self.index = owner, index
-        self.reset()
+        self.reset_state()
 
-    def reset(self) -> None:
+    def reset_state(self) -> None:
         self.prev: torch.Tensor | None = None
         self.last_step = -1
 
-    def release(self) -> None:
+    def release(self) -> None:  # drop held tensors at the end of a run
         self.prev = None
 
-    def new_forward(self, module, forward, *args, **kwargs):
-        out = forward(*args, **kwargs)
+    def post_forward(self, module, out):
         o = self.owner
         if not o.active:
             return out
@@ -393,7 +326,7 @@ class _Recorder(ModelHook):
 
 
 class _Calibrator(_Stepper):
-    name = "audiocache.calibrate"
+    name = HOOK_NAME + ".calibrate"
 
     def _layer_hook(self, index):
         return _Recorder(self, index)
@@ -475,27 +408,29 @@ def plan_refreshes(rates: np.ndarray, delta: float, max_reuse: int | None = None
 
 
 class _CacheHook(ModelHook):
+    stateful = True
+
     def __init__(self, owner: "AudioCache", index: int):
         self.owner, self.index = owner, index
         self.computed = self.reused = 0
-        self.reset()
+        self.reset_state()
 
-    def reset(self) -> None:
+    def reset_state(self) -> None:
         self.out: torch.Tensor | None = None
         self.in_shape: tuple | None = None
         self.acc = 0.0
         self.streak = 0
         self.computed = self.reused = 0
 
-    def release(self) -> None:
+    def release(self) -> None:  # drop held tensors at the end of a run, keep the counters
         self.out = None
         self.in_shape = None
 
-    def new_forward(self, module, forward, *args, **kwargs):
+    def new_forward(self, module, *args, **kwargs):
         o = self.owner
         if not o.active or not o.enabled:
             self.computed += o.active
-            return forward(*args, **kwargs)
+            return self.inner_forward(*args, **kwargs)
         t, last = o.step, o.num_steps - 1
         x = args[0] if args else next(iter(kwargs.values()), None)
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
@@ -504,7 +439,7 @@ class _CacheHook(ModelHook):
         must = (self.out is None or shape != self.in_shape
                 or refresh_due(t, last, self.acc, self.streak, o.delta, o.max_reuse))
         if must:
-            self.out = forward(*args, **kwargs)
+            self.out = self.inner_forward(*args, **kwargs)
             self.in_shape = shape
             self.acc = 0.0
             self.streak = 0

@@ -38,6 +38,7 @@ Public API::
         # clap: metrics.ClapFunctions (with a classifier); labels: (name, [label, ...])
     model_steps(settings, sampling, n_prompts) -> int  # what the progress callback will count
     training_seconds(gen) / sparse_geometry(gen, settings) -> (window, chunk) / planned_fraction(...)
+    litefocus_geometry(gen, window, chunk, seconds) -> LiteFocusGeometry(window, chunk, train_frames)
     CacheEvalReport.markdown() / .html() / .to_dict() / .write(out_dir) -> list[Path]
 """
 from __future__ import annotations
@@ -51,11 +52,12 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from soundlake.core.audio import read_mono
 from soundlake.core.errors import UserError
 from soundlake.generation.inference.audiocache import (
     AudioCache,
@@ -378,12 +380,27 @@ def _baseline(plan: list[_Setting], s: _Setting) -> _Setting:
     return next(b for b in plan if b.seconds == s.seconds and b.delta is None and b.ratio is None)
 
 
+class LiteFocusGeometry(NamedTuple):
+    """LiteFocus sizes in latent frames."""
+    window: int        # the local band every query attends to
+    chunk: int         # queries per sparse block
+    train_frames: int  # the DiT's training crop (``seconds`` when the model folder does not record it)
+
+
+def litefocus_geometry(gen, window: int | None, chunk: int | None, seconds: float) -> LiteFocusGeometry:
+    """LiteFocus sizes for this DiT. The band defaults to the training length, so every query
+    sees a neighbourhood as wide as the clips the DiT learned from; query chunks default to
+    half the band (at least 16), so each chunk's shared random keys stay a small part of the
+    sequence."""
+    train_frames = gen.frames(training_seconds(gen) or seconds)
+    window = window or train_frames
+    return LiteFocusGeometry(window, chunk or max(16, window // 2), train_frames)
+
+
 def sparse_geometry(gen, settings: EvalSettings) -> tuple[int, int]:
-    """(window, chunk) in latent frames: the band is the training length, so every query
-    sees a neighbourhood as wide as the clips the DiT learned from."""
-    window = settings.window or gen.frames(training_seconds(gen) or settings.seconds)
-    chunk = settings.chunk or max(16, window // 2)
-    return window, chunk
+    """(window, chunk) in latent frames for an evaluation (:func:`litefocus_geometry`)."""
+    g = litefocus_geometry(gen, settings.window, settings.chunk, settings.seconds)
+    return g.window, g.chunk
 
 
 def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, settings: EvalSettings,
@@ -432,15 +449,11 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
 
 
 def _load_reference(path: Path, rate: int) -> tuple[np.ndarray, int]:
+    """(the clip at ``rate``, the file's own rate, which the report records)."""
     import soundfile as sf
-    import soxr
 
-    try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for bad files
-        raise UserError(f"reference audio {path}: cannot decode ({e.__class__.__name__}: {e})") from None
-    audio = audio.mean(1)
-    return (soxr.resample(audio, sr, rate).astype(np.float32) if sr != rate else audio), sr
+    audio = read_mono(path, rate)
+    return audio, sf.info(str(path)).samplerate
 
 
 def _resample(clips: list[np.ndarray], src: int, dst: int) -> list[np.ndarray]:

@@ -25,9 +25,14 @@ Public API::
         # min_tokens tokens (e.g. the training length) use exact attention
     attach_sparse_attention(model, blocks, window, ratio, seed=0, freq_bins=None,
                             chunk=256, min_tokens=0, container="blocks") -> SparseHandle
-        # swaps model.<container>[i].self_attn.attention for i in blocks (block i gets
-        # seed + i); handle.detach() (or `with` exit) restores the original callables
+        # hooks (``hooks.py``, name HOOK_NAME) the attention core module
+        # model.<container>[i].self_attn.attention for i in blocks (block i gets seed + i);
+        # handle.detach() (or `with` exit) removes them: the model is as before
+    SparseAttentionHook(attention)      # the hook: new_forward computes ``attention(q, k, v, ...)``
     dense_band_mask(n, window, freq_bins=None) -> BoolTensor [N, N]   # the band, for tests
+
+The hooks sit on the attention cores, below AudioCache's layer hooks (``self_attn``), so
+both can be attached together in either order: a reused layer runs no attention at all.
 
 Only the default call shape is sparse: a key-padding mask broadcast over queries
 (``[..., 1, N]`` boolean) is supported, other masks, dropout and causal attention raise.
@@ -41,6 +46,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from soundlake.generation.inference.hooks import (
+    ModelHook,
+    find_modules,
+    register_hooks,
+    remove_hooks,
+)
+
+HOOK_NAME = "litefocus"  # the hook name on each attention core
 
 
 def _positions(n: int, freq_bins: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,13 +165,29 @@ class SparseAttention:
         return out
 
 
+class SparseAttentionHook(ModelHook):
+    """Replaces an attention core's forward (``F.scaled_dot_product_attention`` signature)."""
+
+    def __init__(self, attention: SparseAttention):
+        self.attention = attention
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.attention(*args, **kwargs)
+
+
 @dataclass
 class SparseHandle:
-    """Restores each swapped ``self_attn.attention`` on ``detach()``."""
+    """Removes the sparse-attention hooks from ``modules`` on ``detach()``.
+
+    ``saved`` (module, had_instance_attribute, original) restores ``attention`` callables a
+    caller swapped itself; kept for such callers, LiteFocus itself only uses hooks."""
 
     saved: list[tuple[nn.Module, bool, object]] = field(default_factory=list)
+    modules: list[nn.Module] = field(default_factory=list)
 
     def detach(self) -> None:
+        remove_hooks(self.modules, HOOK_NAME)
+        self.modules.clear()
         for module, had_instance, original in reversed(self.saved):
             if had_instance:
                 module.__dict__["attention"] = original
@@ -176,16 +206,14 @@ def attach_sparse_attention(model: nn.Module, blocks: Sequence[int], window: int
                             ratio: float = 0.1, seed: int = 0, freq_bins: int | None = None,
                             chunk: int = 256, min_tokens: int = 0,
                             container: str = "blocks") -> SparseHandle:
-    """Swap ``self_attn.attention`` of the listed blocks for :class:`SparseAttention`."""
-    all_blocks = model.get_submodule(container)
-    handle = SparseHandle()
-    for i in blocks:
-        attn = all_blocks[i].self_attn
-        if not hasattr(attn, "attention"):
-            raise AttributeError(f"{container}.{i}.self_attn has no swappable `attention`")
-        had = "attention" in attn.__dict__
-        handle.saved.append((attn, had, attn.__dict__.get("attention")))
-        # __dict__ directly: a plain callable attribute, never registered as a submodule
-        attn.__dict__["attention"] = SparseAttention(window, ratio, seed + i, freq_bins, chunk,
-                                                     min_tokens)
-    return handle
+    """Hook the self-attention core of the listed blocks with :class:`SparseAttention`."""
+    blocks = list(blocks)
+    try:
+        modules = find_modules(model, [f"{container}.{i}.self_attn.attention" for i in blocks])
+    except LookupError as e:
+        raise AttributeError(f"{e}: the attention core must be a module "
+                             "(soundlake.generation.dit.ScaledDotProductAttention)") from None
+    hooks = [SparseAttentionHook(SparseAttention(window, ratio, seed + i, freq_bins, chunk, min_tokens))
+             for i in blocks]
+    register_hooks(modules, hooks, HOOK_NAME)
+    return SparseHandle(modules=modules)

@@ -171,7 +171,7 @@ class ClapFunctions:
     @classmethod
     def of(cls, clap, labels: Sequence[str] | None = None,
            template: str = "the sound of {label}") -> "ClapFunctions":
-        from soundlake.models.clap.load import label_prompts, zero_shot
+        from soundlake.models.clap.windowing import label_prompts, zero_shot
 
         classify = None
         if labels:

@@ -142,8 +142,8 @@ def encode_shards(vae_dir: str, source: str, out: str, *, split: str | None = No
     """Encode every shard of the export ``source`` (or those of ``split``) into ``out``."""
     import ray.data
 
+    from soundlake.core.fingerprints import weights_sha256
     from soundlake.generation.model_folder import read_meta
-    from soundlake.models.text import weights_sha256
 
     t0 = time.perf_counter()
     vae_meta = read_meta(vae_dir, "vae")

@@ -170,7 +170,7 @@ def make_plan(spec: TrainSpec) -> dict:
     except (ValueError, TypeError) as e:
         raise UserError(f"config {spec.config}: {e}") from None
     plan["dit_config"] = cfg.to_dict()
-    from soundlake.models.text import weights_sha256
+    from soundlake.core.fingerprints import weights_sha256
 
     vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
     stats = None

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soundlake.core.fingerprints import weights_sha256
 from soundlake.core.storage import atomic_path, write_text
-from soundlake.models.text import weights_sha256
 
 FORMAT = "soundlake-autocap/1"
 META_FILE = "soundlake_autocap.json"
@@ -104,7 +104,7 @@ class AutocapConfig:
 # ---------------------------------------------------------------- metadata
 
 
-def _field_text(meta: dict, name: str) -> str:
+def field_text(meta: dict, name: str) -> str:
     value = meta.get(name)
     if name == "labels" and not value:
         value = meta.get("tags")            # AutoCap reads tags/keywords as labels too
@@ -118,7 +118,7 @@ def meta_text(meta: dict | None, cfg: AutocapConfig, drop: set[str] | frozenset 
     meta = meta or {}
     parts = []
     for name, open_, close in cfg.fields:
-        text = "" if name in drop else _field_text(meta, name)[: cfg.max_field_chars]
+        text = "" if name in drop else field_text(meta, name)[: cfg.max_field_chars]
         parts.append(f"{open_} {text} {close}")
     return " \n ".join(parts)
 
@@ -356,8 +356,11 @@ class ClapAudio:
         from safetensors.torch import load_file
 
         from soundlake.models.clap.inhouse import FORMAT as CLAP_FORMAT
-        from soundlake.models.clap.inhouse import ClapNet, ClapTrainConfig
-        from soundlake.models.clap.load import INHOUSE_CONFIG
+        from soundlake.models.clap.inhouse import (
+            INHOUSE_CONFIG,
+            ClapNet,
+            ClapTrainConfig,
+        )
 
         path = Path(path)
         meta_file = path / INHOUSE_CONFIG

@@ -74,6 +74,7 @@ import torch
 import yaml
 
 from soundlake.core.errors import UserError
+from soundlake.core.fingerprints import weights_sha256
 from soundlake.models.captioners.autocap import (
     RELEASED_AUDIO,
     Autocap,
@@ -82,7 +83,6 @@ from soundlake.models.captioners.autocap import (
     add_tags,
     save_autocap,
 )
-from soundlake.models.text import weights_sha256
 
 # AutoCap's get_meta_dict: the fields, their tags, and the order they are joined in
 RELEASED_FIELDS = {"labels": ("<LBL>", "</LBL>"), "video_caption": ("<HQVC>", "</HQVC>"),

@@ -40,10 +40,10 @@ from soundlake.models.captioners.autocap import (
     AutocapConfig,
     AutocapNet,
     ClapAudio,
-    _field_text,
     add_tags,
     build_tokenizer,
     count_parameters,
+    field_text,
     meta_text,
     new_bart,
     save_autocap,
@@ -205,7 +205,7 @@ def train_autocap(items: list[CaptionItem], out_dir: str | Path, config: Autocap
         base_vocab = add_tags(tokenizer, cfg)
         bart = new_bart(cfg, tokenizer, base_vocab).to(device)
         if not cfg.bart and tcfg.bart_epochs > 0:   # a from-config BART learns the captions' language first
-            plain = captions + [t for m in metas for f in cfg.fields if (t := _field_text(m, f[0]))]
+            plain = captions + [t for m in metas for f in cfg.fields if (t := field_text(m, f[0]))]
             pretrain_bart(bart, tokenizer, plain, tcfg.bart_epochs, tcfg.batch_size, tcfg.lr_bart, gen,
                           cfg.max_meta_tokens, device, progress)
         net = AutocapNet(cfg, bart, base_vocab).to(device)

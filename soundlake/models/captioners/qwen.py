@@ -54,7 +54,7 @@ def qwen_prompt_version(path: str, override: str | None = None) -> str:
 
 
 def _hash(path: str) -> str:
-    from soundlake.models.text import weight_files, weights_sha256
+    from soundlake.core.fingerprints import weight_files, weights_sha256
 
     return weights_sha256(weight_files(Path(path)))
 

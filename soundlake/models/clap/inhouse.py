@@ -46,11 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soundlake.core.fingerprints import weights_sha256
 from soundlake.core.storage import atomic_path, write_text
-from soundlake.models.clap.load import INHOUSE_CONFIG, Windowing, embed_windowed
-from soundlake.models.text import TextEncoder, load_text_encoder, weights_sha256
+from soundlake.models.clap.windowing import Windowing, embed_windowed
+from soundlake.models.text import TextEncoder, load_text_encoder
 
 FORMAT = "soundlake-clap/1"
+INHOUSE_CONFIG = "soundlake_clap.json"
 WEIGHTS = "model.safetensors"
 
 

@@ -1,0 +1,199 @@
+"""Generator commands: `train vae`, `train dit`, `encode` and `generate`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from soundlake.cli.main import MODELS, app, as_user_error, console, train_app
+from soundlake.core.errors import UserError
+
+SPEC_HELP = "YAML train spec (settings and stages); options and --set override it."
+SET_HELP = "Override a spec key: key=value, e.g. --set lr=1e-4 --set overrides.depth=6. Repeatable."
+
+
+def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given) -> None:
+    """`train vae` / `train dit`: load the spec, train on Ray Train with a progress bar, print a summary."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from soundlake.generation.train.specs import load_train_spec
+    from soundlake.generation.train.trainer import train
+
+    spec = load_train_spec(kind, str(spec_file) if spec_file else None, sets, **given)
+    stages = " → ".join(f"{s.name} ({s.mode if kind == 'dit' else 'recon'}, {s.steps} steps, {s.shards})"
+                        for s in spec.stages)
+    console.print(f"train {kind} · config {spec.config} · {spec.workers} worker(s) × batch {spec.batch_size} · "
+                  f"{spec.seconds:g} s crops · stages: {stages} · out {spec.out}", highlight=False)
+    progress = Progress(TextColumn(f"[bold]train {kind}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+    task = progress.add_task(kind, total=spec.total_steps, info="starting Ray Train…")
+
+    def on_progress(p):
+        loss = f"loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+        progress.update(task, completed=p["step"],
+                        info=f"{p['stage']} · {loss} · {p['samples_per_s']:.1f} samples/s")
+    with progress:
+        s = train(spec, on_progress)
+    t = Table(title=f"train {kind} done", show_header=False, title_justify="left")
+    t.add_row("steps", f"{s.steps}" + (f" (resumed at {s.resumed_from})" if s.resumed_from else ""))
+    t.add_row("speed", f"{s.samples_per_s:.1f} samples/s over {s.elapsed_s:.1f} s (+ {s.ray_startup_s:.1f} s Ray start-up)")
+    if s.final_loss is not None:
+        t.add_row("final loss", f"{s.final_loss:.4f} (last log row; the curve: {s.out}/train_log.csv)")
+    t.add_row("model", s.out)
+    t.add_row("checkpoint", s.checkpoint)
+    t.add_row("next", f"soundlake encode --vae {s.out} --shards <export> --out <latents>" if kind == "vae"
+              else f"soundlake generate --model {s.out} \"a high beep repeats\" --out beep.wav")
+    console.print(t)
+
+
+@train_app.command("vae")
+def train_vae_cmd(
+    shards: Optional[str] = typer.Option(None, help="Export folder (or URI) with audio shards."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, log and the model."),
+    config: Optional[str] = typer.Option(None, help="Model config: vae-tiny (CPU, default), vae-ezaudio, or a YAML."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per step per worker."),
+    seconds: Optional[float] = typer.Option(None, help="Crop length in seconds."),
+    lr: Optional[float] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="One GPU per worker."),
+    spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+):
+    """Train the waveform VAE on Ray Train from exported audio shards.
+
+    Writes checkpoints, train_log.csv and the model folder to --out; resumes from the newest
+    checkpoint there."""
+    run_training("vae", spec, set_, shards=shards, out=out, config=config, steps=steps, batch_size=batch_size,
+                 seconds=seconds, lr=lr, workers=workers, use_gpu=gpu)
+
+
+@train_app.command("dit")
+def train_dit_cmd(
+    shards: Optional[str] = typer.Option(None, help="Latent shards written by `soundlake encode`."),
+    vae: Optional[str] = typer.Option(None, help="The VAE folder that encoded them."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, log and the model."),
+    config: Optional[str] = typer.Option(None, help="Model config: dit-tiny (CPU, default), dit-L, dit-XL, or a YAML."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (one text-conditioned stage)."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per step per worker."),
+    seconds: Optional[float] = typer.Option(None, help="Crop length in seconds."),
+    lr: Optional[float] = typer.Option(None),
+    text_encoder: Optional[str] = typer.Option(None, help="transformers encoder folder (e.g. FLAN-T5); default MiniLM."),
+    init: Optional[str] = typer.Option(None, help="Start from this DiT folder's weights (weights only)."),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="One GPU per worker."),
+    spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Stages: masked pretraining, text, fine-tuning."),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+):
+    """Train the EzAudio-style DiT on VAE latent shards on Ray Train (v-prediction, condition dropout for CFG).
+
+    Writes checkpoints, train_log.csv and the model folder to --out; resumes from the newest
+    checkpoint there. The model folder holds its VAE, so `soundlake generate --model OUT` needs
+    nothing else."""
+    run_training("dit", spec, set_, shards=shards, vae=vae, out=out, config=config, steps=steps,
+                 batch_size=batch_size, seconds=seconds, lr=lr, text_encoder=text_encoder, init=init,
+                 workers=workers, use_gpu=gpu)
+
+
+@app.command(rich_help_panel=MODELS)
+def encode(
+    vae: str = typer.Option(..., help="Trained VAE folder (soundlake train vae)."),
+    shards: str = typer.Option(..., help="Export folder (or URI) with audio shards."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder (or URI) for the latent shards."),
+    split: Optional[str] = typer.Option(None, help="Only this split (default: all)."),
+    batch_size: int = typer.Option(16, help="Clips per VAE call."),
+    concurrency: int = typer.Option(1, help="VAE actors."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per actor."),
+    keep_audio: bool = typer.Option(False, help="Keep each sample's FLAC beside its latents."),
+    num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use."),
+    address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
+):
+    """Pre-encode audio shards into VAE latent shards with Ray Data, for `soundlake train dit`.
+
+    Writes one latent shard per audio shard and a manifest.json (with the latents' mean and std)
+    to --out. Resumable: finished shards are kept; exits 1 when a shard failed (re-run to retry)."""
+    from rich.progress import Progress
+
+    from soundlake.core.ray_env import RaySpec, init_ray
+    from soundlake.generation.train.encode import encode_shards
+
+    init_ray(RaySpec(address=address, num_cpus=num_cpus))
+    with Progress(console=console) as progress:
+        task = progress.add_task("encode", total=None)
+
+        def on_shard(row, done, total):
+            progress.update(task, completed=done, total=total)
+            if row["error"]:
+                progress.console.print(f"[red]failed[/] {row['name']}: {row['error']}", highlight=False)
+        r = encode_shards(vae, shards, out, split=split, batch_size=batch_size, concurrency=concurrency,
+                          num_gpus=num_gpus, keep_audio=keep_audio, on_shard=on_shard)
+    console.print(f"encoded {r.written} shards ({r.kept} already done) · {r.samples} samples · latent mean "
+                  f"{r.mean:.4f} std {r.std:.4f} · {r.elapsed_s:.1f} s · {r.out}/manifest.json", highlight=False)
+    if r.failed:
+        console.print("[red]failed shards[/] (re-run to retry): " + "; ".join(r.failed), highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command(rich_help_panel=MODELS)
+def generate(
+    prompts: List[str] = typer.Argument(..., help="One or more text prompts."),
+    model: str = typer.Option(..., help="Trained DiT folder (soundlake train dit)."),
+    out: Path = typer.Option(Path("generated.wav"), "--out", "-o", help="WAV path (NAME-<i>.wav for several prompts); "
+                             "a .json sidecar records every setting."),
+    seconds: float = typer.Option(10.0, help="Length of the audio."),
+    steps: int = typer.Option(100, help="Sampler steps."),
+    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m"),
+    cfg: float = typer.Option(5.0, help="Classifier-free guidance scale (1 = off)."),
+    rescale: float = typer.Option(0.75, help="CFG rescale φ (0 = off)."),
+    rescale_axis: str = typer.Option("all", help="Std axis of the rescale: all (EzAudio) | time (stable-audio-tools)."),
+    seed: int = typer.Option(0),
+    sparse_attention: str = typer.Option("none", help="none | litefocus (sparse self-attention for long audio)."),
+    ratio: float = typer.Option(0.1, help="litefocus: fraction of all keys each query also attends to."),
+    window: Optional[int] = typer.Option(None, help="litefocus: local band in latent frames (default: the "
+                                         "training crop's frames)."),
+    reference: Optional[Path] = typer.Option(None, help="A reference clip for a DiT trained with a second "
+                                             "condition stream (DC-LDM, cond2: latents)."),
+):
+    """Generate audio from text with a trained DiT and its VAE.
+
+    Writes one WAV per prompt to --out, each with a .json sidecar of every setting (model,
+    sampler, seed, sparse attention...)."""
+    from contextlib import nullcontext
+
+    from rich.progress import Progress
+
+    from soundlake.core.audio import read_mono
+    from soundlake.generation.model_folder import Generator, write_audio
+
+    if sparse_attention not in ("none", "litefocus"):
+        raise UserError(f"--sparse-attention {sparse_attention!r}: expected none or litefocus")
+    with as_user_error(ValueError):
+        gen = Generator.load(model)
+        ref = None if reference is None else read_mono(reference, gen.sample_rate)
+        ctx, geometry = nullcontext(), None
+        if sparse_attention == "litefocus":
+            from soundlake.generation.inference.evaluate import litefocus_geometry
+            from soundlake.generation.inference.litefocus import attach_sparse_attention
+
+            geometry = litefocus_geometry(gen, window, None, seconds)
+            ctx = attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=geometry.window, ratio=ratio,
+                                          seed=seed, chunk=geometry.chunk, min_tokens=geometry.train_frames)
+        with Progress(console=console) as progress, ctx:
+            task = progress.add_task("sampling", total=steps)
+            res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
+                               rescale_axis=rescale_axis, seed=seed, reference=ref,
+                               callback=lambda i, t, x: progress.update(task, completed=i + 1))
+        if geometry is not None:
+            res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": geometry.window,
+                         "chunk": geometry.chunk}
+        paths = write_audio(res, out)
+    for p in paths:
+        console.print(f"wrote {p} ({seconds:g} s at {res.sample_rate} Hz; settings in {p.name}.json)", highlight=False)

@@ -1,0 +1,86 @@
+"""The root of the `soundlake` command line: the app, its command groups, shared options and `main()`.
+
+The commands live in one module per group (curate, catalog, export, captions, generate,
+inference); each registers itself on :data:`app` or on a group typer defined here. The
+package (``soundlake/cli/__init__.py``) imports them, so importing ``soundlake.cli`` or
+``soundlake.cli.main`` gives the full command tree.
+
+Errors: a command raises :class:`~soundlake.core.errors.UserError` for anything the user
+can fix; the root command (:class:`SoundlakeGroup`) turns it into one ``error: <message>``
+line on stderr and exit code 2. That one handler serves the console script
+(:func:`main`), ``python -m soundlake.cli`` and in-process ``CliRunner().invoke(app, ...)``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from soundlake.core.errors import UserError
+
+console = Console(stderr=True)  # progress, summaries, errors
+stdout = Console()              # results: tables a user may pipe
+
+LAKE = typer.Option("./lake", "--lake", "-l", help="Lake root: a folder or an object-store URI (s3://...).")
+
+# Panels of the root --help: what a user does with each group of commands.
+CURATE = "Curate: build the lake"
+LAKE_PANEL = "Lake: query, report and export"
+MODELS = "Models: train, generate, convert"
+EVALUATE = "Evaluate: quality and speed"
+
+
+def report_error(e: UserError) -> None:
+    """Print ``error: <message>`` in bold red to stderr, on one line (not wrapped, not read as markup)."""
+    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def as_user_error(*kinds: type[Exception]):
+    """Inside: these exceptions (e.g. a library's ValueError on bad input) end the command
+    like a UserError, with one error line."""
+    try:
+        yield
+    except kinds as e:
+        raise UserError(str(e)) from None
+
+
+class SoundlakeGroup(TyperGroup):
+    """The root command: a UserError raised by any command becomes one error line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            report_error(e)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=SoundlakeGroup,
+    help="Curate audio–caption datasets into a DuckDB/Parquet lake with Ray, query them with SQL, "
+         "export training shards and retrain text-to-audio generators.\n\n"
+         "Command groups: curate (curate, retry-failed, recaption) · lake (sql, status, report, export) · "
+         "models (train, encode, generate, convert) · evaluate (evaluate, calibrate-cache). "
+         "`soundlake COMMAND --help` says what each one does and writes.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+report_app = typer.Typer(help="Reports on the lake's contents (HTML + Markdown files).", no_args_is_help=True)
+train_app = typer.Typer(help="Train the project's own models (CLAP, captioner, VAE, DiT) into model folders.",
+                        no_args_is_help=True)
+convert_app = typer.Typer(help="Convert released checkpoints into folders soundlake loads.", no_args_is_help=True)
+# `evaluate` runs the generation evaluation itself (soundlake.cli.inference) and has subcommands (captions).
+evaluate_app = typer.Typer()
+
+app.add_typer(report_app, name="report", rich_help_panel=LAKE_PANEL)
+app.add_typer(train_app, name="train", rich_help_panel=MODELS)
+app.add_typer(convert_app, name="convert", rich_help_panel=MODELS)
+app.add_typer(evaluate_app, name="evaluate", rich_help_panel=EVALUATE)
+
+
+def main() -> None:
+    """The `soundlake` console script and ``python -m soundlake.cli``."""
+    app()
