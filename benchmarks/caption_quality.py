@@ -15,16 +15,19 @@ and class accuracy: the share of clips whose caption names exactly the scene's s
 caption metrics.
 
 Usage: python benchmarks/caption_quality.py [--train 600 --eval 200 --stage2-epochs 20 --out DIR]
+(``--quick``: 32 training clips, 8 held-out, 8 validation, one epoch of each training step).
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import figure, parse_args
 
 from soundlake.models.caption_metrics import caption_scores
 from soundlake.models.captioners.autocap import AutocapConfig
@@ -38,6 +41,7 @@ from soundlake.sources.synth import caption_mentions, synth_clip
 
 SEED = 1
 VAL0, TEST0 = 100_000, 200_000   # held-out index ranges: never seen in training
+FIGURES = ("autocap_vs_template", "autocap_class_accuracy")
 
 
 def scenes(start: int, n: int, duration: float, sr: int):
@@ -52,24 +56,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=600)
     ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--val", type=int, default=64, help="validation clips (per-epoch validation loss)")
     ap.add_argument("--clap-epochs", type=int, default=12)
+    ap.add_argument("--bart-epochs", type=int, default=AutocapTrainConfig.bart_epochs,
+                    help="denoising pretraining of the from-config BART")
     ap.add_argument("--stage1-epochs", type=int, default=2)
     ap.add_argument("--stage2-epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="keep the trained model here")
-    args = ap.parse_args()
+    args = parse_args(ap, dict(train=32, eval=8, val=8, clap_epochs=1, bart_epochs=1, stage1_epochs=1,
+                               stage2_epochs=1))
     torch.set_num_threads(args.threads)
     sr, duration = 16000, 10.0
 
     t0 = time.perf_counter()
-    train, val, test = scenes(0, args.train, duration, sr), scenes(VAL0, 64, duration, sr), \
+    train, val, test = scenes(0, args.train, duration, sr), scenes(VAL0, args.val, duration, sr), \
         scenes(TEST0, args.eval, duration, sr)
     print(f"synth: {args.train} training clips, {args.eval} held-out clips (10 s, {sr} Hz) in "
           f"{time.perf_counter() - t0:.0f} s; {len({s.caption for s, _ in train})} distinct training captions")
 
     out = args.out or Path(tempfile.mkdtemp(prefix="caption_quality_")) / "autocap"
-    tcfg = AutocapTrainConfig(clap_epochs=args.clap_epochs, stage1_epochs=args.stage1_epochs,
-                              stage2_epochs=args.stage2_epochs)
+    tcfg = AutocapTrainConfig(clap_epochs=args.clap_epochs, bart_epochs=args.bart_epochs,
+                              stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs)
     res = train_autocap([it for _, it in train], out, AutocapConfig(), tcfg, val=[it for _, it in val])
     last = res["history"][-1]
     print(f"trained CLAP ({args.clap_epochs} epochs) + autocap ({args.stage1_epochs} + {args.stage2_epochs} epochs) "
@@ -105,10 +113,13 @@ def main() -> None:
     t, a = scores["template (no metadata)"], scores["autocap (audio only)"]
     better = [c for c in cols if a[c] > t[c]]
     ratios = ", ".join(f"{c} {a[c] / t[c]:.2f}x" if t[c] > 0 else f"{c} {a[c]:.3f} vs 0" for c in cols)
-    print(f"\nautocap (audio only) / template (no metadata): {ratios}; autocap is better on "
-          f"{len(better)}/{len(cols)} metrics")
-    print(f"class accuracy, autocap from audio alone: {a['class_acc']:.3f} (target >= 0.8: "
-          f"{'met' if a['class_acc'] >= 0.8 else 'MISSED'}); captioning {len(audio) * 2} clips took {caption_s:.1f} s")
+    print()
+    figure("autocap_vs_template", f"autocap (audio only) / template (no metadata): {ratios}; autocap is better on "
+           f"{len(better)}/{len(cols)} metrics")
+    figure("autocap_class_accuracy", f"class accuracy, autocap from audio alone: {a['class_acc']:.3f} (target >= 0.8: "
+           f"{'met' if a['class_acc'] >= 0.8 else 'MISSED'}); captioning {len(audio) * 2} clips took {caption_s:.1f} s")
+    if args.quick and args.out is None:  # a smoke test's model is not worth keeping
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

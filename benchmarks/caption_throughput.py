@@ -10,6 +10,7 @@ trained on synth clips so that captions have their real length; pass --model to 
     reported separately.
 
 Usage: python benchmarks/caption_throughput.py [--clips 192] [--model DIR]
+(``--quick``: 8 clips; the model trained on 8 clips for one epoch of each step).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import figure, parse_args, ray_sets
 
 from soundlake.catalog.sql import fetchall
 from soundlake.core import audio as audio_io
@@ -33,13 +35,17 @@ from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
 from soundlake.sources.synth import synth_clip
 
+FIGURES = ("autocap_pipeline_steady", "autocap_pipeline_vs_bare")
 
-def quick_model(out: Path) -> Path:
+
+def quick_model(out: Path, clips: int = 300, clap_epochs: int = 4, stage2_epochs: int = 8,
+                bart_epochs: int = AutocapTrainConfig.bart_epochs) -> Path:
     items = []
-    for i in range(300):
+    for i in range(clips):
         scene, audio = synth_clip(7, i, 10.0, 16000)
         items.append(CaptionItem(np.asarray(audio, np.float32), scene.caption, {"labels": scene.labels}))
-    train_autocap(items, out, AutocapConfig(), AutocapTrainConfig(clap_epochs=4, stage1_epochs=1, stage2_epochs=8))
+    train_autocap(items, out, AutocapConfig(), AutocapTrainConfig(clap_epochs=clap_epochs, bart_epochs=bart_epochs,
+                                                                  stage1_epochs=1, stage2_epochs=stage2_epochs))
     return out
 
 
@@ -47,16 +53,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=192)
     ap.add_argument("--model", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--train-clips", type=int, default=300, help="without --model: synth clips to train one on")
+    ap.add_argument("--clap-epochs", type=int, default=4, help="without --model")
+    ap.add_argument("--bart-epochs", type=int, default=AutocapTrainConfig.bart_epochs, help="without --model")
+    ap.add_argument("--stage2-epochs", type=int, default=8, help="without --model")
+    args = parse_args(ap, dict(clips=8, train_clips=8, clap_epochs=1, bart_epochs=1, stage2_epochs=1))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        model_dir = args.model or quick_model(tmp / "autocap")
+        model_dir = args.model or quick_model(tmp / "autocap", args.train_clips, args.clap_epochs, args.stage2_epochs,
+                                              args.bart_epochs)
         if not args.model:
-            print(f"trained a small autocap on 300 synth clips in {time.perf_counter() - t0:.0f} s")
+            print(f"trained a small autocap on {args.train_clips} synth clips in {time.perf_counter() - t0:.0f} s")
         lake = str(tmp / "lake")
-        base = [f"source.count={args.clips}", "source.seed=11", "ray.num_cpus=2", "ray.inputs_per_task=8"]
+        base = [f"source.count={args.clips}", "source.seed=11", *ray_sets(num_cpus=2), "ray.inputs_per_task=8"]
         run_pipeline(load_spec("demo", sets=base + ["stages=[segment]"]), lake)
         flacs = [f for (f,) in fetchall(lake, "SELECT flac FROM audio ORDER BY clip_id")]
         model = Autocap.load(model_dir)
@@ -89,12 +100,13 @@ def main() -> None:
         total = time.perf_counter() - t0
         whole = s.rows["captions"] / total
         (t1, n1), (t2, n2) = marks[0], marks[-1]
-        steady = (n2 - n1) / (t2 - t1)
+        steady = (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")  # nan: one block only (tiny runs)
         print(f"soundlake autocap stage, whole job : {whole:6.1f} captions/s ({total:.1f} s: Ray start-up "
               f"{s.ray_startup_s:.1f} s, actor start-up and first block {t1 - t0 - s.ray_startup_s:.1f} s)")
-        print(f"soundlake autocap stage, after the first block: {steady:6.1f} captions/s (1 actor, 1 CPU)")
-        print(f"pipeline / bare loop (steady state, batch 8): {steady / speeds[8]:.2f}x  "
-              f"(overhead {100 * (1 - steady / speeds[8]):.0f}%)")
+        figure("autocap_pipeline_steady", f"soundlake autocap stage, after the first block: {steady:6.1f} captions/s "
+               f"(1 actor, 1 CPU; {len(marks)} blocks)")
+        figure("autocap_pipeline_vs_bare", f"pipeline / bare loop (steady state, batch 8): {steady / speeds[8]:.2f}x  "
+               f"(overhead {100 * (1 - steady / speeds[8]):.0f}%)")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,20 @@ measures on clips it never saw (indices from 100000 on):
 * a cosine-threshold filter with 30% of captions swapped for mismatched ones: the
   threshold maximises F1 on a validation split, precision/recall reported on the test split.
 
-Only public functions are used. Run: ``python benchmarks/clap_quality.py [--train 1000 --epochs 20]``.
+Only public functions are used. Run: ``python benchmarks/clap_quality.py [--train 1000 --epochs 20]``
+(``--quick``: 32 training clips, 16 held-out, 1 epoch).
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import figure, parse_args
 
 from soundlake.models.clap.inhouse import ClapTrainConfig, train_clap
 from soundlake.models.clap.load import load_clap
@@ -27,6 +30,7 @@ from soundlake.sources.synth import mismatched_caption, synth_clip
 
 SEED = 1
 VAL0, TEST0 = 100_000, 200_000  # held-out index ranges: never seen in training
+FIGURES = ("clap_retrieval_strict", "clap_retrieval_caption", "clap_mismatch_auc", "clap_filter")
 
 
 def clips(start: int, n: int, duration: float, sr: int):
@@ -65,7 +69,7 @@ def main():
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = parse_args(ap, dict(train=32, eval=16, epochs=1))
     torch.set_num_threads(args.threads)
     cfg = ClapTrainConfig(epochs=args.epochs, window_s=args.duration)
     sr = cfg.sample_rate
@@ -96,11 +100,13 @@ def main():
     strict = rank == np.arange(len(te_caps))[:, None]
     same = np.array(te_caps, dtype=object)[rank] == np.array(te_caps, dtype=object)[:, None]
     for name, hit in (("strict", strict), ("caption", same)):
-        print(f"text->audio R@1 {hit[:, :1].any(1).mean():.3f}  R@5 {hit[:, :5].any(1).mean():.3f}  ({name}, {len(te_caps)} clips)")
+        figure(f"clap_retrieval_{name}", f"text->audio R@1 {hit[:, :1].any(1).mean():.3f}  "
+               f"R@5 {hit[:, :5].any(1).mean():.3f}  ({name}, {len(te_caps)} clips)")
 
     pos = pair_scores(clap, te_a, te_caps)
     neg = pair_scores(clap, te_a, [mismatched_caption(s, 10_000 + i) for i, s in enumerate(te_scenes)])
-    print(f"AUC true vs mismatched caption: {auc(pos, neg):.3f}  (mean cos {pos.mean():.3f} vs {neg.mean():.3f})")
+    figure("clap_mismatch_auc", f"AUC true vs mismatched caption: {auc(pos, neg):.3f}  "
+           f"(mean cos {pos.mean():.3f} vs {neg.mean():.3f})")
 
     va_caps, va_true = corrupt(va_scenes, 0.3, seed=1)
     te_caps30, te_true = corrupt(te_scenes, 0.3, seed=2)
@@ -115,8 +121,10 @@ def main():
     keep = te_s >= thr
     prec = (keep & te_true).sum() / max(1, keep.sum())
     rec = (keep & te_true).sum() / max(1, te_true.sum())
-    print(f"filter (30% mismatched, threshold {thr:.3f} from val F1 {best[0]:.3f}): "
-          f"precision {prec:.3f} recall {rec:.3f} kept {keep.sum()}/{len(keep)} (base precision {te_true.mean():.2f})")
+    figure("clap_filter", f"filter (30% mismatched, threshold {thr:.3f} from val F1 {best[0]:.3f}): "
+           f"precision {prec:.3f} recall {rec:.3f} kept {keep.sum()}/{len(keep)} (base precision {te_true.mean():.2f})")
+    if args.quick and args.out is None:  # a smoke test's model is not worth keeping
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

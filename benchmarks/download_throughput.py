@@ -12,11 +12,11 @@ Also reports bytes fetched from the server per clip, next to the clip's FLAC byt
 and the source file's bytes for the requested section (its share of the file).
 Ray start-up is excluded (started once before timing). Bytes are what the server
 wrote to its sockets (an upper bound: a client may hang up early).
-Run: python benchmarks/download_throughput.py [N]
+Run: python benchmarks/download_throughput.py [N] (default 12; ``--quick``: N = 4)
 """
 from __future__ import annotations
 
-import logging
+import argparse
 import shutil
 import sys
 import tempfile
@@ -25,10 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from common import figure, init_ray, parse_args  # noqa: E402
 from servers import MediaServer, make_media  # noqa: E402
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 12
 START, END, SECONDS = 2.0, 8.0, 10.0
+CONCURRENCY = (1, 2, 4, 8)
+FIGURES = ("download_vs_baseline", "download_fetched_per_clip")
 
 
 def baseline(server: MediaServer, ids: list[str], folder: Path) -> float:
@@ -46,6 +48,9 @@ def baseline(server: MediaServer, ids: list[str], folder: Path) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("n", nargs="?", type=int, default=12, help="clips (sections) to download")
+    N = parse_args(ap, dict(n=4)).n
     import torch
 
     torch.set_num_threads(1)
@@ -63,7 +68,7 @@ def main() -> None:
         man.write_text("# a\n# b\n# YTID, start_seconds, end_seconds, positive_labels\n"
                        + "".join(f'{v}, {START:.3f}, {END:.3f}, "/m/09x0r"\n' for v in ids))
         t = time.perf_counter()
-        ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level=logging.WARNING)
+        init_ray(num_cpus=2, object_store_mb=200)
         print(f"ray start-up {time.perf_counter() - t:.1f} s (excluded)")
         with MediaServer() as server:
             for i, v in enumerate(ids):
@@ -77,7 +82,8 @@ def main() -> None:
                   f"{base_bytes / 1024:.1f} KiB fetched per clip")
             print(f"{'downloads in flight':>20} {'clips/s':>8} {'vs baseline':>11} {'KiB fetched/clip':>17} "
                   f"{'KiB FLAC/clip':>14}")
-            for conc in (1, 2, 4, 8):
+            rows = {}
+            for conc in CONCURRENCY:
                 server.clear()
                 spec = PipelineSpec.model_validate({
                     "name": "bench", "source": {"kind": "audioset", "manifest": str(man)},
@@ -91,10 +97,17 @@ def main() -> None:
                 fetched = sum(h.nbytes for h in server.hits()) / N
                 flac = connect(str(lake)).execute("SELECT avg(flac_bytes) FROM clips").fetchone()[0]
                 rate = s.clips / s.elapsed_s
+                rows[conc] = (rate / (N / base_s), fetched)
                 print(f"{conc:>20} {rate:>8.2f} {rate / (N / base_s):>10.2f}x {fetched / 1024:>17.1f} "
                       f"{flac / 1024:>14.1f}")
             print(f"source file: {file_bytes / 1024:.1f} KiB for {SECONDS:.0f} s; the requested {END - START:.0f} s "
                   f"section's share: {section_share / 1024:.1f} KiB")
+            best = max(rows, key=lambda c: rows[c][0])
+            figure("download_vs_baseline", f"soundlake / sequential yt-dlp loop: {rows[best][0]:.2f}x with {best} "
+                   f"downloads in flight (the best of {', '.join(map(str, CONCURRENCY))}); {rows[1][0]:.2f}x with 1")
+            figure("download_fetched_per_clip", f"{rows[best][1] / 1024:.1f} KiB fetched per clip with {best} in flight "
+                   f"(baseline {base_bytes / 1024:.1f} KiB) for a {END - START:.0f} s section whose share of the "
+                   f"file is {section_share / 1024:.1f} KiB")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

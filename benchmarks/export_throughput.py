@@ -6,7 +6,8 @@ second: the `soundlake` export (selection, shards written atomically with their 
 manifest after every shard, catalog record) and `tar cf` of the FLAC folder. Both read
 from the page cache and write to the same disk. Prints MB/s and the ratio (per round,
 then the median), and the CPU seconds each used (user + system: on a loaded machine the
-wall-clock ratio follows them). Run: ``python benchmarks/export_throughput.py [--clips 1000 --rounds 5]``.
+wall-clock ratio follows them). Run: ``python benchmarks/export_throughput.py [--clips 1000 --rounds 5]``
+(``--quick``: 16 clips, 2 rounds).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+from common import figure, parse_args
 
 from soundlake.catalog.lake import Lake
 from soundlake.export.exporter import ExportArgs, plan_export, run_export
@@ -28,6 +30,8 @@ from soundlake.sources.base import input_row
 from soundlake.stages.base import FLOW
 from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 from soundlake.testing import tone_mix, write_audio
+
+FIGURES = ("export_vs_tar", "export_writing_vs_tar", "export_vs_tar_sha256")
 
 
 def build(root: Path, n: int, sr: int = 32000) -> tuple[Lake, Path, int]:
@@ -69,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
+    a = parse_args(ap, dict(clips=16, rounds=2))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         lake, flac_dir, total = build(root, a.clips)
@@ -112,10 +116,11 @@ def main() -> None:
         med = statistics.median
         print(f"plain tar: {med(plain):.0f} MB/s; sha256 alone (hashlib) of its output: {med(sha):.0f} MB/s "
               f"(medians of {a.rounds}); ratios are per round, then the median")
-        print(f"export / tar                           : {med(ours):.2f}x  (target >= 0.8x)")
-        print(f"export without the one-off selection    : {med(writing) if writing else float('nan'):.2f}x  "
-              "(shard writing: read parts, tar, sha256, manifest)")
-        print(f"export / (tar + sha256sum of the tar)   : {med(hashed):.2f}x  (the baseline doing the hashing too)")
+        figure("export_vs_tar", f"export / tar                           : {med(ours):.2f}x  (target >= 0.8x)")
+        figure("export_writing_vs_tar", f"export without the one-off selection    : "
+               f"{med(writing) if writing else float('nan'):.2f}x  (shard writing: read parts, tar, sha256, manifest)")
+        figure("export_vs_tar_sha256", f"export / (tar + sha256sum of the tar)   : {med(hashed):.2f}x  "
+               "(the baseline doing the hashing too)")
         print(f"CPU seconds: export {med(cpu_ours):.2f} (selection, copies, sha256 on a second thread), "
               f"tar {med(cpu_tar):.2f}")
 

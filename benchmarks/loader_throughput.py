@@ -9,7 +9,7 @@ Exports N ten-second clips to shards, then reads them all, side by side in one r
 
 Prints samples/s of each and its ratio to the baseline (median of the rounds; the order
 of the variants rotates from round to round).
-Run: ``python benchmarks/loader_throughput.py [--clips 200]``.
+Run: ``python benchmarks/loader_throughput.py [--clips 200]`` (``--quick``: 16 clips, 2 rounds).
 """
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import figure, parse_args  # noqa: E402
 from export_throughput import build  # noqa: E402
 
 from soundlake.export.exporter import ExportArgs, run_export  # noqa: E402
 from soundlake.generation.train.data import make_loader, shard_urls  # noqa: E402
+
+WORKERS = (0, 1, 2)
+FIGURES = ("loader_0_workers", "loader_1_workers", "loader_2_workers")
 
 
 def bare(urls: list[str]) -> int:
@@ -56,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=4)
-    a = ap.parse_args()
+    a = parse_args(ap, dict(clips=16, rounds=2))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -66,7 +70,7 @@ def main() -> None:
         print(f"{a.clips} clips of 10 s in {len(urls)} shards")
         runs: dict[str, list[float]] = {}
         steps = [("bare tarfile + soundfile", lambda: bare(urls)),
-                 *[(f"loader, {w} workers", (lambda w=w: loader(urls, w))) for w in (0, 1, 2)]]
+                 *[(f"loader, {w} workers", (lambda w=w: loader(urls, w))) for w in WORKERS]]
         for r in range(a.rounds):
             # A different order each round: on a shared machine no variant always runs first.
             for name, fn in steps[r % len(steps):] + steps[: r % len(steps)]:
@@ -75,9 +79,10 @@ def main() -> None:
                 assert n == a.clips, (name, n)
                 runs.setdefault(name, []).append(n / (time.perf_counter() - t))
         base = statistics.median(runs["bare tarfile + soundfile"])
-        for name, _ in steps:
+        print(f"{steps[0][0]:26s} {base:8.1f} samples/s   {1:5.2f}x")
+        for w, (name, _) in zip(WORKERS, steps[1:]):
             m = statistics.median(runs[name])
-            print(f"{name:26s} {m:8.1f} samples/s   {m / base:5.2f}x")
+            figure(f"loader_{w}_workers", f"{name:26s} {m:8.1f} samples/s   {m / base:5.2f}x")
 
 
 if __name__ == "__main__":

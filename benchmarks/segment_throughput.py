@@ -10,6 +10,8 @@ Generates a mixed-format corpus (wav, flac, ogg, opus, mp3, m4a, webm) that yiel
 
 Prints clips/s and the ratios (targets: >= 0.75x bare at equal cores; 2 CPUs >= 1.6x 1 CPU).
 Usage: python benchmarks/segment_throughput.py [--files 250] [--seconds 40]
+(``--quick``: 7 files of 20 s, one per format. With SOUNDLAKE_TEST_RAY_ADDRESS set, both runs
+join that Ray instead of starting one with 1 and 2 CPUs: the CPU ratio then means nothing.)
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ import numpy as np
 import pyloudnorm
 import soundfile as sf
 import soxr
+from common import figure, parse_args, ray_address
 
 from soundlake.testing import make_corpus
+
+FIGURES = ("segment_1cpu_vs_bare", "segment_2cpu_vs_1cpu")
 
 RUN = """
 import json, sys
@@ -75,6 +80,8 @@ def bare_loop(files: list[Path], sr_out: int, window: float) -> int:
 def run_soundlake(corpus: Path, lake: Path, cpus: int, sr_out: int) -> dict:
     sets = [f"source.input={corpus}", f"segment.sample_rate={sr_out}", f"ray.num_cpus={cpus}",
             "ray.object_store_mb=256", "ray.inputs_per_task=4"]
+    if addr := ray_address():  # the test session's Ray
+        sets.append(f"ray.address={addr}")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", RUN, "x", str(lake), *sets], capture_output=True, text=True,
                          check=True, env={**os.environ, "RAY_ADDRESS": ""})
@@ -88,7 +95,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=250)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--rate", type=int, default=32000)
-    args = ap.parse_args()
+    args = parse_args(ap, dict(files=7, seconds=20.0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -107,8 +114,9 @@ def main() -> None:
             res[cpus] = c["clips"] / c["elapsed_s"]
             print(f"soundlake curate, {cpus} CPU{'s' if cpus > 1 else ' '}: {c['clips']} clips in {c['elapsed_s']:6.1f} s"
                   f" = {res[cpus]:6.1f} clips/s (+ Ray start-up {c['ray_startup_s']:.1f} s; process wall {c['wall_s']:.1f} s)")
-        print(f"ratio soundlake(1 CPU) / bare loop : {res[1] / bare:.2f}x  (target >= 0.75x)")
-        print(f"ratio soundlake 2 CPUs / 1 CPU     : {res[2] / res[1]:.2f}x  (target >= 1.6x)")
+        figure("segment_1cpu_vs_bare", f"ratio soundlake(1 CPU) / bare loop : {res[1] / bare:.2f}x  (target >= 0.75x)")
+        figure("segment_2cpu_vs_1cpu", f"ratio soundlake 2 CPUs / 1 CPU     : {res[2] / res[1]:.2f}x  (target >= 1.6x)"
+               + (f" (both joined the Ray at {ray_address()}: not a measurement)" if ray_address() else ""))
 
 
 if __name__ == "__main__":

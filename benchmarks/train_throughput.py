@@ -10,6 +10,8 @@ each step waited for its batch, so the share of loop time spent in the loader is
 too (a measure within one run, less exposed to other load on the machine).
 
     python benchmarks/train_throughput.py [--clips 64] [--steps 60] [--rounds 2]
+
+(``--quick``: 8 clips, 20 steps, 1 round.)
 """
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from common import figure, init_ray, parse_args
+
 from soundlake.generation.train.encode import encode_shards
 from soundlake.generation.train.specs import load_train_spec
 from soundlake.generation.train.trainer import train
 from soundlake.testing import make_synth_export
+
+FIGURES = ("vae-tiny_loader_cost", "dit-tiny_loader_cost")
 
 
 def rate(out: Path) -> tuple[float, float]:
@@ -45,12 +51,12 @@ def run(kind: str, root: Path, tag: str, data: str, steps: int, **kw) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="at least 20: the first logged interval is not counted")
     ap.add_argument("--rounds", type=int, default=2)
-    a = ap.parse_args()
+    a = parse_args(ap, dict(clips=8, steps=20, rounds=1))
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards = make_synth_export(root / "data", a.clips, seconds=4.0, sr=32000, shard_count=8)
@@ -71,9 +77,9 @@ def main() -> None:
             shards_r = statistics.median(r for r, _ in res["shards"])
             mem_r = statistics.median(r for r, _ in res["memory"])
             wait = statistics.median(w for _, w in res["shards"])
-            print(f"{name}: shards {shards_r:6.1f} samples/s · memory {mem_r:6.1f} samples/s · "
+            figure(f"{name}_loader_cost", f"{name}: shards {shards_r:6.1f} samples/s · memory {mem_r:6.1f} samples/s · "
                   f"ratio {shards_r / mem_r:.2f}x · loader cost {100 * (1 - shards_r / mem_r):+.1f}% (target < 10%) · "
-                  f"time waiting for batches in the shards runs {100 * wait:.1f}%")
+                   f"time waiting for batches in the shards runs {100 * wait:.1f}%")
     ray.shutdown()
 
 

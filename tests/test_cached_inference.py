@@ -25,7 +25,7 @@ from soundlake.generation.inference.audiocache import (
     model_hash,
     profile_path,
 )
-from soundlake.generation.inference.hooks import HOOK_ATTR, HookRegistry, ModelHook
+from soundlake.generation.inference.hooks import HOOK_ATTR, HookRegistry
 from soundlake.generation.inference.litefocus import (
     HOOK_NAME,
     SparseAttention,
@@ -456,6 +456,25 @@ def tiny_dit():
     return m
 
 
+def project_sampler(dit, sampler, frames=16):
+    """(run(seed, steps=8, callback=None) -> latents, its condition): the project's own
+    sampler on ``dit`` with a fixed random condition."""
+    from soundlake.generation import diffusion
+    from soundlake.generation.conditioning import Condition
+
+    g = torch.Generator().manual_seed(1)
+    cond = Condition(torch.randn(2, 3, 8, generator=g), torch.ones(2, 3, dtype=torch.bool),
+                     context2=torch.randn(2, 2, 8, generator=g))
+    sched = diffusion.Schedule(num_steps=100)
+
+    def run(seed, steps=8, callback=None):
+        return diffusion.sample(dit, (2, frames, 4), cond, steps=steps, sampler=sampler, cfg=3.0,
+                                schedule=sched, callback=callback,
+                                generator=torch.Generator().manual_seed(seed))[0]
+
+    return run, cond
+
+
 class CfgWrapper:
     """One DiT call per step with cond and uncond rows batched (drop flags)."""
 
@@ -510,20 +529,14 @@ def test_cache_and_sparse_attention_together():
     """Both attached on one DiT (cache hooks on the layers, sparse hooks on the attention
     cores): the result does not depend on the attach order, detaching either leaves exactly
     the other, and detaching both leaves the model as it was."""
-    from soundlake.generation import diffusion
-    from soundlake.generation.conditioning import Condition
-
     dit, bare = tiny_dit(), tiny_dit()  # same weights; `bare` is never hooked
-    g = torch.Generator().manual_seed(1)
-    cond = Condition(torch.randn(2, 3, 8, generator=g), torch.ones(2, 3, dtype=torch.bool),
-                     context2=torch.randn(2, 2, 8, generator=g))
-    sched = diffusion.Schedule(num_steps=100)
+    # 32 frames: longer than the sparse band, so sparse attention matters
+    sample, cond = project_sampler(dit, "euler", frames=32)
+    prof = calibrate(dit, layer_names(dit), sample, [0], 8, sampler="euler")
 
-    def run(steps=8):  # 32 frames: longer than the sparse band, so sparse attention matters
-        return diffusion.sample(dit, (2, 32, 4), cond, steps=steps, sampler="euler", cfg=3.0, schedule=sched,
-                                generator=torch.Generator().manual_seed(5))[0]
+    def run():
+        return sample(5)
 
-    prof = calibrate(dit, layer_names(dit), lambda s: run(), [0], 8, sampler="euler")
     plain = run()
     cache = AudioCache(dit, prof, delta=float(np.quantile(prof.mean[:, 1:], 0.5)) * 2, sampler="euler")
 
@@ -560,7 +573,7 @@ def test_cache_and_sparse_attention_together():
     assert torch.equal(both[0], both[1])
     assert not torch.equal(both[0], cache_only) and not torch.equal(both[0], sparse_only)
     # the forward of the detached model is the never-hooked model's, bit for bit
-    x, t = torch.randn(4, 32, 4, generator=g), torch.full((4,), 500.0)
+    x, t = torch.randn(4, 32, 4, generator=torch.Generator().manual_seed(2)), torch.full((4,), 500.0)
     kw = dict(context=cond.context.repeat(2, 1, 1), context2=cond.context2.repeat(2, 1, 1),
               drop=torch.arange(4) >= 2)
     assert torch.equal(dit(x, t, **kw), bare(x, t, **kw))
@@ -586,20 +599,8 @@ def test_load_or_calibrate_reuses_matching_profile(tmp_path):
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 def test_real_sampler_with_cache(sampler):
     """The project's own sampler (diffusion.sample, CFG batched in one forward)."""
-    diffusion = pytest.importorskip("soundlake.generation.diffusion")
-    from soundlake.generation.conditioning import Condition
-
     dit = tiny_dit()
-    g = torch.Generator().manual_seed(1)
-    cond = Condition(torch.randn(2, 3, 8, generator=g), torch.ones(2, 3, dtype=torch.bool),
-                     context2=torch.randn(2, 2, 8, generator=g))
-    sched = diffusion.Schedule(num_steps=100)
-
-    def run(seed, steps=8, callback=None):
-        return diffusion.sample(dit, (2, 16, 4), cond, steps=steps, sampler=sampler, cfg=3.0,
-                                schedule=sched, callback=callback,
-                                generator=torch.Generator().manual_seed(seed))[0]
-
+    run, _ = project_sampler(dit, sampler)
     prof = calibrate(dit, layer_names(dit), run, [0, 1], 8, sampler=sampler)
     assert prof.sampler == sampler and (prof.mean[:, 1:] > 0).all()
     ref = run(5)

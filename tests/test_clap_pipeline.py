@@ -81,7 +81,8 @@ def test_backfill_then_streaming_give_the_same_rows(ray_session, captioned_folde
         np.testing.assert_allclose(v1, v2, atol=1e-5)
 
     # Text search in SQL orders clips by similarity to a text.
-    ranked = fetchall(lake, "SELECT clip_id, text_similarity(clip_id, 'a low hum') AS s FROM clips ORDER BY s DESC")
+    ranked = fetchall(lake, "SELECT clip_id, text_similarity(clip_id, 'a low hum') AS s FROM clips ORDER BY s DESC",
+                      load_model=load_clap)
     assert len(ranked) == n_clips and ranked[0][1] >= ranked[-1][1]
     t = model.embed_text(["a low hum"])[0]
     vec = dict((c, np.array(e)) for c, e, *_ in emb)[ranked[0][0]]

@@ -196,9 +196,9 @@ def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
         close(con)
 
 
-def fetchall(lake: Lake | str, sql: str) -> list[tuple]:
-    """Rows of a query as tuples (small results: tests, status, scripts)."""
-    table = query(lake, sql)
+def fetchall(lake: Lake | str, sql: str, **kw) -> list[tuple]:
+    """Rows of a query as tuples (small results: tests, status, scripts); ``kw`` as for :func:`query`."""
+    table = query(lake, sql, **kw)
     if table is None:
         return []
     cols = table.to_pydict()

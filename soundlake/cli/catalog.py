@@ -32,7 +32,9 @@ def sql(
         raise UserError(f"--format {format!r}: expected table, csv, json or parquet")
     if format == "parquet" and output is None:
         raise UserError("--format parquet needs --out FILE")
-    result = run_query(lake, query)
+    from soundlake.stages.caption import captioner_ranking
+
+    result = run_query(lake, query, ranking=captioner_ranking(), load_model=load_clap)
     if result is None:
         raise UserError("the statement returned no rows (only queries are supported)")
     import pyarrow as pa
@@ -145,3 +147,10 @@ def report_thresholds(
     out.with_suffix(".md").write_text(rep.markdown())
     console.print(Markdown(rep.markdown()))
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def load_clap(path: str):
+    """The CLAP model for text search, imported only when a query uses it (torch is slow to import)."""
+    from soundlake.models.clap.load import load_clap as load
+
+    return load(path)

@@ -31,6 +31,7 @@ from soundlake.pipelines.retry import inputs_table
 from soundlake.pipelines.spec import PipelineSpec
 from soundlake.sources.base import get_source
 from soundlake.stages.base import Stage
+from soundlake.stages.caption import CAPTIONERS, CaptionerStage
 from soundlake.stages.segment import SegmentStage
 
 SUMMARY = pa.schema([
@@ -94,7 +95,6 @@ def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
 
 
 def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
-    from soundlake.stages.caption import TemplateCaptionStage
     from soundlake.stages.clap import EmbedStage, ScoreStage
 
     active = spec.active_stages()
@@ -105,15 +105,8 @@ def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
 
         first = DownloadStage(spec.source.kind, spec.download, spec.freesound.api_url, run_id, first)
     stages: list[Stage] = [first]
-    if "caption" in active and "template" in spec.caption.captioners:
-        stages.append(TemplateCaptionStage(run_id, spec.caption.use_metadata))
-    if "caption" in active and "autocap" in spec.caption.captioners:
-        from soundlake.stages.autocap import AutocapCaptionStage, autocap_identity
-
-        cap = spec.caption
-        autocap_identity(cap.autocap_model, cap.use_metadata)   # a bad folder fails here, not in an actor
-        stages.append(AutocapCaptionStage(cap.autocap_model, run_id, cap.use_metadata, cap.autocap_num_beams,
-                                          cap.autocap_batch_size, cap.autocap_num_gpus, cap.autocap_concurrency))
+    if "caption" in active:
+        stages += [CAPTIONERS[name].stage.from_spec(spec.caption, run_id) for name in spec.caption.captioners]
     if "embed" in active:
         stages.append(EmbedStage(spec.clap, run_id, tag="tag" in active))
     if "score" in active:
@@ -214,7 +207,7 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
 
     Yields (name, dataset of write summaries). Embeddings/tags: clips without an
     embedding from this model (audio read by the workers from the clip parts).
-    Autocap: clips without an autocap caption from this model, checkpoint and prompt version.
+    Model captioners (autocap): clips without their caption from this model, checkpoint and prompt version.
     Scores: captions without a score from this model (needs only text + stored embeddings).
     """
     from soundlake.catalog.sql import connect, execute_arrow
@@ -227,19 +220,18 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
         if need:
             clips = lake_clips_dataset(lake, need, ["clip_id", "source_id", "flac"])
             yield "embed", map_and_write(clips, [by_name["embed"]], lake.uri, run_id)
-    if "autocap" in by_name and lake.parts("clips"):
-        from soundlake.stages.autocap import autocap_identity
-
-        model_id, model_hash, version = autocap_identity(spec.caption.autocap_model, spec.caption.use_metadata)
+    for stage in stages:
+        identity = stage.backfill_identity() if isinstance(stage, CaptionerStage) else None
+        if identity is None or not lake.parts("clips"):
+            continue
         need = {r[0] for r in connect(lake).execute(
             """SELECT clip_id FROM clips c WHERE NOT EXISTS (SELECT 1 FROM captions k WHERE k.clip_id = c.clip_id
-               AND k.captioner = 'autocap' AND k.model_id = ? AND k.model_hash = ? AND k.prompt_version = ?)
-               AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.clip_id = c.clip_id AND f.stage = 'autocap')""",
-            [model_id, model_hash, version]).fetchall()}
+               AND k.captioner = ? AND k.model_id = ? AND k.model_hash = ? AND k.prompt_version = ?)
+               AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.clip_id = c.clip_id AND f.stage = ?)""",
+            [stage.captioner, *identity, stage.name]).fetchall()}
         if need:
-            clips = lake_clips_dataset(lake, need, ["clip_id", "source", "source_id", "flac", "title",
-                                                    "description", "labels", "tags", "meta_json"])
-            yield "autocap", map_and_write(clips, [by_name["autocap"]], lake.uri, run_id)
+            clips = lake_clips_dataset(lake, need, list(stage.backfill_columns))
+            yield stage.name, map_and_write(clips, [stage], lake.uri, run_id)
     if "score" in by_name and lake.parts("captions"):
         table = execute_arrow(connect(lake),
             """SELECT c.clip_id, c.clip_id AS source_id, e.embedding::FLOAT[] AS clap_embedding,
@@ -357,7 +349,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                 on_start(summary)
             t0 = time.perf_counter()
             # Ray first: stages may create shared actors (the per-host rate limiter).
-            if todo or {"embed", "score"} & set(spec.active_stages()) or "autocap" in spec.caption.captioners:
+            if todo or {"embed", "score"} & set(spec.active_stages()) or any(CAPTIONERS[n].stage.uses_actors for n in spec.caption.captioners):
                 summary.ray_startup_s = init_ray(spec.ray)
                 t0 = time.perf_counter()
             stages = build_stages(spec, run_id)

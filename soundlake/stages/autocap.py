@@ -17,7 +17,12 @@ import pyarrow as pa
 from soundlake.core.audio import decode_mono
 from soundlake.core.errors import UserError
 from soundlake.stages.base import ModelStage, failure_row, failures_table
-from soundlake.stages.caption import add_captions, caption_tables, register_captioner
+from soundlake.stages.caption import (
+    CaptionerStage,
+    add_captions,
+    caption_tables,
+    register_captioner,
+)
 
 DECODE_ERRORS = (RuntimeError, ValueError, TypeError, OSError)   # soundfile raises RuntimeError subclasses
 
@@ -48,8 +53,10 @@ def clip_meta(row: dict) -> dict:
 
 
 @register_captioner("autocap", rank=3)
-class AutocapCaptionStage(ModelStage):
+class AutocapCaptionStage(ModelStage, CaptionerStage):
     name = "autocap"
+    backfill_columns = ("clip_id", "source", "source_id", "flac", "title", "description", "labels", "tags",
+                        "meta_json")
 
     def __init__(self, path: str, run_id: str, use_metadata: bool = True, num_beams: int | None = None,
                  batch_size: int = 16, num_gpus: float = 0.0, concurrency: int = 1):
@@ -58,6 +65,15 @@ class AutocapCaptionStage(ModelStage):
         super().__init__(path, run_id, batch_size=batch_size, num_gpus=num_gpus, concurrency=concurrency,
                          prompt_version=prompt_version(use_metadata))
         self.use_metadata, self.num_beams = use_metadata, num_beams
+
+    @classmethod
+    def from_spec(cls, spec, run_id: str) -> "AutocapCaptionStage":
+        autocap_identity(spec.autocap_model, spec.use_metadata)   # a bad folder fails here, not in an actor
+        return cls(spec.autocap_model, run_id, spec.use_metadata, spec.autocap_num_beams, spec.autocap_batch_size,
+                   spec.autocap_num_gpus, spec.autocap_concurrency)
+
+    def backfill_identity(self) -> tuple[str, str, str]:
+        return autocap_identity(self.path, self.use_metadata)
 
     def setup(self) -> None:
         from soundlake.models.captioners.autocap import Autocap

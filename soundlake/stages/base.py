@@ -60,7 +60,8 @@ class Stage:
 
 
 class ModelStage(Stage):
-    """A stage backed by a model folder: an actor pool, the model loaded once per actor in ``setup``."""
+    """A stage backed by a model folder: an actor pool, the model loaded once per actor in ``setup``.
+    (Captioners among them also derive from :class:`~soundlake.stages.caption.CaptionerStage`.)"""
 
     uses_actors = True
 

@@ -8,13 +8,16 @@ stages; ``template`` needs no model and runs as a task.
 A new captioner is one stage class decorated with ``@register_captioner(name, rank)``
 in a module imported by ``soundlake/stages/__init__.py``. Its rank places its captions
 in the preference order of the catalog's ``dataset`` view and of exports
-(:func:`captioner_ranking`, handed to the catalog as data).
+(:func:`captioner_ranking`, handed to the catalog as data). A captioner that runs in
+``curate`` (named in ``caption.captioners``) also has ``from_spec(caption_spec, run_id)``;
+one that captions clips already in the lake (a model captioner) returns its
+``backfill_identity()``, and the runner captions every clip without that caption.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,8 +44,23 @@ def register_captioner(name: str, rank: int):
     """Class decorator: the stage writes captions with ``captioner = name``, ranked ``rank``."""
     def add(cls):
         CAPTIONERS[name] = Captioner(name, rank, cls)
+        cls.captioner = name
         return cls
     return add
+
+
+class CaptionerStage(Stage):
+    """A stage that writes captions (see the module docstring)."""
+    captioner: ClassVar[str] = ""
+    backfill_columns: ClassVar[tuple[str, ...]] = ()   # clip columns it reads when captioning lake clips
+
+    @classmethod
+    def from_spec(cls, spec: "CaptionSpec", run_id: str) -> "CaptionerStage":
+        raise NotImplementedError(f"the {cls.captioner} captioner does not run in curate")
+
+    def backfill_identity(self) -> tuple[str, str, str] | None:
+        """(model_id, model_hash, prompt_version) of the captions it writes, or None: no backfill."""
+        return None
 
 
 def captioner_ranking() -> tuple[str, ...]:
@@ -75,11 +93,15 @@ class CaptionSpec(Section):
 
 
 @register_captioner("template", rank=4)
-class TemplateCaptionStage(Stage):
+class TemplateCaptionStage(CaptionerStage):
     name = "caption"
 
     def __init__(self, run_id: str, use_metadata: bool = True):
         self.run_id, self.use_metadata = run_id, use_metadata
+
+    @classmethod
+    def from_spec(cls, spec: CaptionSpec, run_id: str) -> "TemplateCaptionStage":
+        return cls(run_id, spec.use_metadata)
 
     def process(self, batch: pa.Table) -> pa.Table:
         out = []

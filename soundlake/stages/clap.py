@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -66,8 +66,11 @@ SCORE_TYPE = pa.list_(pa.struct([("captioner", pa.string()), ("caption_model_id"
                                  ("text", pa.string()), ("score", pa.float32())]))
 
 
-class _ClapActorStage(Stage):
+class ClapStage(Stage):
+    """A stage backed by one CLAP model (an actor pool); ``output`` is the flow column it adds,
+    and ``rows(batch, now)`` the catalog rows that column becomes."""
     uses_actors = True
+    output: ClassVar[str] = ""
 
     def __init__(self, clap_spec, run_id: str):
         self.spec, self.run_id = clap_spec, run_id
@@ -89,14 +92,23 @@ class _ClapActorStage(Stage):
         self.model_id, self.model_hash = self.spec.model, str(self.model.identity.get("checkpoint_sha256", ""))
         self.identity = json.dumps(self.model.identity, sort_keys=True, default=str)
 
-    def _constant(self, batch: pa.Table, name: str, value: str) -> pa.Table:
+    def constant(self, batch: pa.Table, name: str, value: str) -> pa.Table:
         return batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
 
+    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
+        if self.output not in batch.column_names:
+            return {}
+        return self.rows(batch, datetime.now(timezone.utc))
 
-class EmbedStage(_ClapActorStage):
+    def rows(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
+        raise NotImplementedError
+
+
+class EmbedStage(ClapStage):
     """Audio embeddings, and top-k zero-shot tags when ``tag`` is on."""
 
     name = "embed"
+    output = "clap_embedding"
 
     def __init__(self, clap_spec, run_id: str, tag: bool):
         super().__init__(clap_spec, run_id)
@@ -131,23 +143,20 @@ class EmbedStage(_ClapActorStage):
                     tags[i] = [{"label": self.labels[k], "prob": float(probs[j, k])} for k in top]
         batch = batch.append_column("clap_embedding", pa.array(vectors, pa.list_(pa.float32())))
         batch = batch.append_column("clap_tags", pa.array(tags, TAG_TYPE))
-        batch = self._constant(batch, "clap_label_set", self.label_set if self.tag else "")
-        batch = self._constant(batch, "clap_model_id", self.model_id)
-        batch = self._constant(batch, "clap_model_hash", self.model_hash)
-        return self._constant(batch, "clap_identity", self.identity)
+        batch = self.constant(batch, "clap_label_set", self.label_set if self.tag else "")
+        batch = self.constant(batch, "clap_model_id", self.model_id)
+        batch = self.constant(batch, "clap_model_hash", self.model_hash)
+        return self.constant(batch, "clap_identity", self.identity)
 
-    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
-        return embedding_tables(batch, self.run_id)
+    def rows(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
+        """embeddings and tags rows."""
+        ok = batch.filter(pc.invert(pc.is_null(batch["clap_embedding"])))
+        if not ok.num_rows:
+            return {}
+        return embedding_rows(ok, self.run_id, now)
 
 
-def embedding_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
-    """embeddings and tags rows from a batch carrying the embed stage's columns."""
-    if "clap_embedding" not in batch.column_names:
-        return {}
-    ok = batch.filter(pc.invert(pc.is_null(batch["clap_embedding"])))
-    if not ok.num_rows:
-        return {}
-    now = datetime.now(timezone.utc)
+def embedding_rows(ok: pa.Table, run_id: str, now: datetime) -> dict[str, pa.Table]:
     emb = np.array(ok["clap_embedding"].to_pylist(), dtype=np.float32)
     n, dim = emb.shape
     ident = ok["clap_identity"][0].as_py()
@@ -166,10 +175,11 @@ def embedding_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
     return out
 
 
-class ScoreStage(_ClapActorStage):
+class ScoreStage(ClapStage):
     """Cosine of each caption in the flow (reference + new captions) with the clip's embedding."""
 
     name = "score"
+    output = "clap_scores"
 
     def process(self, batch: pa.Table) -> pa.Table:
         cols = batch.column_names
@@ -194,20 +204,14 @@ class ScoreStage(_ClapActorStage):
                 per_row[i] = (per_row[i] or []) + [{"captioner": captioner, "caption_model_id": model_id,
                                                     "text": text, "score": score}]
         batch = batch.append_column("clap_scores", pa.array(per_row, SCORE_TYPE))
-        batch = self._constant(batch, "score_model_id", self.model_id)
-        return self._constant(batch, "score_model_hash", self.model_hash)
+        batch = self.constant(batch, "score_model_id", self.model_id)
+        return self.constant(batch, "score_model_hash", self.model_hash)
 
-    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
-        return score_tables(batch, self.run_id)
-
-
-def score_tables(batch: pa.Table, run_id: str) -> dict[str, pa.Table]:
-    if "clap_scores" not in batch.column_names:
-        return {}
-    now = datetime.now(timezone.utc)
-    rows = [{"clip_id": r["clip_id"], "captioner": s["captioner"], "caption_model_id": s["caption_model_id"],
-             "caption_text": s["text"], "clap_model_id": r["score_model_id"], "clap_model_hash": r["score_model_hash"],
-             "score": s["score"], "run_id": run_id, "created": now}
-            for r in batch.select(["clip_id", "clap_scores", "score_model_id", "score_model_hash"]).to_pylist()
-            for s in r["clap_scores"] or []]
-    return {"scores": pa.Table.from_pylist(rows, schema=SCORES)} if rows else {}
+    def rows(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
+        """scores rows: one per (clip, caption, CLAP model)."""
+        rows = [{"clip_id": r["clip_id"], "captioner": s["captioner"], "caption_model_id": s["caption_model_id"],
+                 "caption_text": s["text"], "clap_model_id": r["score_model_id"],
+                 "clap_model_hash": r["score_model_hash"], "score": s["score"], "run_id": self.run_id, "created": now}
+                for r in batch.select(["clip_id", "clap_scores", "score_model_id", "score_model_hash"]).to_pylist()
+                for s in r["clap_scores"] or []]
+        return {"scores": pa.Table.from_pylist(rows, schema=SCORES)} if rows else {}

@@ -13,13 +13,18 @@ import pyarrow as pa
 
 from soundlake.core.audio import decode_mono
 from soundlake.stages.base import ModelStage, failure_row, failures_table
-from soundlake.stages.caption import add_captions, caption_tables, register_captioner
+from soundlake.stages.caption import (
+    CaptionerStage,
+    add_captions,
+    caption_tables,
+    register_captioner,
+)
 
 LINT_TYPE = pa.list_(pa.struct([("text", pa.string()), ("rules", pa.string())]))
 
 
 @register_captioner("qwen", rank=2)
-class QwenCaptionStage(ModelStage):
+class QwenCaptionStage(ModelStage, CaptionerStage):
     name = "qwen"
 
     def setup(self) -> None:
@@ -39,7 +44,7 @@ class QwenCaptionStage(ModelStage):
 
 
 @register_captioner("refine", rank=1)
-class RefineStage(ModelStage):
+class RefineStage(ModelStage, CaptionerStage):
     name = "refine"
 
     def setup(self) -> None:
