@@ -19,11 +19,14 @@ FD within +5 % and CLAP within 0.01 of uncached; sparse attention >= 1.5x faster
 training length with FD no worse than +10 %.
 
 Run: ``python benchmarks/cache_speedup.py [--model runs/dit] [--clap models/clap] [--prompts 16]``
+(``--quick``: models trained here on 16 clips for a few steps, 2 prompts, 4 DDIM steps, δ = 0.3 only).
+The figure line "cache_targets" is printed when δ = 0.3 is among ``--deltas`` (it is by default).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from common import figure, init_ray, parse_args
 
 from soundlake.generation.inference.evaluate import (
     EvalPrompt,
@@ -52,6 +56,7 @@ from soundlake.sources.synth import BASE_CLASSES, synth_clip
 SEED = 7
 REF0, CAL0 = 300_000, 400_000  # synth index ranges of the reference and calibration sets
 FLOOR = 1e9  # a δ no accumulated change reaches: every layer reused except at the first and last step
+FIGURES = ("cache_targets", "cache_floor", "sparse_litefocus", "sparse_targets")
 
 
 def synth_prompts(folder: Path, n: int, seconds: float, sr: int) -> list[EvalPrompt]:
@@ -80,10 +85,12 @@ def train_models(work: Path, clips: int = 256, vae_steps: int = 150, dit_steps: 
     exported as shards, the tiny VAE (1 s crops), its latents, then dit-tiny (12 blocks,
     2 s crops), each on Ray Train / Ray Data like `soundlake train vae|dit` and `encode`."""
     from soundlake.generation.train.encode import encode_shards
-    from soundlake.generation.train.trainer import load_train_spec, train
+    from soundlake.generation.train.specs import load_train_spec
+    from soundlake.generation.train.trainer import train
     from soundlake.testing import make_synth_export
 
     t0 = time.perf_counter()
+    init_ray(num_cpus=2)  # or join the test session's Ray (SOUNDLAKE_TEST_RAY_ADDRESS)
     shards = make_synth_export(work / "synth", clips, seconds=2.0, sr=16000, shard_count=4)
     train(load_train_spec("vae", shards=str(shards), out=str(work / "vae"), steps=vae_steps, batch_size=8,
                           seconds=1.0, sets=["lr=1e-3", f"checkpoint_every={vae_steps}"]))
@@ -135,16 +142,25 @@ def main():
                     help="prompts per call at 4x length (small: several batches interleave full and sparse)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other load)")
     ap.add_argument("--work", type=Path, help="folder for models, references and reports (default: a temp dir)")
-    args = ap.parse_args()
+    ap.add_argument("--train-clips", type=int, default=256, help="without --model: synth clips to train on")
+    ap.add_argument("--vae-steps", type=int, default=150, help="without --model")
+    ap.add_argument("--dit-steps", type=int, default=600, help="without --model")
+    ap.add_argument("--clap-clips", type=int, default=1000, help="without --clap: synth clips to train a CLAP on")
+    ap.add_argument("--clap-epochs", type=int, default=20, help="without --clap")
+    ap.add_argument("--kernel-frames", type=int, default=2000,
+                    help="the second length (frames) of the attention kernel timings")
+    args = parse_args(ap, dict(prompts=2, sparse_prompts=2, calibrate=2, steps=4, deltas="0.3", batch_size=2,
+                               sparse_batch_size=2, train_clips=16, vae_steps=10, dit_steps=10, clap_clips=16,
+                               clap_epochs=1, kernel_frames=400))
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="cache_speedup_"))
     work.mkdir(parents=True, exist_ok=True)
 
-    model = args.model or train_models(work)
+    model = args.model or train_models(work, args.train_clips, args.vae_steps, args.dit_steps)
     gen = Generator.load(model)
     T = training_seconds(gen) or 10.0
     t0 = time.perf_counter()
-    clap_dir = args.clap or train_clap_on_synth(work / "clap", T)
+    clap_dir = args.clap or train_clap_on_synth(work / "clap", T, args.clap_clips, args.clap_epochs)
     clap_s = time.perf_counter() - t0 if args.clap is None else 0.0
     labels = [c.replace("_", " ") for c in BASE_CLASSES]
     clap = ClapFunctions.of(load_clap(str(clap_dir)), labels)
@@ -195,23 +211,24 @@ def main():
               f"{100 * r['latent_drift']:>6.1f}% {r['fd_exact']:>11.3f}")
     full, lite = sparse.rows
     sp_meta = sparse.meta["sparse"]
-    print(f"sparse litefocus r={args.ratio:g} at {4 * T:g} s (4x training, {lite['frames']} frames, band "
-          f"{sp_meta['window_frames']}): attention {lite['attention_speedup']:.2f}x, "
-          f"wall {lite['speedup']:.2f}x, FD {lite['fd']:.3f} vs full {full['fd']:.3f} ({pct(lite['fd'], full['fd'])}), "
-          f"CLAP {lite['clap']:.3f} vs {full['clap']:.3f}, drift {100 * lite['latent_drift']:.1f}%")
+    figure("sparse_litefocus", f"sparse litefocus r={args.ratio:g} at {4 * T:g} s (4x training, {lite['frames']} "
+           f"frames, band {sp_meta['window_frames']}): attention {lite['attention_speedup']:.2f}x, "
+           f"wall {lite['speedup']:.2f}x, FD {lite['fd']:.3f} vs full {full['fd']:.3f} "
+           f"({pct(lite['fd'], full['fd'])}), CLAP {lite['clap']:.3f} vs {full['clap']:.3f}, "
+           f"drift {100 * lite['latent_drift']:.1f}%")
 
     # what limits the speed-ups: the part of a run caching cannot remove; attention's share
     # and how its kernels scale with length
     floor = rows[f"δ={FLOOR:g}"]
     q = floor["layer_computed"] / floor["layer_total"]
     f = max(0.0, (1 / floor["speedup"] - q) / (1 - q))  # wall = f + (1 - f) * computed fraction
-    print(f"limits: with every layer reused but the first and last step (floor) the run is {floor['speedup']:.2f}x "
-          f"faster, so {100 * f:.0f}% of the wall time is outside the cached layers (norms, modulation, skips, "
-          f"embeddings, VAE decode, text encoder); self-attention is "
-          f"{100 * full['attention_s'] / full['wall_s']:.0f}% of the full-attention wall time at {4 * T:g} s")
+    figure("cache_floor", f"limits: with every layer reused but the first and last step (floor) the run is "
+           f"{floor['speedup']:.2f}x faster, so {100 * f:.0f}% of the wall time is outside the cached layers (norms, "
+           f"modulation, skips, embeddings, VAE decode, text encoder); self-attention is "
+           f"{100 * full['attention_s'] / full['wall_s']:.0f}% of the full-attention wall time at {4 * T:g} s")
     cfg = gen.dit.cfg
     rows_b = min(args.sparse_prompts, args.sparse_batch_size) * 2  # CFG doubles the batch
-    for n in (lite["frames"], 2000):
+    for n in (lite["frames"], args.kernel_frames):
         w = sp_meta["window_frames"] if n == lite["frames"] else n // 4
         full_ms, sparse_ms, visited = attention_kernels(n, w, max(16, w // 2), args.ratio, rows_b, cfg.heads,
                                                         cfg.hidden // cfg.heads)
@@ -224,12 +241,16 @@ def main():
                   ("wall", t["speedup"] >= 1.8, f"{t['speedup']:.2f}x (floor model: {best:.2f}x)", ">= 1.8x"),
                   ("FD", t["fd"] <= 1.05 * base["fd"], pct(t["fd"], base["fd"]), "<= +5%"),
                   ("CLAP", abs(t["clap"] - base["clap"]) <= 0.01, f"{t['clap'] - base['clap']:+.3f}", "within 0.01")]
-        print("targets δ=0.3: " + " · ".join(f"{n} {v} ({goal}: {'met' if ok else 'MISSED'})"
-                                             for n, ok, v, goal in checks))
+        figure("cache_targets", "targets δ=0.3: " + " · ".join(f"{n} {v} ({goal}: {'met' if ok else 'MISSED'})"
+                                                               for n, ok, v, goal in checks))
     sp = [("attention", lite["attention_speedup"] >= 1.5, f"{lite['attention_speedup']:.2f}x", ">= 1.5x"),
           ("FD", lite["fd"] <= 1.10 * full["fd"], pct(lite["fd"], full["fd"]), "<= +10%")]
-    print("targets sparse: " + " · ".join(f"{n} {v} ({goal}: {'met' if ok else 'MISSED'})" for n, ok, v, goal in sp))
-    print(f"reports: {work / 'report-cache' / 'report.html'}, {work / 'report-sparse' / 'report.html'}")
+    figure("sparse_targets", "targets sparse: " + " · ".join(f"{n} {v} ({goal}: {'met' if ok else 'MISSED'})"
+                                                            for n, ok, v, goal in sp))
+    if args.quick and args.work is None:  # a smoke test's models and reports are not worth keeping
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"reports: {work / 'report-cache' / 'report.html'}, {work / 'report-sparse' / 'report.html'}")
 
 
 if __name__ == "__main__":

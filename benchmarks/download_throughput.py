@@ -105,9 +105,9 @@ def main() -> None:
             best = max(rows, key=lambda c: rows[c][0])
             figure("download_vs_baseline", f"soundlake / sequential yt-dlp loop: {rows[best][0]:.2f}x with {best} "
                    f"downloads in flight (the best of {', '.join(map(str, CONCURRENCY))}); {rows[1][0]:.2f}x with 1")
-            figure("download_fetched_per_clip", f"{rows[best][1] / 1024:.1f} KiB fetched per clip with {best} in flight "
-                   f"(baseline {base_bytes / 1024:.1f} KiB) for a {END - START:.0f} s section whose share of the "
-                   f"file is {section_share / 1024:.1f} KiB")
+            figure("download_fetched_per_clip", f"{rows[best][1] / 1024:.1f} KiB fetched per clip with {best} in "
+                   f"flight (baseline {base_bytes / 1024:.1f} KiB) for a {END - START:.0f} s section whose share "
+                   f"of the file is {section_share / 1024:.1f} KiB")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

@@ -77,9 +77,9 @@ def main() -> None:
             shards_r = statistics.median(r for r, _ in res["shards"])
             mem_r = statistics.median(r for r, _ in res["memory"])
             wait = statistics.median(w for _, w in res["shards"])
-            figure(f"{name}_loader_cost", f"{name}: shards {shards_r:6.1f} samples/s · memory {mem_r:6.1f} samples/s · "
-                  f"ratio {shards_r / mem_r:.2f}x · loader cost {100 * (1 - shards_r / mem_r):+.1f}% (target < 10%) · "
-                   f"time waiting for batches in the shards runs {100 * wait:.1f}%")
+            figure(f"{name}_loader_cost", f"{name}: shards {shards_r:6.1f} samples/s · memory {mem_r:6.1f} "
+                   f"samples/s · ratio {shards_r / mem_r:.2f}x · loader cost {100 * (1 - shards_r / mem_r):+.1f}% "
+                   f"(target < 10%) · time waiting for batches in the shards runs {100 * wait:.1f}%")
     ray.shutdown()
 
 

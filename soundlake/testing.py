@@ -346,7 +346,7 @@ def make_tiny_bart(path: Path) -> Path:
 
 def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_seconds: float = 0.5,
                         seed: int = 0) -> Path:
-    """A tiny randomly initialised DiT bundle (DiT + VAE + MiniLM text), saved with
+    """A tiny randomly initialised DiT model folder (DiT + VAE + MiniLM text), saved with
     ``save_model`` like a trained one, so ``Generator.load(folder)`` reads it back.
 
     The zero-initialised layers (adaLN-zero gates, cross-attention outputs, the final

@@ -1,4 +1,4 @@
-"""autocap: two-stage training, saving and loading, the curate stage (the released checkpoint: test_autocap_release)."""
+"""autocap: two-phase training, saving and loading, the curate stage (the released checkpoint: test_autocap_release)."""
 from __future__ import annotations
 
 import io
@@ -14,7 +14,7 @@ from soundlake.models.captioners.autocap import Autocap, meta_text
 from soundlake.models.captioners.autocap_train import (
     AutocapTrainConfig,
     CaptionItem,
-    set_stage,
+    set_phase,
     train_autocap,
 )
 from soundlake.sources.synth import synth_clip
@@ -47,20 +47,20 @@ def _items(n: int, start: int = 0) -> list[CaptionItem]:
     return out
 
 
-def test_two_stage_training_loss_falls_and_folder_loads(tiny_clap, tmp_path):
+def test_two_phase_training_loss_falls_and_folder_loads(tiny_clap, tmp_path):
     items = _items(12)
     rows = []
     res = train_autocap(items, tmp_path / "ac", tiny_autocap_config(),
-                        AutocapTrainConfig(bart_epochs=3, stage1_epochs=2, stage2_epochs=14, batch_size=4,
-                                           lr_bart=1e-2, lr_stage1=1e-2, lr_stage2=1e-2, warmup_steps=1, val_clips=4),
+                        AutocapTrainConfig(bart_epochs=3, phase1_epochs=2, phase2_epochs=14, batch_size=4,
+                                           lr_bart=1e-2, lr_phase1=1e-2, lr_phase2=1e-2, warmup_steps=1, val_clips=4),
                         clap=tiny_clap, val=_items(4, 100), progress=rows.append)
     bart = [r["bart_loss"] for r in rows if "bart_loss" in r]
-    rows = [r for r in rows if "stage" in r]
+    rows = [r for r in rows if "phase" in r]
     losses = [r["loss"] for r in rows]
     assert len(bart) == 3 and bart[-1] < bart[0]                 # the from-config BART's denoising pretraining
-    assert [r["stage"] for r in rows] == [1] * 2 + [2] * 14
+    assert [r["phase"] for r in rows] == [1] * 2 + [2] * 14
     assert losses[-1] < 0.9 * losses[0] and losses[-1] < 0.9 * losses[2], losses
-    assert rows[2]["trainable"] > rows[0]["trainable"]           # BART joins in stage 2
+    assert rows[2]["trainable"] > rows[0]["trainable"]           # BART joins in phase 2
     assert {"val_loss", "val_bleu_4", "val_cider_d"} <= set(rows[-1])
 
     # The folder loads back to the same weights and captions the same way.
@@ -74,23 +74,23 @@ def test_two_stage_training_loss_falls_and_folder_loads(tiny_clap, tmp_path):
     assert (tmp_path / "ac" / "clap" / "soundlake_clap.json").is_file() and len(model.model_hash) == 16
 
 
-def test_stages_freeze_the_right_parameters(tiny_clap, tmp_path):
+def test_phases_freeze_the_right_parameters(tiny_clap, tmp_path):
     model = Autocap.load(make_tiny_autocap(tmp_path / "ac", tiny_clap, ["a bell rings", "a beep sounds"]))
     net = model.net
-    set_stage(net, 1)
-    stage1 = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert stage1 and all(n.split(".")[0] in {"frame_proj", "qformer", "tag_embed", "clap_proj", "clap_norm"}
-                          for n in stage1)
-    assert {"qformer.queries", "tag_embed.weight", "clap_proj.weight", "frame_proj.weight"} <= stage1
-    set_stage(net, 2)
-    stage2 = {n for n, p in net.named_parameters() if p.requires_grad}
-    bart = stage2 - stage1
+    set_phase(net, 1)
+    phase1 = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert phase1 and all(n.split(".")[0] in {"frame_proj", "qformer", "tag_embed", "clap_proj", "clap_norm"}
+                          for n in phase1)
+    assert {"qformer.queries", "tag_embed.weight", "clap_proj.weight", "frame_proj.weight"} <= phase1
+    set_phase(net, 2)
+    phase2 = {n for n, p in net.named_parameters() if p.requires_grad}
+    bart = phase2 - phase1
     assert any(n.startswith("bart.model.decoder.layers.") for n in bart)
     assert any(n.startswith("bart.model.encoder.layers.") for n in bart)
-    assert stage1 <= stage2 and not net.bart.get_input_embeddings().weight.requires_grad
+    assert phase1 <= phase2 and not net.bart.get_input_embeddings().weight.requires_grad
     assert not net.bart.lm_head.weight.requires_grad               # tied to the token embeddings
     with pytest.raises(ValueError):
-        set_stage(net, 3)
+        set_phase(net, 3)
 
 
 def test_metadata_fields_keep_empty_tags():

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from soundlake.cli import app
 from soundlake.core.errors import UserError
+from soundlake.generation.inference import evaluate
 from soundlake.generation.inference.audiocache import (
     AudioCache,
     CacheProfile,
@@ -27,6 +29,7 @@ from soundlake.generation.inference.audiocache import (
     profile_path,
 )
 from soundlake.generation.inference.evaluate import Sampling, load_profile, read_prompts
+from soundlake.generation.inference.hooks import HOOK_ATTR
 from soundlake.generation.model_folder import Generator
 from soundlake.testing import make_tiny_generator, make_tiny_inhouse_clap
 
@@ -39,6 +42,15 @@ CAPTIONS = ["a dog barks", "rain on a tin roof", "a siren wails"]
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache-eval")
     return make_tiny_generator(root / "dit", train_seconds=0.5), make_tiny_inhouse_clap(root / "clap")
+
+
+def hook_free(model):
+    """No module, the attention cores (plain attributes, not children) included, carries a
+    hook registry or a forward of its own."""
+    mods = list(model.modules())
+    mods += [m.attention for m in mods if isinstance(getattr(m, "attention", None), nn.Module)]
+    return all(not ({"forward", HOOK_ATTR} & m.__dict__.keys())
+               and m.forward.__func__ is type(m).forward for m in mods)
 
 
 def cli(*args):
@@ -139,10 +151,20 @@ def test_calibrate_then_evaluate_report(models, tmp_path):
     assert "uncached" in out and "δ=0.05" in out
 
 
-def test_evaluate_with_references_and_sparse_attention(models, tmp_path):
+def test_evaluate_with_references_and_sparse_attention(models, tmp_path, monkeypatch):
     """Reference audio (another rate, resampled and recorded), calibration on the fly when
-    no profile fits, and full vs sparse attention rows at two durations."""
+    no profile fits, and full vs sparse attention rows at two durations; attention timed
+    around LiteFocus too, and the model left with no hook or forward of its own."""
     dit, clap = models
+    gens = []
+    real = evaluate.evaluate_generation
+
+    def spy(gen, *args, **kwargs):
+        gens.append(gen)
+        assert hook_free(gen.dit)
+        return real(gen, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_generation", spy)
     lines = []
     for i, c in enumerate(CAPTIONS):
         t = np.arange(22050) / 22050
@@ -163,7 +185,10 @@ def test_evaluate_with_references_and_sparse_attention(models, tmp_path):
     names = [r["setting"] for r in rows]
     assert names == ["uncached", "δ=0.05", "litefocus r=0.1 0.5 s", "full 2 s", "litefocus r=0.1 2 s"]
     by = dict(zip(names, rows))
-    assert by["full 2 s"]["frames"] == 100 and by["litefocus r=0.1 2 s"]["attention_s"] > 0
+    assert by["full 2 s"]["frames"] == 100
+    # the timer wraps LiteFocus's hook (which calls nothing inside it), exact or sparse
+    assert all(r["attention_s"] > 0 for r in rows)
+    assert len(gens) == 1 and hook_free(gens[0].dit)  # evaluation detached everything it attached
     assert by["uncached"]["fd"] > 0  # against real references, not against itself
     assert by["uncached"]["fd_exact"] == pytest.approx(0.0, abs=1e-6) and by["δ=0.05"]["latent_drift"] > 0
     # up to the training length the sparse module is exact attention

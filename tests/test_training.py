@@ -107,16 +107,16 @@ def _samples(url):
             yield s["__key__"], s
 
 
-def test_dit_stages_loss_falls_and_generate_writes_audio(latent_shards, vae_dir, tmp_path):
+def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir, tmp_path):
     out = tmp_path / "dit"
     spec = dit_spec(latent_shards, vae_dir, out, None, "log_every=5", "lr=1e-3", "ema=0.9",
-                    "stages=[{name: pretrain, mode: masked, shards: %s, steps: 10}, "
+                    "phases=[{name: pretrain, mode: masked, shards: %s, steps: 10}, "
                     "{name: text, shards: %s, steps: 50}]" % (latent_shards, latent_shards))
     s = train(spec)
     assert s.steps == 60
     rows = log_rows(out)
-    assert [r["stage"] for r in rows] == ["pretrain"] * 2 + ["text"] * 10
-    text = [float(r["loss"]) for r in rows if r["stage"] == "text"]
+    assert [r["phase"] for r in rows] == ["pretrain"] * 2 + ["text"] * 10
+    text = [float(r["loss"]) for r in rows if r["phase"] == "text"]
     assert np.mean(text[-3:]) < 0.8 * text[0], text
     # the folder is self-contained: DiT + its VAE + latent statistics + text encoder identity
     gen = Generator.load(out)

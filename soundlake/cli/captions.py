@@ -87,13 +87,18 @@ def evaluate_captions_cmd(
         console.print(f"wrote {output}")
 
 
+# Options shared by the commands that train on the lake's (audio, caption) pairs.
+CAPTIONER = typer.Option("reference", help="Train on this captioner's captions.")
+WHERE = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'synth'\".")
+HOLDOUT = typer.Option(0.1, help="Fraction of clips held out for validation: the bottom of the same stable "
+                       "u = sha256(clip_id) range that exports' held-out splits use.")
+
+
 @train_app.command("clap")
 def train_clap_cmd(
     lake: str = LAKE,
     out: Path = typer.Option(..., "--out", "-o", help="Folder to save the model in (loadable by clap.model)."),
-    captioner: str = typer.Option("reference", help="Train on this captioner's captions."),
-    where: Optional[str] = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'synth'\"."),
-    holdout: float = typer.Option(0.1, help="Fraction of clips (stable hash of clip_id) held out for validation."),
+    captioner: str = CAPTIONER, where: Optional[str] = WHERE, holdout: float = HOLDOUT,   # which pairs
     epochs: int = typer.Option(30, help="Training epochs."),
     batch_size: int = typer.Option(64),
     lr: float = typer.Option(2e-3),
@@ -131,14 +136,14 @@ def train_clap_cmd(
 def train_captioner_cmd(
     lake: str = LAKE,
     out: Path = typer.Option(..., "--out", "-o", help="Folder to save the model in (loadable by caption.autocap_model)."),
-    captioner: str = typer.Option("reference", help="Train on this captioner's captions."),
-    where: Optional[str] = typer.Option(None, help="SQL condition on clips (c.*), e.g. \"c.source = 'synth'\"."),
-    holdout: float = typer.Option(0.1, help="Fraction of clips (stable hash of clip_id) held out for validation."),
+    captioner: str = CAPTIONER, where: Optional[str] = WHERE, holdout: float = HOLDOUT,   # which pairs
     clap: Optional[Path] = typer.Option(None, help="In-house CLAP folder used (frozen) as the audio encoder; "
                                         "default: train one on the same pairs first."),
     clap_epochs: int = typer.Option(12, help="Epochs of that CLAP, when --clap is not given."),
-    stage1_epochs: int = typer.Option(2, help="Stage 1: BART frozen; Q-Former, projections, tag tokens train."),
-    stage2_epochs: int = typer.Option(14, help="Stage 2: BART trains too, except its token embeddings."),
+    phase1_epochs: int = typer.Option(2, "--stage1-epochs", help="AutoCap's stage 1: BART frozen; Q-Former, "
+                                      "projections, tag tokens train."),
+    phase2_epochs: int = typer.Option(14, "--stage2-epochs", help="AutoCap's stage 2: BART trains too, except its "
+                                      "token embeddings."),
     batch_size: int = typer.Option(32),
     field_dropout: float = typer.Option(0.5, help="Chance of leaving each metadata field empty in training."),
     bart: Optional[Path] = typer.Option(None, help="A pretrained BART folder (its tokenizer too); default: a small "
@@ -150,7 +155,7 @@ def train_captioner_cmd(
     """Train the in-house autocap captioner on the lake's clips, captions and metadata into the folder --out.
 
     AutoCap architecture: Q-Former over frozen audio frames, CLAP token, tagged metadata, BART;
-    trained in two stages. Prints the loss and validation metrics each epoch; the folder loads
+    trained in two phases (AutoCap's stages 1 and 2). Prints the loss and validation metrics each epoch; the folder loads
     as caption.autocap_model."""
     from rich.progress import Progress
 
@@ -165,7 +170,7 @@ def train_captioner_cmd(
     if tokenizer not in ("train", "minilm"):
         raise UserError(f"--tokenizer {tokenizer!r}: expected train or minilm")
     cfg = AutocapConfig(bart=str(bart) if bart else None, tokenizer="bart" if bart else tokenizer)
-    tcfg = AutocapTrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
+    tcfg = AutocapTrainConfig(phase1_epochs=phase1_epochs, phase2_epochs=phase2_epochs, batch_size=batch_size,
                               field_dropout=field_dropout, clap_epochs=clap_epochs, seed=seed)
     with as_user_error(ValueError):
         rate = 16000
@@ -178,18 +183,18 @@ def train_captioner_cmd(
     items = [CaptionItem(a, t, meta.get(c, {})) for c, a, t in train]
     val = [CaptionItem(a, t, meta.get(c, {})) for c, a, t in held]
     console.print(f"training on {len(items)} clips, validating on {len(val)} (lake {lake})")
-    total = stage1_epochs + stage2_epochs + (0 if clap else clap_epochs) + (0 if bart else tcfg.bart_epochs)
+    total = phase1_epochs + phase2_epochs + (0 if clap else clap_epochs) + (0 if bart else tcfg.bart_epochs)
     with Progress(console=console) as progress:
         task = progress.add_task("epochs", total=total)
 
-        def report(row):   # CLAP epochs, BART denoising epochs, then stage 1 and 2 epochs
+        def report(row):   # CLAP epochs, BART denoising epochs, then phase 1 and 2 epochs
             progress.update(task, advance=1)
             if "clap_epoch" in row:
                 name, num = "clap epoch", row["clap_epoch"]
             elif "bart_epoch" in row:
                 name, num = "bart denoising epoch", row["bart_epoch"]
             else:
-                name, num = f"stage {row['stage']} epoch", row["epoch"]
+                name, num = f"phase {row['phase']} epoch", row["epoch"]
             extra = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and "seconds" not in k)
             progress.console.print(f"{name} {num:3d}  {extra}", highlight=False)
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from soundlake.cli.main import MODELS, app, as_user_error, console, train_app
 from soundlake.core.errors import UserError
 
-SPEC_HELP = "YAML train spec (settings and stages); options and --set override it."
+SPEC_HELP = "YAML train spec (settings and phases); options and --set override it."
 SET_HELP = "Override a spec key: key=value, e.g. --set lr=1e-4 --set overrides.depth=6. Repeatable."
 
 
@@ -28,10 +28,10 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
     from soundlake.generation.train.trainer import train
 
     spec = load_train_spec(kind, str(spec_file) if spec_file else None, sets, **given)
-    stages = " → ".join(f"{s.name} ({s.mode if kind == 'dit' else 'recon'}, {s.steps} steps, {s.shards})"
-                        for s in spec.stages)
+    phases = " → ".join(f"{s.name} ({s.mode if kind == 'dit' else 'recon'}, {s.steps} steps, {s.shards})"
+                        for s in spec.phases)
     console.print(f"train {kind} · config {spec.config} · {spec.workers} worker(s) × batch {spec.batch_size} · "
-                  f"{spec.seconds:g} s crops · stages: {stages} · out {spec.out}", highlight=False)
+                  f"{spec.seconds:g} s crops · phases: {phases} · out {spec.out}", highlight=False)
     progress = Progress(TextColumn(f"[bold]train {kind}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
     task = progress.add_task(kind, total=spec.total_steps, info="starting Ray Train…")
@@ -54,17 +54,23 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
     console.print(t)
 
 
+# Options shared by `train vae` and `train dit` (None: the spec's value).
+RUN_OUT = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, log and the model.")
+BATCH_SIZE = typer.Option(None, help="Clips per step per worker.")
+SECONDS = typer.Option(None, help="Crop length in seconds.")
+WORKERS = typer.Option(None, help="Ray Train workers (DDP).")
+GPU = typer.Option(None, "--gpu/--cpu", help="One GPU per worker.")
+LR = typer.Option(None, help="Peak learning rate.")
+
+
 @train_app.command("vae")
 def train_vae_cmd(
     shards: Optional[str] = typer.Option(None, help="Export folder (or URI) with audio shards."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, log and the model."),
+    out: Optional[str] = RUN_OUT,
     config: Optional[str] = typer.Option(None, help="Model config: vae-tiny (CPU, default), vae-ezaudio, or a YAML."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Clips per step per worker."),
-    seconds: Optional[float] = typer.Option(None, help="Crop length in seconds."),
-    lr: Optional[float] = typer.Option(None),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
-    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="One GPU per worker."),
+    batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
+    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
 ):
@@ -80,17 +86,14 @@ def train_vae_cmd(
 def train_dit_cmd(
     shards: Optional[str] = typer.Option(None, help="Latent shards written by `soundlake encode`."),
     vae: Optional[str] = typer.Option(None, help="The VAE folder that encoded them."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, log and the model."),
+    out: Optional[str] = RUN_OUT,
     config: Optional[str] = typer.Option(None, help="Model config: dit-tiny (CPU, default), dit-L, dit-XL, or a YAML."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (one text-conditioned stage)."),
-    batch_size: Optional[int] = typer.Option(None, help="Clips per step per worker."),
-    seconds: Optional[float] = typer.Option(None, help="Crop length in seconds."),
-    lr: Optional[float] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (one text-conditioned phase)."),
+    batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
     text_encoder: Optional[str] = typer.Option(None, help="transformers encoder folder (e.g. FLAN-T5); default MiniLM."),
     init: Optional[str] = typer.Option(None, help="Start from this DiT folder's weights (weights only)."),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
-    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="One GPU per worker."),
-    spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Stages: masked pretraining, text, fine-tuning."),
+    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Phases: masked pretraining, text, fine-tuning."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
 ):
     """Train the EzAudio-style DiT on VAE latent shards on Ray Train (v-prediction, condition dropout for CFG).

@@ -68,6 +68,13 @@ from soundlake.generation.inference.audiocache import (
     plan_refreshes,
     profile_path,
 )
+from soundlake.generation.inference.hooks import (
+    HookRegistry,
+    ModelHook,
+    find_modules,
+    register_hooks,
+    remove_hooks,
+)
 from soundlake.generation.inference.litefocus import (
     SparseHandle,
     attach_sparse_attention,
@@ -328,33 +335,67 @@ class _Setting:
     reused: int = 0
 
 
+_TIMER_HOOK = "eval_attention_timer"  # the timer's hook name on each attention core
+
+
+class _TimerHook(ModelHook):
+    """Times one attention core's call, what is registered inside it included (LiteFocus's
+    sparse kernel), synchronising the device around it."""
+
+    stateful = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def pre_forward(self, module, *args, **kwargs):
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        _sync(self.device)
+        self.seconds += time.perf_counter() - self._t0
+        return output
+
+    def reset_state(self) -> None:
+        self.seconds = 0.0
+
+
 class _AttentionTimer:
-    """Accumulates the time spent in every block's self-attention core (the swappable
-    ``self_attn.attention`` callable, full or sparse) while installed."""
+    """Accumulates the time spent in every block's self-attention core
+    (``blocks.i.self_attn.attention``, exact or LiteFocus sparse) while attached: a
+    :class:`_TimerHook` per core, registered through ``hooks.py``; ``detach()`` (or ``with``
+    exit) removes them, ``seconds`` stays readable.
+
+    Attach it before LiteFocus: the first hook registered on a module is the outermost, so
+    the timer then wraps LiteFocus's hook (which replaces the core's forward and calls
+    nothing registered inside it). Attaching it on a core that already has hooks raises."""
 
     def __init__(self, dit, device: torch.device):
-        self.seconds = 0.0
-        self.handle = SparseHandle()  # restores the callables it records
-        for blk in dit.blocks:
-            attn = blk.self_attn
-            self.handle.saved.append((attn, "attention" in attn.__dict__, attn.__dict__.get("attention")))
-            attn.__dict__["attention"] = self._timed(attn.attention, device)
+        modules = find_modules(dit, [f"blocks.{i}.self_attn.attention" for i in range(len(dit.blocks))])
+        taken = [name for m in modules for name in HookRegistry.of(m).hooks]
+        if taken:
+            raise RuntimeError(f"attention cores already hooked ({', '.join(sorted(set(taken)))}): "
+                               "attach the attention timer first so that it wraps those hooks")
+        self.hooks = [_TimerHook(device) for _ in modules]
+        register_hooks(modules, self.hooks, _TIMER_HOOK)
+        self.modules = modules
 
-    def _timed(self, inner, device):
-        def attention(*args, **kwargs):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = inner(*args, **kwargs)
-            _sync(device)
-            self.seconds += time.perf_counter() - t0
-            return out
-        return attention
+    @property
+    def seconds(self) -> float:
+        return sum(h.seconds for h in self.hooks)
+
+    def detach(self) -> None:
+        remove_hooks(self.modules, _TIMER_HOOK)
+        self.modules = []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.handle.detach()
+        self.detach()
 
 
 def _plan(settings: EvalSettings) -> list[_Setting]:
@@ -403,6 +444,14 @@ def sparse_geometry(gen, settings: EvalSettings) -> tuple[int, int]:
     return g.window, g.chunk
 
 
+def _sparse(gen, ratio: float | None, window: int, chunk: int, seed: int) -> SparseHandle:
+    """LiteFocus on every block (exact up to the band), or an empty handle for full attention."""
+    if ratio is None:
+        return SparseHandle()
+    return attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=window, ratio=ratio,
+                                   seed=seed, chunk=chunk, min_tokens=window)
+
+
 def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, settings: EvalSettings,
                         clap: ClapFunctions, labels: tuple[str, Sequence[str]], profile: CacheProfile | None,
                         progress: Progress | None = None, profile_source: str = "") -> "CacheEvalReport":
@@ -427,10 +476,8 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
     for b, batch in enumerate(_batches(captions, sampling.batch_size)):
         for s in plan:
             step = None if progress is None else (lambda s=s: progress(1, s.name))
-            sparse = SparseHandle() if s.ratio is None else attach_sparse_attention(
-                gen.dit, range(len(gen.dit.blocks)), window=window, ratio=s.ratio, seed=sampling.seed,
-                chunk=chunk, min_tokens=window)
-            with sparse, _AttentionTimer(gen.dit, gen.device) as timer:  # the timer wraps the sparse core
+            # the timer first, so that it wraps the sparse hook
+            with _AttentionTimer(gen.dit, gen.device) as timer, _sparse(gen, s.ratio, window, chunk, sampling.seed):
                 if s.delta is None:
                     out = _generate(gen, batch, s.seconds, sampling, sampling.seed + b, step)
                     s.computed += sampling.steps * n_layers

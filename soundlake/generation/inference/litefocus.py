@@ -177,23 +177,14 @@ class SparseAttentionHook(ModelHook):
 
 @dataclass
 class SparseHandle:
-    """Removes the sparse-attention hooks from ``modules`` on ``detach()``.
+    """Removes the sparse-attention hooks from ``modules`` on ``detach()`` (an empty handle
+    does nothing)."""
 
-    ``saved`` (module, had_instance_attribute, original) restores ``attention`` callables a
-    caller swapped itself; kept for such callers, LiteFocus itself only uses hooks."""
-
-    saved: list[tuple[nn.Module, bool, object]] = field(default_factory=list)
     modules: list[nn.Module] = field(default_factory=list)
 
     def detach(self) -> None:
         remove_hooks(self.modules, HOOK_NAME)
         self.modules.clear()
-        for module, had_instance, original in reversed(self.saved):
-            if had_instance:
-                module.__dict__["attention"] = original
-            else:
-                module.__dict__.pop("attention", None)
-        self.saved.clear()
 
     def __enter__(self):
         return self

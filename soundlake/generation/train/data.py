@@ -54,7 +54,7 @@ def shard_urls(source: str, split: str | None = "train") -> list[str]:
 
 
 def safe_tar_samples(src: Iterator[dict], max_member_bytes: int = shards.DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
-    """webdataset stage: {"url"} -> samples, each tar member checked before it is read.
+    """webdataset pipeline step: {"url"} -> samples, each tar member checked before it is read.
 
     An unsafe member raises :class:`soundlake.export.shards.UnsafeTarError` naming the shard."""
     for item in src:
@@ -67,14 +67,14 @@ def safe_tar_samples(src: Iterator[dict], max_member_bytes: int = shards.DEFAULT
 
 
 def _check_enough_shards(urls: list[str]):
-    def stage(src):
+    def check(src):
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if len(urls) < world * workers:
             raise ValueError(f"{len(urls)} shards cannot feed {world} ranks x {workers} workers "
                              f"= {world * workers} readers: export with a smaller --shard-size/--shard-count, "
                              "use fewer workers, or resample=True")
         yield from src
-    return stage
+    return check
 
 
 @dataclass
@@ -214,20 +214,20 @@ def make_dataset(urls: list[str], *, batch_size: int | None = None, seconds: flo
         raise ValueError("no shards to read")
     if resample:
         # Every reader draws shards independently (seeded per rank/worker): no split needed.
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        pipeline = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
-        stages = [wds.SimpleShardList(urls), _check_enough_shards(urls), wds.split_by_node, wds.split_by_worker]
-    stages.append(lambda src: safe_tar_samples(src, max_member_bytes))
+        pipeline = [wds.SimpleShardList(urls), _check_enough_shards(urls), wds.split_by_node, wds.split_by_worker]
+    pipeline.append(lambda src: safe_tar_samples(src, max_member_bytes))
     if shuffle:
-        stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), seed=seed))
+        pipeline.append(wds.shuffle(shuffle, initial=min(shuffle, 100), seed=seed))
     if latent_frames:
         decode, collation = DecodeLatents(None, None, caption, crop, seed, frames=latent_frames), collate_latents
     else:
         decode, collation = Decode(seconds, sample_rate, caption, crop, seed), collate
-    stages.append(wds.map(decode))
+    pipeline.append(wds.map(decode))
     if batch_size:
-        stages.append(wds.batched(batch_size, collation_fn=collation, partial=partial))
-    return wds.DataPipeline(*stages)
+        pipeline.append(wds.batched(batch_size, collation_fn=collation, partial=partial))
+    return wds.DataPipeline(*pipeline)
 
 
 def make_loader(urls: list[str], batch_size: int, num_workers: int = 0, *, world_size: int | None = None,

@@ -2,13 +2,13 @@
 
 Both tasks expose ``model``, ``extra_modules()`` (e.g. the VAE's discriminator),
 ``loader_kw`` (how the export loader reads their shards), ``prepare(batch)`` and
-``step(model, opt, extra_opts, item, stage)``; :mod:`.trainer` runs them on Ray Train.
+``step(model, opt, extra_opts, item, phase)``; :mod:`.trainer` runs them on Ray Train.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from soundlake.generation.train.specs import StageSpec, TrainSpec
+from soundlake.generation.train.specs import PhaseSpec, TrainSpec
 
 
 class VaeTask:
@@ -30,7 +30,7 @@ class VaeTask:
         wav = batch.audio.mean(dim=1, keepdim=True).to(self.device)  # mono [B, 1, T]
         return wav, wav.shape[0]
 
-    def step(self, model, opt, extra_opts, wav, stage: StageSpec) -> dict:
+    def step(self, model, opt, extra_opts, wav, phase: PhaseSpec) -> dict:
         from soundlake.generation.vae import vae_train_step
 
         return vae_train_step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
@@ -85,14 +85,14 @@ class DitTask:
         x0 = ((batch.latents - self.mean) / self.std).transpose(1, 2).to(self.device)  # [B, F, C]
         return (x0, batch.captions), x0.shape[0]
 
-    def step(self, model, opt, extra_opts, item, stage: StageSpec) -> dict:
+    def step(self, model, opt, extra_opts, item, phase: PhaseSpec) -> dict:
         import torch
 
         from soundlake.generation.diffusion import diffusion_train_step
         from soundlake.generation.model_folder import pool_frames
 
         x0, captions = item
-        masked = stage.mode == "masked"
+        masked = phase.mode == "masked"
         cond = None if masked else self._encode(captions)
         if cond is not None and self.spec.cond2 == "latents":
             cond.context2 = pool_frames(x0, self.spec.cond2_frames)

@@ -1,9 +1,9 @@
 """Train specs for `soundlake train vae|dit`, and the plan the driver resolves from one.
 
-A spec (YAML, ``--spec``) holds every training setting and one or more **stages**, each
+A spec (YAML, ``--spec``) holds every training setting and one or more **phases**, each
 naming its shards; command options and ``--set key=value`` override it, and every
 validation error is one line naming the key. :func:`make_plan` resolves, once on the
-driver, what every worker needs: shard lists per stage, model configs (the DiT's input
+driver, what every worker needs: shard lists per phase, model configs (the DiT's input
 and condition widths from its VAE and encoders) and the latent statistics.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class StageSpec(_Section):
+class PhaseSpec(_Section):
     name: str = "main"
     shards: str = Field(..., description="export folder/URI (its manifest), or a brace pattern of .tar paths")
     split: str | None = Field("train", description="the export split to read (None = all)")
     steps: int = Field(..., ge=1)
     mode: Literal["text", "masked"] = Field("text", description="dit: text-conditioned, or masked pretraining")
-    lr: float | None = Field(None, gt=0, description="this stage's peak learning rate (default: lr)")
+    lr: float | None = Field(None, gt=0, description="this phase's peak learning rate (default: lr)")
 
 
 class TrainSpec(_Section):
@@ -43,16 +43,16 @@ class TrainSpec(_Section):
                                                                "VAE latents pooled to cond2_frames (an acoustic "
                                                                "sequence; at generation: a reference clip's)")
     cond2_frames: int = Field(16, ge=1, description="length of the second stream")
-    stages: list[StageSpec] = Field(..., min_length=1)
+    phases: list[PhaseSpec] = Field(..., min_length=1)
     batch_size: int = Field(16, ge=1, description="per worker")
     seconds: float = Field(2.0, gt=0, description="training crop length in seconds")
     lr: float = Field(3e-4, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of every stage")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of every phase")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     cond_drop: float = Field(0.1, ge=0, le=1, description="dit: condition dropout for classifier-free guidance")
-    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked stages: span fraction range")
+    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked phases: span fraction range")
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay (e.g. 0.999); the saved model is the EMA")
     seed: int = 0
     init: str | None = Field(None, description="weights-only start: a model folder of the same kind")
@@ -75,15 +75,15 @@ class TrainSpec(_Section):
     def _check(self):
         if self.kind == "dit" and not self.vae:
             raise ValueError("vae: a DiT trains on VAE latents; give the VAE folder (--vae runs/vae)")
-        if self.kind == "vae" and any(s.mode == "masked" for s in self.stages):
-            raise ValueError("stages: mode 'masked' is for the DiT")
+        if self.kind == "vae" and any(s.mode == "masked" for s in self.phases):
+            raise ValueError("phases: mode 'masked' is for the DiT")
         if "://" in self.out:
             raise ValueError("out: a local or shared folder (Ray Train's storage), not a URI")
         return self
 
     @property
     def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
+        return sum(s.steps for s in self.phases)
 
 
 def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
@@ -99,11 +99,11 @@ def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None =
     raw["kind"] = kind
     shards, steps = given.pop("shards", None), given.pop("steps", None)
     if shards is not None or steps is not None:
-        if len(raw.get("stages") or [{}]) > 1:
-            raise UserError("--shards/--steps set a single stage; this spec has several (edit its stages)")
-        stage = dict((raw.get("stages") or [{}])[0])
-        stage.update({k: v for k, v in (("shards", shards), ("steps", steps)) if v is not None})
-        raw["stages"] = [stage]
+        if len(raw.get("phases") or [{}]) > 1:
+            raise UserError("--shards/--steps set a single phase; this spec has several (edit its phases)")
+        phase = dict((raw.get("phases") or [{}])[0])
+        phase.update({k: v for k, v in (("shards", shards), ("steps", steps)) if v is not None})
+        raw["phases"] = [phase]
     defaults = _config_defaults(raw.get("config") or given.get("config"), kind)
     raw = {**defaults, **raw}
     raw.update({k: v for k, v in given.items() if v is not None})
@@ -124,15 +124,15 @@ def _config_defaults(config: str | None, kind: str) -> dict:
     return {"config": config, **{k: v for k, v in train.items() if k in allowed}}
 
 
-def _stage_urls(stage: StageSpec) -> list[str]:
+def _phase_urls(phase: PhaseSpec) -> list[str]:
     from soundlake.generation.train.data import shard_urls
 
     try:
-        urls = shard_urls(stage.shards, split=stage.split)
+        urls = shard_urls(phase.shards, split=phase.split)
     except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"stage {stage.name}: cannot read shards {stage.shards}: {e}") from None
+        raise UserError(f"phase {phase.name}: cannot read shards {phase.shards}: {e}") from None
     if not urls:
-        raise UserError(f"stage {stage.name}: {stage.shards} has no shards of split {stage.split!r}")
+        raise UserError(f"phase {phase.name}: {phase.shards} has no shards of split {phase.split!r}")
     return urls
 
 
@@ -142,7 +142,7 @@ def make_plan(spec: TrainSpec) -> dict:
     from soundlake.generation.train.encode import FORMAT
     from soundlake.generation.vae import VAEConfig, read_config
 
-    plan: dict = {"stages": [_stage_urls(s) for s in spec.stages]}
+    plan: dict = {"phases": [_phase_urls(s) for s in spec.phases]}
     if spec.kind == "vae":
         try:
             plan["vae_config"] = VAEConfig.from_dict({**read_config(spec.config), **spec.overrides}).to_dict()
@@ -174,16 +174,16 @@ def make_plan(spec: TrainSpec) -> dict:
 
     vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
     stats = None
-    for stage in spec.stages:
-        if stage.shards.endswith(".tar") or "{" in stage.shards:
-            raise UserError(f"stage {stage.name}: give the latent shard folder (its manifest has the latent "
+    for phase in spec.phases:
+        if phase.shards.endswith(".tar") or "{" in phase.shards:
+            raise UserError(f"phase {phase.name}: give the latent shard folder (its manifest has the latent "
                             "statistics), not a list of tars")
-        m = read_manifest(stage.shards)
+        m = read_manifest(phase.shards)
         if m is None or m.get("format") != FORMAT:
-            raise UserError(f"stage {stage.name}: {stage.shards} holds no latents; "
+            raise UserError(f"phase {phase.name}: {phase.shards} holds no latents; "
                             f"run `soundlake encode --vae {spec.vae} --shards <export> --out <folder>` first")
         if m["vae"]["weights_sha256"] != vae_sha:
-            raise UserError(f"stage {stage.name}: {stage.shards} was encoded by another VAE than {spec.vae}")
+            raise UserError(f"phase {phase.name}: {phase.shards} was encoded by another VAE than {spec.vae}")
         stats = stats or m["latents"]
     plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"]}
     return plan
@@ -207,9 +207,9 @@ def absolute_paths(spec: TrainSpec) -> TrainSpec:
     def local(p: str | None) -> str | None:
         return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
 
-    stages = [s.model_copy(update={"shards": local(s.shards)}) for s in spec.stages]
+    phases = [s.model_copy(update={"shards": local(s.shards)}) for s in spec.phases]
     clap = spec.extra_clap  # a folder, or a cached hub id left as it is
     clap = local(clap) if clap and Path(clap).expanduser().exists() else clap
     return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
                                    "text_encoder": local(spec.text_encoder), "extra_clap": clap,
-                                   "stages": stages})
+                                   "phases": phases})

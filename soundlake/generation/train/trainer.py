@@ -1,12 +1,12 @@
 """Train the waveform VAE and the DiT from shards on Ray Train (TorchTrainer).
 
-    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")  # train_spec.py
+    spec = load_train_spec("dit", shards="./shards/v1-latents", vae="runs/vae", out="runs/dit")  # specs.py
     summary = train(spec)          # resumes from the newest checkpoint in runs/dit/ray_train
 
 A spec (YAML, validated; ``--set key=value`` overrides) names the model config, the
-training settings and one or more **stages**, each naming its shards. The DiT stages
+training settings and one or more **phases**, each naming its shards. The DiT phases
 follow EzAudio's recipe: ``masked`` (masked-modeling pretraining without text: a random
-25-100 % span of latent frames noised, the rest given clean), then ``text`` stages (e.g.
+25-100 % span of latent frames noised, the rest given clean), then ``text`` phases (e.g.
 CLAP-filtered synthetic captions, then a human-caption subset).
 
 Workers: ``workers`` Ray Train workers (CPU by default; ``use_gpu`` and the cluster's
@@ -14,13 +14,13 @@ nodes from the spec), DDP across them; each reads its share of the shards throug
 export loader (:mod:`soundlake.generation.train.data`; split by rank and DataLoader worker).
 
 Checkpoints (every ``checkpoint_every`` steps and at the end) hold the full state: model,
-optimizer, EMA, step, stage and the spec itself (rank 0), and each rank's data position
+optimizer, EMA, step, phase and the spec itself (rank 0), and each rank's data position
 (epoch and batches read in it; every epoch's order is seeded, so the position restores it
-exactly) and RNG states; the learning-rate schedule (warm-up, then constant or cosine per stage) is a
+exactly) and RNG states; the learning-rate schedule (warm-up, then constant or cosine per phase) is a
 function of the step. Ray Train keeps them under ``<out>/ray_train`` and a re-run with the
 same ``--out`` resumes from the newest one. ``init`` starts from another model's weights
 only. Rank 0 appends the loss and throughput to ``<out>/train_log.csv`` (and TensorBoard
-when asked); at the end the driver writes the model folder (:mod:`.bundle`) into ``<out>``.
+when asked); at the end the driver writes the model folder (:mod:`soundlake.generation.model_folder`) into ``<out>``.
 ``<out>`` must be a folder every worker and the driver can reach (local, or shared on a
 cluster), as Ray Train's storage path is.
 """
@@ -48,14 +48,14 @@ PROGRESS = "progress.json"
 STATE = "state.pt"
 
 
-def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
-    st = spec.stages[stage]
+def _lr_at(spec: TrainSpec, phase: int, step_in_phase: int) -> float:
+    st = spec.phases[phase]
     peak = st.lr or spec.lr
-    if spec.warmup_steps and step_in_stage < spec.warmup_steps:
-        return peak * (step_in_stage + 1) / spec.warmup_steps
+    if spec.warmup_steps and step_in_phase < spec.warmup_steps:
+        return peak * (step_in_phase + 1) / spec.warmup_steps
     if spec.lr_schedule == "cosine":
         span = max(1, st.steps - spec.warmup_steps)
-        pos = min(1.0, (step_in_stage - spec.warmup_steps) / span)
+        pos = min(1.0, (step_in_phase - spec.warmup_steps) / span)
         return peak * 0.5 * (1 + math.cos(math.pi * pos))
     return peak
 
@@ -63,28 +63,28 @@ def _lr_at(spec: TrainSpec, stage: int, step_in_stage: int) -> float:
 @dataclass
 class Position:
     step: int = 0          # optimisation steps done
-    stage: int = 0
-    epoch: int = 0         # of the current stage's shards
+    phase: int = 0
+    epoch: int = 0         # of the current phase's shards
     batch: int = 0         # batches read in that epoch
 
-    def stage_start(self, spec: TrainSpec) -> int:
-        return sum(s.steps for s in spec.stages[:self.stage])
+    def phase_start(self, spec: TrainSpec) -> int:
+        return sum(s.steps for s in spec.phases[:self.phase])
 
 
-def _batches(spec: TrainSpec, plan: dict, task, stage: int, epoch: int, skip: int, memory_cache: dict):
-    """Yield (epoch, batches read in it, batch) from ``skip`` batches into ``epoch`` of ``stage``,
-    exactly as an uninterrupted run reads them: each epoch's order is seeded by (seed, stage, epoch)."""
+def _batches(spec: TrainSpec, plan: dict, task, phase: int, epoch: int, skip: int, memory_cache: dict):
+    """Yield (epoch, batches read in it, batch) from ``skip`` batches into ``epoch`` of ``phase``,
+    exactly as an uninterrupted run reads them: each epoch's order is seeded by (seed, phase, epoch)."""
     import torch
 
     from soundlake.generation.train.data import make_dataset
 
     while True:
-        urls = plan["stages"][stage]
-        seed = spec.seed * 1_000_003 + stage * 10_007 + epoch
+        urls = plan["phases"][phase]
+        seed = spec.seed * 1_000_003 + phase * 10_007 + epoch
         ds = make_dataset(urls, batch_size=spec.batch_size, shuffle=spec.shuffle, seed=seed,
                           resample=spec.resample, partial=False, caption="random", crop="random", **task.loader_kw)
         if spec.data == "memory":  # benchmarks: the same batches, read once, then from RAM
-            key = (stage, 0)
+            key = (phase, 0)
             if key not in memory_cache:
                 memory_cache[key] = [b for _, b in zip(range(64), ds)]
             it = iter(memory_cache[key])
@@ -99,7 +99,7 @@ def _batches(spec: TrainSpec, plan: dict, task, stage: int, epoch: int, skip: in
             if i >= skip:  # resuming inside an epoch: re-read up to the saved position
                 yield epoch, i + 1, batch
         if got == 0:
-            raise UserError(f"stage {spec.stages[stage].name}: no full batch of {spec.batch_size} in its shards")
+            raise UserError(f"phase {spec.phases[phase].name}: no full batch of {spec.batch_size} in its shards")
         epoch, skip = epoch + 1, 0
 
 
@@ -113,7 +113,7 @@ def _save_state(folder: Path, model, opt, extra: dict, extra_opts: dict, ema, po
         "extra_optimizers": {k: o.state_dict() for k, o in extra_opts.items()},
         "ema": ema.state_dict() if ema is not None else None,
         "position": vars(pos), "spec": spec.model_dump(mode="json"), "plan": plan, "history": history[-2000:],
-        "lr_schedule": {"kind": spec.lr_schedule, "warmup_steps": spec.warmup_steps, "per_stage": True},
+        "lr_schedule": {"kind": spec.lr_schedule, "warmup_steps": spec.warmup_steps, "per_phase": True},
     }, folder / STATE)
 
 
@@ -184,31 +184,31 @@ def train_loop(config: dict) -> None:
     memory: dict = {}
     t_last, n_last = time.perf_counter(), 0
     window: list[dict] = []
-    batches = _batches(spec, plan, task, pos.stage, pos.epoch, pos.batch, memory)
+    batches = _batches(spec, plan, task, pos.phase, pos.epoch, pos.batch, memory)
     t_data = 0.0
     while pos.step < spec.total_steps:
         t0 = time.perf_counter()
         epoch, read, batch = next(batches)
         item, n = task.prepare(batch)
         t_data += time.perf_counter() - t0
-        stage = spec.stages[pos.stage]
-        lr = _lr_at(spec, pos.stage, pos.step - pos.stage_start(spec))
+        phase = spec.phases[pos.phase]
+        lr = _lr_at(spec, pos.phase, pos.step - pos.phase_start(spec))
         for o in [opt, *extra_opts.values()]:
             for g in o.param_groups:
                 g["lr"] = lr
-        logs = task.step(model, opt, extra_opts, item, stage)
+        logs = task.step(model, opt, extra_opts, item, phase)
         if ema is not None:
             ema.update_parameters(task.model)
         pos.epoch, pos.batch, pos.step = epoch, read, pos.step + 1
         n_last += n * world
         window.append(logs)
-        boundary = pos.step == pos.stage_start(spec) + stage.steps
-        if boundary and pos.stage + 1 < len(spec.stages):  # next stage: its own shards from the start
-            pos.stage, pos.epoch, pos.batch = pos.stage + 1, 0, 0
-            batches = _batches(spec, plan, task, pos.stage, 0, 0, memory)
+        boundary = pos.step == pos.phase_start(spec) + phase.steps
+        if boundary and pos.phase + 1 < len(spec.phases):  # next phase: its own shards from the start
+            pos.phase, pos.epoch, pos.batch = pos.phase + 1, 0, 0
+            batches = _batches(spec, plan, task, pos.phase, 0, 0, memory)
         if pos.step % spec.log_every == 0 or pos.step == spec.total_steps or boundary:
             dt = time.perf_counter() - t_last
-            row = {"step": pos.step, "stage": stage.name, "lr": lr, "samples_per_s": n_last / max(dt, 1e-9),
+            row = {"step": pos.step, "phase": phase.name, "lr": lr, "samples_per_s": n_last / max(dt, 1e-9),
                    "data_s": t_data, "seconds": dt, "time": time.time()}
             for k in window[0]:
                 if isinstance(window[0][k], (int, float)):
@@ -236,7 +236,7 @@ class _Logger:
     """Rank 0's CSV log (rows past a resumed checkpoint are dropped first), optional
     TensorBoard, and a small progress file the driver's progress bar reads."""
 
-    FIELDS = ["step", "stage", "loss", "lr", "samples_per_s", "data_s", "seconds", "time"]
+    FIELDS = ["step", "phase", "loss", "lr", "samples_per_s", "data_s", "seconds", "time"]
 
     def __init__(self, out: Path, start_step: int, spec: TrainSpec):
         out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ class _Logger:
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(k, v, row["step"])
         write_text(self.progress, json.dumps({"step": row["step"], "total": total, "loss": row.get("loss"),
-                                              "samples_per_s": row["samples_per_s"], "stage": row["stage"]}))
+                                              "samples_per_s": row["samples_per_s"], "phase": row["phase"]}))
 
     def close(self) -> None:
         if self.tb is not None:

@@ -1,27 +1,27 @@
-"""Training the in-house autocap: two stages, as in AutoCap.
+"""Training the in-house autocap: two phases, AutoCap's "phase 1" and "phase 2".
 
 * the audio encoder (the in-house CLAP: trained first on the same pairs when none is given)
   stays frozen, so its frame features and embeddings are computed once per clip;
 * a BART built from a config (not a pretrained folder) is first trained on the captions and
   metadata texts with BART's own denoising objective, standing in for the pretraining that
   facebook/bart-base brings to AutoCap;
-* stage 1: BART frozen; the Q-Former, the projections (frames, CLAP) and the new tag-token
+* phase 1: BART frozen; the Q-Former, the projections (frames, CLAP) and the new tag-token
   embeddings train;
-* stage 2: BART (encoder and decoder: AutoCap calls the whole seq2seq model its decoder)
+* phase 2: BART (encoder and decoder: AutoCap calls the whole seq2seq model its decoder)
   trains too, except its token embeddings (shared by encoder, decoder and output layer);
 * random metadata-field dropout (each field left empty with ``field_dropout``) teaches the
   model to caption from the audio alone as well as with titles, tags and labels;
-* loss: cross-entropy with label smoothing 0.1 (AutoCap's), AdamW, warm-up + cosine per stage,
+* loss: cross-entropy with label smoothing 0.1 (AutoCap's), AdamW, warm-up + cosine per phase,
   gradients clipped at 2 (AutoCap's clip_grad).
 
 Public API::
 
     @dataclass CaptionItem(audio, caption, meta)       # mono float32 at the audio encoder's rate
-    @dataclass AutocapTrainConfig(stage1_epochs=4, stage2_epochs=16, batch_size=32, ...)
+    @dataclass AutocapTrainConfig(phase1_epochs=4, phase2_epochs=16, batch_size=32, ...)
     train_autocap(items, out_dir, config=AutocapConfig(), train=AutocapTrainConfig(), clap=None,
                   val=None, progress=None, device="cpu") -> dict
         writes out_dir (loadable with Autocap.load); returns {"history", "train_seconds", "path", "model"}
-    set_stage(net, stage)                               # which parameters train in stage 1 / 2
+    set_phase(net, phase)                               # which parameters train in phase 1 / 2
 """
 from __future__ import annotations
 
@@ -61,15 +61,15 @@ class CaptionItem:
 
 @dataclass
 class AutocapTrainConfig:
-    stage1_epochs: int = 4
-    stage2_epochs: int = 16
+    phase1_epochs: int = 4       # BART frozen (AutoCap's stage 1)
+    lr_phase1: float = 2e-3
+    phase2_epochs: int = 16      # BART trains too, but not its token embeddings (stage 2)
+    lr_phase2: float = 1e-3
     batch_size: int = 32
-    lr_stage1: float = 2e-3
-    lr_stage2: float = 1e-3
     weight_decay: float = 1e-2
-    warmup_steps: int = 20
+    warmup_steps: int = 20       # per phase, then cosine
     label_smoothing: float = 0.1
-    field_dropout: float = 0.5
+    field_dropout: float = 0.5   # each metadata field left empty with this probability
     clip_grad: float = 2.0
     clap_epochs: int = 12        # when no CLAP is given, one is trained on the same pairs first
     bart_epochs: int = 6         # a BART built from a config is first trained as a denoiser of the texts
@@ -78,17 +78,17 @@ class AutocapTrainConfig:
     seed: int = 0
 
 
-def set_stage(net: AutocapNet, stage: int) -> None:
-    """Stage 1: only the Q-Former, projections and tag embeddings; stage 2: BART too, but not its token embeddings."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2, got {stage}")
+def set_phase(net: AutocapNet, phase: int) -> None:
+    """Phase 1: only the Q-Former, projections and tag embeddings; phase 2: BART too, but not its token embeddings."""
+    if phase not in (1, 2):
+        raise ValueError(f"phase must be 1 or 2, got {phase}")
     for p in net.parameters():
         p.requires_grad_(False)
     new = [net.frame_proj, net.qformer, net.tag_embed] + ([net.clap_proj, net.clap_norm] if net.cfg.clap_dim else [])
     for module in new:
         for p in module.parameters():
             p.requires_grad_(True)
-    if stage == 2:
+    if phase == 2:
         for p in net.bart.parameters():
             p.requires_grad_(True)
         net.bart.get_input_embeddings().weight.requires_grad_(False)   # tied to the output layer
@@ -98,7 +98,7 @@ def pretrain_bart(bart, tokenizer, texts: list[str], epochs: int, batch_size: in
                   gen: torch.Generator, max_tokens: int, device, progress=None) -> None:
     """BART's own objective on the training texts: rebuild each text from a corrupted copy
     (30 % of its tokens masked, 10 % deleted). Gives a from-config BART the language (and the
-    token embeddings) that a pretrained one brings, before they are frozen for stages 1 and 2."""
+    token embeddings) that a pretrained one brings, before they are frozen for phases 1 and 2."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
     bart.train()
@@ -213,10 +213,10 @@ def train_autocap(items: list[CaptionItem], out_dir: str | Path, config: Autocap
 
         history: list[dict] = []
         epoch = 0
-        for stage, epochs, lr in ((1, tcfg.stage1_epochs, tcfg.lr_stage1), (2, tcfg.stage2_epochs, tcfg.lr_stage2)):
+        for phase, epochs, lr in ((1, tcfg.phase1_epochs, tcfg.lr_phase1), (2, tcfg.phase2_epochs, tcfg.lr_phase2)):
             if epochs <= 0:
                 continue
-            set_stage(net, stage)
+            set_phase(net, phase)
             params = [p for p in net.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
             steps = epochs * math.ceil(len(items) / tcfg.batch_size)
@@ -239,7 +239,7 @@ def train_autocap(items: list[CaptionItem], out_dir: str | Path, config: Autocap
                     opt.step()
                     sched.step()
                     losses.append(loss.item())
-                row = {"epoch": epoch, "stage": stage, "loss": float(np.mean(losses)),
+                row = {"epoch": epoch, "phase": phase, "loss": float(np.mean(losses)),
                        "trainable": count_parameters(net, trainable=True), "seconds": time.perf_counter() - t_start}
                 if val:
                     row.update(_validate(net, tokenizer, val_feats, [it.caption for it in val],

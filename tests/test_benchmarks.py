@@ -1,0 +1,85 @@
+"""Every script in benchmarks/ still runs: ``--quick`` (tiny sizes) prints exactly its FIGURES.
+
+A benchmark declares, at module level, ``FIGURES = ("name", ...)``: the names of the figure
+lines (``figure <name>: <text>``, printed by ``benchmarks/common.py``'s ``figure``) it prints
+in any run. A quick run does the same work on less data, so printing exactly those names
+proves the full run's code still works. No timings are asserted: a quick run measures nothing.
+Scripts are found by glob, so a new one is covered (and must declare FIGURES).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+HELPERS = {"common.py"}  # shared code, not a benchmark
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if p.name not in HELPERS and not p.name.startswith("_"))
+TIMEOUT_S = 240  # a quick run takes seconds to a minute; this only catches a hang
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location("soundlake_benchmarks_common", BENCH / "common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def declared_figures(script: Path) -> tuple[str, ...]:
+    """The script's module-level ``FIGURES`` (a literal tuple of names), read without importing it."""
+    for node in ast.parse(script.read_text(), str(script)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "FIGURES" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                pytest.fail(f"{script.name}: FIGURES must be a literal tuple of names")
+            if not (isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)):
+                pytest.fail(f"{script.name}: FIGURES must be a non-empty tuple of names, got {value!r}")
+            return value
+    pytest.fail(f"{script.name}: no module-level FIGURES = (...) naming the figure lines it prints")
+
+
+def test_benchmarks_found():
+    assert SCRIPTS, f"no benchmark scripts in {BENCH}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_declares_figures(script):
+    names = declared_figures(script)
+    assert len(set(names)) == len(names), f"{script.name}: repeated names in FIGURES {names}"
+    common = _common()
+    for name in names:
+        assert common.FIGURE_LINE.match(f"figure {name}: "), f"{script.name}: bad figure name {name!r}"
+    assert "--quick" in script.read_text() or "parse_args(" in script.read_text(), \
+        f"{script.name}: takes no --quick (use common.parse_args)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_quick_run_prints_its_figures(script, ray_session):
+    figures = declared_figures(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "SOUNDLAKE_TEST_RAY_ADDRESS": ray_session}  # benchmarks join this Ray instead of starting one
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--quick"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"{script.name} --quick ran past {TIMEOUT_S} s; its output:\n{out[-3000:]}")
+    took = time.perf_counter() - t0
+    out = proc.stdout + "\n--- stderr ---\n" + proc.stderr[-4000:]
+    assert proc.returncode == 0, f"{script.name} --quick failed (exit {proc.returncode}, {took:.0f} s):\n{out[-6000:]}"
+    printed = _common().figure_names(proc.stdout)
+    assert sorted(printed) == sorted(figures), (
+        f"{script.name} --quick printed figures {printed}, declared FIGURES {list(figures)} ({took:.0f} s):\n"
+        f"{proc.stdout[-3000:]}")
+    print(f"{script.name} --quick: {took:.1f} s")
