@@ -5,6 +5,7 @@ Read with ``ast`` from the source files, imports inside functions included.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,17 @@ GRAPH = {m: sorted({target for target, _, _ in imports(m) if target in MODULES a
 def test_every_import_resolves_to_a_module():
     missing = [f"{m}: {t} (line {line})" for m in MODULES for t, _, line in imports(m) if t not in MODULES]
     assert not missing, missing
+
+
+def test_every_imported_name_exists():
+    """Imports inside functions run only when called: check each name against its module."""
+    missing = []
+    for m in MODULES:
+        for t, names, line in imports(m):
+            module = importlib.import_module(t)
+            missing += [f"{m}: from {t} import {n} (line {line})" for n in names
+                        if n != "*" and not hasattr(module, n) and f"{t}.{n}" not in MODULES]
+    assert not missing, "\n".join(missing)
 
 
 def test_no_private_names_from_other_modules():

@@ -30,7 +30,6 @@ ERROR_CLASSES: dict[str, bool] = {
     "lint": True,           # a generated caption failed the lint rules
 }
 PERMANENT = frozenset(k for k, v in ERROR_CLASSES.items() if v)
-TRANSIENT = frozenset(k for k, v in ERROR_CLASSES.items() if not v)
 
 
 class RowError(Exception):

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from soundlake.core.audio import decode_mono
 from soundlake.core.errors import UserError
 from soundlake.core.storage import is_local, open_input, open_uri, put_bytes
 from soundlake.export import shards
@@ -82,20 +83,9 @@ class EncodeShard:
 
     def _samples(self, src: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[np.ndarray]]:
         """The latent shard's samples, and the latent arrays themselves (for the statistics)."""
-        import soundfile as sf
-
-        from soundlake.core.audio import resample
-        raw = []
         with open_input(src) as stream:
-            for s in shards.iter_samples(stream, src):
-                raw.append(s)
-        clips = []
-        for s in raw:
-            audio, sr = sf.read(io.BytesIO(s["flac"]), dtype="float32", always_2d=True)
-            audio = audio.mean(axis=1)
-            if sr != self.vae.cfg.sample_rate:
-                audio = resample(audio, sr, self.vae.cfg.sample_rate)
-            clips.append(np.asarray(audio, np.float32))
+            raw = list(shards.iter_samples(stream, src))
+        clips = [decode_mono(s["flac"], self.vae.cfg.sample_rate) for s in raw]
         out = []
         latents = self._encode(clips)
         for s, z in zip(raw, latents):

@@ -12,16 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from soundlake.core.config import Section
 from soundlake.core.errors import UserError
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class PhaseSpec(_Section):
+class PhaseSpec(Section):
     name: str = "main"
     shards: str = Field(..., description="export folder/URI (its manifest), or a brace pattern of .tar paths")
     split: str | None = Field("train", description="the export split to read (None = all)")
@@ -30,7 +27,7 @@ class PhaseSpec(_Section):
     lr: float | None = Field(None, gt=0, description="this phase's peak learning rate (default: lr)")
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     kind: Literal["vae", "dit"]
     out: str
     config: str = Field(..., description="model config: a bundled name (vae-tiny, dit-tiny, ...) or a YAML path")
@@ -89,7 +86,7 @@ class TrainSpec(_Section):
 def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None = None, **given) -> TrainSpec:
     """A spec from a YAML file (optional), then the command's options (``given``, None = unset),
     then ``--set key=value`` overrides; one-line errors naming the key."""
-    from soundlake.pipelines.spec import read_yaml_mapping, validate_with_sets
+    from soundlake.core.config import read_yaml_mapping, validate_with_sets
 
     raw: dict = {}
     if spec:

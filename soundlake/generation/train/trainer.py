@@ -39,7 +39,7 @@ from typing import Callable
 
 from soundlake.core.errors import UserError
 from soundlake.core.storage import write_text
-from soundlake.generation.train.jobs import DitTask, VaeTask
+from soundlake.generation.train.objectives import DitObjective, VaeObjective
 from soundlake.generation.train.specs import TrainSpec, absolute_paths, make_plan
 
 RUN_NAME = "ray_train"
@@ -71,7 +71,7 @@ class Position:
         return sum(s.steps for s in spec.phases[:self.phase])
 
 
-def _batches(spec: TrainSpec, plan: dict, task, phase: int, epoch: int, skip: int, memory_cache: dict):
+def _batches(spec: TrainSpec, plan: dict, objective, phase: int, epoch: int, skip: int, memory_cache: dict):
     """Yield (epoch, batches read in it, batch) from ``skip`` batches into ``epoch`` of ``phase``,
     exactly as an uninterrupted run reads them: each epoch's order is seeded by (seed, phase, epoch)."""
     import torch
@@ -82,7 +82,7 @@ def _batches(spec: TrainSpec, plan: dict, task, phase: int, epoch: int, skip: in
         urls = plan["phases"][phase]
         seed = spec.seed * 1_000_003 + phase * 10_007 + epoch
         ds = make_dataset(urls, batch_size=spec.batch_size, shuffle=spec.shuffle, seed=seed,
-                          resample=spec.resample, partial=False, caption="random", crop="random", **task.loader_kw)
+                          resample=spec.resample, partial=False, caption="random", crop="random", **objective.loader_kw)
         if spec.data == "memory":  # benchmarks: the same batches, read once, then from RAM
             key = (phase, 0)
             if key not in memory_cache:
@@ -141,11 +141,11 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(spec.threads or max(1, int(spec.cpus_per_worker)))
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    task = (VaeTask if spec.kind == "vae" else DitTask)(spec, plan, device)
-    extra = task.extra_modules()
-    opt = _make_optimizer(task.model.parameters(), spec)
+    objective = (VaeObjective if spec.kind == "vae" else DitObjective)(spec, plan, device)
+    extra = objective.extra_modules()
+    opt = _make_optimizer(objective.model.parameters(), spec)
     extra_opts = {k: _make_optimizer(m.parameters(), spec) for k, m in extra.items()}
-    ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True) \
+    ema = AveragedModel(objective.model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True) \
         if spec.ema else None
     pos, history = Position(), []
     ckpt = ray.train.get_checkpoint()
@@ -154,7 +154,7 @@ def train_loop(config: dict) -> None:
             st = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
             mine = Path(d) / f"rank-{rank}.pt"  # this worker's data position and RNG states
             rs = torch.load(mine if mine.exists() else Path(d) / "rank-0.pt", weights_only=False)
-        task.model.load_state_dict(st["model"])
+        objective.model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         for k, m in extra.items():
             m.load_state_dict(st["extra"][k])
@@ -169,43 +169,43 @@ def train_loop(config: dict) -> None:
             from soundlake.generation.model_folder import load_weights, read_meta
 
             read_meta(spec.init, spec.kind)
-            task.model.load_state_dict(load_weights(spec.init, device))
+            objective.model.load_state_dict(load_weights(spec.init, device))
             if ema is not None:
-                ema.module.load_state_dict(task.model.state_dict())
+                ema.module.load_state_dict(objective.model.state_dict())
         torch.manual_seed(spec.seed + 7919 * rank)  # different noise per rank
         random.seed(spec.seed + rank)
     if pos.step >= spec.total_steps:
         ray.train.report({"step": pos.step, "done": True})
         return
-    model = ray.train.torch.prepare_model(task.model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if world > 1 else task.model
+    model = ray.train.torch.prepare_model(objective.model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else objective.model
     out = Path(spec.out)
     logger = _Logger(out, pos.step, spec) if rank == 0 else None
     memory: dict = {}
     t_last, n_last = time.perf_counter(), 0
     window: list[dict] = []
-    batches = _batches(spec, plan, task, pos.phase, pos.epoch, pos.batch, memory)
+    batches = _batches(spec, plan, objective, pos.phase, pos.epoch, pos.batch, memory)
     t_data = 0.0
     while pos.step < spec.total_steps:
         t0 = time.perf_counter()
         epoch, read, batch = next(batches)
-        item, n = task.prepare(batch)
+        item, n = objective.prepare(batch)
         t_data += time.perf_counter() - t0
         phase = spec.phases[pos.phase]
         lr = _lr_at(spec, pos.phase, pos.step - pos.phase_start(spec))
         for o in [opt, *extra_opts.values()]:
             for g in o.param_groups:
                 g["lr"] = lr
-        logs = task.step(model, opt, extra_opts, item, phase)
+        logs = objective.step(model, opt, extra_opts, item, phase)
         if ema is not None:
-            ema.update_parameters(task.model)
+            ema.update_parameters(objective.model)
         pos.epoch, pos.batch, pos.step = epoch, read, pos.step + 1
         n_last += n * world
         window.append(logs)
         boundary = pos.step == pos.phase_start(spec) + phase.steps
         if boundary and pos.phase + 1 < len(spec.phases):  # next phase: its own shards from the start
             pos.phase, pos.epoch, pos.batch = pos.phase + 1, 0, 0
-            batches = _batches(spec, plan, task, pos.phase, 0, 0, memory)
+            batches = _batches(spec, plan, objective, pos.phase, 0, 0, memory)
         if pos.step % spec.log_every == 0 or pos.step == spec.total_steps or boundary:
             dt = time.perf_counter() - t_last
             row = {"step": pos.step, "phase": phase.name, "lr": lr, "samples_per_s": n_last / max(dt, 1e-9),

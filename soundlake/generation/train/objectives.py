@@ -1,6 +1,7 @@
-"""What differs between training the VAE and the DiT: the model, batch preparation, one step.
+"""Training objectives: what differs between training the VAE and the DiT (the model, batch
+preparation, one loss step).
 
-Both tasks expose ``model``, ``extra_modules()`` (e.g. the VAE's discriminator),
+Both objectives expose ``model``, ``extra_modules()`` (e.g. the VAE's discriminator),
 ``loader_kw`` (how the export loader reads their shards), ``prepare(batch)`` and
 ``step(model, opt, extra_opts, item, phase)``; :mod:`.trainer` runs them on Ray Train.
 """
@@ -11,7 +12,7 @@ from typing import Any
 from soundlake.generation.train.specs import PhaseSpec, TrainSpec
 
 
-class VaeTask:
+class VaeObjective:
     def __init__(self, spec: TrainSpec, plan: dict, device):
         from soundlake.generation.vae import VAEConfig, WaveVAE, build_discriminator
 
@@ -36,7 +37,7 @@ class VaeTask:
         return vae_train_step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
 
 
-class DitTask:
+class DitObjective:
     def __init__(self, spec: TrainSpec, plan: dict, device):
         from soundlake.generation.conditioning import TextConditioner
         from soundlake.generation.diffusion import Schedule
