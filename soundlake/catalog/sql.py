@@ -6,6 +6,7 @@ queries run while a curation job writes, and see every part committed so far.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import duckdb
@@ -83,11 +84,14 @@ def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[
 
 
 def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str, list[str]] | None = None,
-            ranking: Sequence[str] = ()) -> duckdb.DuckDBPyConnection:
+            ranking: Sequence[str] = (), file_reads: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views. ``caption_policy`` (or
     $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption;
     ``ranking``: captioner names, most preferred first (the captioner registry's order,
     handed in by the layers above: :func:`soundlake.stages.caption.captioner_ranking`).
+
+    The connection reads only the lake's own folder (``file_reads``: any file too) and its
+    configuration is locked: no statement can re-open file access or change settings.
     ``parts``: {table: part files} to read exactly those (one catalog state, e.g. for an
     export, even while a curation job adds parts); other tables read all their parts."""
     import os
@@ -119,7 +123,48 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
     for name in _VIEW_ORDER:
         con.execute(f"CREATE VIEW {name} AS {_VIEWS[name]}")
     con.execute(f"CREATE VIEW dataset AS {dataset_view(ranking, policy)}")
+    if not file_reads:
+        if lake.is_local:
+            con.execute("SET allowed_directories = [?]", [lake.root.rstrip("/") + "/"])
+        con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+READ_STATEMENTS = "SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN"
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, in one line, anything but one read statement: no COPY, ATTACH, INSTALL, LOAD,
+    SET, CREATE, EXPORT, PRAGMA, CALL, and no second statement (DuckDB's own parser decides)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise UserError(f"SQL error: {one_line(e)}") from None
+    if len(statements) != 1:
+        raise UserError(f"one statement at a time, got {len(statements)}: run them one by one")
+    kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE runs the statement it explains: that one must be a read too.
+        inner = re.sub(r"^\s*EXPLAIN\s+(ANALYZE\s+)?", "", statements[0].query, flags=re.IGNORECASE)
+        return check_read_only(con, inner)
+    if kind != duckdb.StatementType.SELECT:
+        raise UserError(f"read-only SQL: {kind.name} statements are refused; run one of {READ_STATEMENTS}")
+
+
+def where_expression(where: str) -> str:
+    """A ``--where`` option as one boolean SQL expression, parsed by DuckDB: a string that closes
+    the parentheses around it or adds a statement is refused before anything runs."""
+    try:
+        duckdb.SQLExpression(where)   # a single expression is balanced: safe inside parentheses
+    except duckdb.Error as e:
+        raise UserError(f"--where must be one SQL condition, e.g. \"license = 'CC0'\": {one_line(e)}") from None
+    return where
+
+
+def one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 TEXT_SEARCH_NAMES = ("text_similarity", "clap_text")
@@ -174,11 +219,13 @@ def close(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
-          load_model: Callable[[str], Any] | None = None):
-    """Run one statement and return its result as an Arrow table; errors are one line.
-    ``load_model`` enables text search (:func:`add_text_search`)."""
-    con = connect(lake, ranking=ranking)
+          load_model: Callable[[str], Any] | None = None, allow_file_reads: bool = False):
+    """Run one read statement (:func:`check_read_only`) and return its result as an Arrow
+    table; errors are one line. ``load_model`` enables text search (:func:`add_text_search`);
+    ``allow_file_reads`` lets the statement read files outside the lake (``read_csv(...)``)."""
+    con = connect(lake, ranking=ranking, file_reads=allow_file_reads)
     try:
+        check_read_only(con, sql)
         if any(name in sql for name in TEXT_SEARCH_NAMES):
             if load_model is None:
                 raise UserError("text search (text_similarity, clap_text) is not available here: "
@@ -189,9 +236,11 @@ def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
             return None
         table = result.arrow()
         return table.read_all() if hasattr(table, "read_all") else table
+    except duckdb.PermissionException as e:
+        raise UserError(f"SQL error: {one_line(e)} (reading files outside the lake is off: pass "
+                        "--allow-file-reads to allow it)") from None
     except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"SQL error: {first}") from None
+        raise UserError(f"SQL error: {one_line(e)}") from None
     finally:
         close(con)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from soundlake.catalog.lake import Lake
-from soundlake.catalog.sql import connect
+from soundlake.catalog.sql import connect, where_expression
 from soundlake.core.audio import decode_mono
 from soundlake.core.errors import UserError
 from soundlake.core.splits import in_holdout
@@ -18,7 +18,7 @@ def load_pairs(lake: Lake | str, sample_rate: int, captioner: str = "reference",
     sql = f"""SELECT c.clip_id, a.flac, cap.text FROM clips c JOIN audio a USING (clip_id)
               JOIN (SELECT clip_id, arg_max(text, created) AS text FROM captions WHERE captioner = ?
                     GROUP BY clip_id) cap USING (clip_id)
-              {'WHERE ' + where if where else ''} ORDER BY c.clip_id {f'LIMIT {int(limit)}' if limit else ''}"""
+              {'WHERE (' + where_expression(where) + ')' if where else ''} ORDER BY c.clip_id {f'LIMIT {int(limit)}' if limit else ''}"""
     try:
         rows = con.execute(sql, [captioner]).fetchall()
     except Exception as e:  # duckdb.Error: a bad --where

@@ -21,8 +21,11 @@ def sql(
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
     output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result here (needed for parquet)."),
     max_rows: int = typer.Option(40, help="table format: rows to show."),
+    allow_file_reads: bool = typer.Option(False, "--allow-file-reads", help="Let the query read files outside "
+                                          "the lake (read_csv('other.csv')); off by default. Writing is never allowed."),
 ):
-    """Query the lake with DuckDB SQL. Read-only, and safe while a curation job is running.
+    """Query the lake with DuckDB SQL: one read statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE,
+    EXPLAIN). Read-only, and safe while a curation job is running.
 
     Prints the result as a table (the first --max-rows rows), CSV or JSON lines on stdout,
     or writes it to --out (CSV, JSON lines or Parquet). Audio bytes show as their size."""
@@ -34,7 +37,8 @@ def sql(
         raise UserError("--format parquet needs --out FILE")
     from soundlake.stages.caption import captioner_ranking
 
-    result = run_query(lake, query, ranking=captioner_ranking(), load_model=load_clap)
+    result = run_query(lake, query, ranking=captioner_ranking(), load_model=load_clap,
+                       allow_file_reads=allow_file_reads)
     if result is None:
         raise UserError("the statement returned no rows (only queries are supported)")
     import pyarrow as pa

@@ -177,7 +177,7 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
     con.register("_exclude", pa.table({"id": pa.array(excluded, pa.string())}))
     conds = ["TRUE"]
     if args.where:
-        conds.append(f"({args.where})")
+        conds.append(f"({sql.where_expression(args.where)})")
     if args.licenses:
         con.register("_licenses", pa.table({"l": pa.array(args.licenses, pa.string())}))
         conds.append("license IN (SELECT l FROM _licenses)")

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from soundlake.catalog.lake import Lake
-from soundlake.catalog.sql import close, connect
+from soundlake.catalog.sql import close, connect, where_expression
 from soundlake.core.errors import UserError
 from soundlake.core.ray_env import RaySpec, init_ray
 from soundlake.pipelines.runner import (
@@ -50,7 +50,7 @@ def clips_to_caption(lake: Lake, args: RecaptionArgs) -> list[str]:
     try:
         rows = con.execute(f"""
             SELECT c.clip_id FROM clips c
-            WHERE ({args.where or 'TRUE'})
+            WHERE ({where_expression(args.where) if args.where else 'TRUE'})
               AND NOT EXISTS (SELECT 1 FROM captions k WHERE k.clip_id = c.clip_id AND k.captioner = $cap
                               AND k.model_id = $model AND k.prompt_version = $version)
               AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.clip_id = c.clip_id AND f.stage = $cap)
