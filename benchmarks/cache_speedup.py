@@ -90,7 +90,7 @@ def train_models(work: Path, clips: int = 256, vae_steps: int = 150, dit_steps: 
     from soundlake.testing import make_synth_export
 
     t0 = time.perf_counter()
-    init_ray(num_cpus=2)  # or join the test session's Ray (SOUNDLAKE_TEST_RAY_ADDRESS)
+    init_ray(num_cpus=2, log_to_driver=False)  # or join the test session's Ray (SOUNDLAKE_TEST_RAY_ADDRESS)
     shards = make_synth_export(work / "synth", clips, seconds=2.0, sr=16000, shard_count=4)
     train(load_train_spec("vae", shards=str(shards), out=str(work / "vae"), steps=vae_steps, batch_size=8,
                           seconds=1.0, sets=["lr=1e-3", f"checkpoint_every={vae_steps}"]))
@@ -150,8 +150,8 @@ def main():
     ap.add_argument("--kernel-frames", type=int, default=2000,
                     help="the second length (frames) of the attention kernel timings")
     args = parse_args(ap, dict(prompts=2, sparse_prompts=2, calibrate=2, steps=4, deltas="0.3", batch_size=2,
-                               sparse_batch_size=2, train_clips=16, vae_steps=10, dit_steps=10, clap_clips=16,
-                               clap_epochs=1, kernel_frames=400))
+                               sparse_batch_size=2, train_clips=16, vae_steps=2, dit_steps=2, clap_clips=16,
+                               clap_epochs=1, kernel_frames=600))
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="cache_speedup_"))
     work.mkdir(parents=True, exist_ok=True)

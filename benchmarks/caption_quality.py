@@ -14,7 +14,7 @@ and class accuracy: the share of clips whose caption names exactly the scene's s
 (``caption_mentions``). Target: autocap from audio alone >= 0.8, and above the template on the
 caption metrics.
 
-Usage: python benchmarks/caption_quality.py [--train 600 --eval 200 --stage2-epochs 20 --out DIR]
+Usage: python benchmarks/caption_quality.py [--train 600 --eval 200 --phase2-epochs 20 --out DIR]
 (``--quick``: 32 training clips, 8 held-out, 8 validation, one epoch of each training step).
 """
 from __future__ import annotations
@@ -60,12 +60,14 @@ def main() -> None:
     ap.add_argument("--clap-epochs", type=int, default=12)
     ap.add_argument("--bart-epochs", type=int, default=AutocapTrainConfig.bart_epochs,
                     help="denoising pretraining of the from-config BART")
-    ap.add_argument("--stage1-epochs", type=int, default=2)
-    ap.add_argument("--stage2-epochs", type=int, default=20)
+    ap.add_argument("--phase1-epochs", "--stage1-epochs", dest="phase1_epochs", type=int, default=2,
+                    help="BART frozen (AutoCap's stage 1)")
+    ap.add_argument("--phase2-epochs", "--stage2-epochs", dest="phase2_epochs", type=int, default=20,
+                    help="BART trains too (AutoCap's stage 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="keep the trained model here")
-    args = parse_args(ap, dict(train=32, eval=8, val=8, clap_epochs=1, bart_epochs=1, stage1_epochs=1,
-                               stage2_epochs=1))
+    args = parse_args(ap, dict(train=32, eval=8, val=8, clap_epochs=1, bart_epochs=1, phase1_epochs=1,
+                               phase2_epochs=1))
     torch.set_num_threads(args.threads)
     sr, duration = 16000, 10.0
 
@@ -77,10 +79,10 @@ def main() -> None:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="caption_quality_")) / "autocap"
     tcfg = AutocapTrainConfig(clap_epochs=args.clap_epochs, bart_epochs=args.bart_epochs,
-                              stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs)
+                              phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs)
     res = train_autocap([it for _, it in train], out, AutocapConfig(), tcfg, val=[it for _, it in val])
     last = res["history"][-1]
-    print(f"trained CLAP ({args.clap_epochs} epochs) + autocap ({args.stage1_epochs} + {args.stage2_epochs} epochs) "
+    print(f"trained CLAP ({args.clap_epochs} epochs) + autocap ({args.phase1_epochs} + {args.phase2_epochs} epochs) "
           f"in {res['train_seconds']:.0f} s on {args.threads} thread(s); final loss {last['loss']:.3f}, "
           f"val loss {last['val_loss']:.3f}")
     model = res["model"]

@@ -38,14 +38,14 @@ from soundlake.sources.synth import synth_clip
 FIGURES = ("autocap_pipeline_steady", "autocap_pipeline_vs_bare")
 
 
-def quick_model(out: Path, clips: int = 300, clap_epochs: int = 4, stage2_epochs: int = 8,
+def quick_model(out: Path, clips: int = 300, clap_epochs: int = 4, phase2_epochs: int = 8,
                 bart_epochs: int = AutocapTrainConfig.bart_epochs) -> Path:
     items = []
     for i in range(clips):
         scene, audio = synth_clip(7, i, 10.0, 16000)
         items.append(CaptionItem(np.asarray(audio, np.float32), scene.caption, {"labels": scene.labels}))
     train_autocap(items, out, AutocapConfig(), AutocapTrainConfig(clap_epochs=clap_epochs, bart_epochs=bart_epochs,
-                                                                  stage1_epochs=1, stage2_epochs=stage2_epochs))
+                                                                  phase1_epochs=1, phase2_epochs=phase2_epochs))
     return out
 
 
@@ -56,13 +56,13 @@ def main() -> None:
     ap.add_argument("--train-clips", type=int, default=300, help="without --model: synth clips to train one on")
     ap.add_argument("--clap-epochs", type=int, default=4, help="without --model")
     ap.add_argument("--bart-epochs", type=int, default=AutocapTrainConfig.bart_epochs, help="without --model")
-    ap.add_argument("--stage2-epochs", type=int, default=8, help="without --model")
-    args = parse_args(ap, dict(clips=8, train_clips=8, clap_epochs=1, bart_epochs=1, stage2_epochs=1))
+    ap.add_argument("--phase2-epochs", type=int, default=8, help="without --model")
+    args = parse_args(ap, dict(clips=8, train_clips=8, clap_epochs=1, bart_epochs=1, phase2_epochs=1))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        model_dir = args.model or quick_model(tmp / "autocap", args.train_clips, args.clap_epochs, args.stage2_epochs,
+        model_dir = args.model or quick_model(tmp / "autocap", args.train_clips, args.clap_epochs, args.phase2_epochs,
                                               args.bart_epochs)
         if not args.model:
             print(f"trained a small autocap on {args.train_clips} synth clips in {time.perf_counter() - t0:.0f} s")

@@ -11,7 +11,7 @@ too (a measure within one run, less exposed to other load on the machine).
 
     python benchmarks/train_throughput.py [--clips 64] [--steps 60] [--rounds 2]
 
-(``--quick``: 8 clips, 20 steps, 1 round.)
+(``--quick``: 8 clips, batch 2, 4 steps logged every 2, 1 round; the VAE for the latents trained 2 steps.)
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def rate(out: Path) -> tuple[float, float]:
     return samples / seconds, sum(float(r["data_s"]) for r in rows) / seconds
 
 
-def run(kind: str, root: Path, tag: str, data: str, steps: int, **kw) -> tuple[float, float]:
+def run(kind: str, root: Path, tag: str, data: str, steps: int, log_every: int = 10, **kw) -> tuple[float, float]:
     out = root / f"{kind}-{tag}-{data}"
-    spec = load_train_spec(kind, out=str(out), steps=steps, sets=[f"data={data}", "log_every=10",
+    spec = load_train_spec(kind, out=str(out), steps=steps, sets=[f"data={data}", f"log_every={log_every}",
                                                                    f"checkpoint_every={steps}"], **kw)
     train(spec)
     return rate(out)
@@ -51,28 +51,34 @@ def run(kind: str, root: Path, tag: str, data: str, steps: int, **kw) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=60, help="at least 20: the first logged interval is not counted")
+    ap.add_argument("--steps", type=int, default=60,
+                    help="at least 2 x --log-every: the first logged interval (start-up) is not counted")
+    ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
-    a = parse_args(ap, dict(clips=8, steps=20, rounds=1))
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--ref-steps", type=int, default=20, help="steps of the VAE whose latents the DiT trains on")
+    a = parse_args(ap, dict(clips=8, batch_size=2, steps=4, log_every=2, rounds=1, ref_steps=2))
     import ray
 
     init_ray(num_cpus=2, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards = make_synth_export(root / "data", a.clips, seconds=4.0, sr=32000, shard_count=8)
-        vae_kw = dict(shards=str(shards), batch_size=8, seconds=1.0)
+        vae_kw = dict(shards=str(shards), batch_size=a.batch_size, seconds=1.0)
         vae_dir = root / "vae-ref"
-        train(load_train_spec("vae", out=str(vae_dir), steps=20, sets=["log_every=10"], **vae_kw))
+        train(load_train_spec("vae", out=str(vae_dir), steps=a.ref_steps, sets=["log_every=10"], **vae_kw))
         latents = root / "latents"
         encode_shards(str(vae_dir), str(shards), str(latents))
-        dit_kw = dict(shards=str(latents), vae=str(vae_dir), batch_size=8, seconds=2.0)
+        dit_kw = dict(shards=str(latents), vae=str(vae_dir), batch_size=a.batch_size, seconds=2.0)
         results: dict[str, dict[str, list[tuple[float, float]]]] = {"vae-tiny": {}, "dit-tiny": {}}
         for r in range(a.rounds):
             for data in ("shards", "memory"):
-                results["vae-tiny"].setdefault(data, []).append(run("vae", root, f"r{r}", data, a.steps, **vae_kw))
-                results["dit-tiny"].setdefault(data, []).append(run("dit", root, f"r{r}", data, a.steps, **dit_kw))
+                results["vae-tiny"].setdefault(data, []).append(run("vae", root, f"r{r}", data, a.steps, a.log_every,
+                                                                    **vae_kw))
+                results["dit-tiny"].setdefault(data, []).append(run("dit", root, f"r{r}", data, a.steps, a.log_every,
+                                                                    **dit_kw))
         print(f"{a.clips} synth clips (4 s, 32 kHz; VAE at 16 kHz, 1 s crops; DiT on 2 s of latents), "
-              f"batch 8, {a.steps} steps, 1 Ray Train worker, median of {a.rounds} rounds")
+              f"batch {a.batch_size}, {a.steps} steps, 1 Ray Train worker, median of {a.rounds} rounds")
         for name, res in results.items():
             shards_r = statistics.median(r for r, _ in res["shards"])
             mem_r = statistics.median(r for r, _ in res["memory"])
