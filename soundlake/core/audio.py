@@ -12,8 +12,10 @@ import functools
 import io
 import json
 import os
+import struct
 import subprocess
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import numpy as np
 import soundfile as sf
@@ -32,10 +34,19 @@ class Decoded:
     audio: np.ndarray      # float32 [frames, channels]
     sample_rate: int
     codec: str             # e.g. "wav/ULAW", "ffmpeg/aac"
+    truncated: bool = False            # the file holds less than its container promises
+    promised_s: float | None = None    # what it promises, when the container says
 
     @property
     def duration(self) -> float:
         return self.audio.shape[0] / self.sample_rate
+
+    @property
+    def truncation(self) -> str:
+        """One line saying how a truncated file falls short."""
+        if self.promised_s is None:
+            return f"truncated: the stream stops before its end-of-stream page, the file holds {self.duration:.2f} s"
+        return f"truncated: the header promises {self.promised_s:.2f} s, the file holds {self.duration:.2f} s"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -70,7 +81,7 @@ def _check_readable(path: str) -> int:
 def probe(path: str, ffmpeg_timeout: float = 30.0) -> tuple[int, int, float, str]:
     """(sample_rate, channels, duration_s, codec) without decoding the samples."""
     try:
-        info = sf.info(path)
+        info = sf.info(os.fsencode(path))
         return info.samplerate, info.channels, info.duration, f"{info.format}/{info.subtype}".lower()
     except (sf.LibsndfileError, RuntimeError):
         pass
@@ -106,27 +117,130 @@ def _classify_ffmpeg(stderr: str) -> tuple[str, str]:
     return "corrupt", f"cannot decode: {last.strip()[:200]}"
 
 
+def local_path(uri: str) -> str:
+    """A local file's path from a row's ``uri``: a path, or a ``file://`` URL (names that are
+    not UTF-8), as a str whose undecodable bytes are surrogates (os.fsdecode)."""
+    if uri.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(urlsplit(uri).path))
+    return uri
+
+
 def decode(path: str, ffmpeg_timeout: float = 60.0, max_duration: float | None = None) -> Decoded:
-    """Decode a file to float32 [frames, channels] at its own rate, or raise RowError."""
+    """Decode a file to float32 [frames, channels] at its own rate, or raise RowError.
+
+    ``truncated`` is set, not raised: whether that fails the input is the caller's policy."""
     _check_readable(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FFMPEG_EXTS:
+        name = os.fsencode(path)   # libsndfile takes bytes: names that are not UTF-8 open too
         try:
-            info = sf.info(path)
+            info = sf.info(name)
         except (sf.LibsndfileError, RuntimeError):
             info = None
         if info is not None:
             if max_duration and info.duration > max_duration:
                 raise RowError("too_long", f"{info.duration:.0f} s is over segment.max_duration={max_duration:.0f} s")
             try:
-                audio, sr = sf.read(path, dtype="float32", always_2d=True)
+                audio, sr = sf.read(name, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
                 raise RowError("corrupt", f"cannot decode: {e}") from None
-            # libsndfile returns what it could read from a truncated file: compare with the header.
-            if info.frames > 0 and audio.shape[0] < info.frames * 0.99 and info.format != "MPEG":
-                raise RowError("corrupt", f"truncated: header says {info.frames} frames, decoded {audio.shape[0]}")
-            return Decoded(audio, sr, f"{info.format}/{info.subtype}".lower())
-    return _decode_ffmpeg(path, ffmpeg_timeout, max_duration)
+            dec = Decoded(audio, sr, f"{info.format}/{info.subtype}".lower())
+            intact, promised = container_length(path, info)
+            dec.promised_s = promised / sr if promised is not None else None
+            # libsndfile returns what it could read from a cut file; the slack absorbs codec padding.
+            short = promised is not None and audio.shape[0] < promised - TRUNCATION_SLACK_S * sr
+            dec.truncated = not intact or short
+            return _check_finite(dec)
+    return _check_finite(_decode_ffmpeg(path, ffmpeg_timeout, max_duration))
+
+
+def _check_finite(dec: Decoded) -> Decoded:
+    """``dec``, or a ``corrupt`` RowError when a sample is NaN or infinite (a float file can hold
+    them; FLAC cannot encode them, and they poison every level)."""
+    bad = int(np.count_nonzero(~np.isfinite(dec.audio)))
+    if bad:
+        raise RowError("corrupt", f"{bad} non-finite samples (NaN or Inf) among {dec.audio.size}")
+    return dec
+
+
+# A file holding this much less than its container promises is truncated.
+TRUNCATION_SLACK_S = 0.05
+_PCM_TAGS = {1, 3, 6, 7}    # WAVE format tags one frame per block_align: PCM, float, A-law, μ-law
+_OPUS_RATE = 48000          # Ogg Opus granule positions count 48 kHz samples
+
+
+def container_length(path: str, info) -> tuple[bool, int | None]:
+    """(whether the stream ends intact, frames its container promises or None when it does not say).
+
+    libsndfile clamps a WAV data chunk to the bytes present and counts an Ogg file to its last
+    whole page, so both are read here; other formats use libsndfile's header count (MP3 has none)."""
+    with open(path, "rb") as f:
+        if info.format == "WAV":
+            promised = _wav_promised_frames(f)
+            if promised is not None:
+                return True, promised
+        elif info.format == "OGG":
+            end = _ogg_end(f, info.samplerate)
+            if end is not None:
+                return end
+    return True, (info.frames if info.frames > 0 and info.format != "MPEG" else None)
+
+
+def _wav_promised_frames(f) -> int | None:
+    """Frames the ``data`` chunk declares, for uncompressed RIFF/WAVE; None when unknown."""
+    head = f.read(12)
+    if head[:4] != b"RIFF" or head[8:] != b"WAVE":
+        return None                      # RF64, W64...: libsndfile's count
+    tag = align = None
+    while len(chunk := f.read(8)) == 8:
+        cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if cid == b"fmt ":
+            body = f.read(min(size, 64))
+            if len(body) >= 14:
+                tag, align = struct.unpack("<H", body[:2])[0], struct.unpack("<H", body[12:14])[0]
+            if tag == 0xFFFE and len(body) >= 26:     # WAVE_FORMAT_EXTENSIBLE: the subformat's tag
+                tag = struct.unpack("<H", body[24:26])[0]
+            size -= len(body)
+        elif cid == b"data":
+            # 0 and 0xFFFFFFFF: a streaming writer that never knew the size
+            if tag not in _PCM_TAGS or not align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // align
+        f.seek(size + (size & 1), os.SEEK_CUR)
+    return None
+
+
+def _ogg_end(f, sample_rate: int) -> tuple[bool, int | None] | None:
+    """(intact, promised frames) from an Ogg file's last page, or None when it cannot be found.
+
+    The last page must be whole and flagged end-of-stream (0x04); its granule position is the
+    stream's length, which is only comparable when it belongs to the first (the decoded) stream."""
+    first = f.read(27 + 255 + 19)
+    if first[:4] != b"OggS":
+        return None
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - 65536 - 27 - 255))   # a page is at most 65 307 bytes
+    tail = f.read()
+    at = tail.rfind(b"OggS")
+    while at >= 0:
+        page = tail[at:]
+        if len(page) < 27 or len(page) < 27 + page[26]:
+            return False, None               # cut inside the page header
+        end = 27 + page[26] + sum(page[27: 27 + page[26]])
+        if page[4] == 0 and end >= len(page):  # a real page header reaching the end of the file
+            if end > len(page) or not page[5] & 0x04:
+                return False, None
+            if page[14:18] != first[14:18]:
+                return True, None                # another (multiplexed) stream's units
+            granule = struct.unpack("<q", page[6:14])[0]
+            if granule < 0:
+                return True, None                # -1: no packet ends on the page, no length
+            body = first[27 + first[26]:]
+            if body[:8] == b"OpusHead":          # 48 kHz units, pre-skip included
+                return True, round((granule - struct.unpack("<H", body[10:12])[0]) * sample_rate / _OPUS_RATE)
+            return True, granule
+        at = tail.rfind(b"OggS", 0, at)          # "OggS" inside packet data, or trailing bytes
+    return None
 
 
 def _decode_ffmpeg(path: str, timeout: float, max_duration: float | None) -> Decoded:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,7 +12,32 @@ from soundlake.core.audio import AUDIO_EXTS
 from soundlake.core.errors import UserError
 from soundlake.sources.base import input_row, register
 
+_ESCAPE = re.compile(rb"\\(\\|x[0-9a-fA-F]{2})")
 _META_KEYS = {"title", "description", "tags", "labels", "license", "uploader", "upload_date", "url"}
+
+
+def escape_name(name: str) -> str:
+    """A file name as valid UTF-8 text, reversibly (Arrow refuses the lone surrogates that
+    os.walk gives for bytes that are not UTF-8): such bytes become ``\\xNN`` and a backslash
+    is doubled, so that no two names meet; a UTF-8 name without a backslash is unchanged.
+    :func:`unescape_name` is the inverse."""
+    return os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def unescape_name(text: str) -> str:
+    """The file name (str as os.fsdecode gives it) that :func:`escape_name` turned into ``text``."""
+    raw = _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]), text.encode("utf-8"))
+    return os.fsdecode(raw)
+
+
+def file_uri(path: Path) -> str:
+    """The path itself, or a ``file://`` URL (bytes percent-escaped) when it is not valid UTF-8."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return path.absolute().as_uri()
 
 
 def walk_files(root: Path, follow_symlinks: bool = True) -> Iterator[Path]:
@@ -99,7 +125,8 @@ def local_inputs(folder: str, follow_symlinks: bool = True) -> tuple[list[dict],
                 rec.update(json.loads(sidecar.read_text(encoding="utf-8")))
             except (OSError, ValueError):
                 pass
-        rows.append(input_row(source="local", source_id=rel, uri=str(path), **_metadata_fields(rec)))
+        rows.append(input_row(source="local", source_id=escape_name(rel), uri=file_uri(path),
+                              **_metadata_fields(rec)))
     return rows, int(skipped)
 
 

@@ -6,6 +6,7 @@ window, or one failed row per input that yields no clip.
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime, timezone
 from typing import Literal
 from urllib.parse import parse_qs, urlparse
@@ -34,6 +35,9 @@ class SegmentSpec(Section):
     max_duration: float = Field(3600.0, gt=0, description="longer inputs are a too_long failure")
     silence_dbfs: float = Field(-60.0, le=0, description="windows with RMS below this are dropped")
     loudness: bool = Field(True, description="measure integrated loudness (LUFS)")
+    truncated: Literal["fail", "keep"] = Field(
+        "fail", description="a file holding less than its header promises: a corrupt failure, or "
+                            "keep its clips flagged in meta_json")
     seed: int = 0
     ffmpeg_timeout: float = Field(60.0, gt=0)
 
@@ -81,7 +85,8 @@ def _load(row: dict, spec: SegmentSpec) -> audio_io.Decoded:
                            speech=q.get("speech", ["0"])[0] == "1")
         audio = render_scene(scene, sample_rate=spec.sample_rate)
         return audio_io.Decoded(audio[:, None].astype(np.float32), spec.sample_rate, "synth")
-    return audio_io.decode(uri, ffmpeg_timeout=spec.ffmpeg_timeout, max_duration=spec.max_duration)
+    return audio_io.decode(audio_io.local_path(uri), ffmpeg_timeout=spec.ffmpeg_timeout,
+                           max_duration=spec.max_duration)
 
 
 class SegmentStage(Stage):
@@ -105,6 +110,13 @@ class SegmentStage(Stage):
         dec = _load(row, spec)
         if dec.audio.shape[0] == 0:
             raise RowError("corrupt", "decoder produced no samples")
+        meta_json = row.get("meta_json")
+        if dec.truncated:
+            if spec.truncated == "fail":
+                raise RowError("corrupt", dec.truncation)
+            meta_json = json.dumps({**json.loads(meta_json or "{}"), "truncated": True,
+                                    "held_s": round(dec.duration, 6), "promised_s": dec.promised_s},
+                                   ensure_ascii=False)
         src_sr, src_ch, src_dur = dec.sample_rate, dec.audio.shape[1], dec.duration
         if src_dur < spec.min_duration:
             raise RowError("too_short", f"{src_dur:.2f} s is under segment.min_duration={spec.min_duration} s")
@@ -132,8 +144,9 @@ class SegmentStage(Stage):
             flac = audio_io.encode_flac(chunk, sr)
             clips.append({
                 **{k: row.get(k) for k in ("source", "source_id", "title", "description", "tags", "labels",
-                                           "license", "uploader", "upload_date", "url", "meta_json",
+                                           "license", "uploader", "upload_date", "url",
                                            "ref_caption", "ref_caption_model", "attempt")},
+                "meta_json": meta_json,
                 "clip_id": clip_id(row["source"], row["source_id"], start),
                 "run_id": self.run_id, "start_s": float(start), "duration_s": win_n / sr,
                 "content_s": round(real, 6), "sample_rate": sr, "channels": spec.channels,
