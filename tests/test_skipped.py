@@ -31,7 +31,8 @@ def sound_effects(folder):
 def test_policy_decisions_are_skipped_not_failed(ray_session, tmp_path):
     folder = sound_effects(tmp_path / "sfx")
     lake = str(tmp_path / "lake")
-    spec = load_spec("local", sets=[f"source.input={folder}", "segment.sample_rate=16000", "segment.window=2.0"])
+    spec = load_spec("local", sets=[f"source.input={folder}", "segment.sample_rate=16000", "segment.window=2.0",
+                                    "segment.policy=first"])
     s = run_pipeline(spec, lake)
     assert s.clips == 2 and s.failed_inputs == 0 and not s.errors
     assert dict(s.skipped) == {"too_short": 4, "silent": 1}
