@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def _accounting(lake: str) -> tuple[set, set]:
+    """(inputs with clips, inputs failed or skipped)."""
     clips = {r[0] for r in fetchall(lake, "SELECT DISTINCT source_id FROM clips")}
-    failed = {r[0] for r in fetchall(lake, "SELECT DISTINCT source_id FROM failures")}
+    failed = {r[0] for r in fetchall(lake, "SELECT DISTINCT source_id FROM failures UNION "
+                                           "SELECT DISTINCT source_id FROM skipped")}
     return clips, failed
 
 
@@ -53,9 +55,9 @@ def test_bad_inputs_accounted_and_job_completes(ray_session, bad_inputs, tmp_pat
     assert summary.status == "finished" and summary.inputs_done == len(expect)
     clips, failed = _accounting(lake)
     assert clips | failed == set(expect) and not clips & failed
-    got = dict(fetchall(lake, "SELECT source_id, error FROM failures"))
+    got = dict(fetchall(lake, "SELECT source_id, error FROM failures UNION ALL SELECT source_id, reason FROM skipped"))
     assert got == {k: v for k, v in expect.items() if v}
-    assert sum(summary.errors.values()) == len(got)
+    assert sum(summary.errors.values()) + sum(summary.skipped.values()) == len(got)
     # A second run finds everything committed and does nothing.
     again = run_pipeline(spec, lake)
     assert again.inputs_skipped == len(expect) and again.clips == 0

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from soundlake.catalog.schema import INPUT_SCHEMA
-from soundlake.core.errors import RowError
+from soundlake.core.errors import SKIP_REASONS, RowError
 from soundlake.sources.base import input_row
 from soundlake.sources.local import local_inputs
 from soundlake.stages.segment import (
@@ -110,8 +110,12 @@ def test_batch_never_raises_for_bad_rows_and_splits_into_tables(bad_inputs):
     out = _stage(sample_rate=16000).process(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA))
     tables = segment_tables(out)
     failed = tables["failures"].to_pylist()
-    assert {f["source_id"] for f in failed} == {k for k, v in expect.items() if v}
+    skipped = tables["skipped"].to_pylist()
+    assert {f["source_id"] for f in failed} == {k for k, v in expect.items() if v and v not in SKIP_REASONS}
     assert all(f["message"] and f["permanent"] for f in failed)
+    # policy decisions are recorded apart, with the setting that decided them
+    assert {(s["source_id"], s["reason"]) for s in skipped} == {(k, v) for k, v in expect.items() if v in SKIP_REASONS}
+    assert all(s["setting"] == SKIP_REASONS[s["reason"]] and s["message"] for s in skipped)
     assert set(tables["clips"]["source_id"].to_pylist()) == {k for k, v in expect.items() if v is None}
     assert "flac" in tables["clips"].column_names
 

@@ -71,6 +71,15 @@ FAILURES = pa.schema([
     ("run_id", pa.string()), ("time", TS),
 ])
 
+# Inputs left out by a policy decision (too short, too long, silent...), with the setting
+# that decided it: not failures, so failures_open and the run summary show only what went wrong.
+SKIPPED = pa.schema([
+    ("source", pa.string()), ("source_id", pa.string()), ("clip_id", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()),          # a key of soundlake.core.errors.SKIP_REASONS
+    ("setting", pa.string()),         # e.g. segment.min_duration
+    ("message", pa.string()), ("run_id", pa.string()), ("time", TS),
+])
+
 CAPTIONS = pa.schema([
     ("clip_id", pa.string()),
     ("captioner", pa.string()),       # reference | template | autocap | qwen | refine ...
@@ -134,6 +143,7 @@ TABLES: dict[str, pa.Schema] = {
     "inputs": INPUTS,
     "clips": CLIPS,
     "failures": FAILURES,
+    "skipped": SKIPPED,
     "captions": CAPTIONS,
     "runs": RUNS,
     "embeddings": embeddings_schema(1),  # the typed empty view's placeholder; parts carry their own dim

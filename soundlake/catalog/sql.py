@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
-from soundlake.core.errors import UserError
+from soundlake.core.errors import SKIP_REASONS, UserError
 
 # Views built on the raw tables. Later modules add theirs with `add_view`.
 _VIEWS: dict[str, str] = {
@@ -23,12 +23,14 @@ _VIEWS: dict[str, str] = {
                  SELECT *, row_number() OVER (PARTITION BY run_id
                    ORDER BY ended IS NULL, ended DESC) AS rn FROM _runs) WHERE rn = 1""",
     # Failures not yet made good by a later success, one row (the latest attempt) each.
-    "failures_open": """SELECT * EXCLUDE (rn) FROM (
+    # (Lakes written before `skipped` existed hold policy decisions as failures: not open ones.)
+    "failures_open": f"""SELECT * EXCLUDE (rn) FROM (
                  SELECT f.*, row_number() OVER (PARTITION BY f.source, f.source_id, f.stage, f.clip_id
                    ORDER BY f.time DESC) AS rn FROM failures f
-                 WHERE (f.clip_id IS NULL AND NOT EXISTS (SELECT 1 FROM clips c
+                 WHERE ((f.clip_id IS NULL AND NOT EXISTS (SELECT 1 FROM clips c
                           WHERE c.source = f.source AND c.source_id = f.source_id))
-                    OR f.clip_id IS NOT NULL) WHERE rn = 1""",
+                    OR f.clip_id IS NOT NULL) AND f.error NOT IN ({", ".join(f"'{r}'" for r in SKIP_REASONS)}))
+                 WHERE rn = 1""",
     "audio": "SELECT clip_id, sample_rate, channels, flac FROM _clip_parts",
 }
 CAPTION_POLICIES = ("score", "priority")

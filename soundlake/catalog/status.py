@@ -30,7 +30,7 @@ def lake_status(lake: Lake | str, last_runs: int = 10) -> LakeStatus:
     failures = con.execute("""SELECT stage, error, permanent, count(*) AS n FROM failures_open
                           GROUP BY ALL ORDER BY n DESC""").fetchall()
     tables = {}
-    for name in ("clips", "captions", "failures", "runs"):
+    for name in ("clips", "captions", "failures", "skipped", "runs"):
         tables[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
     return LakeStatus(
         lake=lake.uri, writing=writing, runs=[dict(zip(cols, r)) for r in runs],

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from soundlake.cli.main import CURATE, LAKE, app, console
 from soundlake.core.errors import UserError
+from soundlake.stages.segment import SegmentSpec, describe_skips
 
 
 @app.command(rich_help_panel=CURATE)
@@ -72,7 +73,7 @@ def curate(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: committed work is kept; run the same command again to resume")
         raise typer.Exit(130)
-    print_summary(summary)
+    print_summary(summary, spec.segment)
 
 
 @app.command("retry-failed", rich_help_panel=CURATE)
@@ -106,10 +107,10 @@ def retry_failed(
         spec.ray.address = address or spec.ray.address
         spec.ray.num_cpus = num_cpus or spec.ray.num_cpus
         console.print(f"retrying {len(rows)} inputs of run {run_id} ({spec.name})", highlight=False)
-        print_summary(run_pipeline(spec, lake, wait=wait, rows=rows))
+        print_summary(run_pipeline(spec, lake, wait=wait, rows=rows), spec.segment)
 
 
-def print_summary(s) -> None:
+def print_summary(s, segment: SegmentSpec) -> None:
     """A finished run (pipelines.runner.RunSummary) as a table on stderr, with the next command to try."""
     t = Table(title=f"run {s.run_id} {s.status}", show_header=False, title_justify="left")
     t.add_row("inputs", f"{s.inputs_total} listed · {s.inputs_skipped} already in the lake · {s.inputs_done} processed"
@@ -117,6 +118,8 @@ def print_summary(s) -> None:
     t.add_row("clips", f"{s.clips} new ({s.flac_bytes / 2**20:.1f} MiB FLAC)")
     failures = ", ".join(f"{k} {v}" for k, v in s.errors.most_common()) or "none"
     t.add_row("failures", f"{s.failed_inputs} inputs: {failures}")
+    if s.skipped:
+        t.add_row("skipped", f"{sum(s.skipped.values())} inputs by policy: {describe_skips(s.skipped, segment)}")
     t.add_row("speed", f"{s.clips_per_s:.1f} clips/s over {s.elapsed_s:.1f} s (+ {s.ray_startup_s:.1f} s Ray start-up)")
     if s.rows:
         t.add_row("rows", " · ".join(f"{k} {v}" for k, v in sorted(s.rows.items())))

@@ -1,8 +1,10 @@
-"""Failure classes shared by every stage.
+"""Failure classes and skip reasons shared by every stage.
 
 A stage never raises for one bad row: it returns the row with ``status='failed'``,
 an ``error`` class from :data:`ERROR_CLASSES` and a one-line ``message``. Bugs
-(anything that is not a :class:`RowError`) still fail loudly.
+(anything that is not a :class:`RowError`) still fail loudly. A policy decision (too
+short, too long, silent, excluded) is not a failure: its row comes back with
+``status='skipped'`` and the reason (:data:`SKIP_REASONS`), and lands in ``skipped``.
 """
 from __future__ import annotations
 
@@ -13,9 +15,6 @@ ERROR_CLASSES: dict[str, bool] = {
     "empty": True,          # zero-byte file
     "not_audio": True,      # text or other non-media content
     "unsupported": True,    # codec/container/channel layout we cannot handle
-    "too_short": True,      # shorter than segment.min_duration
-    "too_long": True,       # longer than segment.max_duration
-    "silent": True,         # every window below segment.silence_dbfs
     "unreadable": True,     # permission, symlink loop, I/O error
     "not_found": True,      # missing file / removed media / HTTP 404
     "private": True,        # private or members-only media
@@ -31,12 +30,21 @@ ERROR_CLASSES: dict[str, bool] = {
 }
 PERMANENT = frozenset(k for k, v in ERROR_CLASSES.items() if v)
 
+# Policy decisions: reason -> the setting that decided it (a curator changes the setting,
+# not the data, to change the outcome). Raised as RowError like failures, recorded apart.
+SKIP_REASONS: dict[str, str] = {
+    "too_short": "segment.min_duration",
+    "too_long": "segment.max_duration",
+    "silent": "segment.silence_dbfs",
+    "excluded": "source filters",
+}
+
 
 class RowError(Exception):
     """An expected, classified failure of one input row."""
 
     def __init__(self, error: str, message: str):
-        if error not in ERROR_CLASSES:
+        if error not in ERROR_CLASSES and error not in SKIP_REASONS:
             raise ValueError(f"unknown error class {error!r}")
         super().__init__(message)
         self.error = error

@@ -25,8 +25,11 @@ import pyarrow as pa
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
+from soundlake.catalog.sql import connect, execute_arrow
+from soundlake.core.errors import SKIP_REASONS, UserError
 from soundlake.core.fingerprints import code_version
 from soundlake.core.ray_env import data_context, init_ray
+from soundlake.core.storage import storage_error
 from soundlake.pipelines.retry import inputs_table
 from soundlake.pipelines.spec import PipelineSpec
 from soundlake.sources.base import get_source
@@ -39,9 +42,11 @@ SUMMARY = pa.schema([
     ("clips", pa.int64()),
     ("failed_inputs", pa.int64()),
     ("errors_json", pa.string()),
+    ("skipped_json", pa.string()),     # skipped inputs per reason (policy decisions)
     ("parts", pa.list_(pa.string())),
     ("flac_bytes", pa.int64()),
     ("tables_json", pa.string()),      # rows written per table
+    ("write_error", pa.string()),      # a storage problem the user can fix (full disk...), as one line
 ])
 
 
@@ -56,6 +61,7 @@ class RunSummary:
     clips: int = 0
     failed_inputs: int = 0
     errors: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)   # inputs left out by policy, per reason
     flac_bytes: int = 0
     parts: list[str] = field(default_factory=list)
     ray_startup_s: float = 0.0
@@ -72,7 +78,7 @@ class RunSummary:
     def counts(self) -> dict:
         return {"inputs_total": self.inputs_total, "inputs_skipped": self.inputs_skipped,
                 "inputs_done": self.inputs_done, "clips": self.clips, "failed_inputs": self.failed_inputs,
-                "errors": dict(self.errors), "flac_bytes": self.flac_bytes, "rows": dict(self.rows),
+                "errors": dict(self.errors), "skipped": dict(self.skipped), "flac_bytes": self.flac_bytes, "rows": dict(self.rows),
                 "ray_startup_s": round(self.ray_startup_s, 3), "elapsed_s": round(self.elapsed_s, 3)}
 
 
@@ -86,12 +92,29 @@ def list_inputs(spec: PipelineSpec) -> tuple[list[dict], int]:
 
 
 def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
-    """(source, source_id) of inputs that already have a clip or a committed failure."""
+    """(source, source_id) of inputs that already have a clip, a committed failure or a skip."""
     done: set[tuple[str, str]] = set()
-    for table in ("clips", "failures"):
+    for table in ("clips", "failures", "skipped"):
         t = lake.read(table, columns=["source", "source_id"])
         done.update(zip(t["source"].to_pylist(), t["source_id"].to_pylist()))
     return done
+
+
+def move_policy_failures(lake: Lake, run_id: str) -> int:
+    """Lakes written before ``skipped`` existed recorded policy decisions (too short, silent...)
+    as failures: record each such input as skipped once (the views ignore those failure rows)."""
+    if not lake.parts("failures"):
+        return 0
+    moved = execute_arrow(connect(lake), f"""
+        SELECT f.source, f.source_id, f.clip_id, f.stage, f.error AS reason, f.message, f.time FROM failures f
+        WHERE f.error IN ({", ".join(f"'{r}'" for r in SKIP_REASONS)})
+          AND NOT EXISTS (SELECT 1 FROM skipped s WHERE s.source = f.source AND s.source_id = f.source_id)
+        QUALIFY row_number() OVER (PARTITION BY f.source, f.source_id ORDER BY f.time DESC) = 1""")
+    if moved.num_rows:
+        moved = moved.append_column("setting", pa.array([SKIP_REASONS[r] for r in moved["reason"].to_pylist()]))
+        moved = moved.append_column("run_id", pa.array([run_id] * moved.num_rows, pa.string()))
+        lake.write_part("skipped", moved.select(schema.SKIPPED.names).cast(schema.SKIPPED), run_id)
+    return moved.num_rows
 
 
 def build_stages(spec: PipelineSpec, run_id: str) -> list[Stage]:
@@ -154,20 +177,29 @@ def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]
             tables.setdefault(name, []).append(t)
     # Failures first, clips last: an input counts as done once its clips part exists.
     order = sorted(tables, key=lambda n: (n == "clips", n))
-    parts, rows = [], {}
-    for name in order:
-        data = pa.concat_tables(tables[name])
-        rel = lake.write_part(name, data, run_id)
-        if rel:
-            parts.append(rel)
-            rows[name] = data.num_rows
+    parts, rows, write_error = [], {}, None
+    try:
+        for name in order:
+            data = pa.concat_tables(tables[name])
+            rel = lake.write_part(name, data, run_id)
+            if rel:
+                parts.append(rel)
+                rows[name] = data.num_rows
+    except OSError as e:
+        # Returned, not raised: Ray Data would wrap the exception and lose its errno.
+        err = storage_error(e, f"lake {lake_uri}")
+        if err is None:
+            raise
+        write_error = str(err)
     failed = batch.filter(pc.equal(batch["status"], "failed"))
+    skipped = batch.filter(pc.equal(batch["status"], "skipped"))
     clips = pa.concat_tables(tables["clips"]) if "clips" in tables else None
     return pa.Table.from_pylist([{
         "source_ids": sorted(set(batch["source_id"].to_pylist())) if "source_id" in batch.column_names else [],
         "clips": rows.get("clips", 0), "failed_inputs": failed.num_rows,
-        "errors_json": json.dumps(Counter(failed["error"].to_pylist())), "parts": parts,
-        "tables_json": json.dumps(rows),
+        "errors_json": json.dumps(Counter(failed["error"].to_pylist())),
+        "skipped_json": json.dumps(Counter(skipped["error"].to_pylist())), "parts": parts,
+        "tables_json": json.dumps(rows), "write_error": write_error,
         "flac_bytes": int(pc.sum(clips["flac_bytes"]).as_py() or 0) if clips is not None else 0,
     }], schema=SUMMARY)
 
@@ -192,10 +224,13 @@ def consume(ds, summary: RunSummary, t0: float, on_progress) -> None:
             summary.clips += rec["clips"]
             summary.failed_inputs += rec["failed_inputs"]
             summary.errors.update(json.loads(rec["errors_json"]))
+            summary.skipped.update(json.loads(rec["skipped_json"]))
             summary.rows.update(json.loads(rec["tables_json"] or "{}"))
             summary.parts.extend(rec["parts"])
             summary.flac_bytes += rec["flac_bytes"]
-        if summary.clips or summary.failed_inputs:
+            if rec["write_error"]:
+                raise UserError(rec["write_error"])
+        if summary.clips or summary.failed_inputs or summary.skipped:
             summary.inputs_done = base + len(seen)
         summary.elapsed_s = time.perf_counter() - t0
         if on_progress:
@@ -210,7 +245,6 @@ def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[
     Model captioners (autocap): clips without their caption from this model, checkpoint and prompt version.
     Scores: captions without a score from this model (needs only text + stored embeddings).
     """
-    from soundlake.catalog.sql import connect, execute_arrow
 
     by_name = {s.name: s for s in stages}
     if "embed" in by_name and lake.parts("clips"):
@@ -334,6 +368,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
     summary = RunSummary(run_id=run_id, pipeline=spec.name, lake=lake.uri)
     with lake.lock(run_id, wait=wait):
         lake.clean_tmp()
+        move_policy_failures(lake, run_id)
         retry = rows is not None
         if not retry:
             rows, summary.non_audio_skipped = list_inputs(spec)

@@ -19,11 +19,11 @@ from typing import ClassVar
 import pyarrow as pa
 
 from soundlake.catalog.schema import CLIPS, FAILURES
-from soundlake.core.errors import ERROR_CLASSES
+from soundlake.core.errors import ERROR_CLASSES, SKIP_REASONS
 
 # The rows that flow between stages: a clip (or a failed input) and its bookkeeping.
 FLOW = pa.schema(list(CLIPS) + [
-    ("status", pa.string()),           # ok | failed
+    ("status", pa.string()),           # ok | failed | skipped
     ("stage", pa.string()),            # the stage that failed the row
     ("error", pa.string()),
     ("message", pa.string()),
@@ -82,10 +82,11 @@ class ModelStage(Stage):
 
 
 def flow_failure(row: dict, stage: str, run_id: str, error: str, message: str) -> dict:
-    """An input that yields no clip, as a failed flow row (it becomes a ``failures`` row at write)."""
+    """An input that yields no clip, as a flow row: failed (a ``failures`` row at write), or
+    skipped when ``error`` is a policy decision (a ``skipped`` row: see SKIP_REASONS)."""
     base = {k: row.get(k) for k in ("source", "source_id", "title", "url", "attempt")}
-    return {**base, "run_id": run_id, "status": "failed", "stage": stage, "error": error,
-            "message": message, "created": datetime.now(timezone.utc)}
+    return {**base, "run_id": run_id, "status": "skipped" if error in SKIP_REASONS else "failed", "stage": stage,
+            "error": error, "message": message, "created": datetime.now(timezone.utc)}
 
 
 def failure_row(row: dict, stage: str, run_id: str, error: str, message: str,

@@ -25,7 +25,11 @@ from pydantic import Field, model_validator
 
 from soundlake.catalog.schema import CAPTIONS
 from soundlake.core.config import Section
-from soundlake.models.captioners.template import PROMPT_VERSION, template_caption
+from soundlake.models.captioners.template import (
+    PROMPT_VERSION,
+    filename_caption,
+    template_caption,
+)
 from soundlake.stages.base import Stage
 
 
@@ -74,8 +78,9 @@ NEW_CAPTION = pa.struct([("captioner", pa.string()), ("model_id", pa.string()), 
 
 
 class CaptionSpec(Section):
-    captioners: list[Literal["template", "autocap"]] = Field(["template"], description="captioners run by the "
-                                                             "caption stage")
+    captioners: list[Literal["template", "filename", "autocap"]] = Field(
+        ["template"], description="captioners run by the caption stage (filename: the file name's words, for "
+                                  "clips with no metadata at all)")
     use_metadata: bool = Field(True, description="template: titles and tags too, not only labels; autocap: "
                                                  "metadata fields in its tags (false: every field left empty)")
     autocap_model: str | None = Field(None, description="autocap: a folder saved by `soundlake train captioner`")
@@ -90,6 +95,31 @@ class CaptionSpec(Section):
             raise ValueError("caption.autocap_model: the autocap captioner needs a model folder "
                              "(train one with `soundlake train captioner`)")
         return self
+
+
+@register_captioner("filename", rank=5)
+class FilenameCaptionStage(CaptionerStage):
+    """Captions from file names, for clips with no reference caption, labels, title or tags."""
+    name = "filename"
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    @classmethod
+    def from_spec(cls, spec: CaptionSpec, run_id: str) -> "FilenameCaptionStage":
+        return cls(run_id)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.select(["source_id", "status", "ref_caption", "labels", "title", "tags"]).to_pylist():
+            bare = row["status"] == "ok" and not (row["ref_caption"] or row["labels"] or row["title"] or row["tags"])
+            text = filename_caption(row["source_id"] or "") if bare else None
+            out.append([{"captioner": "filename", "model_id": "filename", "model_hash": None,
+                         "prompt_version": "filename-v1", "text": text}] if text else [])
+        return add_captions(batch, out)
+
+    def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
+        return caption_tables(batch, self.run_id, captioner="filename")
 
 
 @register_captioner("template", rank=4)

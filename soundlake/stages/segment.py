@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from soundlake.catalog.schema import CAPTIONS, CLIPS, FAILURES
+from soundlake.catalog.schema import CAPTIONS, CLIPS, FAILURES, SKIPPED
 from soundlake.core import audio as audio_io
 from soundlake.core.config import Section
-from soundlake.core.errors import PERMANENT, RowError
+from soundlake.core.errors import PERMANENT, SKIP_REASONS, RowError
 from soundlake.stages.base import FLOW, Stage, flow_failure
 
 
@@ -30,7 +30,9 @@ class SegmentSpec(Section):
     policy: Literal["annotated", "first", "sliding", "random"] = "first"
     hop: float | None = Field(None, gt=0, description="sliding: hop in seconds (default: window)")
     max_windows: int | None = Field(None, ge=1, description="at most this many clips per input")
-    remainder: Literal["pad", "drop"] = "pad"
+    remainder: Literal["pad", "drop", "keep"] = Field("pad", description="the last partial window (or an "
+                                                      "input shorter than one): padded to the window, dropped, or "
+                                                      "kept at its own length (one-shot sound effects)")
     min_duration: float = Field(1.0, ge=0, description="shorter content is a too_short failure")
     max_duration: float = Field(3600.0, gt=0, description="longer inputs are a too_long failure")
     silence_dbfs: float = Field(-60.0, le=0, description="windows with RMS below this are dropped")
@@ -40,6 +42,14 @@ class SegmentSpec(Section):
                             "keep its clips flagged in meta_json")
     seed: int = 0
     ffmpeg_timeout: float = Field(60.0, gt=0)
+
+
+def describe_skips(skipped: dict[str, int], spec: SegmentSpec) -> str:
+    """'110 shorter than 1 s (segment.min_duration), 2 silent below -60 dBFS (segment.silence_dbfs)'."""
+    what = {"too_short": f"shorter than {spec.min_duration:g} s", "too_long": f"longer than {spec.max_duration:g} s",
+            "silent": f"silent below {spec.silence_dbfs:g} dBFS", "excluded": "excluded"}
+    return ", ".join(f"{n} {what.get(r, r)} ({SKIP_REASONS.get(r, r)})"
+                     for r, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
 
 
 def clip_id(source: str, source_id: str, start_s: float) -> str:
@@ -136,7 +146,8 @@ class SegmentStage(Stage):
             if chunk.shape[0] < win_n:
                 if spec.remainder == "drop" or real < spec.min_duration:
                     continue
-                chunk = np.pad(chunk, ((0, win_n - chunk.shape[0]), (0, 0)))
+                if spec.remainder == "pad":
+                    chunk = np.pad(chunk, ((0, win_n - chunk.shape[0]), (0, 0)))
             peak, rms, lufs = audio_io.levels(chunk[: int(real * sr)], sr, spec.loudness)
             if rms < spec.silence_dbfs:
                 silent += 1
@@ -148,7 +159,7 @@ class SegmentStage(Stage):
                                            "ref_caption", "ref_caption_model", "attempt")},
                 "meta_json": meta_json,
                 "clip_id": clip_id(row["source"], row["source_id"], start),
-                "run_id": self.run_id, "start_s": float(start), "duration_s": win_n / sr,
+                "run_id": self.run_id, "start_s": float(start), "duration_s": chunk.shape[0] / sr,
                 "content_s": round(real, 6), "sample_rate": sr, "channels": spec.channels,
                 "src_sample_rate": src_sr, "src_channels": src_ch, "src_codec": dec.codec,
                 "src_duration_s": src_dur, "peak_dbfs": peak, "rms_dbfs": rms, "loudness_lufs": lufs,
@@ -166,9 +177,10 @@ class SegmentStage(Stage):
 
 
 def segment_tables(batch: pa.Table) -> dict[str, pa.Table]:
-    """Split a FLOW batch into clips (with audio), reference captions and failures."""
+    """Split a FLOW batch into clips (with audio), reference captions, failures and skipped inputs."""
     ok = batch.filter(pc.equal(batch["status"], "ok"))
     bad = batch.filter(pc.equal(batch["status"], "failed"))
+    skipped = batch.filter(pc.equal(batch["status"], "skipped"))
     out: dict[str, pa.Table] = {}
     if ok.num_rows:
         out["clips"] = ok.select(CLIPS.names).cast(CLIPS)
@@ -186,4 +198,10 @@ def segment_tables(batch: pa.Table) -> dict[str, pa.Table]:
             "permanent": pa.array([e in PERMANENT for e in bad["error"].to_pylist()]),
             "message": bad["message"], "attempt": pc.fill_null(bad["attempt"], 1),
             "run_id": bad["run_id"], "time": bad["created"]}, schema=FAILURES)
+    if skipped.num_rows:
+        out["skipped"] = pa.table({
+            "source": skipped["source"], "source_id": skipped["source_id"], "clip_id": skipped["clip_id"],
+            "stage": skipped["stage"], "reason": skipped["error"],
+            "setting": pa.array([SKIP_REASONS[e] for e in skipped["error"].to_pylist()], pa.string()),
+            "message": skipped["message"], "run_id": skipped["run_id"], "time": skipped["created"]}, schema=SKIPPED)
     return out

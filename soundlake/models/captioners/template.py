@@ -4,6 +4,9 @@ As in GenAu's first training stage: label names (AudioSet ontology names, VGGSou
 classes, synth classes), Freesound tags and titles are put into one of several
 sentence templates. The template is chosen by a stable hash of the clip id, so the
 same clip always gets the same caption. Without metadata or labels it writes nothing.
+
+:func:`filename_caption` is the last resort for files that come with no metadata at all
+(sound-effect folders): the file name's words (``dog_bark_02.wav`` -> "dog bark").
 """
 from __future__ import annotations
 
@@ -31,6 +34,13 @@ def _join(items: list[str]) -> str:
 def _pick(options: list[str], key: str) -> str:
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little")
     return options[h % len(options)]
+
+
+def filename_caption(source_id: str) -> str | None:
+    """The words of a file name, without its folder, extension, numbers and separators."""
+    stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", source_id.replace("\\", "/").rsplit("/", 1)[-1])
+    words = [w for w in re.split(r"[\s_.\-]+", stem.lower()) if w and not w.isdigit()]
+    return " ".join(words) or None
 
 
 def template_caption(clip_id: str, labels: list[str] | None = None, title: str | None = None,
