@@ -5,9 +5,11 @@ and are written in the order given, so the same samples always give the same byt
 A shard is written under ``<name>.tmp`` and renamed (local), or as one object that
 appears only when the upload completes (object stores via ``pyarrow.fs``).
 
-Reading shards from elsewhere is reading untrusted input: :func:`check_member`
-rejects, before any bytes are extracted, members with absolute paths, ``..``
-components, symbolic or hard links, device files/FIFOs, and sizes over a limit.
+Reading shards from elsewhere is reading untrusted input: the reader parses each header
+itself and checks it before reading what it announces. :func:`check_member` rejects
+members with absolute paths, ``..`` components, symbolic or hard links, device
+files/FIFOs, and sizes over a limit; extended headers (PAX, GNU long names) over
+``MAX_EXTENDED_HEADER_BYTES`` are rejected before their payload is read.
 
 Public API:
     tar_key(clip_id) -> str, clip_id_from_key(key) -> str
@@ -15,18 +17,23 @@ Public API:
     TarWriter()                                          reusable buffers for many shards
     read_manifest(uri) -> dict | None                    an export folder's manifest.json
     check_member(info, max_member_bytes)                 raises UnsafeTarError
-    iter_members(fileobj, max_member_bytes) -> (name, bytes)...
+    iter_members(fileobj, max_member_bytes, url) -> (name, bytes)...
     iter_samples(fileobj, url, max_member_bytes) -> {"__key__", "__url__", ext: bytes}...
     sha256_file(fs, path) -> str
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import posixpath
 import re
 import tarfile
+import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -305,37 +312,135 @@ def check_member(info: tarfile.TarInfo, max_member_bytes: int = DEFAULT_MAX_MEMB
         raise UnsafeTarError(f"unsafe tar member {name!r}: absolute paths are not allowed")
     if ".." in name.replace("\\", "/").split("/"):
         raise UnsafeTarError(f"unsafe tar member {name!r}: '..' path components are not allowed")
-    if not (info.isreg() or info.isdir()):
+    if not (info.isreg() or info.isdir()) or info.type == tarfile.GNUTYPE_SPARSE:
         raise UnsafeTarError(f"unsafe tar member {name!r}: unsupported member type {info.type!r}")
+    if info.size < 0:
+        raise UnsafeTarError(f"unsafe tar member {name!r}: negative size {info.size}")
     if info.size > max_member_bytes:
         raise UnsafeTarError(f"unsafe tar member {name!r}: {info.size} bytes is over the "
                              f"{max_member_bytes}-byte member limit")
 
 
-def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of a tar stream, every TarInfo checked first.
+# Headers that describe the next member (PAX records, GNU long names): read into memory, so
+# their size is checked first. Real ones hold a name and a few numbers.
+MAX_EXTENDED_HEADER_BYTES = 64 * 2**10
+_EXTENDED = {tarfile.XHDTYPE: "PAX", tarfile.XGLTYPE: "PAX global", tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+             tarfile.GNUTYPE_LONGLINK: "GNU long-link"}
+_GNU_FIELD = {tarfile.GNUTYPE_LONGNAME: "path", tarfile.GNUTYPE_LONGLINK: "linkpath"}
+_PAX_RECORD = re.compile(rb"(\d{1,9}) ([^=]+)=")
+# Compressed shards, recognised by their magic bytes as tarfile's "r:*" mode does.
+_COMPRESSION = ((re.compile(rb"\x1f\x8b"), gzip.open), (re.compile(rb"BZh[1-9]1AY&SY"), bz2.open),
+                (re.compile(rb"\xfd7zXZ\x00"), lzma.open))
+_DAMAGED_STREAM = (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
 
-    Seekable files (local shards) are read member by member in one read each; streams
-    (object stores) go through tarfile's stream mode, which reads 10 KiB records."""
-    seekable = getattr(fileobj, "seekable", lambda: False)()
-    with tarfile.open(fileobj=fileobj, mode="r:*" if seekable else "r|*") as tar:
-        for info in tar:
-            check_member(info, max_member_bytes)
-            if info.isdir():
-                continue
-            f = tar.extractfile(info)
-            data = f.read() if f is not None else b""
-            if len(data) != info.size:
-                raise UnsafeTarError(f"truncated tar member {info.name!r}")
-            yield info.name, data
-            tar.members = []  # do not keep every TarInfo (iteration reads on from the file)
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _read(f: IO[bytes], n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise tarfile.ReadError(f"the tar is cut short inside {what} ({len(data)} of {n} bytes)")
+    return data
+
+
+def _pax_records(buf: bytes, where: str) -> dict[str, str]:
+    """The ``"<length> <key>=<value>\\n"`` records of a PAX header."""
+    out, pos = {}, 0
+    while pos < len(buf) and buf[pos]:
+        m = _PAX_RECORD.match(buf, pos)
+        end = pos + int(m.group(1)) if m else 0
+        if not m or end <= m.end() or end > len(buf) or buf[end - 1] != 0x0A:
+            raise tarfile.ReadError(f"{where}: malformed PAX record at byte {pos} of the header")
+        out[m.group(2).decode("utf-8", "surrogateescape")] = buf[m.end(): end - 1].decode("utf-8", "surrogateescape")
+        pos = end
+    return out
+
+
+def _apply_extended(info: tarfile.TarInfo, fields: dict[str, str], where: str) -> None:
+    """Give ``info`` the name, link and size its extended headers set."""
+    if any(key.startswith("GNU.sparse.") for key in fields):
+        raise UnsafeTarError(f"unsafe {where}: sparse members are not supported")
+    info.name = fields.get("path") or info.name
+    info.linkname = fields.get("linkpath") or info.linkname
+    if "size" in fields:
+        if not re.fullmatch(r"[0-9]{1,20}", fields["size"]):
+            raise tarfile.ReadError(f"{where}: bad PAX size {fields['size'][:40]!r}")
+        info.size = int(fields["size"])
+
+
+def _tar_members(f: IO[bytes], max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """Parse the tar stream ``f`` header by header; nothing a header announces (an extended
+    header's payload, a member's data) is read before its size and type are checked."""
+    glob: dict[str, str] = {}              # PAX global records: every later member
+    gnu: dict[str, str] = {}               # GNU long name/link, then PAX records: the next member
+    pax: dict[str, str] = {}
+    at = 0                                 # byte offset of the header, for messages
+    while True:
+        block = f.read(tarfile.BLOCKSIZE)
+        if block == _ZEROS[: tarfile.BLOCKSIZE]:
+            return                         # end of archive (tarfile also stops at the first zero block)
+        if len(block) < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"the tar is cut short at byte {at + len(block)}: no end-of-archive block")
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise tarfile.ReadError(f"bad tar header at byte {at}: {e}") from None
+        where = f"tar member {info.name!r} at byte {at}"
+        at += tarfile.BLOCKSIZE
+        kind = _EXTENDED.get(info.type)
+        if kind:
+            if not 0 <= info.size <= MAX_EXTENDED_HEADER_BYTES:
+                raise UnsafeTarError(f"unsafe {where}: its {info.size}-byte {kind} header is over the "
+                                     f"{MAX_EXTENDED_HEADER_BYTES}-byte limit for extended headers")
+            payload = _read(f, _padded(info.size), where)[: info.size]
+            at += _padded(info.size)
+            if info.type in _GNU_FIELD:
+                gnu[_GNU_FIELD[info.type]] = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                (glob if info.type == tarfile.XGLTYPE else pax).update(_pax_records(payload, where))
+            continue
+        _apply_extended(info, {**glob, **gnu, **pax}, where)
+        gnu, pax = {}, {}
+        check_member(info, max_member_bytes)
+        if info.isdir():
+            continue                       # no data (tarfile skips none either)
+        data = _read(f, info.size, f"tar member {info.name!r}")
+        _read(f, _padded(info.size) - info.size, f"the padding of tar member {info.name!r}")
+        at += _padded(info.size)
+        yield info.name, data
+
+
+def iter_members(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 url: str = "") -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of a tar stream (gzip, bzip2 or xz compressed too).
+
+    Every header is checked before what it announces is read: extended headers (PAX, GNU long
+    names) against MAX_EXTENDED_HEADER_BYTES, members with :func:`check_member`. Unsafe input
+    raises UnsafeTarError, a damaged or cut-short tar tarfile.ReadError, both naming ``url``
+    and the member. Streams without ``peek`` (object-store streams) are read through a 1 MiB buffer."""
+    prefix = f"{url}: " if url else ""
+    own = not hasattr(fileobj, "peek")
+    f = io.BufferedReader(fileobj, 2**20) if own else fileobj
+    try:
+        head = f.peek(10)
+        opener = next((open_ for magic, open_ in _COMPRESSION if magic.match(head)), None)
+        yield from _tar_members(opener(f, "rb") if opener else f, max_member_bytes)
+    except (UnsafeTarError, tarfile.ReadError) as e:
+        raise type(e)(prefix + str(e)) from None
+    except _DAMAGED_STREAM as e:
+        raise tarfile.ReadError(f"{prefix}damaged compressed tar: {e}") from None
+    finally:
+        if own and not fileobj.closed:
+            f.detach()                     # leave the caller's stream open
 
 
 def iter_samples(fileobj: IO[bytes], url: str = "",
                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Group contiguous members by key (the basename up to its first dot), as webdataset does."""
     current: dict | None = None
-    for name, data in iter_members(fileobj, max_member_bytes):
+    for name, data in iter_members(fileobj, max_member_bytes, url):
         base = name.rsplit("/", 1)[-1]
         if "." not in base:
             continue
