@@ -2,7 +2,8 @@
 
 Writes are atomic: a part is written under a ``.tmp`` name and renamed (on object
 stores a single PUT is atomic already). Readers glob ``*.parquet`` and so never see
-a half-written part. A lock file keeps a second writer out of a local lake.
+a half-written part. A lock file keeps a second writer out of a local lake. A lake path
+that is empty (it would mean the current folder) or a file is refused in one line.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from soundlake.catalog import schema
 from soundlake.core.errors import UserError
-from soundlake.core.storage import atomic_output, is_local, open_uri
+from soundlake.core.storage import atomic_output, check_folder, is_local, open_uri
 
 # Binary columns already compressed (FLAC) gain nothing from a second codec.
 _UNCOMPRESSED = {"flac"}
@@ -33,6 +34,7 @@ class Lake:
     root: str = field(init=False)
 
     def __post_init__(self):
+        check_folder(self.uri, "--lake")  # not empty (the current folder), not a file
         self.fs, self.root = open_uri(self.uri)
 
     @property

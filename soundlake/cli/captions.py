@@ -11,6 +11,7 @@ from rich.table import Table
 from soundlake.cli.main import (
     CURATE,
     LAKE,
+    VERBOSE,
     app,
     as_user_error,
     console,
@@ -39,6 +40,7 @@ def recaption(
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use."),
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
     wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+    verbose: bool = VERBOSE,
 ):
     """Caption clips already in the lake with an audio LLM (and refine them with a text LLM).
 

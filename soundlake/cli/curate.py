@@ -7,8 +7,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from soundlake.cli.main import CURATE, LAKE, app, console
+from soundlake.cli.main import CURATE, LAKE, VERBOSE, app, console
 from soundlake.core.errors import UserError
+from soundlake.core.ray_env import ray_log_file
+from soundlake.core.storage import user_storage_errors
 from soundlake.stages.segment import SegmentSpec, describe_skips
 
 
@@ -28,6 +30,7 @@ def curate(
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster (e.g. auto or ray://host:10001)."),
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: bool = VERBOSE,
 ):
     """Run a curation pipeline into the lake.
 
@@ -68,7 +71,7 @@ def curate(
                         info=f"{s.clips} clips · {s.failed_inputs} failed · {s.clips_per_s:.1f} clips/s")
 
     try:
-        with progress:
+        with progress, user_storage_errors(f"lake {lake}"):
             summary = run_pipeline(spec, lake, wait=wait, on_start=on_start, on_progress=on_progress)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: committed work is kept; run the same command again to resume")
@@ -85,6 +88,7 @@ def retry_failed(
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it."),
+    verbose: bool = VERBOSE,
 ):
     """Re-run the inputs whose open failures have these classes (by default the transient ones).
 
@@ -107,7 +111,9 @@ def retry_failed(
         spec.ray.address = address or spec.ray.address
         spec.ray.num_cpus = num_cpus or spec.ray.num_cpus
         console.print(f"retrying {len(rows)} inputs of run {run_id} ({spec.name})", highlight=False)
-        print_summary(run_pipeline(spec, lake, wait=wait, rows=rows), spec.segment)
+        with user_storage_errors(f"lake {lake}"):
+            summary = run_pipeline(spec, lake, wait=wait, rows=rows)
+        print_summary(summary, spec.segment)
 
 
 def print_summary(s, segment: SegmentSpec) -> None:
@@ -126,5 +132,7 @@ def print_summary(s, segment: SegmentSpec) -> None:
     for note in s.notes:
         t.add_row("note", note)
     t.add_row("lake", s.lake)
+    if ray_log_file():
+        t.add_row("ray log", f"{ray_log_file()} (Ray's own warnings; --verbose shows them here)")
     t.add_row("next", f"soundlake sql \"SELECT source, count(*) FROM clips GROUP BY 1\" --lake {s.lake}")
     console.print(t)

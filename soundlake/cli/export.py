@@ -8,6 +8,7 @@ import typer
 
 from soundlake.cli.main import LAKE, LAKE_PANEL, app, console
 from soundlake.core.errors import UserError
+from soundlake.core.storage import check_folder, user_storage_errors
 
 
 @app.command(rich_help_panel=LAKE_PANEL)
@@ -43,6 +44,7 @@ def export(
 
     if shard_size and shard_count:
         raise UserError("give --shard-size or --shard-count, not both")
+    check_folder(out_dir, "--out")
     args = ExportArgs(
         out=out_dir, where=where, caption=caption, min_score=min_score, score_model=score_model,
         licenses=[x.strip() for x in (license or "").split(",") if x.strip()],
@@ -53,7 +55,8 @@ def export(
     def on_shard(sh, done, total):
         if not quiet:
             console.print(f"shard {done}/{total} {sh['name']} ({sh['end'] - sh['start']} clips)", highlight=False)
-    r = run_export(lake, args, wait=wait, on_shard=on_shard)
+    with user_storage_errors(f"--out {out_dir}"):
+        r = run_export(lake, args, wait=wait, on_shard=on_shard)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(r.splits.items()))
     dropped = ", ".join(f"{k} {v}" for k, v in r.dropped.items() if v) or "none"
     console.print(f"export [bold]{r.export_id}[/] · {r.clips} clips ({splits}) · {r.shards} shards "

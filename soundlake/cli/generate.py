@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from soundlake.cli.main import MODELS, app, as_user_error, console, train_app
+from soundlake.cli.main import MODELS, VERBOSE, app, as_user_error, console, train_app
 from soundlake.core.errors import UserError
 
 SPEC_HELP = "YAML train spec (settings and phases); options and --set override it."
@@ -73,6 +73,7 @@ def train_vae_cmd(
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    verbose: bool = VERBOSE,
 ):
     """Train the waveform VAE on Ray Train from exported audio shards.
 
@@ -95,6 +96,7 @@ def train_dit_cmd(
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Phases: masked pretraining, text, fine-tuning."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    verbose: bool = VERBOSE,
 ):
     """Train the EzAudio-style DiT on VAE latent shards on Ray Train (v-prediction, condition dropout for CFG).
 
@@ -118,6 +120,7 @@ def encode(
     keep_audio: bool = typer.Option(False, help="Keep each sample's FLAC beside its latents."),
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use."),
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
+    verbose: bool = VERBOSE,
 ):
     """Pre-encode audio shards into VAE latent shards with Ray Data, for `soundlake train dit`.
 

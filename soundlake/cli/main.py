@@ -7,8 +7,13 @@ package (``soundlake/cli/__init__.py``) imports them, so importing ``soundlake.c
 
 Errors: a command raises :class:`~soundlake.core.errors.UserError` for anything the user
 can fix; the root command (:class:`SoundlakeGroup`) turns it into one ``error: <message>``
-line on stderr and exit code 2. That one handler serves the console script
-(:func:`main`), ``python -m soundlake.cli`` and in-process ``CliRunner().invoke(app, ...)``.
+line on stderr and exit code 2, and so it does with an ``OSError`` the user can fix (a
+read-only or full disk, permissions: :func:`soundlake.core.storage.storage_error` decides by
+errno). Anything else is a bug and keeps its traceback. That one handler serves the console
+script (:func:`main`), ``python -m soundlake.cli`` and in-process ``CliRunner().invoke(app, ...)``.
+
+Commands that start Ray take ``--verbose`` (:data:`VERBOSE`); without it Ray's own warnings
+and log lines go to a log in Ray's session folder instead of the terminal.
 """
 from __future__ import annotations
 
@@ -25,6 +30,18 @@ console = Console(stderr=True)  # progress, summaries, errors
 stdout = Console()              # results: tables a user may pipe
 
 LAKE = typer.Option("./lake", "--lake", "-l", help="Lake root: a folder or an object-store URI (s3://...).")
+
+
+def set_verbose(verbose: bool) -> bool:
+    from soundlake.core.ray_env import set_verbose as set_ray_verbose
+
+    set_ray_verbose(verbose)
+    return verbose
+
+
+VERBOSE = typer.Option(False, "--verbose", "-v", callback=set_verbose,
+                       help="Show Ray's own warnings, log lines and worker output here; without it they go to "
+                            "soundlake-<pid>.log in Ray's session log folder (the summary says where).")
 
 # Panels of the root --help: what a user does with each group of commands.
 CURATE = "Curate: build the lake"
@@ -49,13 +66,19 @@ def as_user_error(*kinds: type[Exception]):
 
 
 class SoundlakeGroup(TyperGroup):
-    """The root command: a UserError raised by any command becomes one error line and exit code 2."""
+    """The root command: a UserError raised by any command, or an OSError the user can fix,
+    becomes one error line and exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            report_error(e)
+        except (UserError, OSError) as e:
+            from soundlake.core.storage import storage_error
+
+            err = e if isinstance(e, UserError) else storage_error(e)
+            if err is None:
+                raise
+            report_error(err)
             raise typer.Exit(2) from None
 
 

@@ -41,19 +41,33 @@ def set_key(raw: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def load_yaml(text: str, what: str, fix: str) -> Any:
+    """Parse YAML text; a syntax error is one UserError line: ``what`` is not valid YAML, what
+    the parser expected, then ``fix``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        detail = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None and "\n" in text.strip():
+            detail += f" at line {mark.line + 1}"
+        raise UserError(f"{what} is not valid YAML ({detail}); {fix}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected key=value, e.g. segment.sample_rate=16000")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    key = key.strip()
+    if not value.strip():
+        return key, None
+    return key, load_yaml(value, f"--set {key}: {value!r}",
+                          "write it as YAML (e.g. [1, 2] or {a: 1}), or quote it to mean text")
 
 
 def read_yaml_mapping(path: Path, label: str) -> dict:
     """A YAML file whose top level is a mapping; one-line errors start with ``label``."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{label}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(Path(path).read_text(), label, "check its brackets, quotes and indentation") or {}
     if not isinstance(raw, dict):
         raise UserError(f"{label}: expected a mapping of settings at the top level")
     return raw

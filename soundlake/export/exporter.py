@@ -48,7 +48,7 @@ from soundlake.catalog import schema, sql
 from soundlake.catalog.lake import Lake
 from soundlake.core.errors import UserError
 from soundlake.core.splits import SPLIT_HASH, split_of
-from soundlake.core.storage import open_uri, put_bytes
+from soundlake.core.storage import open_uri, os_error_problem, put_bytes
 from soundlake.export import parquet_pages, shards
 from soundlake.stages.caption import captioner_ranking
 
@@ -565,7 +565,15 @@ def _write_export(lake: Lake, args: ExportArgs, plan: Plan, reader: _AudioReader
     data = _dumps(manifest)
     put_bytes(fs, manifest_path, data)
     msha = hashlib.sha256(data).hexdigest()
-    recorded = _record(lake, eid, args, out_uri, plan, manifest, msha, wait)
+    try:
+        recorded = _record(lake, eid, args, out_uri, plan, manifest, msha, wait)
+    except OSError as e:
+        problem = os_error_problem(e)
+        if problem is None:
+            raise
+        raise UserError(f"the export is complete in {out_uri} ({len(plan.shards)} shards and manifest.json), but "
+                        f"recording it in lake {lake.uri} failed: {problem[0]}; to record it, run the same command "
+                        "again with a writable lake (finished shards are checked and kept, not rewritten)") from None
     return ExportResult(eid, out_uri, len(plan.samples), len(plan.shards), written, kept,
                         manifest["bytes"], splits, plan.dropped, msha, recorded)
 
