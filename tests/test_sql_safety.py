@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import soundlake_cmd
+
 from soundlake.catalog.sql import fetchall, query
 from soundlake.core.errors import UserError
 from soundlake.export.exporter import ExportArgs, run_export
