@@ -209,3 +209,17 @@ def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
         load_train_spec("vae", shards=str(audio_shards), out=str(tmp_path), steps=1, config="vae-huge")
     r = subprocess.run(soundlake_cmd("generate", "x", "--model", str(tmp_path)), capture_output=True, text=True)
     assert r.returncode == 2 and "not a soundlake model folder" in " ".join(r.stderr.split())
+
+
+def test_train_cli_reports_progress_and_summary(ray_session, tmp_path):
+    """The CLI's progress callback reads what the trainer writes (a key mismatch only shows as a
+    traceback in a thread, so look for one)."""
+    from soundlake.testing import make_synth_export
+
+    shards = make_synth_export(tmp_path / "data", 8, seconds=2.0, shard_count=2)
+    r = subprocess.run(soundlake_cmd("train", "vae", "--shards", str(shards), "--out", str(tmp_path / "vae"),
+                                     "--steps", "4", "--batch-size", "2", "--seconds", "0.5",
+                                     "--set", f"ray_address={ray_session}", "--set", "log_every=1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "train vae done" in r.stderr

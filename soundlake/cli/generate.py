@@ -39,7 +39,7 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
     def on_progress(p):
         loss = f"loss {p['loss']:.4f}" if p.get("loss") is not None else ""
         progress.update(task, completed=p["step"],
-                        info=f"{p['stage']} · {loss} · {p['samples_per_s']:.1f} samples/s")
+                        info=f"{p['phase']} · {loss} · {p['samples_per_s']:.1f} samples/s")
     with progress:
         s = train(spec, on_progress)
     t = Table(title=f"train {kind} done", show_header=False, title_justify="left")
