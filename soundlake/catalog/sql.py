@@ -16,7 +16,9 @@ from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.core.errors import SKIP_REASONS, UserError
 
-# Views built on the raw tables. Later modules add theirs with `add_view`.
+# The skip reasons as a SQL list: policy decisions that older lakes recorded as failures.
+SKIP_REASONS_SQL = ", ".join(f"'{r}'" for r in SKIP_REASONS)
+# Views built on the raw tables (every table and view is declared here or in schema.py).
 _VIEWS: dict[str, str] = {
     # The newest record of each run (a run writes one at start and one at the end).
     "runs": """SELECT * EXCLUDE (rn) FROM (
@@ -29,7 +31,7 @@ _VIEWS: dict[str, str] = {
                    ORDER BY f.time DESC) AS rn FROM failures f
                  WHERE ((f.clip_id IS NULL AND NOT EXISTS (SELECT 1 FROM clips c
                           WHERE c.source = f.source AND c.source_id = f.source_id))
-                    OR f.clip_id IS NOT NULL) AND f.error NOT IN ({", ".join(f"'{r}'" for r in SKIP_REASONS)}))
+                    OR f.clip_id IS NOT NULL) AND f.error NOT IN ({SKIP_REASONS_SQL}))
                  WHERE rn = 1""",
     "audio": "SELECT clip_id, sample_rate, channels, flac FROM _clip_parts",
 }
@@ -58,13 +60,6 @@ def dataset_view(ranking: Sequence[str], policy: str = "score") -> str:
                       AND s.caption_text = c.text AND s.clap_model_id = (SELECT clap_model_id FROM newest))
                SELECT cl.*, r.caption, r.captioner, r.caption_model_id, r.score, r.clap_model_id
                FROM clips cl LEFT JOIN ranked r ON r.clip_id = cl.clip_id AND r.rn = 1"""
-_VIEW_ORDER: list[str] = list(_VIEWS)
-
-
-def add_view(name: str, sql: str) -> None:
-    if name not in _VIEWS:
-        _VIEW_ORDER.append(name)
-    _VIEWS[name] = sql
 
 
 def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[str] | None = None) -> str:
@@ -122,8 +117,8 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
                             QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1""")
         else:
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {src}")
-    for name in _VIEW_ORDER:
-        con.execute(f"CREATE VIEW {name} AS {_VIEWS[name]}")
+    for name, view in _VIEWS.items():
+        con.execute(f"CREATE VIEW {name} AS {view}")
     con.execute(f"CREATE VIEW dataset AS {dataset_view(ranking, policy)}")
     if not file_reads:
         if lake.is_local:

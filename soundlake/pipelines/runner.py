@@ -25,7 +25,7 @@ import pyarrow as pa
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
-from soundlake.catalog.sql import connect, execute_arrow
+from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow
 from soundlake.core.errors import SKIP_REASONS, UserError
 from soundlake.core.fingerprints import code_version
 from soundlake.core.ray_env import data_context, init_ray
@@ -107,7 +107,7 @@ def move_policy_failures(lake: Lake, run_id: str) -> int:
         return 0
     moved = execute_arrow(connect(lake), f"""
         SELECT f.source, f.source_id, f.clip_id, f.stage, f.error AS reason, f.message, f.time FROM failures f
-        WHERE f.error IN ({", ".join(f"'{r}'" for r in SKIP_REASONS)})
+        WHERE f.error IN ({SKIP_REASONS_SQL})
           AND NOT EXISTS (SELECT 1 FROM skipped s WHERE s.source = f.source AND s.source_id = f.source_id)
         QUALIFY row_number() OVER (PARTITION BY f.source, f.source_id ORDER BY f.time DESC) = 1""")
     if moved.num_rows:
