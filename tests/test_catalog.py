@@ -60,3 +60,21 @@ def test_second_writer_refused_or_waits(tmp_path):
         with pytest.raises(UserError, match="busy.*first-run.*--wait"):
             run_pipeline(spec, lake.uri)
     assert not lake.is_locked()
+
+
+def test_failed_run_removes_only_its_own_half_written_parts(tmp_path):
+    """A run that stops with tasks still writing waits for them, then removes what they left:
+    a part renamed meanwhile stays, another run's half-written part is not this run's to judge."""
+    import threading
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.create()
+    (tmp_path / "lake" / "clips").mkdir()
+    mine, finishing, other = (tmp_path / "lake" / "clips" / n for n in
+                              ("part-r1-a.parquet.tmp", "part-r1-b.parquet.tmp", "part-r2-c.parquet.tmp"))
+    for p in (mine, finishing, other):
+        p.write_bytes(b"x")
+    done = finishing.with_name("part-r1-b.parquet")
+    threading.Timer(0.3, lambda: finishing.rename(done)).start()   # a writer that ends on its own
+    assert lake.clean_tmp("r1", settle_s=1.0) == 1
+    assert not mine.exists() and done.exists() and other.exists()

@@ -80,16 +80,29 @@ class Lake:
         tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
         return pa.concat_tables(tables, promote_options="permissive")
 
-    def clean_tmp(self) -> int:
-        """Remove half-written parts left by a killed run (call with the lock held)."""
+    def tmp_files(self, run_id: str | None = None) -> list[str]:
+        """Half-written parts (of one run, or of any)."""
         if not self.is_local or not self.exists():
-            return 0
+            return []
+        prefix = f"part-{run_id}-" if run_id else ""
+        return [os.path.join(dirpath, f) for dirpath, _, files in os.walk(self.root) for f in files
+                if f.startswith(prefix) and (f.endswith(".parquet.tmp") or f.endswith(".tar.tmp"))]
+
+    def clean_tmp(self, run_id: str | None = None, settle_s: float = 0.0) -> int:
+        """Remove half-written parts left by a killed run (call with the lock held).
+
+        ``settle_s``: a failed run's tasks may still be writing (cancelled or finishing) when
+        its driver stops: give them that long to end on their own before removing the rest."""
+        deadline = time.monotonic() + settle_s
+        while self.tmp_files(run_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
         removed = 0
-        for dirpath, _, files in os.walk(self.root):
-            for f in files:
-                if f.endswith(".parquet.tmp") or f.endswith(".tar.tmp"):
-                    os.remove(os.path.join(dirpath, f))
-                    removed += 1
+        for path in self.tmp_files(run_id):
+            try:
+                os.remove(path)
+                removed += 1
+            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+                pass
         return removed
 
     @contextmanager

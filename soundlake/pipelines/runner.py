@@ -218,23 +218,30 @@ def consume(ds, summary: RunSummary, t0: float, on_progress) -> None:
     """Drain a dataset of write summaries into the run summary (small rows only)."""
     seen: set[str] = set()
     base = summary.inputs_done
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        for rec in batch.to_pylist():
-            seen.update(rec["source_ids"])
-            summary.clips += rec["clips"]
-            summary.failed_inputs += rec["failed_inputs"]
-            summary.errors.update(json.loads(rec["errors_json"]))
-            summary.skipped.update(json.loads(rec["skipped_json"]))
-            summary.rows.update(json.loads(rec["tables_json"] or "{}"))
-            summary.parts.extend(rec["parts"])
-            summary.flac_bytes += rec["flac_bytes"]
-            if rec["write_error"]:
-                raise UserError(rec["write_error"])
-        if summary.clips or summary.failed_inputs or summary.skipped:
-            summary.inputs_done = base + len(seen)
-        summary.elapsed_s = time.perf_counter() - t0
-        if on_progress:
-            on_progress(summary)
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    try:
+        for batch in batches:
+            for rec in batch.to_pylist():
+                seen.update(rec["source_ids"])
+                summary.clips += rec["clips"]
+                summary.failed_inputs += rec["failed_inputs"]
+                summary.errors.update(json.loads(rec["errors_json"]))
+                summary.skipped.update(json.loads(rec["skipped_json"]))
+                summary.rows.update(json.loads(rec["tables_json"] or "{}"))
+                summary.parts.extend(rec["parts"])
+                summary.flac_bytes += rec["flac_bytes"]
+                if rec["write_error"]:
+                    raise UserError(rec["write_error"])
+            if summary.clips or summary.failed_inputs or summary.skipped:
+                summary.inputs_done = base + len(seen)
+            summary.elapsed_s = time.perf_counter() - t0
+            if on_progress:
+                on_progress(summary)
+    finally:
+        # Stop the stream now (Ray Data cancels its tasks), not when the generator is collected.
+        close = getattr(batches, "close", None)
+        if close:
+            close()
 
 
 def backfill_datasets(spec: PipelineSpec, lake: Lake, run_id: str, stages: list[Stage]):
@@ -388,11 +395,17 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                 summary.ray_startup_s = init_ray(spec.ray)
                 t0 = time.perf_counter()
             stages = build_stages(spec, run_id)
-            if todo:
-                consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
-            for name, ds in backfill_datasets(spec, lake, run_id, stages):
-                summary.notes.append(f"{name}: existing clips brought up to date")
-                consume(ds, summary, t0, on_progress)
+            try:
+                if todo:
+                    consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
+                for name, ds in backfill_datasets(spec, lake, run_id, stages):
+                    summary.notes.append(f"{name}: existing clips brought up to date")
+                    consume(ds, summary, t0, on_progress)
+            except BaseException:
+                # Tasks still writing when the run stops (a full disk, Ctrl-C) would leave
+                # half-written parts behind: let them end, then remove what remains.
+                lake.clean_tmp(run_id, settle_s=10)
+                raise
             skipped = [s for s in spec.stages if s not in spec.active_stages()]
             if skipped:
                 summary.notes.append(f"stages {', '.join(skipped)} skipped: set clap.model to run them")
