@@ -59,7 +59,7 @@ def ray_log_file() -> str | None:
 
 
 def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
-    """Start local Ray (or join --address); returns the seconds it took (0 if already up).
+    """Start local Ray (or join --address, or RAY_ADDRESS); returns the seconds it took (0 if already up).
 
     Unless verbose, Ray's log lines (from ray.init on) and its C++ core's output go to
     :func:`ray_log_file`, and the workers' output stays in Ray's log folder."""
@@ -72,9 +72,12 @@ def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
     kw: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=log_to_driver and not quiet,
                     configure_logging=True)
     held = _hold_ray_logs() if quiet else None
+    # RAY_ADDRESS names a cluster to join, as it does for every Ray program (and a joined
+    # cluster refuses local-only settings such as the object store size).
+    address = spec.address or os.environ.get("RAY_ADDRESS") or None
     try:
-        if spec.address:
-            ray.init(address=spec.address, **kw)
+        if address:
+            ray.init(address=address, **kw)
         else:
             ray.init(num_cpus=spec.num_cpus, object_store_memory=spec.object_store_mb * 2**20, **kw)
     finally:
