@@ -19,7 +19,7 @@ FD within +5 % and CLAP within 0.01 of uncached; sparse attention >= 1.5x faster
 training length with FD no worse than +10 %.
 
 Run: ``python benchmarks/cache_speedup.py [--model runs/dit] [--clap models/clap] [--prompts 16]``
-(``--quick``: a tiny random DiT folder instead of training one, a CLAP trained 1 epoch on 16
+(``--quick``: a tiny random DiT folder instead of training one, a CLAP trained 1 epoch on 8
 clips, 2 prompts, 4 DDIM steps, δ = 0.3 only).
 The figure line "cache_targets" is printed when δ = 0.3 is among ``--deltas`` (it is by default).
 """
@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--kernel-frames", type=int, default=2000,
                     help="the second length (frames) of the attention kernel timings")
     args = parse_args(ap, dict(prompts=2, sparse_prompts=2, calibrate=2, steps=4, deltas="0.3", batch_size=2,
-                               sparse_batch_size=2, clap_clips=16,
+                               sparse_batch_size=2, clap_clips=8,
                                clap_epochs=1, kernel_frames=600))
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="cache_speedup_"))

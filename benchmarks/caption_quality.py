@@ -15,7 +15,7 @@ and class accuracy: the share of clips whose caption names exactly the scene's s
 caption metrics.
 
 Usage: python benchmarks/caption_quality.py [--train 600 --eval 200 --phase2-epochs 20 --out DIR]
-(``--quick``: 32 training clips, 8 held-out, 8 validation, one epoch of each training step).
+(``--quick``: 16 training clips, 4 held-out, 4 validation, one epoch of each training step).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main() -> None:
                     help="BART trains too (AutoCap's stage 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="keep the trained model here")
-    args = parse_args(ap, dict(train=32, eval=8, val=8, clap_epochs=1, bart_epochs=1, phase1_epochs=1,
+    args = parse_args(ap, dict(train=16, eval=4, val=4, clap_epochs=1, bart_epochs=1, phase1_epochs=1,
                                phase2_epochs=1))
     torch.set_num_threads(args.threads)
     sr, duration = 16000, 10.0

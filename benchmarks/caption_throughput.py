@@ -10,7 +10,7 @@ trained on synth clips so that captions have their real length; pass --model to 
     reported separately.
 
 Usage: python benchmarks/caption_throughput.py [--clips 192] [--model DIR]
-(``--quick``: 8 clips; the model trained on 8 clips for one epoch of each step).
+(``--quick``: 4 clips; the model trained on 4 clips for one epoch of each step).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--clap-epochs", type=int, default=4, help="without --model")
     ap.add_argument("--bart-epochs", type=int, default=AutocapTrainConfig.bart_epochs, help="without --model")
     ap.add_argument("--phase2-epochs", type=int, default=8, help="without --model")
-    args = parse_args(ap, dict(clips=8, train_clips=8, clap_epochs=1, bart_epochs=1, phase2_epochs=1))
+    args = parse_args(ap, dict(clips=4, train_clips=4, clap_epochs=1, bart_epochs=1, phase2_epochs=1))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -10,7 +10,7 @@ measures on clips it never saw (indices from 100000 on):
   threshold maximises F1 on a validation split, precision/recall reported on the test split.
 
 Only public functions are used. Run: ``python benchmarks/clap_quality.py [--train 1000 --epochs 20]``
-(``--quick``: 32 training clips, 16 held-out, 1 epoch).
+(``--quick``: 16 training clips, 8 held-out, 1 epoch).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
-    args = parse_args(ap, dict(train=32, eval=16, epochs=1))
+    args = parse_args(ap, dict(train=16, eval=8, epochs=1))
     torch.set_num_threads(args.threads)
     cfg = ClapTrainConfig(epochs=args.epochs, window_s=args.duration)
     sr = cfg.sample_rate

@@ -12,7 +12,7 @@ Also reports bytes fetched from the server per clip, next to the clip's FLAC byt
 and the source file's bytes for the requested section (its share of the file).
 Ray start-up is excluded (started once before timing). Bytes are what the server
 wrote to its sockets (an upper bound: a client may hang up early).
-Run: python benchmarks/download_throughput.py [N] (default 12; ``--quick``: N = 4)
+Run: python benchmarks/download_throughput.py [N] (default 12; ``--quick``: N = 2)
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def baseline(server: MediaServer, ids: list[str], folder: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("n", nargs="?", type=int, default=12, help="clips (sections) to download")
-    N = parse_args(ap, dict(n=4)).n
+    N = parse_args(ap, dict(n=2)).n
     import torch
 
     torch.set_num_threads(1)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up everything soundlake needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
-# ffmpeg and espeak-ng from apt, then a virtual environment in .venv with the project.
+# ffmpeg, espeak-ng and Chromaprint (libchromaprint-tools) from apt, then a virtual
+# environment in .venv with the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then
+if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v fpcalc >/dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 libchromaprint-tools >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

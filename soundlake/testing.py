@@ -345,33 +345,37 @@ def make_tiny_bart(path: Path) -> Path:
 
 
 def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_seconds: float = 0.5,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, backbone: str = "dit", sources: list[str] | None = None) -> Path:
     """A tiny randomly initialised DiT model folder (DiT + VAE + MiniLM text), saved with
     ``save_model`` like a trained one, so ``Generator.load(folder)`` reads it back.
+    ``backbone="fit"``: the FIT backbone instead; ``sources``: a dataset-ID vocabulary.
 
     The zero-initialised layers (adaLN-zero gates, cross-attention outputs, the final
     projection) get small random values: an untrained DiT would otherwise output 0.
     """
     import torch
 
+    from soundlake.generation.backbones import build_backbone, config_dict
     from soundlake.generation.diffusion import Schedule
-    from soundlake.generation.dit import DiT, DiTConfig
+    from soundlake.generation.dit import DiTConfig
+    from soundlake.generation.fit import FITConfig
     from soundlake.generation.model_folder import save_model
     from soundlake.generation.vae import VAEConfig, WaveVAE
 
     torch.manual_seed(seed)
     vcfg = VAEConfig(sample_rate=16000, channels=4, channel_mults=[1, 1, 1, 1], strides=[2, 4, 5, 8],
                      latent_dim=4)
-    dcfg = DiTConfig(in_channels=vcfg.latent_dim, hidden=hidden, depth=depth, heads=2, cond_dim=384,
-                     sola_rank=4, time_freq_dim=32)
-    dit = DiT(dcfg)
+    common = dict(in_channels=vcfg.latent_dim, hidden=hidden, depth=depth, heads=2, cond_dim=384, sola_rank=4,
+                  time_freq_dim=32, sources=list(sources or []))
+    dcfg = DiTConfig(**common) if backbone == "dit" else FITConfig(group_size=4, latents_per_group=2, **common)
+    dit = build_backbone(config_dict(dcfg))
     with torch.no_grad():
         for p in dit.parameters():
             if (p == 0).all():
                 p.normal_(0, 0.05)
     folder = Path(folder)
     save_model(folder / "vae", "vae", WaveVAE(vcfg), {"config": vcfg.to_dict()})
-    save_model(folder, "dit", dit, {"config": dcfg.to_dict(), "schedule": Schedule().meta(),
+    save_model(folder, "dit", dit, {"config": config_dict(dcfg), "schedule": Schedule().meta(),
                                     "latents": {"mean": 0.0, "std": 1.0}, "text": {"path": None},
                                     "train": {"step": 0, "spec": {"seconds": train_seconds}}})
     return folder

@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One BLAS thread here and in every process the tests start (CLI runs, benchmarks, Ray's
+# workers): on two shared cores OpenBLAS's threads mostly wait for each other (scipy's sqrtm,
+# behind every FD, runs ~25x slower with two on a busy machine). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -42,3 +46,23 @@ def bad_inputs(tmp_path_factory):
 def soundlake_cmd(*args: str) -> list[str]:
     """The CLI as a subprocess command line (the installed entry point's module)."""
     return [sys.executable, "-m", "soundlake.cli", *args]
+
+
+@pytest.fixture
+def soundlake_here(monkeypatch):
+    """The command line run in this process (``CliRunner``), for a command that needs no process
+    of its own: one that starts Ray joins the session's, in this process's Ray job, so it costs
+    no new Python and no new Ray workers. Call it with the arguments (and ``env=``); it returns
+    click's Result (``exit_code``, ``output``)."""
+    from typer.testing import CliRunner
+
+    from soundlake.cli import app
+    from soundlake.core import ray_env
+
+    # --verbose's callback sets Ray's verbosity for the whole process: keep the session's.
+    monkeypatch.setattr(ray_env, "_verbose", ray_env._verbose)
+
+    def run(*args, env: dict | None = None):
+        return CliRunner().invoke(app, [str(a) for a in args], env=env)
+    return run
+

@@ -4,8 +4,6 @@ captions raw audio end to end (also after `soundlake convert autocap`)."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ from soundlake.models.captioners.autocap_audio import (
     stft_kernels,
 )
 from soundlake.testing import make_tiny_bart
-from tests.conftest import soundlake_cmd
 
 torch.set_num_threads(1)   # tiny models: intra-op threads only add synchronisation
 
@@ -308,7 +305,7 @@ def _clips():
             (0.1 * np.sign(np.sin(2 * np.pi * 3 * t[:16000]))).astype(np.float32)]
 
 
-def test_released_checkpoint_loads_every_tensor_and_captions_raw_audio(released):
+def test_released_checkpoint_loads_every_tensor_and_captions_raw_audio(released, soundlake_here):
     from soundlake.models.captioners.autocap_release import load_released
 
     tmp, bart_dir, state, qf, ckpt = released
@@ -384,11 +381,10 @@ def test_released_checkpoint_loads_every_tensor_and_captions_raw_audio(released)
 
     # `soundlake convert autocap` writes a folder caption.autocap_model loads; it captions the same
     out = tmp / "autocap-released"
-    run = subprocess.run(soundlake_cmd("convert", "autocap", "--ckpt", str(ckpt), "--yaml", str(tmp / "autocap-full.yaml"),
-                                       "--bart", str(bart_dir), "--out", str(out)), capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "400"})
-    assert run.returncode == 0, run.stderr
-    assert "tensors loaded" in run.stderr and f"caption.autocap_model={out}" in run.stderr
+    run = soundlake_here("convert", "autocap", "--ckpt", ckpt, "--yaml", tmp / "autocap-full.yaml", "--bart", bart_dir,
+                         "--out", out, env={"COLUMNS": "400"})  # lines unwrapped
+    assert run.exit_code == 0, run.output
+    assert "tensors loaded" in run.output and f"caption.autocap_model={out}" in run.output
     loaded = Autocap.load(out)
     assert loaded.caption(clips, metas) == texts
     from soundlake.stages.autocap import autocap_identity

@@ -202,13 +202,19 @@ def test_cli_errors_are_one_line(models, tmp_path):
     (tmp_path / "p.txt").write_text("a\nb\n")
     (tmp_path / "bad.wav").write_bytes(b"RIFF not really a wav file")
     (tmp_path / "bad.jsonl").write_text('{"caption": "a", "audio": "bad.wav"}\n{"caption": "b", "audio": "bad.wav"}\n')
-    cases = [(["--model", dit, "--prompts", tmp_path / "bad.jsonl", "--clap", clap], "bad.wav: cannot decode"),
+    (tmp_path / "labels.txt").write_text("dog\nrain\n")
+    # Few steps and labels: the errors do not depend on them, and those that come after the models
+    # load (and a calibration) do not wait for 100 steps or for AudioSet's 527 label embeddings.
+    small = ["--steps", 2, "--labels", tmp_path / "labels.txt"]
+    cases = [(["--model", dit, "--prompts", tmp_path / "bad.jsonl", "--clap", clap, *small],
+              "bad.wav: cannot decode"),
              (["--model", dit, "--prompts", tmp_path / "p.txt"], "--clap PATH is needed"),
              (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--cache-delta", "0.1,x"],
               "--cache-delta '0.1,x'"),
              (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--sampler", "heun"],
               "--sampler 'heun'"),
-             (["--model", tmp_path, "--prompts", tmp_path / "p.txt", "--clap", clap], "not a soundlake model folder"),
+             (["--model", tmp_path, "--prompts", tmp_path / "p.txt", "--clap", clap, *small],
+              "not a soundlake model folder"),
              (["--model", dit, "--prompts", tmp_path / "none.txt", "--clap", clap], "no such file"),
              (["--model", dit, "--clap", clap], "give --model DIT and --prompts FILE")]
     for args, message in cases:

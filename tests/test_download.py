@@ -53,7 +53,7 @@ def _rows(lake, sql):
     return connect(lake).execute(sql).fetchall()
 
 
-def test_audioset_faults_accounting_and_retry(ray_session, media, tmp_path):
+def test_audioset_faults_accounting_and_retry(ray_session, soundlake_here, media, tmp_path):
     ids = ["ok0", "ok1", "ok2", "r429", "e500", "gone", "slow", "bot"]
     with MediaServer() as server:
         for i, vid in enumerate(ids):
@@ -98,11 +98,9 @@ def test_audioset_faults_accounting_and_retry(ray_session, media, tmp_path):
         # retry-failed: the transient classes are re-queued, with attempt 2; not_found is not.
         del server.faults["e500"], server.faults["slow"]
         server.clear()
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-        r = subprocess.run(soundlake_cmd("retry-failed", "--lake", lake, "--class", "timeout,server_error",
-                                         "--source", "audioset", "--address", ray_session),
-                           capture_output=True, text=True, timeout=90, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
+        r = soundlake_here("retry-failed", "--lake", lake, "--class", "timeout,server_error", "--source", "audioset",
+                           "--address", ray_session)
+        assert r.exit_code == 0, r.output[-2000:]
         assert server.hits("gone") == [] and server.hits("ok0") == []
         assert sorted(_rows(lake, "SELECT source_id, attempt FROM inputs WHERE attempt > 1")) == \
             [("e500_1000", 2), ("slow_1000", 2)]
@@ -120,7 +118,8 @@ def test_kill_and_rerun_downloads_nothing_twice(ray_session, media, tmp_path):
         man = _manifest(tmp_path / "segments.csv", ids)
         lake = tmp_path / "lake"
         spec_path = tmp_path / "spec.yaml"
-        spec = _spec(server, man, rate_per_minute={"127.0.0.1": 60}, concurrency=1)
+        # One download at a time, 2 a second: the run takes >= 3.5 s, killed after its second clip.
+        spec = _spec(server, man, rate_per_minute={"127.0.0.1": 120}, concurrency=1)
         spec.ray.inputs_per_task = 1
         spec_path.write_text(spec.model_dump_json())   # JSON is YAML
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -16,6 +16,7 @@ LAYERS = {
     "core": 0,
     "catalog": 1,
     "sources": 2, "stages": 2, "models": 2,
+    "dedup": 2,   # imports soundlake.core only
     "pipelines": 3, "export": 3, "generation": 3,
     "cli": 4, "testing": 4,
 }

@@ -1,4 +1,10 @@
-"""Generators trained end to end from shards on Ray Train: VAE, encode, DiT, resume, generate."""
+"""Generators trained end to end from shards on Ray Train: VAE, encode, DiT, resume, generate.
+
+Every Ray Train run costs ~15-20 s of start-up here, so the runs are few and shared: one
+8-step dual-conditioned DiT run (``dit_base``) is the dual-conditioning test's model, the
+resume test's uninterrupted reference and the weights of ``init_run``, which trains from
+them through the CLI on two DDP workers (the CLI, init and DDP tests read it).
+"""
 from __future__ import annotations
 
 import csv
@@ -15,11 +21,16 @@ from conftest import soundlake_cmd
 from soundlake.core.errors import UserError
 from soundlake.core.storage import open_input
 from soundlake.export import shards
-from soundlake.generation.model_folder import Generator, load_vae, load_weights
+from soundlake.generation.model_folder import (
+    Generator,
+    load_vae,
+    load_weights,
+    read_meta,
+)
 from soundlake.generation.train.data import shard_urls
 from soundlake.generation.train.encode import encode_shards
-from soundlake.generation.train.specs import load_train_spec
-from soundlake.generation.train.trainer import train
+from soundlake.generation.train.specs import load_train_spec, make_plan
+from soundlake.generation.train.trainer import phase_batches, train
 from soundlake.testing import make_synth_export
 
 pytestmark = pytest.mark.slow
@@ -62,6 +73,27 @@ def dit_spec(latents, vae_dir, out, steps, *sets, **kw):
                            seconds=1.0, sets=[*SMALL_DIT, "shuffle=16", *sets], **kw)
 
 
+@pytest.fixture(scope="module")
+def tiny_clap(tmp_path_factory):
+    from soundlake.testing import make_tiny_hf_clap
+
+    return make_tiny_hf_clap(tmp_path_factory.mktemp("clap") / "clap", sample_rate=16000)
+
+
+def base_sets(clap) -> list[str]:
+    """dit_base's settings (also a resumed or init run's: the same model); logged every step."""
+    return ["log_every=1", "checkpoint_every=100", f"extra_clap={clap}", "cond2=latents", "cond2_frames=5"]
+
+
+@pytest.fixture(scope="module")
+def dit_base(latent_shards, vae_dir, tiny_clap, tmp_path_factory):
+    """8 uninterrupted steps of a DiT with both extra conditions: GenAu's CLAP text vector and
+    DC-LDM's second stream (the clip's own latents)."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert train(dit_spec(latent_shards, vae_dir, out, 8, *base_sets(tiny_clap))).steps == 8
+    return out
+
+
 def test_vae_loss_falls_and_model_folder_loads(vae_dir, audio_shards):
     rows = log_rows(vae_dir)
     assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
@@ -74,6 +106,28 @@ def test_vae_loss_falls_and_model_folder_loads(vae_dir, audio_shards):
     assert vae.decode(vae.encode(wav).mode()).shape == wav.shape
     # Ray Train kept the newest checkpoints (num_to_keep=2): step 20 and step 40
     assert sorted(p.name for p in (vae_dir / "ray_train").glob("step-*")) == ["step-00000020", "step-00000040"]
+
+
+def test_a_phase_chooses_its_data_mode(audio_shards, tmp_path):
+    """``data: memory`` replays the batches read once (epoch 0's) every epoch; ``shards`` reads
+    each epoch afresh (its own order and crops). A phase's ``data`` beats the spec's, and a
+    phase without one takes the spec's."""
+    phases = [{"name": n, "shards": str(audio_shards), "steps": 1, **({"data": d} if d else {})}
+              for n, d in (("disk", "shards"), ("ram", "memory"), ("inherit", None))]
+    spec = load_train_spec("vae", out=str(tmp_path), phases=phases, batch_size=4, seconds=0.5,
+                           sets=["shuffle=16", "data=memory"])
+    plan = make_plan(spec)
+
+    def two_epochs(phase: int) -> list[torch.Tensor]:
+        it = phase_batches(spec, plan, {"seconds": 0.5, "sample_rate": 16000}, phase, 0, 0, {})
+        got = [next(it) for _ in range(12)]   # 24 clips / batch 4: 6 batches an epoch
+        assert [e for e, _, _ in got] == [0] * 6 + [1] * 6
+        return [b.audio for _, _, b in got]
+
+    disk, ram, inherit = (two_epochs(i) for i in range(3))
+    assert not any(torch.equal(disk[i], disk[i + 6]) for i in range(6))
+    for batches in (ram, inherit):
+        assert all(torch.equal(batches[i], batches[i + 6]) for i in range(6))
 
 
 def test_encode_writes_vae_latents_and_resumes(vae_dir, audio_shards, latent_shards):
@@ -109,8 +163,9 @@ def _samples(url):
 
 def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir, tmp_path):
     out = tmp_path / "dit"
+    # the pretrain phase reads from memory (a phase's data mode): the run switches to the shards
     spec = dit_spec(latent_shards, vae_dir, out, None, "log_every=5", "lr=1e-3", "ema=0.9",
-                    "phases=[{name: pretrain, mode: masked, shards: %s, steps: 10}, "
+                    "phases=[{name: pretrain, mode: masked, shards: %s, steps: 10, data: memory}, "
                     "{name: text, shards: %s, steps: 50}]" % (latent_shards, latent_shards))
     s = train(spec)
     assert s.steps == 60
@@ -142,40 +197,26 @@ def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir,
     assert json.loads((tmp_path / "long.wav.json").read_text())["sparse_attention"] == "litefocus"
 
 
-def test_resume_reproduces_the_uninterrupted_next_step_loss(latent_shards, vae_dir, tmp_path):
-    sets = ("log_every=1", "checkpoint_every=100")
-    train(dit_spec(latent_shards, vae_dir, tmp_path / "a", 8, *sets))
+def test_resume_reproduces_the_uninterrupted_next_step_loss(dit_base, latent_shards, vae_dir, tiny_clap,
+                                                             tmp_path):
+    sets = base_sets(tiny_clap)   # dit_base is the uninterrupted run "a"
     train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 5, *sets))       # stops (checkpoint) at step 5
     s = train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 8, *sets))   # resumes at step 5
     assert s.resumed_from == 5 and s.steps == 8
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    a, b = losses(dit_base), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 9))    # no duplicated or missing log rows
     # 24 samples / batch 4 = 6 batches per epoch: step 7 starts the second epoch
     for step in (6, 7, 8):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), (step, a[step], b[step])
 
 
-def test_weights_only_init(latent_shards, vae_dir, tmp_path):
-    base = tmp_path / "base"
-    train(dit_spec(latent_shards, vae_dir, base, 3))
-    out = tmp_path / "init"
-    s = train(dit_spec(latent_shards, vae_dir, out, 1, "lr=1e-12", init=str(base)))
-    assert s.resumed_from == 0 and s.steps == 1     # a fresh run (step 0), not a resume
-    a, b = load_weights(base), load_weights(out)
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)
-
-
-def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(latent_shards, vae_dir, audio_shards, tmp_path):
+def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(dit_base, tiny_clap, audio_shards):
     from soundlake.models.clap.load import load_clap
-    from soundlake.testing import make_tiny_hf_clap
 
-    clap = make_tiny_hf_clap(tmp_path / "clap", sample_rate=16000)
-    out = tmp_path / "dual"
-    train(dit_spec(latent_shards, vae_dir, out, 3, f"extra_clap={clap}", "cond2=latents", "cond2_frames=5"))
-    gen = Generator.load(out)
+    gen = Generator.load(dit_base)
     cfg = gen.dit.cfg
-    assert cfg.cond_extra_dim == load_clap(str(clap)).dim and cfg.cond2_dim == 16 and cfg.cross_attn2_blocks == [3]
+    assert cfg.cond_extra_dim == load_clap(str(tiny_clap)).dim and cfg.cond2_dim == 16 \
+        and cfg.cross_attn2_blocks == [3]
     # the stream reached the loss: its zero-initialised out-projection was trained
     assert gen.dit.blocks[3].cross_attn2.out.weight.abs().max() > 0
     # and generation reads it: two reference clips give two different generations
@@ -185,17 +226,6 @@ def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(latent_shards, vae
     b = gen.generate(["a bell"], seconds=0.5, steps=2, reference=np.roll(ref, 8000) * 0.5).audio
     assert a.shape == b.shape == (1, 8000)
     assert not np.array_equal(a, b)
-
-
-def test_two_workers_ddp(audio_shards, tmp_path):
-    out = tmp_path / "ddp"
-    s = train(load_train_spec("vae", shards=str(audio_shards), out=str(out), steps=3, batch_size=2, seconds=0.5,
-                              sets=["workers=2", "log_every=1", "shuffle=0"]))
-    assert s.steps == 3
-    assert len(log_rows(out)) == 3
-    # both ranks' data positions are in the merged checkpoint, the model state once
-    ckpt = out / "ray_train" / "step-00000003"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["rank-0.pt", "rank-1.pt", "state.pt"]
 
 
 def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
@@ -211,15 +241,38 @@ def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
     assert r.returncode == 2 and "not a soundlake model folder" in " ".join(r.stderr.split())
 
 
-def test_train_cli_reports_progress_and_summary(ray_session, tmp_path):
-    """The CLI's progress callback reads what the trainer writes (a key mismatch only shows as a
-    traceback in a thread, so look for one)."""
-    from soundlake.testing import make_synth_export
-
-    shards = make_synth_export(tmp_path / "data", 8, seconds=2.0, shard_count=2)
-    r = subprocess.run(soundlake_cmd("train", "vae", "--shards", str(shards), "--out", str(tmp_path / "vae"),
-                                     "--steps", "4", "--batch-size", "2", "--seconds", "0.5",
-                                     "--set", f"ray_address={ray_session}", "--set", "log_every=1"),
+@pytest.fixture(scope="module")
+def init_run(ray_session, dit_base, latent_shards, vae_dir, tiny_clap, tmp_path_factory):
+    """`soundlake train dit --set init=<dit_base>`: 2 steps at lr 1e-12 on two DDP workers."""
+    out = tmp_path_factory.mktemp("runs") / "init"
+    sets = [*SMALL_DIT, *base_sets(tiny_clap), f"init={dit_base}", "lr=1e-12", "workers=2",
+            f"ray_address={ray_session}"]
+    r = subprocess.run(soundlake_cmd("train", "dit", "--shards", str(latent_shards), "--vae", str(vae_dir),
+                                     "--out", str(out), "--steps", "2", "--batch-size", "4", "--seconds", "1.0",
+                                     *(arg for s in sets for arg in ("--set", s))),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and "train vae done" in r.stderr
+    return out, r.stderr
+
+
+def test_train_cli_reports_progress_and_summary(init_run):
+    """The CLI's progress callback reads what the trainer writes (a key mismatch only shows as a
+    traceback in a thread, so look for one)."""
+    _, stderr = init_run
+    assert "Traceback" not in stderr and "train dit done" in stderr
+
+
+def test_weights_only_init(init_run, dit_base):
+    out, stderr = init_run
+    assert "resumed" not in stderr and read_meta(out, "dit")["train"]["step"] == 2   # fresh, not a resume
+    a, b = load_weights(dit_base), load_weights(out)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)
+
+
+def test_two_workers_ddp(init_run):
+    out, _ = init_run
+    assert len(log_rows(out)) == 2   # rank 0 alone logs
+    # both ranks' data positions are in the merged checkpoint, the model state once
+    ckpt = out / "ray_train" / "step-00000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rank-0.pt", "rank-1.pt", "state.pt"]

@@ -207,21 +207,26 @@ def test_ray_warnings_only_with_verbose(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["COLUMNS"] = "500"  # the summary table unwrapped
 
-    def curate(lake: str, *extra: str):
-        return subprocess.run(soundlake_cmd("curate", "demo", "--lake", lake, "--set", "source.count=1",
-                                            "--num-cpus", "1", "-q", *extra),
-                              capture_output=True, text=True, timeout=300, env=env)
+    def curate(lake: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(soundlake_cmd("curate", "demo", "--lake", lake, "--set", "source.count=1",
+                                              "--num-cpus", "1", "-q", *extra),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
-    r = curate(str(tmp_path / "quiet"))
-    assert r.returncode == 0, r.stderr
-    assert "Token authentication" not in r.stderr and "WARNING" not in r.stderr, r.stderr
-    m = re.search(r"ray log\s*│\s*(\S+)", r.stderr)
-    assert m, r.stderr
+    # Each run starts a cluster of its own, so the two can overlap their (mostly Ray start-up) time.
+    runs = [curate(str(tmp_path / "quiet")), curate(str(tmp_path / "verbose"), "--verbose")]
+    try:
+        (quiet, quiet_rc), (verbose, verbose_rc) = [(p.communicate(timeout=300)[1], p.returncode) for p in runs]
+    finally:
+        for p in runs:
+            p.kill()
+    assert quiet_rc == 0, quiet
+    assert "Token authentication" not in quiet and "WARNING" not in quiet, quiet
+    m = re.search(r"ray log\s*│\s*(\S+)", quiet)
+    assert m, quiet
     assert "Token authentication" in Path(m.group(1)).read_text()
 
-    r = curate(str(tmp_path / "verbose"), "--verbose")
-    assert r.returncode == 0, r.stderr
-    assert "Token authentication" in r.stderr
+    assert verbose_rc == 0, verbose
+    assert "Token authentication" in verbose
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EIO], ids=["read-only", "io-error"])

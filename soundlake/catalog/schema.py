@@ -136,6 +136,49 @@ EXPORT_MEMBERS = pa.schema([
     ("export_id", pa.string()), ("clip_id", pa.string()), ("split", pa.string()), ("shard", pa.string()),
 ])
 
+# Duplicates and evaluation-set leakage (soundlake.pipelines.dedup). Fingerprints are derived
+# rows like embeddings (one per clip and fingerprinter, backfilled, resumable); the other
+# tables are snapshots: each `soundlake dedup` or `eval-sets add` replaces them as a whole
+# (soundlake.catalog.snapshots), so a query never sees half of one run and half of another.
+FINGERPRINTS = pa.schema([
+    ("clip_id", pa.string()), ("fingerprinter", pa.string()),   # algorithm identity (soundlake.dedup)
+    ("fp", pa.list_(pa.uint32())), ("run_id", pa.string()), ("created", TS),
+])
+DUPLICATES = pa.schema([
+    ("clip_a", pa.string()), ("clip_b", pa.string()),           # clip_a < clip_b
+    ("level", pa.string()),            # identity | fingerprint | semantic
+    ("score", pa.float32()),           # identity: overlap fraction; fingerprint: bit agreement; semantic: cosine
+    ("method", pa.string()),           # identity: freesound_id | youtube_id; else the fingerprinter or CLAP model id
+    ("model_hash", pa.string()),       # semantic: the CLAP checkpoint sha256
+    ("run_id", pa.string()), ("created", TS),
+])
+DUPLICATE_GROUPS = pa.schema([
+    ("group_id", pa.string()), ("clip_id", pa.string()), ("level", pa.string()),
+    ("kept", pa.bool_()),              # the group's representative (soundlake.dedup.groups.pick_kept)
+    ("size", pa.int32()), ("run_id", pa.string()), ("created", TS),
+])
+EVAL_SETS = pa.schema([
+    ("name", pa.string()), ("format", pa.string()), ("source_file", pa.string()),
+    ("source_file_sha256", pa.string()), ("items", pa.int64()),
+    ("fingerprinted", pa.int64()), ("embedded", pa.int64()),    # items whose audio was given and read
+    ("set_id", pa.string()), ("created", TS),
+])
+EVAL_SET_ITEMS = pa.schema([
+    ("name", pa.string()), ("item_id", pa.string()),
+    ("youtube_id", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
+    ("freesound_id", pa.string()), ("file", pa.string()), ("captions", pa.list_(pa.string())),
+    ("fingerprinter", pa.string()), ("fp", pa.list_(pa.uint32())),
+    ("clap_model_id", pa.string()), ("clap_model_hash", pa.string()), ("embedding", pa.list_(pa.float32())),
+    ("set_id", pa.string()),
+])
+LEAKAGE = pa.schema([
+    ("clip_id", pa.string()), ("eval_set", pa.string()), ("item_id", pa.string()),
+    ("level", pa.string()), ("score", pa.float32()), ("method", pa.string()),
+    ("run_id", pa.string()), ("created", TS),
+])
+# Tables whose visible parts are the ones their newest snapshot lists (never a plain glob).
+SNAPSHOT_TABLES = ("duplicates", "duplicate_groups", "eval_sets", "eval_set_items", "leakage")
+
 # Every input a run listed, so `retry-failed` can rebuild the inputs it re-queues.
 INPUTS = pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
 
@@ -151,6 +194,12 @@ TABLES: dict[str, pa.Schema] = {
     "scores": SCORES,
     "exports": EXPORTS,
     "export_members": EXPORT_MEMBERS,
+    "fingerprints": FINGERPRINTS,
+    "duplicates": DUPLICATES,
+    "duplicate_groups": DUPLICATE_GROUPS,
+    "eval_sets": EVAL_SETS,
+    "eval_set_items": EVAL_SET_ITEMS,
+    "leakage": LEAKAGE,
 }
 
 # Derived rows are written before the clip rows that commit their input, so a kill in
@@ -160,4 +209,5 @@ DEDUPE_KEYS: dict[str, tuple[str, str]] = {
     "embeddings": ("clip_id, model_id, model_hash", "created"),
     "tags": ("clip_id, model_id, model_hash, label_set, rank", "created"),
     "scores": ("clip_id, captioner, caption_text, clap_model_id, clap_model_hash", "created"),
+    "fingerprints": ("clip_id, fingerprinter", "created"),
 }

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import duckdb
 import pyarrow.dataset as pads
 
-from soundlake.catalog import schema
+from soundlake.catalog import schema, snapshots
 from soundlake.catalog.lake import Lake
 from soundlake.core.errors import SKIP_REASONS, UserError
 
@@ -103,7 +103,10 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
     # Parts never change once written: parse each one's footer once, not at every view and query.
     con.execute("SET parquet_metadata_cache = true")
     for table in schema.TABLES:
-        src = _source(con, lake, table, (parts or {}).get(table))
+        files = (parts or {}).get(table)
+        if files is None and table in schema.SNAPSHOT_TABLES:
+            files = snapshots.table_parts(lake, table)   # the newest snapshot's parts, not a glob
+        src = _source(con, lake, table, files)
         if table == "clips":
             con.execute(f"CREATE VIEW _clip_parts AS SELECT * FROM {src}")
             cols = ", ".join(schema.CLIP_COLUMNS)

@@ -7,12 +7,13 @@ script); importing the package imports every command module, so the tree is comp
     catalog    sql, status, report thresholds
     export     export
     captions   recaption, evaluate captions, train clap, train captioner, convert autocap
-    generate   train vae, train dit, encode, generate
+    generate   train vae, train vocoder, train dit, encode, generate
     inference  calibrate-cache, evaluate (generation: AudioCache, LiteFocus)
+    dedup      dedup, eval-sets add|list
 """
 # Importing a command module registers its commands; this order is the order of `soundlake --help`.
 # isort: off
-from soundlake.cli import curate, captions, catalog, export, generate, inference  # noqa: F401
+from soundlake.cli import curate, captions, catalog, export, generate, inference, dedup  # noqa: F401
 # isort: on
 from soundlake.cli.main import app, main
 

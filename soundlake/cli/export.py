@@ -22,6 +22,11 @@ def export(
     license: Optional[str] = typer.Option(None, help="Comma-separated licenses to keep, e.g. CC0,CC-BY."),
     exclude: List[Path] = typer.Option([], help="File of clip ids or source ids to leave out (one per line, "
                                        "# comments), e.g. AudioCaps test YTIDs. Repeatable."),
+    dedup: Optional[str] = typer.Option(None, help="Keep one clip per duplicate group: identity | fingerprint | "
+                                        "semantic[:COSINE] | none (each level includes the stricter ones; "
+                                        "default: fingerprint when `soundlake dedup` has run, else none)."),
+    exclude_eval_sets: Optional[str] = typer.Option(None, help="Drop clips leaking into these eval sets: all or "
+                                                    "NAME,... (soundlake eval-sets list)."),
     split: Optional[str] = typer.Option(None, help="Held-out splits by a stable hash of the clip id, "
                                         "e.g. valid=0.01,test=0.01 (the rest is train)."),
     shard_size: Optional[str] = typer.Option(None, help="Bytes per shard, e.g. 512MB (default)."),
@@ -33,7 +38,7 @@ def export(
     """Export a SQL selection as WebDataset shards with a manifest, and record it in the lake.
 
     Writes the shards (<split>-NNNNNN.tar: each clip's FLAC and its caption JSON) and manifest.json
-    to --out, and records the export in the lake (exports, export_members). Re-running the same command resumes a killed export
+    (with the duplicates and eval-set leakage left, by level) to --out, and records the export in the lake (exports, export_members). Re-running the same command resumes a killed export
     without rewriting finished shards."""
     from soundlake.export.exporter import (
         ExportArgs,
@@ -50,7 +55,8 @@ def export(
         licenses=[x.strip() for x in (license or "").split(",") if x.strip()],
         exclude=[str(p) for p in exclude], splits=parse_splits(split),
         shard_size=None if shard_count else parse_size(shard_size or "512MB"),
-        shard_count=shard_count, name=name)
+        shard_count=shard_count, name=name, dedup=dedup,
+        exclude_eval_sets=[x.strip() for x in (exclude_eval_sets or "").split(",") if x.strip()])
 
     def on_shard(sh, done, total):
         if not quiet:
@@ -62,5 +68,11 @@ def export(
     console.print(f"export [bold]{r.export_id}[/] · {r.clips} clips ({splits}) · {r.shards} shards "
                   f"({r.written} written, {r.kept} already done) · {r.bytes / 2**20:.1f} MiB · dropped: {dropped}",
                   highlight=False)
+    d, ev = r.screening.get("dedup", {}), r.screening.get("eval_sets", {})
+    console.print(f"dedup {d.get('level')}: " + (d.get("note") or f"{d.get('dropped', 0)} duplicates dropped")
+                  + " · eval sets " + (", ".join(f"{n}: " + (", ".join(f"{lv} {k}" for lv, k in x["leaking"].items())
+                                                             or "not checked") + " leaking"
+                                                 for n, x in ev.get("sets", {}).items()) or "none registered"),
+                  highlight=False, markup=False)
     console.print(f"manifest {r.out}/manifest.json · recorded in the lake: "
                   + ("yes" if r.recorded else "already"), highlight=False)

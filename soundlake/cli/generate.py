@@ -1,4 +1,4 @@
-"""Generator commands: `train vae`, `train dit`, `encode` and `generate`."""
+"""Generator commands: `train vae`, `train vocoder`, `train dit`, `encode` and `generate`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +28,14 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
     from soundlake.generation.train.trainer import train
 
     spec = load_train_spec(kind, str(spec_file) if spec_file else None, sets, **given)
+    if spec.eval_sets:   # refuse now, before Ray starts (train() checks again for API callers)
+        from soundlake.generation.train.leakage import check_eval_sets
+
+        for phase in spec.phases:
+            problems = check_eval_sets(phase.shards, spec.eval_sets, spec.allow_leakage)["problems"]
+            console.print(f"[yellow]--allow-leakage[/]: {'; '.join(problems)} (recorded in the model folder)"
+                          if problems else f"eval sets {', '.join(spec.eval_sets)}: no leakage in {phase.shards}",
+                          highlight=False)
     phases = " → ".join(f"{s.name} ({s.mode if kind == 'dit' else 'recon'}, {s.steps} steps, {s.shards})"
                         for s in spec.phases)
     console.print(f"train {kind} · config {spec.config} · {spec.workers} worker(s) × batch {spec.batch_size} · "
@@ -49,8 +57,9 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
         t.add_row("final loss", f"{s.final_loss:.4f} (last log row; the curve: {s.out}/train_log.csv)")
     t.add_row("model", s.out)
     t.add_row("checkpoint", s.checkpoint)
-    t.add_row("next", f"soundlake encode --vae {s.out} --shards <export> --out <latents>" if kind == "vae"
-              else f"soundlake generate --model {s.out} \"a high beep repeats\" --out beep.wav")
+    t.add_row("next", {"vae": f"soundlake encode --vae {s.out} --shards <export> --out <latents>",
+                       "vocoder": f"soundlake train dit --vae <mel VAE> --vocoder {s.out} --shards <latents> ..."}.get(
+        kind, f"soundlake generate --model {s.out} \"a high beep repeats\" --out beep.wav"))
     console.print(t)
 
 
@@ -61,26 +70,38 @@ SECONDS = typer.Option(None, help="Crop length in seconds.")
 WORKERS = typer.Option(None, help="Ray Train workers (DDP).")
 GPU = typer.Option(None, "--gpu/--cpu", help="One GPU per worker.")
 LR = typer.Option(None, help="Peak learning rate.")
+EVAL_SETS = typer.Option(None, "--eval-sets", help="Comma-separated eval set names (soundlake eval-sets list): refuse "
+                         "shards whose export leaks into them or did not check them.")
+ALLOW_LEAKAGE = typer.Option(False, "--allow-leakage", help="Train on such shards anyway; recorded in the model "
+                             "folder's metadata (eval_sets).")
+
+
+def eval_set_names(text: Optional[str]) -> Optional[list]:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
 @train_app.command("vae")
 def train_vae_cmd(
     shards: Optional[str] = typer.Option(None, help="Export folder (or URI) with audio shards."),
     out: Optional[str] = RUN_OUT,
-    config: Optional[str] = typer.Option(None, help="Model config: vae-tiny (CPU, default), vae-ezaudio, or a YAML."),
+    config: Optional[str] = typer.Option(None, help="Model config: vae-tiny (CPU, default), vae-ezaudio; the mel "
+                                         "path: mel-vae-tiny, mel-vae-tiny-2d (CPU), mel-vae (GenAu sizes); or a YAML."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
     batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    eval_sets: Optional[str] = EVAL_SETS, allow_leakage: bool = ALLOW_LEAKAGE,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     verbose: bool = VERBOSE,
 ):
-    """Train the waveform VAE on Ray Train from exported audio shards.
+    """Train a VAE on Ray Train from exported audio shards: the waveform VAE, or the mel VAE
+    (a mel-vae config: log-mel in, 1D or 2D latents out).
 
     Writes checkpoints, train_log.csv and the model folder to --out; resumes from the newest
     checkpoint there."""
     run_training("vae", spec, set_, shards=shards, out=out, config=config, steps=steps, batch_size=batch_size,
-                 seconds=seconds, lr=lr, workers=workers, use_gpu=gpu)
+                 seconds=seconds, lr=lr, workers=workers, use_gpu=gpu, eval_sets=eval_set_names(eval_sets),
+                 allow_leakage=allow_leakage or None)
 
 
 @train_app.command("dit")
@@ -93,7 +114,10 @@ def train_dit_cmd(
     batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
     text_encoder: Optional[str] = typer.Option(None, help="transformers encoder folder (e.g. FLAN-T5); default MiniLM."),
     init: Optional[str] = typer.Option(None, help="Start from this DiT folder's weights (weights only)."),
+    vocoder: Optional[str] = typer.Option(None, help="Mel VAEs: a vocoder folder (soundlake train vocoder) to copy "
+                                          "into the model folder; generate then uses it instead of Griffin-Lim."),
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    eval_sets: Optional[str] = EVAL_SETS, allow_leakage: bool = ALLOW_LEAKAGE,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Phases: masked pretraining, text, fine-tuning."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     verbose: bool = VERBOSE,
@@ -104,8 +128,31 @@ def train_dit_cmd(
     checkpoint there. The model folder holds its VAE, so `soundlake generate --model OUT` needs
     nothing else."""
     run_training("dit", spec, set_, shards=shards, vae=vae, out=out, config=config, steps=steps,
-                 batch_size=batch_size, seconds=seconds, lr=lr, text_encoder=text_encoder, init=init,
-                 workers=workers, use_gpu=gpu)
+                 batch_size=batch_size, seconds=seconds, lr=lr, text_encoder=text_encoder, init=init, vocoder=vocoder,
+                 workers=workers, use_gpu=gpu, eval_sets=eval_set_names(eval_sets), allow_leakage=allow_leakage or None)
+
+
+@train_app.command("vocoder")
+def train_vocoder_cmd(
+    shards: Optional[str] = typer.Option(None, help="Export folder (or URI) with audio shards."),
+    out: Optional[str] = RUN_OUT,
+    vae: Optional[str] = typer.Option(None, help="A mel VAE folder whose log-mel front end the vocoder reads "
+                                      "(default: the config's, which the bundled mel-vae configs share)."),
+    config: Optional[str] = typer.Option(None, help="Model config: vocoder-tiny (CPU, default), vocoder (Vocos "
+                                         "sizes), or a YAML."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
+    batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
+    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    verbose: bool = VERBOSE,
+):
+    """Train the Vocos-style vocoder (log-mel -> waveform) of the mel path on Ray Train.
+
+    Optional: without one, generate inverts a mel VAE's log-mels with Griffin-Lim. Copy it into
+    a DiT's folder with `soundlake train dit --vocoder OUT`."""
+    run_training("vocoder", spec, set_, shards=shards, out=out, vae=vae, config=config, steps=steps,
+                 batch_size=batch_size, seconds=seconds, lr=lr, workers=workers, use_gpu=gpu)
 
 
 @app.command(rich_help_panel=MODELS)
@@ -167,6 +214,11 @@ def generate(
                                          "training crop's frames)."),
     reference: Optional[Path] = typer.Option(None, help="A reference clip for a DiT trained with a second "
                                              "condition stream (DC-LDM, cond2: latents)."),
+    source: Optional[str] = typer.Option(None, help="Dataset-ID: generate in the style of this source "
+                                         "(audioset, vggsound, freesound, synth, local...: the model's "
+                                         "vocabulary); default unknown."),
+    griffin_lim: bool = typer.Option(False, "--griffin-lim", help="Mel VAEs: invert the log-mel with Griffin-Lim "
+                                     "even when the model folder has a vocoder."),
 ):
     """Generate audio from text with a trained DiT and its VAE.
 
@@ -182,7 +234,7 @@ def generate(
     if sparse_attention not in ("none", "litefocus"):
         raise UserError(f"--sparse-attention {sparse_attention!r}: expected none or litefocus")
     with as_user_error(ValueError):
-        gen = Generator.load(model)
+        gen = Generator.load(model, griffin_lim=griffin_lim)
         ref = None if reference is None else read_mono(reference, gen.sample_rate)
         ctx, geometry = nullcontext(), None
         if sparse_attention == "litefocus":
@@ -195,11 +247,13 @@ def generate(
         with Progress(console=console) as progress, ctx:
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
-                               rescale_axis=rescale_axis, seed=seed, reference=ref,
+                               rescale_axis=rescale_axis, seed=seed, reference=ref, source=source,
                                callback=lambda i, t, x: progress.update(task, completed=i + 1))
         if geometry is not None:
             res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": geometry.window,
                          "chunk": geometry.chunk}
         paths = write_audio(res, out)
     for p in paths:
-        console.print(f"wrote {p} ({seconds:g} s at {res.sample_rate} Hz; settings in {p.name}.json)", highlight=False)
+        inverted = f"; log-mel inverted by {gen.inversion}" if gen.inversion else ""
+        console.print(f"wrote {p} ({seconds:g} s at {res.sample_rate} Hz{inverted}; settings in {p.name}.json)",
+                      highlight=False)

@@ -1,7 +1,7 @@
 """The root of the `soundlake` command line: the app, its command groups, shared options and `main()`.
 
 The commands live in one module per group (curate, catalog, export, captions, generate,
-inference); each registers itself on :data:`app` or on a group typer defined here. The
+inference, dedup); each registers itself on :data:`app` or on a group typer defined here. The
 package (``soundlake/cli/__init__.py``) imports them, so importing ``soundlake.cli`` or
 ``soundlake.cli.main`` gives the full command tree.
 
@@ -86,7 +86,8 @@ app = typer.Typer(
     cls=SoundlakeGroup,
     help="Curate audio–caption datasets into a DuckDB/Parquet lake with Ray, query them with SQL, "
          "export training shards and retrain text-to-audio generators.\n\n"
-         "Command groups: curate (curate, retry-failed, recaption) · lake (sql, status, report, export) · "
+         "Command groups: curate (curate, retry-failed, recaption, dedup) · lake (sql, status, report, export, "
+         "eval-sets) · "
          "models (train, encode, generate, convert) · evaluate (evaluate, calibrate-cache). "
          "`soundlake COMMAND --help` says what each one does and writes.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -97,11 +98,14 @@ train_app = typer.Typer(help="Train the project's own models (CLAP, captioner, V
 convert_app = typer.Typer(help="Convert released checkpoints into folders soundlake loads.", no_args_is_help=True)
 # `evaluate` runs the generation evaluation itself (soundlake.cli.inference) and has subcommands (captions).
 evaluate_app = typer.Typer()
+eval_sets_app = typer.Typer(help="Evaluation sets whose clips must stay out of training exports (leakage).",
+                            no_args_is_help=True)
 
 app.add_typer(report_app, name="report", rich_help_panel=LAKE_PANEL)
 app.add_typer(train_app, name="train", rich_help_panel=MODELS)
 app.add_typer(convert_app, name="convert", rich_help_panel=MODELS)
 app.add_typer(evaluate_app, name="evaluate", rich_help_panel=EVALUATE)
+app.add_typer(eval_sets_app, name="eval-sets", rich_help_panel=LAKE_PANEL)
 
 
 def main() -> None:

@@ -6,7 +6,9 @@
 Selection: ``clips`` rows matching ``where`` (any SQL over the ``clips`` view), the
 license list and not in the exclusion lists, one caption policy applied
 (``preferred`` | ``all`` | a captioner name), an optional CLAP score threshold, in
-``clip_id`` order. ``preferred`` is the ``dataset`` view's caption (else captioner
+``clip_id`` order, then screened (:mod:`soundlake.export.screening`: clips leaking into
+evaluation sets dropped with ``exclude_eval_sets``, one clip per duplicate group with
+``dedup``). ``preferred`` is the ``dataset`` view's caption (else captioner
 priority reference > refine > qwen > autocap > template, then text); with
 ``--min-score`` it is the caption the threshold's model scores best. Each clip lands in a split by a stable hash of its clip id, so a
 clip keeps its split when the catalog grows.
@@ -49,7 +51,7 @@ from soundlake.catalog.lake import Lake
 from soundlake.core.errors import UserError
 from soundlake.core.splits import SPLIT_HASH, split_of
 from soundlake.core.storage import open_uri, os_error_problem, put_bytes
-from soundlake.export import parquet_pages, shards
+from soundlake.export import parquet_pages, screening, shards
 from soundlake.stages.caption import captioner_ranking
 
 FORMAT_VERSION = 1
@@ -76,11 +78,17 @@ class ExportArgs:
     shard_size: int | None = 512 * 2**20  # bytes per shard, or
     shard_count: int | None = None        # samples per shard
     name: str | None = None
+    dedup: str | None = None              # identity | fingerprint | semantic[:cos] | none; None: fingerprint if any
+    exclude_eval_sets: list[str] = field(default_factory=list)   # eval set names, or ["all"]
 
     def identity(self) -> dict:
-        """What must match for a re-run to resume (not the exclusion file paths: their content)."""
+        """What must match for a re-run to resume (not the exclusion file paths: their content).
+        The screening options appear only when given, so earlier exports keep their ids."""
         d = asdict(self)
         d["exclude"] = sorted(_exclusion_digest(p) for p in self.exclude)
+        for key in ("dedup", "exclude_eval_sets"):
+            if not d[key]:
+                del d[key]
         return d
 
 
@@ -148,6 +156,7 @@ class Plan:
     samples: list[Sample]
     dropped: dict[str, int]        # clips selected but left out, by reason
     shards: list[dict]             # {"name", "split", "start", "end"} over samples
+    screening: dict = field(default_factory=dict)   # the manifest's dedup and eval_sets sections
 
 
 def _has(con, name: str) -> bool:
@@ -160,12 +169,17 @@ def _columns(con, name: str) -> set[str]:
                                       "WHERE table_name = ?", [name]).fetchall()}
 
 
-def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]], dict, dict[str, int]]:
-    """Run the selection: (clip rows, captions per clip, catalog state, dropped counts)."""
+def select(lake: Lake, args: ExportArgs, snap: screening.Snapshot
+           ) -> tuple[pa.Table, dict[str, list[dict]], dict, dict[str, int], duckdb.DuckDBPyConnection]:
+    """Run the selection: (clip rows, captions per clip, catalog state, dropped counts, the
+    connection, which reads exactly that catalog state)."""
     if args.caption not in ("preferred", "all") and not args.caption.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--caption {args.caption!r}: expected preferred, all or a captioner name")
     # Exactly the part files listed now: one catalog state even while a curation job adds parts.
     files = {t: lake.parts(t) for t in ("clips", "captions", "scores")}
+    files.update(snap.parts)   # the dedup and eval-set snapshots, when the lake has any
+    if snap.parts:
+        files["embeddings"], files["fingerprints"] = lake.parts("embeddings"), lake.parts("fingerprints")
     ranking = captioner_ranking()
     con = sql.connect(lake, parts=files, ranking=ranking)
     rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in files.items()}
@@ -251,7 +265,7 @@ def select(lake: Lake, args: ExportArgs) -> tuple[pa.Table, dict[str, list[dict]
         d = dict(zip(cols, r))
         d.pop("ord")
         captions.setdefault(d.pop("clip_id"), []).append(d)
-    return clips, captions, catalog, dropped
+    return clips, captions, catalog, dropped, con
 
 
 def apply_policy(caps: list[dict], policy: str, min_score: float | None) -> list[dict]:
@@ -297,13 +311,25 @@ def plan_export(lake: Lake | str, args: ExportArgs) -> Plan:
     lake = Lake(lake) if isinstance(lake, str) else lake
     if (args.shard_size is None) == (args.shard_count is None):
         raise UserError("give exactly one of --shard-size and --shard-count")
-    clips, captions, catalog, dropped = select(lake, args)
+    snap = screening.pinned_snapshot(lake)
+    clips, captions, catalog, dropped, con = select(lake, args, snap)
     dropped["no_caption"] = 0
-    samples: list[Sample] = []
+    chosen = []
     for row in clips.to_pylist():
         caps = apply_policy(captions.get(row["clip_id"], []), args.caption, args.min_score)
         if not caps:
             dropped["no_caption"] += 1
+            continue
+        chosen.append((row, caps))
+    try:
+        screen = screening.screen(con, snap, [row["clip_id"] for row, _ in chosen], args.dedup,
+                                  args.exclude_eval_sets)
+    finally:
+        sql.close(con)
+    dropped.update(screen.dropped)
+    samples: list[Sample] = []
+    for row, caps in chosen:
+        if row["clip_id"] in screen.drop:
             continue
         split = split_of(row["clip_id"], args.splits)
         samples.append(Sample(row["clip_id"], split, _sample_json(row, caps, split, args.score_model),
@@ -333,7 +359,7 @@ def plan_export(lake: Lake | str, args: ExportArgs) -> Plan:
         if len(ordered) > start:
             plan_shards.append({"name": f"{split}-{index:06d}.tar", "split": split,
                                 "start": start, "end": len(ordered)})
-    return Plan(args, catalog, ordered, dropped, plan_shards)
+    return Plan(args, catalog, ordered, dropped, plan_shards, screen.manifest)
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -350,6 +376,7 @@ class ExportResult:
     dropped: dict[str, int]
     manifest_sha256: str
     recorded: bool
+    screening: dict = field(default_factory=dict)   # the manifest's dedup and eval_sets sections
 
 
 def _audio_locator(lake: Lake, files: list[str]) -> dict[str, list[str]]:
@@ -479,7 +506,7 @@ def _write_export(lake: Lake, args: ExportArgs, plan: Plan, reader: _AudioReader
                               for p in args.exclude],
                   "order": "clip_id", "splits": args.splits, "split_hash": SPLIT_HASH},
         "args": args.identity(), "catalog": plan.catalog, "dropped": plan.dropped,
-        "captioner_priority": list(captioner_ranking()), "shards": [],
+        "captioner_priority": list(captioner_ranking()), "shards": [], **plan.screening,
     }
     # Which shards need writing: a finished shard is kept when its sha256 still matches.
     todo = []
@@ -575,7 +602,7 @@ def _write_export(lake: Lake, args: ExportArgs, plan: Plan, reader: _AudioReader
                         f"recording it in lake {lake.uri} failed: {problem[0]}; to record it, run the same command "
                         "again with a writable lake (finished shards are checked and kept, not rewritten)") from None
     return ExportResult(eid, out_uri, len(plan.samples), len(plan.shards), written, kept,
-                        manifest["bytes"], splits, plan.dropped, msha, recorded)
+                        manifest["bytes"], splits, plan.dropped, msha, recorded, plan.screening)
 
 
 def _dumps(obj: dict) -> bytes:

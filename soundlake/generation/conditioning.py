@@ -11,14 +11,16 @@ be swapped without touching the model code:
 * ``extra [B, De]`` (GenAu dual encoder): a second sentence vector (e.g. a CLAP text
   embedding) that the DiT projects and prepends to the text as one extra token;
 * ``context2 [B, S, D2]`` + ``mask2`` (DC-LDM): any per-clip sequence (VAE latents of a
-  reference clip [B, F, C], CLAP embeddings...) that ``cross_attn2`` in chosen blocks reads.
+  reference clip [B, F, C], CLAP embeddings...) that ``cross_attn2`` in chosen blocks reads;
+* ``source [B]`` (GenAu dataset-ID): ids in the model's ``sources`` vocabulary
+  (:mod:`soundlake.generation.dataset_id`); None = unknown. Only passed to the model when set.
 
 The null ("unconditional") condition is not built here: the DiT owns learned null tokens
 and replaces a row's streams with them when that row's ``drop`` flag is set (see dit.py).
 
 Public API::
 
-    Condition(context, mask, extra=None, context2=None, mask2=None)
+    Condition(context, mask, extra=None, context2=None, mask2=None, source=None)
         .batch_size, .to(device), .repeat(n), Condition.cat([a, b]) (pads sequences),
         .as_kwargs() -> dict for DiT.forward
     TextConditioner(path=None, kind="auto", device="cpu", max_tokens=None)
@@ -50,6 +52,7 @@ class Condition:
     extra: torch.Tensor | None = None      # [B, De]
     context2: torch.Tensor | None = None   # [B, S, D2]
     mask2: torch.Tensor | None = None      # [B, S] bool
+    source: torch.Tensor | None = None     # [B] long, dataset-ID
 
     def __post_init__(self):
         self.mask = self.mask.bool()
@@ -62,11 +65,13 @@ class Condition:
 
     def to(self, device) -> "Condition":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Condition(mv(self.context), mv(self.mask), mv(self.extra), mv(self.context2), mv(self.mask2))
+        return Condition(mv(self.context), mv(self.mask), mv(self.extra), mv(self.context2), mv(self.mask2),
+                         mv(self.source))
 
     def repeat(self, n: int) -> "Condition":
         rp = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
-        return Condition(rp(self.context), rp(self.mask), rp(self.extra), rp(self.context2), rp(self.mask2))
+        return Condition(rp(self.context), rp(self.mask), rp(self.extra), rp(self.context2), rp(self.mask2),
+                         rp(self.source))
 
     @staticmethod
     def cat(conds: list["Condition"]) -> "Condition":
@@ -80,11 +85,15 @@ class Condition:
             s = max(c.context2.shape[1] for c in conds)
             ctx2 = torch.cat([_pad_seq(c.context2, s) for c in conds])
             mask2 = torch.cat([_pad_mask(c.mask2, s) for c in conds])
-        return Condition(ctx, mask, extra, ctx2, mask2)
+        source = torch.cat([c.source for c in conds]) if conds[0].source is not None else None
+        return Condition(ctx, mask, extra, ctx2, mask2, source)
 
     def as_kwargs(self) -> dict:
-        return {"context": self.context, "context_mask": self.mask, "extra": self.extra,
-                "context2": self.context2, "context2_mask": self.mask2}
+        kw = {"context": self.context, "context_mask": self.mask, "extra": self.extra,
+              "context2": self.context2, "context2_mask": self.mask2}
+        if self.source is not None:  # only models built with a sources vocabulary take it
+            kw["source"] = self.source
+        return kw
 
 
 class TextConditioner:

@@ -14,6 +14,13 @@
 * Null condition for classifier-free guidance: a learned (or zero, ``null_cond``) token
   per stream, substituted for the rows whose ``drop`` flag is set. Guidance batches cond
   and uncond rows in one forward call (see diffusion.py).
+* **Dataset-ID** (GenAu): with a ``sources`` vocabulary (``soundlake.generation.dataset_id``)
+  a learned embedding of the clip's source id is added to the timestep embedding that
+  drives AdaLN; ``source=None`` is id 0 (``unknown``). ``drop`` leaves it in place: the
+  unconditional branch of guidance is "no text, same source".
+
+The condition handling (null tokens, second stream, dataset-ID, weight init) is shared with
+the FIT backbone (fit.py) through :class:`ConditionMixin` and :func:`init_weights`.
 
 Structure contract (relied on by cache / sparse-attention hooks attached from outside)::
 
@@ -25,7 +32,8 @@ Structure contract (relied on by cache / sparse-attention hooks attached from ou
     block forward: x += gate1 * self_attn(..); x += cross_attn(..); [x += cross_attn2(..)];
                    x += gate2 * ff(..)
     SelfAttention / CrossAttention compute q, k, v [B, H, N, Dh] and call
-    ``self.attention(q, k, v)`` (cross: ``attn_mask=`` too): by default a
+    ``self.attention(q, k, v)`` (cross, or self with a key mask: ``attn_mask=`` [B, 1, 1, N]
+    boolean too): by default a
     ScaledDotProductAttention module, the attention core that hooks replace by name
     (LiteFocus: ``blocks.i.self_attn.attention``). It is a plain attribute, not a child
     module, so state_dict and named_modules are those of the bare computation and any
@@ -36,7 +44,8 @@ Public API::
     DiTConfig(...)  # DiTConfig.from_yaml("dit-tiny" | path) reads the ``model:`` section
     DiT(cfg).forward(x [B,F,C], t [B] (timestep index, float ok), context=None [B,T,Dc],
                      context_mask=None [B,T], extra=None [B,De], context2=None [B,S,D2],
-                     context2_mask=None, drop=None [B] bool, frame_mask=None [B,F] bool)
+                     context2_mask=None, drop=None [B] bool, frame_mask=None [B,F] bool,
+                     source=None [B] long (dataset-ID; only with cfg.sources))
         -> v prediction [B, F, C]
     count_parameters(module) -> int
     ScaledDotProductAttention()(q, k, v, **kw)   # the default attention core (a module)
@@ -52,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soundlake.generation.dataset_id import check_vocab
 from soundlake.generation.vae import read_config
 
 
@@ -73,13 +83,11 @@ class DiTConfig:
     rope_base: float = 10000.0
     null_cond: str = "learned"      # "learned" | "zero"
     time_freq_dim: int = 256
+    sources: list[str] = field(default_factory=list)  # dataset-ID vocabulary ("unknown" first), [] = off
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown DiTConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**config_kwargs(cls, d, "dit"))
 
     @classmethod
     def from_yaml(cls, name_or_path: str | Path) -> "DiTConfig":
@@ -91,6 +99,20 @@ class DiTConfig:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def config_kwargs(cls, d: dict, backbone: str) -> dict:
+    """A config dict's keys for ``cls``; a ``backbone`` key (model folders record one) must
+    name this backbone."""
+    d = dict(d)
+    named = d.pop("backbone", backbone)
+    if named != backbone:
+        raise ValueError(f"a {named!r} config cannot build a {backbone!r} model "
+                         "(soundlake.generation.backbones.build_backbone picks by the backbone key)")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return d
 
 
 # ---------------------------------------------------------------- pieces
@@ -152,13 +174,15 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         attention_core(self)  # replaceable by hooks (sparse attention)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        o = self.attention(q, k, v)
+        # key padding mask [B, N] (FIT's last, padded group); None keeps the plain call
+        o = self.attention(q, k, v) if mask is None else self.attention(q, k, v, attn_mask=mask[:, None, None, :])
         return self.out(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -246,52 +270,39 @@ class FinalLayer(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
-# ---------------------------------------------------------------- model
+# ---------------------------------------------------------------- conditions (shared with FIT)
 
-class DiT(nn.Module):
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.hidden
-        if d % cfg.heads or (d // cfg.heads) % 2:
-            raise ValueError("hidden / heads must be an even integer (RoPE)")
-        self.x_embed = nn.Linear(cfg.in_channels, d)
-        self.frame_embed = nn.Embedding(2, d)  # 0 = clean (given) frame, 1 = noised frame
-        self.t_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        # adaLN-zero (DiT): gates start at 0, so every block starts as the identity
-        self.adaln_shared = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(d, 6 * d))) if cfg.adaln == "sola" else None
-        self.cond_proj = nn.Linear(cfg.cond_dim, d)
-        self.extra_proj = nn.Linear(cfg.cond_extra_dim, d) if cfg.cond_extra_dim else None
-        self.cond2_proj = nn.Linear(cfg.cond2_dim, d) if cfg.cond2_dim else None
-        if cfg.cross_attn2_blocks and not cfg.cond2_dim:
-            raise ValueError("cross_attn2_blocks needs cond2_dim > 0")
-        null = torch.randn(2, d) * 0.02 if cfg.null_cond == "learned" else torch.zeros(2, d)
-        if cfg.null_cond == "learned":
-            self.null_tokens = nn.Parameter(null)   # row 0: text stream, row 1: second stream
+def init_weights(model: nn.Module) -> None:
+    """Xavier for linears that are not deliberately zero (adaLN-zero, cross-attn out, final);
+    small normal for the timestep MLP (``model.t_embed``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not getattr(m, "_zero_init", False):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.t_embed[0].weight, std=0.02)
+    nn.init.normal_(model.t_embed[2].weight, std=0.02)
+
+
+class ConditionMixin:
+    """Null tokens, the DC-LDM second stream and the dataset-ID embedding, as both backbones
+    build and apply them (the model sets ``cfg``, ``cond2_proj`` and calls
+    :meth:`_build_conditions`)."""
+
+    def _build_conditions(self, d: int, rows: int) -> None:
+        cfg = self.cfg
+        null = torch.randn(rows, d) * 0.02  # drawn either way: the same seed gives the same other weights
+        if cfg.null_cond == "learned":  # row 0: text stream, row 1: second stream (FIT: row 2, the extra vector)
+            self.null_tokens = nn.Parameter(null)
         elif cfg.null_cond == "zero":
-            self.register_buffer("null_tokens", null)
+            self.register_buffer("null_tokens", torch.zeros_like(null))
         else:
             raise ValueError(f"null_cond must be 'learned' or 'zero', not {cfg.null_cond!r}")
-        half = cfg.depth // 2 if cfg.long_skip else 0
-        self.n_skip = half
-        self.blocks = nn.ModuleList(
-            DiTBlock(cfg, long_skip=i >= cfg.depth - half, cross2=i in cfg.cross_attn2_blocks)
-            for i in range(cfg.depth)
-        )
-        self.final = FinalLayer(d, cfg.in_channels)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Xavier for linears that are not deliberately zero (adaLN-zero, cross-attn out, final)
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and not getattr(m, "_zero_init", False):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embed[0].weight, std=0.02)
-        nn.init.normal_(self.t_embed[2].weight, std=0.02)
-
-    # -- conditions
+        self.source_embed = None
+        if cfg.sources:
+            check_vocab(cfg.sources)
+            self.source_embed = nn.Embedding(len(cfg.sources), d)
+            nn.init.normal_(self.source_embed.weight, std=0.02)
 
     def _finish(self, seq: torch.Tensor, mask: torch.Tensor | None, drop: torch.Tensor | None,
                 row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +323,58 @@ class DiT(nn.Module):
         seq = self.null_tokens[row].to(ref.dtype).expand(b, 1, -1)
         return seq, torch.ones(b, 1, dtype=torch.bool, device=ref.device)
 
+    def _second_stream(self, b: int, ref: torch.Tensor, context2, context2_mask, drop):
+        """(ctx2, mask2) projected to the width, or (None, None) for a model without one."""
+        if self.cond2_proj is None:
+            return None, None
+        if context2 is None:
+            return self._null(b, 1, ref)
+        return self._finish(self.cond2_proj(context2), context2_mask, drop, 1)
+
+    def _with_source(self, c: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """The global condition plus the dataset-ID embedding (id 0 = unknown when not given)."""
+        if self.source_embed is None:
+            if source is not None:
+                raise ValueError("this model has no dataset-ID conditioning (its config has no sources)")
+            return c
+        if source is None:
+            source = torch.zeros(c.shape[0], dtype=torch.long, device=c.device)
+        elif source.dim() == 0:
+            source = source.expand(c.shape[0])
+        return c + self.source_embed(source.long()).to(c.dtype)
+
+
+# ---------------------------------------------------------------- model
+
+class DiT(ConditionMixin, nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        if d % cfg.heads or (d // cfg.heads) % 2:
+            raise ValueError("hidden / heads must be an even integer (RoPE)")
+        self.x_embed = nn.Linear(cfg.in_channels, d)
+        self.frame_embed = nn.Embedding(2, d)  # 0 = clean (given) frame, 1 = noised frame
+        self.t_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        # adaLN-zero (DiT): gates start at 0, so every block starts as the identity
+        self.adaln_shared = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(d, 6 * d))) if cfg.adaln == "sola" else None
+        self.cond_proj = nn.Linear(cfg.cond_dim, d)
+        self.extra_proj = nn.Linear(cfg.cond_extra_dim, d) if cfg.cond_extra_dim else None
+        self.cond2_proj = nn.Linear(cfg.cond2_dim, d) if cfg.cond2_dim else None
+        if cfg.cross_attn2_blocks and not cfg.cond2_dim:
+            raise ValueError("cross_attn2_blocks needs cond2_dim > 0")
+        self._build_conditions(d, 2)
+        half = cfg.depth // 2 if cfg.long_skip else 0
+        self.n_skip = half
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg, long_skip=i >= cfg.depth - half, cross2=i in cfg.cross_attn2_blocks)
+            for i in range(cfg.depth)
+        )
+        self.final = FinalLayer(d, cfg.in_channels)
+        init_weights(self)
+
+    # -- conditions
+
     def embed_condition(self, b: int, ref: torch.Tensor, context=None, context_mask=None, extra=None,
                         context2=None, context2_mask=None, drop=None):
         """Project the condition streams to the width -> (ctx, mask, ctx2, mask2); ctx2 None if unused."""
@@ -326,12 +389,7 @@ class DiT(nn.Module):
                 if m is not None:
                     m = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=m.device), m.bool()], dim=1)
             ctx, m = self._finish(ctx, m, drop, 0)
-        ctx2 = m2 = None
-        if self.cond2_proj is not None:
-            if context2 is None:
-                ctx2, m2 = self._null(b, 1, ref)
-            else:
-                ctx2, m2 = self._finish(self.cond2_proj(context2), context2_mask, drop, 1)
+        ctx2, m2 = self._second_stream(b, ref, context2, context2_mask, drop)
         return ctx, m, ctx2, m2
 
     # -- forward
@@ -339,14 +397,15 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None,
                 context2: torch.Tensor | None = None, context2_mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         if t.dim() == 0:
             t = t.expand(b)
         h = self.x_embed(x)
         fm = torch.ones(b, n, dtype=torch.long, device=x.device) if frame_mask is None else frame_mask.long()
         h = h + self.frame_embed(fm)
-        c = self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(h.dtype))
+        c = self._with_source(self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(h.dtype)), source)
         shared = self.adaln_shared(c) if self.adaln_shared is not None else None
         ctx, m, ctx2, m2 = self.embed_condition(b, h, context, context_mask, extra, context2, context2_mask, drop)
         rope = rope_tables(n, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base, x.device)

@@ -14,6 +14,12 @@ latent normalisation, so ``soundlake generate --model runs/dit`` needs nothing e
 The latents the DiT sees are ``(vae_latent - mean) / std`` with the per-channel-free
 scalars measured by ``soundlake encode`` over the training shards (as Stable Diffusion's
 scale factor), recorded in the DiT's folder.
+
+The mel path: a mel VAE (``config.kind: mel``; its ``config.mel`` is the log-mel front end)
+decodes log-mels, which become audio through ``<dit>/vocoder`` (a ``vocoder`` folder copied
+there by ``train dit --vocoder``) or else Griffin-Lim. 2D mel latents are ``grid_freq``
+tokens per latent frame (time-major), recorded as ``latents.grid_freq`` in the VAE's and the
+DiT's metadata (1 or absent for 1D latents).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 
 from soundlake.core.errors import UserError
 from soundlake.core.storage import atomic_path, write_text
+from soundlake.generation.mel_vae import from_tokens, is_mel, to_tokens
 
 WEIGHTS = "model.safetensors"
 META = "soundlake_model.json"
@@ -69,13 +76,32 @@ def load_weights(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 def load_vae(folder: str | Path, device="cpu"):
-    """(WaveVAE in eval mode, meta) from a VAE folder."""
-    from soundlake.generation.vae import VAEConfig, WaveVAE
+    """(VAE in eval mode, meta) from a VAE folder: a WaveVAE, or a MelVAE (config ``kind: mel``)."""
+    from soundlake.generation.mel_vae import build_vae
 
     meta = read_meta(folder, "vae")
-    vae = WaveVAE(VAEConfig.from_dict(meta["config"]))
+    vae = build_vae(meta["config"])
     vae.load_state_dict(load_weights(folder, device))
     return vae.to(device).eval(), meta
+
+
+def check_vocoder(folder: str | Path, mel: dict | None = None) -> dict:
+    """A vocoder folder's meta, refused when its log-mel front end is not ``mel`` (the mel VAE's)."""
+    meta = read_meta(folder, "vocoder")
+    if mel is not None and meta["config"]["mel"] != mel:
+        raise UserError(f"{folder}: the vocoder reads another mel front end than the mel VAE "
+                        f"({meta['config']['mel']} vs {mel}); train it with `soundlake train vocoder --vae <mel VAE>`")
+    return meta
+
+
+def load_vocoder(folder: str | Path, device="cpu", mel: dict | None = None):
+    """(Vocoder in eval mode, meta) from a vocoder folder; ``mel``: the front end it must share."""
+    from soundlake.generation.vocoder import Vocoder, VocoderConfig
+
+    meta = check_vocoder(folder, mel)
+    vocoder = Vocoder(VocoderConfig.from_dict(meta["config"]))
+    vocoder.load_state_dict(load_weights(folder, device))
+    return vocoder.to(device).eval(), meta
 
 
 def copy_model(src: str | Path, dst: str | Path) -> None:
@@ -100,20 +126,28 @@ class GeneratedAudio:
 
 
 class Generator:
-    """A trained DiT with its VAE and text encoder, ready to sample."""
+    """A trained DiT with its VAE and text encoder, ready to sample. With a mel VAE, the decoded
+    log-mel becomes audio through the folder's vocoder (``vocoder/``), else (or with
+    ``griffin_lim=True``) through Griffin-Lim."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", griffin_lim: bool = False):
+        from soundlake.generation.backbones import build_backbone
         from soundlake.generation.conditioning import TextConditioner
         from soundlake.generation.diffusion import Schedule
-        from soundlake.generation.dit import DiT, DiTConfig
 
         self.folder = Path(folder)
         self.device = torch.device(device)
         self.meta = read_meta(folder, "dit")
-        self.dit = DiT(DiTConfig.from_dict(self.meta["config"]))
+        self.dit = build_backbone(self.meta["config"])  # the DiT or FIT backbone (config key "backbone")
         self.dit.load_state_dict(load_weights(folder, device))
         self.dit.to(self.device).eval()
         self.vae, self.vae_meta = load_vae(self.folder / "vae", device)
+        self.is_mel = is_mel(self.vae_meta["config"])
+        # 2D mel latents: this many frequency rows per latent frame, each a token (time-major)
+        self.grid_freq = int(self.meta["latents"].get("grid_freq", 1))
+        self.vocoder = None
+        if self.is_mel and not griffin_lim and (self.folder / "vocoder" / META).is_file():
+            self.vocoder, _ = load_vocoder(self.folder / "vocoder", device, self.vae_meta["config"]["mel"])
         self.schedule = Schedule(**self.meta["schedule"])
         self.text = TextConditioner(self.meta.get("text", {}).get("path"), device=device)
         self.latent_mean = float(self.meta["latents"]["mean"])
@@ -126,46 +160,76 @@ class Generator:
             self.clap = load_clap(self.conditioning["extra_clap"], device=device)
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu") -> "Generator":
-        return cls(folder, device)
+    def load(cls, folder: str | Path, device: str = "cpu", griffin_lim: bool = False) -> "Generator":
+        return cls(folder, device, griffin_lim)
 
     @property
     def sample_rate(self) -> int:
         return self.vae.cfg.sample_rate
 
     def frames(self, seconds: float) -> int:
-        return max(1, round(seconds * self.vae.latent_rate))
+        """The DiT's sequence length for ``seconds``: latent frames x frequency rows."""
+        return max(1, round(seconds * self.vae.latent_rate)) * self.grid_freq
 
-    def condition(self, prompts: list[str], reference: np.ndarray | None = None):
+    @property
+    def inversion(self) -> str | None:
+        """How decoded log-mels become audio (None: a waveform VAE decodes audio itself)."""
+        return None if not self.is_mel else "vocoder" if self.vocoder is not None else "griffin-lim"
+
+    @property
+    def sources(self) -> list[str]:
+        """The dataset-ID vocabulary (empty: trained without dataset-ID conditioning)."""
+        return list(self.dit.cfg.sources)
+
+    def condition(self, prompts: list[str], reference: np.ndarray | None = None, source: str | None = None):
         """Text tokens (+ the GenAu CLAP vector, + the DC-LDM stream of a reference clip
-        [T] at the VAE's rate, when the model was trained with them)."""
+        [T] at the VAE's rate, when the model was trained with them; + the dataset-ID of
+        ``source``, unknown when None)."""
         from soundlake.generation.conditioning import build_condition
+        from soundlake.generation.dataset_id import source_id
 
         extra_fn = self.clap.embed_text if self.clap is not None else None
         cond = build_condition(list(prompts), self.text, extra_fn=extra_fn)
+        if source is not None and not self.sources:
+            raise UserError(f"{self.folder}: --source {source}: this model was trained without dataset-ID "
+                            "conditioning (no sources in its config)")
+        if self.sources:
+            try:
+                sid = source_id(source, self.sources)
+            except ValueError as e:
+                raise UserError(f"--source: {e}") from None
+            cond.source = torch.full((len(prompts),), sid, dtype=torch.long, device=cond.context.device)
         if reference is not None:
             if not self.conditioning.get("cond2"):
                 raise UserError(f"{self.folder}: this DiT has no second condition stream (trained without cond2)")
             n = len(reference) - len(reference) % self.vae.hop
             with torch.no_grad():
                 z = self.vae.encode(torch.as_tensor(reference[:n], dtype=torch.float32)[None, None].to(self.device)).mean
-            z = pool_frames((z.transpose(1, 2) - self.latent_mean) / self.latent_std, self.conditioning["cond2_frames"])
+            z = pool_frames((to_tokens(z, self.grid_freq) - self.latent_mean) / self.latent_std,
+                            self.conditioning["cond2_frames"])
             cond.context2 = z.expand(len(prompts), -1, -1).to(cond.context.device)
             cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=cond.context.device)
         return cond
 
     def to_audio(self, latents: torch.Tensor, seconds: float) -> np.ndarray:
         """DiT latents [B, F, C] -> waveforms [B, T] at the VAE's rate, cut to ``seconds``."""
-        z = latents * self.latent_std + self.latent_mean
+        z = from_tokens(latents * self.latent_std + self.latent_mean, self.grid_freq).to(self.device)
         with torch.no_grad():
-            wav = self.vae.decode(z.transpose(1, 2).to(self.device))[:, 0]
-        n = round(seconds * self.sample_rate)
-        return wav[:, :n].float().cpu().numpy()
+            out = self.vae.decode(z)   # a waveform [B, 1, T], or a mel VAE's log-mel [B, n_mels, frames]
+            if not self.is_mel:
+                wav = out[:, 0].float().cpu().numpy()
+            elif self.vocoder is not None:
+                wav = self.vocoder(out.float()).cpu().numpy()
+            else:
+                from soundlake.generation.mel import griffin_lim
+
+                wav = griffin_lim(out.float(), self.vae.cfg.mel)
+        return wav[:, :round(seconds * self.sample_rate)]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seconds: float = 10.0, steps: int = 100, sampler: str = "ddim",
                  cfg: float = 5.0, rescale: float = 0.75, rescale_axis: str = "all", seed: int = 0,
-                 callback=None, reference: np.ndarray | None = None) -> GeneratedAudio:
+                 callback=None, reference: np.ndarray | None = None, source: str | None = None) -> GeneratedAudio:
         from soundlake.generation.diffusion import sample
 
         if seconds <= 0:
@@ -173,12 +237,17 @@ class Generator:
         prompts = list(prompts)
         shape = (len(prompts), self.frames(seconds), self.dit.cfg.in_channels)
         gen = torch.Generator().manual_seed(seed)
-        latents, meta = sample(self.dit, shape, self.condition(prompts, reference), steps=steps, sampler=sampler, cfg=cfg,
-                               rescale=rescale, rescale_axis=rescale_axis, generator=gen, callback=callback,
-                               schedule=self.schedule, device=self.device)
+        latents, meta = sample(self.dit, shape, self.condition(prompts, reference, source), steps=steps,
+                               sampler=sampler, cfg=cfg, rescale=rescale, rescale_axis=rescale_axis, generator=gen,
+                               callback=callback, schedule=self.schedule, device=self.device)
         meta |= {"seed": seed, "seconds": seconds, "frames": shape[1], "sample_rate": self.sample_rate,
                  "model": str(self.folder), "model_step": self.meta.get("train", {}).get("step"),
-                 "text_encoder": self.text.identity.get("model"), "reference": reference is not None}
+                 "text_encoder": self.text.identity.get("model"), "reference": reference is not None,
+                 "backbone": self.meta["config"].get("backbone", "dit")}
+        if self.is_mel:
+            meta |= {"inversion": self.inversion, "grid_freq": self.grid_freq}
+        if self.sources:
+            meta["source"] = source or "unknown"
         return GeneratedAudio(self.to_audio(latents, seconds), self.sample_rate, prompts, meta)
 
 

@@ -2,12 +2,13 @@
 
 After "AudioCache: adaptive layer caching for DiT audio generation". Each cached layer
 (a block's ``self_attn``, ``cross_attn``, ``cross_attn2`` or ``ff`` submodule, whose output
-the block adds to its residual stream) returns the output it computed at its last refresh
-instead of running again; the residual additions around it are always computed.
+the block adds to its residual stream; a FIT block's also ``local_attn``, ``local_ff``,
+``read`` and ``write``) returns the output it computed at its last refresh instead of
+running again; the residual additions around it are always computed.
 
 Public API::
 
-    layer_names(model, kinds=("self_attn", "cross_attn", "ff"), optional=("cross_attn2",),
+    layer_names(model, kinds=("self_attn", "cross_attn", "ff"), optional=OPTIONAL_LAYERS,
                 container="blocks") -> list[str]           # e.g. ["blocks.0.self_attn", ...]
     model_hash(model) -> str                                # sha256 of the state_dict (16 hex)
 
@@ -91,6 +92,8 @@ from soundlake.generation.inference.hooks import (
 )
 
 HOOK_NAME = "audiocache"  # the hook name on the model and on each cached layer
+# Listed where a block has them: the DiT's second cross-attention, FIT's patch-side and read/write layers.
+OPTIONAL_LAYERS = ("cross_attn2", "local_attn", "local_ff", "read", "write")
 
 
 class ProfileMismatch(ValueError):
@@ -195,7 +198,7 @@ class _Stepper:
 def layer_names(
     model: nn.Module,
     kinds: Sequence[str] = ("self_attn", "cross_attn", "ff"),
-    optional: Sequence[str] = ("cross_attn2",),
+    optional: Sequence[str] = OPTIONAL_LAYERS,
     container: str = "blocks",
 ) -> list[str]:
     """Explicit layer names ``{container}.{i}.{kind}``: every block must have each of

@@ -33,6 +33,9 @@ Public API::
 
 The hooks sit on the attention cores, below AudioCache's layer hooks (``self_attn``), so
 both can be attached together in either order: a reused layer runs no attention at all.
+On the FIT backbone (fit.py) ``self_attn`` is the global attention among its latent tokens
+(``latents_per_group`` per group, in time order), so ``window`` and ``min_tokens`` count
+latent tokens there; its local attention is already bounded by the group.
 
 Only the default call shape is sparse: a key-padding mask broadcast over queries
 (``[..., 1, N]`` boolean) is supported, other masks, dropout and causal attention raise.

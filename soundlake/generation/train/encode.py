@@ -3,7 +3,8 @@
     soundlake encode --vae runs/vae --shards ./shards/v1 --out ./shards/v1-latents
 
 Each source shard becomes one latent shard of the same name, holding per sample
-``<key>.latents.npy`` (the posterior mean, float32 [C, F] at the VAE's latent rate) and
+``<key>.latents.npy`` (the posterior mean, float32 [C, F] at the VAE's latent rate; a 2D mel
+latent [C, F', T'] folded to [C * F', T'], its ``grid_freq`` F' in the manifest) and
 ``<key>.json`` (the source metadata plus a ``latents`` entry); ``--keep-audio`` keeps the
 ``.flac`` too. Shards are encoded by a Ray Data actor pool (the VAE loaded once per
 actor) and written atomically under their final name. The output ``manifest.json`` has
@@ -49,6 +50,7 @@ class EncodeShard:
     def __init__(self, vae_dir: str, out: str, keep_audio: bool, batch_size: int, threads: int | None):
         import torch
 
+        from soundlake.generation.mel_vae import latent_geometry
         from soundlake.generation.model_folder import load_vae
 
         if threads:
@@ -57,7 +59,7 @@ class EncodeShard:
         self.out, self.keep_audio, self.batch_size = out, keep_audio, batch_size
         self.vae_id = {"path": str(vae_dir), "step": meta.get("train", {}).get("step"),
                        "sample_rate": self.vae.cfg.sample_rate, "latent_rate": self.vae.latent_rate,
-                       "channels": self.vae.latent_dim}
+                       "channels": self.vae.latent_dim, "grid_freq": latent_geometry(meta["config"])["grid_freq"]}
 
     def _encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -75,8 +77,8 @@ class EncodeShard:
                 wav = np.zeros((len(part), 1, padded), np.float32)
                 for j, i in enumerate(part):
                     wav[j, 0, :n] = clips[i]
-                with torch.no_grad():
-                    z = self.vae.encode(torch.from_numpy(wav)).mean.numpy()
+                with torch.no_grad():  # a 2D (mel) latent [B, C, F', T'] is stored folded: [B, C * F', T']
+                    z = self.vae.encode(torch.from_numpy(wav)).mean.flatten(1, -2).numpy()
                 for j, i in enumerate(part):
                     res[i] = z[j]
         return [res[i] for i in range(len(clips))]
@@ -133,6 +135,7 @@ def encode_shards(vae_dir: str, source: str, out: str, *, split: str | None = No
     import ray.data
 
     from soundlake.core.fingerprints import weights_sha256
+    from soundlake.generation.mel_vae import latent_geometry
     from soundlake.generation.model_folder import read_meta
 
     t0 = time.perf_counter()
@@ -145,6 +148,7 @@ def encode_shards(vae_dir: str, source: str, out: str, *, split: str | None = No
     todo_all = [s for s in src_manifest["shards"] if split is None or s["split"] == split]
     if not todo_all:
         raise UserError(f"{source}: no shards" + (f" of split {split!r}" if split else ""))
+    geometry = latent_geometry(vae_meta["config"])
     fs, root = open_uri(out)
     if is_local(fs):
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -173,8 +177,8 @@ def encode_shards(vae_dir: str, source: str, out: str, *, split: str | None = No
         var = sum(e["sumsq"] for e in entries.values()) / max(n, 1) - mean ** 2
         doc = {"format": FORMAT, "source": source, "vae": vae_ident,
                "latents": {"mean": mean, "std": float(np.sqrt(max(var, 1e-12))), "values": n,
-                           "channels": vae_meta["config"]["latent_dim"],
-                           "rate": vae_meta["config"]["sample_rate"] / int(np.prod(vae_meta["config"]["strides"]))},
+                           "channels": geometry["channels"], "rate": geometry["rate"],
+                           "grid_freq": geometry["grid_freq"]},
                "shards": [entries[s["name"]] for s in todo_all if s["name"] in entries]}
         put_bytes(fs, f"{root.rstrip('/')}/manifest.json", json.dumps(doc, indent=2).encode())
         return doc

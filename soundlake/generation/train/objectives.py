@@ -1,7 +1,7 @@
-"""Training objectives: what differs between training the VAE and the DiT (the model, batch
-preparation, one loss step).
+"""Training objectives: what differs between training the VAEs, the vocoder and the DiT (the
+model, batch preparation, one loss step); ``OBJECTIVES`` maps a train spec's kind to one.
 
-Both objectives expose ``model``, ``extra_modules()`` (e.g. the VAE's discriminator),
+All objectives expose ``model``, ``extra_modules()`` (e.g. the VAE's discriminator),
 ``loader_kw`` (how the export loader reads their shards), ``prepare(batch)`` and
 ``step(model, opt, extra_opts, item, phase)``; :mod:`.trainer` runs them on Ray Train.
 """
@@ -12,17 +12,21 @@ from typing import Any
 from soundlake.generation.train.specs import PhaseSpec, TrainSpec
 
 
-class VaeObjective:
-    def __init__(self, spec: TrainSpec, plan: dict, device):
-        from soundlake.generation.vae import VAEConfig, WaveVAE, build_discriminator
+class AudioObjective:
+    """Models trained on audio crops (the VAEs, the vocoder): ``build(plan)`` gives the config,
+    the model, its discriminator (or None) and its train step function."""
 
+    def __init__(self, spec: TrainSpec, plan: dict, device):
         self.spec, self.device = spec, device
-        self.cfg = VAEConfig.from_dict(plan["vae_config"])
-        self.model = WaveVAE(self.cfg).to(device)
-        self.disc = build_discriminator(self.cfg)
+        self.cfg, self.model, self.disc, self._step = self.build(plan)
+        self.model = self.model.to(device)
         self.disc = self.disc.to(device) if self.disc is not None else None
-        samples = max(1, round(spec.seconds * self.cfg.sample_rate / self.cfg.hop)) * self.cfg.hop
-        self.loader_kw = {"seconds": samples / self.cfg.sample_rate, "sample_rate": self.cfg.sample_rate}
+        sr, hop = self.cfg.sample_rate, self.cfg.hop
+        samples = max(1, round(spec.seconds * sr / hop)) * hop
+        self.loader_kw = {"seconds": samples / sr, "sample_rate": sr}
+
+    def build(self, plan: dict):
+        raise NotImplementedError
 
     def extra_modules(self) -> dict:
         return {"disc": self.disc} if self.disc is not None else {}
@@ -32,23 +36,43 @@ class VaeObjective:
         return wav, wav.shape[0]
 
     def step(self, model, opt, extra_opts, wav, phase: PhaseSpec) -> dict:
-        from soundlake.generation.vae import vae_train_step
+        return self._step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
 
-        return vae_train_step(model, opt, wav, self.cfg, self.disc, extra_opts.get("disc"), self.spec.grad_clip)
+
+class VaeObjective(AudioObjective):
+    """The waveform VAE, or the mel VAE when the config says ``kind: mel``."""
+
+    def build(self, plan: dict):
+        from soundlake.generation import mel_vae, vae
+
+        cfg = mel_vae.vae_config(plan["vae_config"])
+        if isinstance(cfg, mel_vae.MelVAEConfig):
+            return cfg, mel_vae.MelVAE(cfg), mel_vae.build_mel_discriminator(cfg), mel_vae.mel_vae_train_step
+        return cfg, vae.WaveVAE(cfg), vae.build_discriminator(cfg), vae.vae_train_step
+
+
+class VocoderObjective(AudioObjective):
+    def build(self, plan: dict):
+        from soundlake.generation import vocoder
+
+        cfg = vocoder.VocoderConfig.from_dict(plan["vocoder_config"])
+        return cfg, vocoder.Vocoder(cfg), vocoder.build_vocoder_discriminator(cfg), vocoder.vocoder_train_step
 
 
 class DitObjective:
     def __init__(self, spec: TrainSpec, plan: dict, device):
+        from soundlake.generation.backbones import build_backbone
         from soundlake.generation.conditioning import TextConditioner
         from soundlake.generation.diffusion import Schedule
-        from soundlake.generation.dit import DiT, DiTConfig
 
         self.spec, self.device = spec, device
         self.text = TextConditioner(spec.text_encoder, device=str(device))
-        self.model = DiT(DiTConfig.from_dict(plan["dit_config"])).to(device)
+        self.model = build_backbone(plan["dit_config"]).to(device)  # DiT or FIT (its "backbone" key)
+        self.sources = list(self.model.cfg.sources)
         self.schedule = Schedule(**plan["schedule"])
         self.mean, self.std = plan["latents"]["mean"], plan["latents"]["std"]
         self.loader_kw = {"latent_frames": max(1, round(spec.seconds * plan["latents"]["rate"]))}
+        self.grid_freq = int(plan["latents"].get("grid_freq", 1))
         self._cache: dict[str, Any] = {}
         self.clap = None
         if spec.extra_clap:
@@ -83,8 +107,22 @@ class DitObjective:
         return Condition(ctx, mask, extra).to(self.device)
 
     def prepare(self, batch) -> tuple[Any, int]:
-        x0 = ((batch.latents - self.mean) / self.std).transpose(1, 2).to(self.device)  # [B, F, C]
-        return (x0, batch.captions), x0.shape[0]
+        from soundlake.generation.mel_vae import to_tokens
+
+        # [B, F, C]; 2D mel latents: F = frames x grid_freq tokens, time-major
+        x0 = to_tokens((batch.latents - self.mean) / self.std, self.grid_freq).to(self.device)
+        return (x0, batch.captions, batch.meta), x0.shape[0]
+
+    def source_ids(self, metas: list[dict]):
+        """Dataset-ids of the samples' sources; a ``source_drop`` fraction trains as unknown (id 0),
+        the id ``generate`` uses without ``--source``."""
+        import torch
+
+        from soundlake.generation.dataset_id import source_ids
+
+        ids = source_ids(metas, self.sources)
+        ids[torch.rand(len(ids)) < self.spec.source_drop] = 0
+        return ids.to(self.device)
 
     def step(self, model, opt, extra_opts, item, phase: PhaseSpec) -> dict:
         import torch
@@ -92,12 +130,17 @@ class DitObjective:
         from soundlake.generation.diffusion import diffusion_train_step
         from soundlake.generation.model_folder import pool_frames
 
-        x0, captions = item
+        x0, captions, metas = item
         masked = phase.mode == "masked"
         cond = None if masked else self._encode(captions)
+        if cond is not None and self.sources:
+            cond.source = self.source_ids(metas)
         if cond is not None and self.spec.cond2 == "latents":
             cond.context2 = pool_frames(x0, self.spec.cond2_frames)
             cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=x0.device)
         return diffusion_train_step(model, opt, x0, cond, self.schedule, masked=masked,
                                     cond_drop=self.spec.cond_drop, grad_clip=self.spec.grad_clip,
                                     mask_frac=tuple(self.spec.mask_frac))
+
+
+OBJECTIVES = {"vae": VaeObjective, "vocoder": VocoderObjective, "dit": DitObjective}

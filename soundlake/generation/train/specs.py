@@ -25,14 +25,18 @@ class PhaseSpec(Section):
     steps: int = Field(..., ge=1)
     mode: Literal["text", "masked"] = Field("text", description="dit: text-conditioned, or masked pretraining")
     lr: float | None = Field(None, gt=0, description="this phase's peak learning rate (default: lr)")
+    data: Literal["shards", "memory"] | None = Field(None, description="this phase's data mode (default: data)")
 
 
 class TrainSpec(Section):
-    kind: Literal["vae", "dit"]
+    kind: Literal["vae", "dit", "vocoder"]
     out: str
     config: str = Field(..., description="model config: a bundled name (vae-tiny, dit-tiny, ...) or a YAML path")
     overrides: dict[str, Any] = Field(default_factory=dict, description="model config keys to change")
-    vae: str | None = Field(None, description="dit: the trained VAE folder whose latents the shards hold")
+    vae: str | None = Field(None, description="dit: the trained VAE folder whose latents the shards hold; "
+                                              "vocoder (optional): the mel VAE whose log-mel front end it reads")
+    vocoder: str | None = Field(None, description="dit on mel-VAE latents: a trained vocoder folder, copied into "
+                                                  "the model folder (generate uses it instead of Griffin-Lim)")
     text_encoder: str | None = Field(None, description="dit: transformers encoder folder (default: MiniLM)")
     extra_clap: str | None = Field(None, description="dit, GenAu dual encoder: a CLAP model whose text embedding "
                                                      "of the caption is a second text condition")
@@ -40,6 +44,10 @@ class TrainSpec(Section):
                                                                "VAE latents pooled to cond2_frames (an acoustic "
                                                                "sequence; at generation: a reference clip's)")
     cond2_frames: int = Field(16, ge=1, description="length of the second stream")
+    backbone: Literal["dit", "fit"] | None = Field(None, description="dit: the backbone, EzAudio-DiT or GenAu's FIT "
+                                                   "(default: the config's model.backbone, else dit)")
+    source_drop: float = Field(0.1, ge=0, le=1, description="dit, dataset-ID (a config with sources): fraction of "
+                                                            "clips trained as 'unknown', the id generate defaults to")
     phases: list[PhaseSpec] = Field(..., min_length=1)
     batch_size: int = Field(16, ge=1, description="per worker")
     seconds: float = Field(2.0, gt=0, description="training crop length in seconds")
@@ -67,12 +75,15 @@ class TrainSpec(Section):
     data: Literal["shards", "memory"] = Field("shards", description="memory: batches held in RAM (benchmarks)")
     ray_address: str | None = None
     ray_num_cpus: int | None = Field(None, ge=1)
+    eval_sets: list[str] = Field(default_factory=list, description="refuse shards whose export leaks into these "
+                                 "eval sets (or did not check them)")
+    allow_leakage: bool = Field(False, description="train on such shards anyway (recorded in the model folder)")
 
     @model_validator(mode="after")
     def _check(self):
         if self.kind == "dit" and not self.vae:
             raise ValueError("vae: a DiT trains on VAE latents; give the VAE folder (--vae runs/vae)")
-        if self.kind == "vae" and any(s.mode == "masked" for s in self.phases):
+        if self.kind != "dit" and any(s.mode == "masked" for s in self.phases):
             raise ValueError("phases: mode 'masked' is for the DiT")
         if "://" in self.out:
             raise ValueError("out: a local or shared folder (Ray Train's storage), not a URI")
@@ -109,14 +120,14 @@ def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None =
 
 def _config_defaults(config: str | None, kind: str) -> dict:
     """Training defaults from the model config's ``train:`` section (DiT configs have one)."""
-    from soundlake.generation.vae import read_config
+    from soundlake.generation.vae import CONFIG_DIR, read_config
 
-    config = config or ("vae-tiny" if kind == "vae" else "dit-tiny")
+    config = config or {"vae": "vae-tiny", "vocoder": "vocoder-tiny"}.get(kind, "dit-tiny")
     try:
         train = dict(read_config(config).get("train") or {})
     except FileNotFoundError:
-        raise UserError(f"config {config!r}: no such bundled config or file "
-                        "(bundled: vae-tiny, vae-ezaudio, dit-tiny, dit-L, dit-XL)") from None
+        bundled = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise UserError(f"config {config!r}: no such bundled config or file (bundled: {bundled})") from None
     allowed = set(TrainSpec.model_fields)
     return {"config": config, **{k: v for k, v in train.items() if k in allowed}}
 
@@ -136,37 +147,52 @@ def _phase_urls(phase: PhaseSpec) -> list[str]:
 def make_plan(spec: TrainSpec) -> dict:
     """Everything the workers need, resolved once on the driver (shard lists, configs)."""
     from soundlake.export.shards import read_manifest
+    from soundlake.generation.mel_vae import (
+        is_mel,
+        latent_geometry,
+        model_keys,
+        vae_config,
+    )
+    from soundlake.generation.model_folder import check_vocoder, read_meta
     from soundlake.generation.train.encode import FORMAT
-    from soundlake.generation.vae import VAEConfig, read_config
+    from soundlake.generation.vae import read_config
 
     plan: dict = {"phases": [_phase_urls(s) for s in spec.phases]}
+    if spec.eval_sets:
+        from soundlake.generation.train.leakage import check_eval_sets
+
+        plan["eval_sets"] = [check_eval_sets(s.shards, spec.eval_sets, spec.allow_leakage) for s in spec.phases]
     if spec.kind == "vae":
         try:
-            plan["vae_config"] = VAEConfig.from_dict({**read_config(spec.config), **spec.overrides}).to_dict()
+            plan["vae_config"] = vae_config({**model_keys(spec.config), **spec.overrides}).to_dict()
         except (ValueError, TypeError) as e:
             raise UserError(f"config {spec.config}: {e}") from None
         return plan
-    from soundlake.generation.dit import DiTConfig
-    from soundlake.generation.model_folder import read_meta
+    if spec.kind == "vocoder":
+        from soundlake.generation.vocoder import VocoderConfig
+
+        raw = {**model_keys(spec.config), **spec.overrides}
+        if spec.vae:  # the mel VAE's own front end: the two cannot disagree
+            vae_cfg = read_meta(spec.vae, "vae")["config"]
+            if not is_mel(vae_cfg):
+                raise UserError(f"--vae {spec.vae}: a waveform VAE decodes audio itself; a vocoder pairs with a mel VAE")
+            raw["mel"] = vae_cfg["mel"]
+        try:
+            plan["vocoder_config"] = VocoderConfig.from_dict(raw).to_dict()
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config {spec.config}: {e}") from None
+        return plan
 
     vae_meta = read_meta(spec.vae, "vae")
+    geometry = latent_geometry(vae_meta["config"])   # token width, and frequency rows per frame (2D mel)
+    if spec.vocoder:
+        if not is_mel(vae_meta["config"]):
+            raise UserError(f"vocoder {spec.vocoder}: {spec.vae} is a waveform VAE (it decodes audio itself)")
+        check_vocoder(spec.vocoder, vae_meta["config"]["mel"])
     raw = read_config(spec.config)
     plan["vae_config"] = vae_meta["config"]
     plan["schedule"] = raw.get("schedule", {})
-    try:
-        model = {**raw.get("model", {}), **spec.overrides, "in_channels": vae_meta["config"]["latent_dim"],
-                 "cond_dim": _text_dim(spec.text_encoder)}
-        if spec.extra_clap:
-            from soundlake.models.clap.load import load_clap
-
-            model["cond_extra_dim"] = load_clap(spec.extra_clap).dim
-        if spec.cond2:
-            model["cond2_dim"] = vae_meta["config"]["latent_dim"]
-            model.setdefault("cross_attn2_blocks", list(range(3, int(model.get("depth", 12)), 4)) or [0])
-        cfg = DiTConfig.from_dict(model)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config {spec.config}: {e}") from None
-    plan["dit_config"] = cfg.to_dict()
+    plan["dit_config"] = dit_model_config(spec, raw, geometry["channels"])
     from soundlake.core.fingerprints import weights_sha256
 
     vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
@@ -182,8 +208,31 @@ def make_plan(spec: TrainSpec) -> dict:
         if m["vae"]["weights_sha256"] != vae_sha:
             raise UserError(f"phase {phase.name}: {phase.shards} was encoded by another VAE than {spec.vae}")
         stats = stats or m["latents"]
-    plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"]}
+    plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"],
+                       "grid_freq": geometry["grid_freq"]}
     return plan
+
+
+def dit_model_config(spec: TrainSpec, raw: dict, latent_dim: int) -> dict:
+    """The backbone's config dict (with its ``backbone`` key) for a DiT spec: the config's model
+    keys, the spec's overrides and backbone, the widths of the latents and the encoders."""
+    from soundlake.generation.backbones import backbone_config, config_dict
+
+    try:
+        model = {**raw.get("model", {}), **spec.overrides, "in_channels": latent_dim,
+                 "cond_dim": _text_dim(spec.text_encoder)}
+        if spec.backbone:
+            model["backbone"] = spec.backbone
+        if spec.extra_clap:
+            from soundlake.models.clap.load import load_clap
+
+            model["cond_extra_dim"] = load_clap(spec.extra_clap).dim
+        if spec.cond2:
+            model["cond2_dim"] = latent_dim
+            model.setdefault("cross_attn2_blocks", list(range(3, int(model.get("depth", 12)), 4)) or [0])
+        return config_dict(backbone_config(model))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config {spec.config}: {e}") from None
 
 
 def _text_dim(path: str | None) -> int:
@@ -208,5 +257,6 @@ def absolute_paths(spec: TrainSpec) -> TrainSpec:
     clap = spec.extra_clap  # a folder, or a cached hub id left as it is
     clap = local(clap) if clap and Path(clap).expanduser().exists() else clap
     return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
+                                   "vocoder": local(spec.vocoder),
                                    "text_encoder": local(spec.text_encoder), "extra_clap": clap,
                                    "phases": phases})

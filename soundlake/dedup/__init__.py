@@ -1,0 +1,1 @@
+"""Near-duplicate detection: content fingerprints, embedding neighbours, duplicate groups."""

@@ -1,0 +1,230 @@
+"""Content fingerprints: Chromaprint raw fingerprints, their comparison and an index.
+
+``fingerprint(audio, sr)`` calls libchromaprint in-process through ctypes: about 20 ms for a
+10 s clip, against about 150 ms for Debian's ``fpcalc -raw`` (a process start plus a WAV
+written and decoded again for every clip), and no extra Python package (pyacoustid's
+``chromaprint`` module is the same ctypes binding). The library comes with Debian's
+``libchromaprint-tools`` (``libchromaprint1``, which ffmpeg's packages also pull in). Audio
+is resampled to Chromaprint's 11025 Hz with soxr first, as fpcalc resamples with ffmpeg:
+Chromaprint's own resampler is slower and rougher.
+
+A raw fingerprint is one 32-bit item per ~0.124 s (8.08 items/s); each item summarises
+about 2 s of chroma, and the first ~2.6 s of a clip yield none (a 10 s clip gives ~59
+items; under ~3 s, none). ``similarity`` aligns two fingerprints as AcoustID does: at every
+offset it counts the differing bits (popcount of XOR) over the overlap, and the best offset
+gives ``1 - bit error rate``. Only offsets whose overlap covers ``min_coverage`` of the
+shorter fingerprint count, so a clip matches a trimmed copy or an excerpt of itself, but not
+another clip that shares a 2 s sound (two synthetic hums at other times).
+
+Calibration (``FP_THRESHOLD``; ``benchmarks/dedup.py`` prints it again): on 10 s synth
+clips made of event sequences, copies re-encoded as MP3 128k, resampled 44.1k->22.05k->44.1k,
+at -6 dB, trimmed by 1 s, or mixed with white noise at 30 dB SNR score >= 0.89 (noise is
+the hardest: MP3 >= 0.95, the others >= 0.94), while different clips sharing a synth class
+score <= 0.86 and unrelated real audio about 0.5-0.75 (Chromaprint's bits are biased, so
+two noise floors already agree on ~75% of them). Clips that are mostly a quiet noise floor
+(one short event in 10 s) are the weak case: added noise rewrites the floor's items, and
+such a copy can fall below the threshold.
+
+``FingerprintIndex`` finds candidates through an inverted index on the items' top
+``key_bits`` bits (AcoustID indexes the top 28), counts the keys a candidate shares, and
+verifies the ones sharing ``min_hits`` keys with ``similarity``: no scan over all entries.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Iterator
+
+import numpy as np
+
+from soundlake.core.audio import resample
+from soundlake.core.errors import UserError
+
+CHROMAPRINT_RATE = 11025     # Chromaprint's internal rate: resampling to it ourselves is exact
+ALGORITHM = 1                # CHROMAPRINT_ALGORITHM_TEST2, the default of fpcalc and AcoustID
+MIN_OVERLAP = 20             # items (~2.5 s) two fingerprints must overlap to be compared
+MIN_COVERAGE = 0.8           # ... and the share of the shorter one that overlap must cover
+FP_THRESHOLD = 0.88          # 1 - bit error rate at which two clips are the same content
+
+
+def _load() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("chromaprint")
+    if name is None:
+        return None
+    lib = ctypes.CDLL(name)
+    ptr, u32p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
+    for fn, res, args in (("chromaprint_new", ptr, [ctypes.c_int]), ("chromaprint_free", None, [ptr]),
+                          ("chromaprint_start", ctypes.c_int, [ptr, ctypes.c_int, ctypes.c_int]),
+                          ("chromaprint_feed", ctypes.c_int, [ptr, ptr, ctypes.c_int]),
+                          ("chromaprint_finish", ctypes.c_int, [ptr]),
+                          ("chromaprint_get_raw_fingerprint", ctypes.c_int,
+                           [ptr, ctypes.POINTER(u32p), ctypes.POINTER(ctypes.c_int)]),
+                          ("chromaprint_dealloc", None, [ptr]), ("chromaprint_get_version", ctypes.c_char_p, [])):
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    return lib
+
+
+_LIB = _load()
+FINGERPRINTER = (f"chromaprint-{_LIB.chromaprint_get_version().decode()}/alg2/soxr11025" if _LIB
+                 else "chromaprint-missing")
+
+
+def fingerprint(audio: np.ndarray, sr: int) -> np.ndarray:
+    """Mono float audio in [-1, 1] at ``sr`` Hz -> Chromaprint's raw fingerprint (uint32 items).
+
+    Audio too short to fingerprint (under ~3 s) gives an empty array."""
+    if _LIB is None:
+        raise UserError("libchromaprint not found: install Debian's libchromaprint-tools (scripts/setup.sh)")
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"fingerprint: mono audio expected (1-D), got shape {audio.shape}")
+    if not (isinstance(sr, (int, np.integer)) and sr > 0):
+        raise ValueError(f"fingerprint: sample rate must be a positive integer, got {sr!r}")
+    if audio.size == 0:
+        return np.zeros(0, np.uint32)
+    x = resample(np.nan_to_num(audio.astype(np.float32, copy=False)), int(sr), CHROMAPRINT_RATE)
+    pcm = np.ascontiguousarray(np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16))
+    ctx = _LIB.chromaprint_new(ALGORITHM)
+    try:
+        if not (_LIB.chromaprint_start(ctx, CHROMAPRINT_RATE, 1)
+                and _LIB.chromaprint_feed(ctx, pcm.ctypes.data, pcm.size) and _LIB.chromaprint_finish(ctx)):
+            raise RuntimeError("libchromaprint refused the audio")
+        items, size = ctypes.POINTER(ctypes.c_uint32)(), ctypes.c_int()
+        if not _LIB.chromaprint_get_raw_fingerprint(ctx, ctypes.byref(items), ctypes.byref(size)):
+            return np.zeros(0, np.uint32)
+        try:
+            return np.ctypeslib.as_array(items, (size.value,)).copy() if size.value else np.zeros(0, np.uint32)
+        finally:
+            _LIB.chromaprint_dealloc(items)
+    finally:
+        _LIB.chromaprint_free(ctx)
+
+
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint32 (numpy >= 2 has a ufunc; older ones use a byte table)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _BYTE_BITS[np.ascontiguousarray(x, np.uint32).view(np.uint8)].reshape(*x.shape, 4).sum(-1)
+
+
+def _as_items(fp) -> np.ndarray:
+    a = np.asarray(fp)
+    if a.ndim != 1:
+        raise ValueError(f"a fingerprint is a 1-D array of uint32 items, got shape {a.shape}")
+    return a.astype(np.uint32, copy=False)
+
+
+def similarity(a, b, min_overlap: int = MIN_OVERLAP, *, min_coverage: float = MIN_COVERAGE) -> tuple[float, int]:
+    """(1 - bit error rate, offset) at the best alignment ``a[i] ~ b[i + offset]``.
+
+    Offsets count when their overlap has at least ``min_overlap`` items and covers at least
+    ``min_coverage`` of the shorter fingerprint; (0.0, 0) when no offset does."""
+    a, b = _as_items(a), _as_items(b)
+    na, nb = a.size, b.size
+    need = max(int(min_overlap), 1, int(np.ceil(min_coverage * min(na, nb) - 1e-9)))
+    if min(na, nb) < need:
+        return 0.0, 0
+    offsets = np.arange(-(na - 1), nb)
+    overlap = np.minimum(na, nb - offsets) - np.maximum(0, -offsets)
+    valid = np.flatnonzero(overlap >= need)     # one run: the overlap rises, stays, falls
+    # b padded with na - 1 empty items each side: window k holds b aligned at offset k - (na - 1)
+    padded = np.zeros(nb + 2 * (na - 1), np.uint32)
+    padded[na - 1:na - 1 + nb] = b
+    real = np.zeros(padded.size, np.uint8)
+    real[na - 1:na - 1 + nb] = 1
+    errors = np.empty(valid.size, np.int64)
+    step = max(1, 2**20 // na)
+    for r in range(0, valid.size, step):
+        window = valid[r:r + step, None] + np.arange(na)
+        errors[r:r + step] = (popcount(padded[window] ^ a) * real[window]).sum(axis=1)
+    score = 1.0 - errors / (32.0 * overlap[valid])
+    best = int(np.argmax(score))
+    return float(score[best]), int(offsets[valid[best]])
+
+
+class FingerprintIndex:
+    """Fingerprints by key, matched through an inverted index on their items' top bits.
+
+    A query looks up its distinct keys (``item >> (32 - key_bits)``), counts how many each
+    stored fingerprint shares, and verifies those with ``min_hits`` or more with
+    :func:`similarity`. Keys held by more than ``max_postings`` fingerprints (silence, a
+    steady tone) are skipped: they select nothing. ``pairs`` runs the queries in blocks, so
+    its memory is the index plus one block's postings."""
+
+    def __init__(self, *, key_bits: int = 24, min_hits: int = 2, max_postings: int = 2000,
+                 min_overlap: int = MIN_OVERLAP, min_coverage: float = MIN_COVERAGE):
+        if not 8 <= key_bits <= 32:
+            raise ValueError(f"key_bits must be between 8 and 32, got {key_bits}")
+        self.key_bits, self.min_hits, self.max_postings = key_bits, max(1, min_hits), max_postings
+        self.min_overlap, self.min_coverage = min_overlap, min_coverage
+        self._keys: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._fps: list[np.ndarray] = []
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (keys, fingerprint numbers), by key
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: str, fp) -> None:
+        if key in self._pos:
+            raise ValueError(f"fingerprint index: key {key!r} added twice")
+        self._pos[key] = len(self._keys)
+        self._keys.append(key)
+        self._fps.append(_as_items(fp).copy())
+        self._sorted = None
+
+    def _keys_of(self, fps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(key, fingerprint number in ``fps``) of each distinct key of each fingerprint, by key."""
+        items = np.concatenate(fps) if fps else np.zeros(0, np.uint32)
+        owner = np.repeat(np.arange(len(fps), dtype=np.uint64), [fp.size for fp in fps])
+        code = np.unique(((items >> np.uint32(32 - self.key_bits)).astype(np.uint64) << np.uint64(32)) | owner)
+        return (code >> np.uint64(32)).astype(np.uint32), (code & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+    def _postings(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._sorted is None:
+            self._sorted = self._keys_of(self._fps)
+        return self._sorted
+
+    def _candidates(self, queries: list[np.ndarray], first: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(query number, stored number) sharing >= min_hits keys; with ``first`` set, the
+        queries are stored numbers first, first+1, ... and only later ones are candidates."""
+        keys, owner = self._postings()
+        qkeys, qnum = self._keys_of(queries)
+        lo, hi = np.searchsorted(keys, qkeys, "left"), np.searchsorted(keys, qkeys, "right")
+        keep = (hi > lo) & (hi - lo <= self.max_postings)
+        lo, n, qnum = lo[keep], (hi - lo)[keep], qnum[keep]
+        # every (query, posting) hit, without a Python loop over the postings
+        idx = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+        hit_q, hit_t = np.repeat(qnum, n), owner[idx]
+        if first is not None:
+            later = hit_t > hit_q + first
+            hit_q, hit_t = hit_q[later], hit_t[later]
+        code, count = np.unique(hit_q * len(self._keys) + hit_t, return_counts=True)
+        code = code[count >= self.min_hits]
+        return code // len(self._keys), code % len(self._keys)
+
+    def _verify(self, q: np.ndarray, t: int, threshold: float) -> float | None:
+        s, _ = similarity(q, self._fps[t], self.min_overlap, min_coverage=self.min_coverage)
+        return s if s >= threshold else None
+
+    def query(self, fp, threshold: float = FP_THRESHOLD) -> list[tuple[str, float]]:
+        """Stored (key, similarity) pairs with similarity >= ``threshold``, best first."""
+        q = _as_items(fp)
+        if not self._keys or q.size == 0:
+            return []
+        _, targets = self._candidates([q], None)
+        found = [(self._keys[t], s) for t in targets.tolist() if (s := self._verify(q, t, threshold)) is not None]
+        return sorted(found, key=lambda kv: (-kv[1], kv[0]))
+
+    def pairs(self, threshold: float = FP_THRESHOLD, block: int = 4096) -> Iterator[tuple[str, str, float]]:
+        """Every pair of stored fingerprints with similarity >= ``threshold`` once, as (a, b, s), a < b."""
+        for start in range(0, len(self._keys), block):
+            qs, ts = self._candidates(self._fps[start:start + block], start)
+            for q, t in zip((qs + start).tolist(), ts.tolist()):
+                if (s := self._verify(self._fps[q], t, threshold)) is not None:
+                    a, b = sorted((self._keys[q], self._keys[t]))
+                    yield a, b, s
+
