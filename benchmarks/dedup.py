@@ -22,7 +22,7 @@
 Peak memory is the process's peak resident set during each part (Linux: reset through
 /proc/self/clear_refs). The machine is shared: times are wall-clock and CPU seconds.
 Run: ``python benchmarks/dedup.py [--vectors 1000000 --fingerprints 100000]``
-(``--quick``: 30,000 vectors, 3,000 fingerprints, 3 real clips).
+(``--quick``: 20,000 128-d vectors, 3,000 fingerprints, 4 real clips).
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def main() -> None:
     ap.add_argument("--fingerprints", type=int, default=100_000)
     ap.add_argument("--real-clips", type=int, default=60)
     ap.add_argument("--real-altered", type=int, default=30, help="clips (of --real-clips) given altered copies")
-    a = parse_args(ap, dict(vectors=30_000, clusters=256, queries=200, fingerprints=3000, real_clips=4,
+    a = parse_args(ap, dict(vectors=20_000, dim=128, clusters=256, queries=200, fingerprints=3000, real_clips=4,
                             real_altered=2))
     fingerprints(a)
     real_margin(a)

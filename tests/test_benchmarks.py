@@ -76,6 +76,7 @@ def _run_quick(script: str, env: dict[str, str], out: str, err: str) -> None:
         os.close(f)
     sys.argv = [script, "--quick"]
     sys.path.insert(0, os.path.dirname(script))
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again, not the forkserver
     try:
         runpy.run_path(script, run_name="__main__")
     finally:

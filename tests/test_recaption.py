@@ -9,7 +9,11 @@ from soundlake.models.captioners.qwen import QwenCaptioner, lint
 from soundlake.pipelines.recaption import RecaptionArgs, recaption
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
-from soundlake.testing import make_tiny_causal_lm, make_tiny_qwen2_audio
+from soundlake.testing import (
+    make_synth_lake,
+    make_tiny_causal_lm,
+    make_tiny_qwen2_audio,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +46,7 @@ def test_prompt_versions_and_batching(tiny_models):
 
 def test_recaption_rows_refine_lint_and_resume(ray_session, tiny_models, tmp_path):
     instruct, _, lm = tiny_models
-    lake = str(tmp_path / "lake")
-    run_pipeline(load_spec("demo", sets=["source.count=6", "source.duration=3.0", "segment.window=3.0",
-                                         "stages=[segment]"]), lake)
+    lake = make_synth_lake(tmp_path, 6, seconds=3.0).uri  # 6 synth clips, written without Ray
     args = RecaptionArgs(model=str(instruct), refine=str(lm), batch_size=2, limit=3)
     first = recaption(lake, args)
     assert first.inputs_total == 3

@@ -8,8 +8,9 @@ vectors whose nearest cell it is against every vector listed there. Two vectors 
 when the nearest cell of one is among the ``spill`` nearest of the other; at high thresholds
 near-duplicates share their nearest cell, so few are missed (``benchmarks/dedup.py`` measures
 the recall against exact search), and every score is an exact float32 cosine. A cell search
-runs at matrix-product speed, several times faster per comparison than faiss's
-``IndexIVFFlat`` scanning its lists one query at a time.
+runs at matrix-product speed: about 7 times as many comparisons a second here as faiss's
+``IndexIVFFlat.range_search``, which scans its lists one query at a time (1,000,000 x 512-d:
+~115 CPU-s against ~400 estimated).
 
 Memory: the vectors as float32 (4 bytes a dimension a vector: this is the index), the
 cell numbers, one cell's candidates and 12 bytes a pair found. ``vectors`` may be one array
