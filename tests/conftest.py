@@ -65,4 +65,3 @@ def soundlake_here(monkeypatch):
     def run(*args, env: dict | None = None):
         return CliRunner().invoke(app, [str(a) for a in args], env=env)
     return run
-

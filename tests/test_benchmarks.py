@@ -112,7 +112,8 @@ def test_quick_run_prints_its_figures(script, ray_session, warm_python, tmp_path
     if proc.exitcode is None:
         proc.kill()
         proc.join()
-        pytest.fail(f"{script.name} --quick ran past {TIMEOUT_S} s; its output:\n{out_path.read_text()[-3000:]}")
+        pytest.fail(f"{script.name} --quick ran past {TIMEOUT_S} s; its output:\n{out_path.read_text()[-3000:]}\n"
+                    f"--- stderr ---\n{err_path.read_text(errors='replace')[-3000:]}")
     took = time.perf_counter() - t0
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     out = stdout + "\n--- stderr ---\n" + stderr[-4000:]

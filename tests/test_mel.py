@@ -95,14 +95,14 @@ def test_latent_shapes_tokens_and_round_trip(latent):
 
 def test_vocoder_training_loss_falls_and_keeps_length():
     torch.manual_seed(0)
-    cfg = VocoderConfig(dim=32, intermediate=64, layers=2)
+    cfg = VocoderConfig(dim=32, intermediate=64, layers=2, stft_sizes=[512, 128])
     voc = Vocoder(cfg)
-    wav = synth_crops(4, 0.32)
+    wav = synth_crops(2, 0.32)
     opt = torch.optim.AdamW(voc.parameters(), lr=3e-3)
-    losses = [vocoder_train_step(voc, opt, wav, cfg)["loss"] for _ in range(40)]
+    losses = [vocoder_train_step(voc, opt, wav, cfg)["loss"] for _ in range(30)]
     assert np.mean(losses[-5:]) < 0.8 * losses[0], losses
     with torch.no_grad():
-        assert voc(voc.mel(wav)).shape == (4, wav.shape[-1])
+        assert voc(voc.mel(wav)).shape == (2, wav.shape[-1])
 
 
 @pytest.mark.parametrize("freq", [440.0, 1500.0])
