@@ -17,4 +17,7 @@ fi
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+# Byte-compile the (editable) package once: where PYTHONDONTWRITEBYTECODE is set, every CLI
+# process and Ray worker would otherwise compile it again (~0.5 CPU-s each).
+.venv/bin/python -m compileall -q soundlake
 echo "soundlake is set up: .venv/bin/soundlake --help"

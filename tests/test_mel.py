@@ -184,7 +184,7 @@ def test_generate_through_the_cli_on_the_mel_path(mel_shards, tmp_path):
     spec = load_train_spec("dit", shards=str(mel_shards["latents"]), vae=str(mel_shards["vae"]), out=str(out),
                            steps=4, batch_size=2, seconds=0.64, vocoder=str(mel_shards["vocoder"]),
                            sets=["overrides.depth=2", "overrides.hidden=32", "overrides.heads=2",
-                                 "overrides.sola_rank=4", "shuffle=0", "log_every=1"])
+                                 "overrides.sola_rank=4", "shuffle=0", "log_every=1", "workers=0"])
     assert train(spec).steps == 4
     meta = read_meta(out, "dit")
     assert meta["latents"]["grid_freq"] == 8 and meta["config"]["in_channels"] == 8

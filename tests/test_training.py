@@ -1,9 +1,11 @@
 """Generators trained end to end from shards on Ray Train: VAE, encode, DiT, resume, generate.
 
-Every Ray Train run costs ~15-20 s of start-up here, so the runs are few and shared: one
-8-step dual-conditioned DiT run (``dit_base``) is the dual-conditioning test's model, the
-resume test's uninterrupted reference and the weights of ``init_run``, which trains from
-them through the CLI on two DDP workers (the CLI, init and DDP tests read it).
+Every Ray Train run costs ~15-20 s of start-up here, so the runs are few and shared, and the
+ones that do not test Ray Train itself run in its local mode (``workers=0``: the same loop in
+this process). One 8-step dual-conditioned DiT run (``dit_base``, local mode) is the
+dual-conditioning test's model, the resume test's uninterrupted reference (so that test also
+shows a Ray Train run computes what local mode computes) and the weights of ``init_run``, which
+trains from them through the CLI on two DDP workers (the CLI, init and DDP tests read it).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def audio_shards(tmp_path_factory):
 def vae_dir(audio_shards, ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "vae"
     spec = load_train_spec("vae", shards=str(audio_shards), out=str(out), steps=40, batch_size=4, seconds=0.5,
-                           sets=["log_every=5", "checkpoint_every=20", "shuffle=16", "lr=1e-3"])
+                           sets=["log_every=5", "checkpoint_every=20", "shuffle=16", "lr=1e-3", "workers=0"])
     summary = train(spec)
     assert summary.steps == 40
     return out
@@ -90,7 +92,8 @@ def dit_base(latent_shards, vae_dir, tiny_clap, tmp_path_factory):
     """8 uninterrupted steps of a DiT with both extra conditions: GenAu's CLAP text vector and
     DC-LDM's second stream (the clip's own latents)."""
     out = tmp_path_factory.mktemp("runs") / "base"
-    assert train(dit_spec(latent_shards, vae_dir, out, 8, *base_sets(tiny_clap))).steps == 8
+    s = train(dit_spec(latent_shards, vae_dir, out, 8, *base_sets(tiny_clap), "workers=0"))
+    assert s.steps == 8 and s.ray_startup_s == 0.0   # local mode starts no Ray
     return out
 
 
@@ -166,7 +169,7 @@ def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir,
     # the pretrain phase reads from memory (a phase's data mode): the run switches to the shards
     spec = dit_spec(latent_shards, vae_dir, out, None, "log_every=5", "lr=1e-3", "ema=0.9",
                     "phases=[{name: pretrain, mode: masked, shards: %s, steps: 10, data: memory}, "
-                    "{name: text, shards: %s, steps: 50}]" % (latent_shards, latent_shards))
+                    "{name: text, shards: %s, steps: 50}]" % (latent_shards, latent_shards), "workers=0")
     s = train(spec)
     assert s.steps == 60
     rows = log_rows(out)
@@ -197,12 +200,15 @@ def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir,
     assert json.loads((tmp_path / "long.wav.json").read_text())["sparse_attention"] == "litefocus"
 
 
+@pytest.mark.parametrize("workers", [1, 0], ids=["ray_train", "local_mode"])
 def test_resume_reproduces_the_uninterrupted_next_step_loss(dit_base, latent_shards, vae_dir, tiny_clap,
-                                                             tmp_path):
-    sets = base_sets(tiny_clap)   # dit_base is the uninterrupted run "a"
+                                                             tmp_path, workers):
+    sets = [*base_sets(tiny_clap), f"workers={workers}"]   # dit_base is the uninterrupted run "a"
     train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 5, *sets))       # stops (checkpoint) at step 5
     s = train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 8, *sets))   # resumes at step 5
     assert s.resumed_from == 5 and s.steps == 8
+    # both modes keep finished checkpoints as <out>/ray_train/step-N, the newest keep_checkpoints of them
+    assert sorted(p.name for p in (tmp_path / "b" / "ray_train").glob("step-*")) == ["step-00000005", "step-00000008"]
     a, b = losses(dit_base), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 9))    # no duplicated or missing log rows
     # 24 samples / batch 4 = 6 batches per epoch: step 7 starts the second epoch

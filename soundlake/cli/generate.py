@@ -67,7 +67,8 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
 RUN_OUT = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, log and the model.")
 BATCH_SIZE = typer.Option(None, help="Clips per step per worker.")
 SECONDS = typer.Option(None, help="Crop length in seconds.")
-WORKERS = typer.Option(None, help="Ray Train workers (DDP).")
+WORKERS = typer.Option(None, help="Ray Train workers (DDP); 0 runs the loop in this process "
+                       "(Ray Train's local mode: no worker start-up, for debugging and small runs).")
 GPU = typer.Option(None, "--gpu/--cpu", help="One GPU per worker.")
 LR = typer.Option(None, help="Peak learning rate.")
 EVAL_SETS = typer.Option(None, "--eval-sets", help="Comma-separated eval set names (soundlake eval-sets list): refuse "

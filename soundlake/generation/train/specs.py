@@ -65,7 +65,8 @@ class TrainSpec(Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     tensorboard: bool = Field(False, description="also log to <out>/tensorboard")
-    workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    workers: int = Field(1, ge=0, description="Ray Train workers (DDP); 0: Ray Train's local mode, the loop "
+                         "runs in this process (no Ray workers to start; for debugging and small runs)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
