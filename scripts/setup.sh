@@ -20,4 +20,8 @@ fi
 # Byte-compile the (editable) package once: where PYTHONDONTWRITEBYTECODE is set, every CLI
 # process and Ray worker would otherwise compile it again (~0.5 CPU-s each).
 .venv/bin/python -m compileall -q soundlake
+# librosa compiles its numba kernels on first use and caches them in its package (~40 CPU-s
+# once): do it here rather than in the first mel command (a no-op when the cache is there).
+.venv/bin/python -c "import numpy as np; from soundlake.generation.mel import MelSpec, griffin_lim
+s = MelSpec(); griffin_lim(np.zeros((s.n_mels, 16), np.float32), s, n_iter=2)"
 echo "soundlake is set up: .venv/bin/soundlake --help"
