@@ -57,8 +57,8 @@ def test_recaption_rows_refine_lint_and_resume(ray_session, tiny_models, tmp_pat
     linted = {c for (c,) in fetchall(lake, "SELECT clip_id FROM failures WHERE stage = 'refine' AND error = 'lint'")}
     assert refined | linted == {c for c, *_ in qwen} and not refined & linted
 
-    # Resume: the next run captions only the rest; then nothing is left.
-    second = recaption(lake, RecaptionArgs(model=str(instruct), refine=str(lm), batch_size=2))
+    # Resume: the next run captions only the rest; then nothing is left (no refiner: one actor less).
+    second = recaption(lake, RecaptionArgs(model=str(instruct), batch_size=2))
     assert second.inputs_total == 3
     assert fetchall(lake, "SELECT count(DISTINCT clip_id) FROM captions WHERE captioner = 'qwen'") == [(6,)]
     assert recaption(lake, RecaptionArgs(model=str(instruct), refine=str(lm))).inputs_total == 0
