@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -249,12 +250,13 @@ def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def init_run(ray_session, dit_base, latent_shards, vae_dir, tiny_clap, tmp_path_factory):
-    """`soundlake train dit --set init=<dit_base>`: 2 steps at lr 1e-12 on two DDP workers."""
+    """`soundlake train dit --set init=<dit_base>`: 2 steps at lr 1e-12 on two DDP workers of the
+    session's Ray (joined with --address)."""
     out = tmp_path_factory.mktemp("runs") / "init"
-    sets = [*SMALL_DIT, *base_sets(tiny_clap), f"init={dit_base}", "lr=1e-12", "workers=2",
-            f"ray_address={ray_session}"]
+    sets = [*SMALL_DIT, *base_sets(tiny_clap), f"init={dit_base}", "lr=1e-12"]
     r = subprocess.run(soundlake_cmd("train", "dit", "--shards", str(latent_shards), "--vae", str(vae_dir),
                                      "--out", str(out), "--steps", "2", "--batch-size", "4", "--seconds", "1.0",
+                                     "--workers", "2", "--address", ray_session,
                                      *(arg for s in sets for arg in ("--set", s))),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -264,8 +266,9 @@ def init_run(ray_session, dit_base, latent_shards, vae_dir, tiny_clap, tmp_path_
 def test_train_cli_reports_progress_and_summary(init_run):
     """The CLI's progress callback reads what the trainer writes (a key mismatch only shows as a
     traceback in a thread, so look for one)."""
-    _, stderr = init_run
+    out, stderr = init_run
     assert "Traceback" not in stderr and "train dit done" in stderr
+    assert read_meta(out, "dit")["train"]["spec"]["ray_address"] == os.environ["SOUNDLAKE_TEST_RAY_ADDRESS"]
 
 
 def test_weights_only_init(init_run, dit_base):

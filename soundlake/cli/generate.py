@@ -70,6 +70,8 @@ SECONDS = typer.Option(None, help="Crop length in seconds.")
 WORKERS = typer.Option(None, help="Ray Train workers (DDP); 0 runs the loop in this process "
                        "(Ray Train's local mode: no worker start-up, for debugging and small runs).")
 GPU = typer.Option(None, "--gpu/--cpu", help="One GPU per worker.")
+ADDRESS = typer.Option(None, help="Join a running Ray cluster (e.g. auto or ray://host:10001; default: "
+                       "RAY_ADDRESS, else a local Ray).")
 LR = typer.Option(None, help="Peak learning rate.")
 EVAL_SETS = typer.Option(None, "--eval-sets", help="Comma-separated eval set names (soundlake eval-sets list): refuse "
                          "shards whose export leaks into them or did not check them.")
@@ -89,7 +91,7 @@ def train_vae_cmd(
                                          "path: mel-vae-tiny, mel-vae-tiny-2d (CPU), mel-vae (GenAu sizes); or a YAML."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
     batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
-    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU, address: Optional[str] = ADDRESS,
     eval_sets: Optional[str] = EVAL_SETS, allow_leakage: bool = ALLOW_LEAKAGE,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
@@ -101,8 +103,8 @@ def train_vae_cmd(
     Writes checkpoints, train_log.csv and the model folder to --out; resumes from the newest
     checkpoint there."""
     run_training("vae", spec, set_, shards=shards, out=out, config=config, steps=steps, batch_size=batch_size,
-                 seconds=seconds, lr=lr, workers=workers, use_gpu=gpu, eval_sets=eval_set_names(eval_sets),
-                 allow_leakage=allow_leakage or None)
+                 seconds=seconds, lr=lr, workers=workers, use_gpu=gpu, ray_address=address,
+                 eval_sets=eval_set_names(eval_sets), allow_leakage=allow_leakage or None)
 
 
 @train_app.command("dit")
@@ -117,7 +119,7 @@ def train_dit_cmd(
     init: Optional[str] = typer.Option(None, help="Start from this DiT folder's weights (weights only)."),
     vocoder: Optional[str] = typer.Option(None, help="Mel VAEs: a vocoder folder (soundlake train vocoder) to copy "
                                           "into the model folder; generate then uses it instead of Griffin-Lim."),
-    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU, address: Optional[str] = ADDRESS,
     eval_sets: Optional[str] = EVAL_SETS, allow_leakage: bool = ALLOW_LEAKAGE,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Phases: masked pretraining, text, fine-tuning."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
@@ -130,7 +132,8 @@ def train_dit_cmd(
     nothing else."""
     run_training("dit", spec, set_, shards=shards, vae=vae, out=out, config=config, steps=steps,
                  batch_size=batch_size, seconds=seconds, lr=lr, text_encoder=text_encoder, init=init, vocoder=vocoder,
-                 workers=workers, use_gpu=gpu, eval_sets=eval_set_names(eval_sets), allow_leakage=allow_leakage or None)
+                 workers=workers, use_gpu=gpu, ray_address=address, eval_sets=eval_set_names(eval_sets),
+                 allow_leakage=allow_leakage or None)
 
 
 @train_app.command("vocoder")
@@ -143,7 +146,7 @@ def train_vocoder_cmd(
                                          "sizes), or a YAML."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
     batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
-    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU,   # where it runs
+    workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU, address: Optional[str] = ADDRESS,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     verbose: bool = VERBOSE,
@@ -153,7 +156,7 @@ def train_vocoder_cmd(
     Optional: without one, generate inverts a mel VAE's log-mels with Griffin-Lim. Copy it into
     a DiT's folder with `soundlake train dit --vocoder OUT`."""
     run_training("vocoder", spec, set_, shards=shards, out=out, vae=vae, config=config, steps=steps,
-                 batch_size=batch_size, seconds=seconds, lr=lr, workers=workers, use_gpu=gpu)
+                 batch_size=batch_size, seconds=seconds, lr=lr, workers=workers, use_gpu=gpu, ray_address=address)
 
 
 @app.command(rich_help_panel=MODELS)
