@@ -130,3 +130,13 @@ def test_local_metadata_sidecar_and_folder_files(tmp_path):
     assert '"mic": "zoom"' in rows["a.wav"]["meta_json"]
     assert rows["b.wav"]["labels"] == ["dog", "bark"] and rows["b.wav"]["ref_caption"] == "a dog barks"
     assert rows["c.wav"]["title"] is None
+
+
+def test_a_relative_input_folder_lists_absolute_uris(tmp_path, monkeypatch):
+    """Workers open the URI in their own working folder (on a cluster, another machine's), so
+    a relative --input must not reach them relative; the source id stays the path inside it."""
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.wav", tone_mix(2.0, 16000, 0), 16000)
+    monkeypatch.chdir(tmp_path)
+    [row] = local_inputs("in")[0]
+    assert row["uri"] == str(tmp_path / "in" / "a.wav") and row["source_id"] == "a.wav"

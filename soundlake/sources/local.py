@@ -106,7 +106,7 @@ def _metadata_fields(rec: dict) -> dict:
 
 def local_inputs(folder: str, follow_symlinks: bool = True) -> tuple[list[dict], int]:
     """(input rows, number of non-audio files skipped) for every audio file under folder."""
-    root = Path(folder).expanduser()
+    root = Path(folder).expanduser().absolute()   # workers on other nodes (or in other folders) open the URI
     if not root.is_dir():
         raise UserError(f"--input {folder}: not a folder")
     rows, skipped = [], 0
