@@ -61,7 +61,7 @@ from soundlake.core.splits import split_of
 from soundlake.generation.diffusion import Schedule
 from soundlake.generation.inference.metrics import clap_score, frechet_distance
 from soundlake.generation.mel import griffin_lim, log_spectral_distance
-from soundlake.generation.mel_vae import is_mel, latent_geometry, model_keys, vae_config
+from soundlake.generation.mel_vae import is_mel, latent_geometry, vae_config
 from soundlake.generation.model_folder import (
     Generator,
     copy_model,
@@ -71,7 +71,7 @@ from soundlake.generation.model_folder import (
 )
 from soundlake.generation.train.objectives import OBJECTIVES
 from soundlake.generation.train.specs import dit_model_config, load_train_spec
-from soundlake.generation.vae import read_config
+from soundlake.generation.vae import model_keys, read_config
 from soundlake.models.clap.inhouse import ClapTrainConfig, train_clap
 from soundlake.models.clap.windowing import normalise
 from soundlake.sources.synth import BASE_CLASSES, caption_mentions, plan_scene

@@ -39,15 +39,13 @@ Public API::
     PatchDiscriminator(channels); adversarial_terms(disc, fake, real) -> (adv, fm)
     optimise(model, opt, loss, logs, grad_clip, disc=None, disc_opt=None, real=None, fake=None) -> logs
     vae_config(d) / build_vae(d) / is_mel(d)   # either VAE family from a config dict
-    model_keys(name_or_path) -> dict           # a flat config file without its train: section
     latent_geometry(d) -> {"rate", "channels", "grid_freq", "stored_channels"}
     to_tokens(z_stored [B, C*F', T'], grid_freq) -> [B, T'*F', C]; from_tokens(x, grid_freq)
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +53,16 @@ from torch import nn
 
 from soundlake.generation.mel import LogMel, MelSpec
 from soundlake.generation.vae import (
+    FlatConfig,
     Posterior,
     VAEConfig,
     WaveVAE,
     discriminator_loss,
-    read_config,
 )
 
 
 @dataclass
-class MelVAEConfig:
+class MelVAEConfig(FlatConfig):
     kind: str = "mel"
     latent: str = "1d"                    # "1d" (GenAu) | "2d" (AudioLDM-style grid)
     mel: MelSpec = field(default_factory=MelSpec)
@@ -99,20 +97,6 @@ class MelVAEConfig:
             raise ValueError(f"mel.n_mels {self.mel.n_mels} is not divisible by prod(freq_down) "
                              f"{math.prod(self.freq_down)}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MelVAEConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MelVAEConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "MelVAEConfig":
-        return cls.from_dict(model_keys(name_or_path))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @property
     def sample_rate(self) -> int:
         return self.mel.sample_rate
@@ -132,12 +116,6 @@ class MelVAEConfig:
 
 
 # ---------------------------------------------------------------- config dispatch
-
-def model_keys(name_or_path: str | Path) -> dict:
-    """A flat model config (a VAE's, a vocoder's) without its ``train:`` section (training
-    defaults that ``soundlake train`` reads as spec keys)."""
-    return {k: v for k, v in read_config(name_or_path).items() if k != "train"}
-
 
 def is_mel(config: dict) -> bool:
     return config.get("kind") == "mel"

@@ -47,8 +47,32 @@ def read_config(name_or_path: str | Path) -> dict:
         return yaml.safe_load(f) or {}
 
 
+def model_keys(name_or_path: str | Path) -> dict:
+    """A flat model config (a VAE's, a vocoder's) without its ``train:`` section (training
+    defaults that ``soundlake train`` reads as spec keys)."""
+    return {k: v for k, v in read_config(name_or_path).items() if k != "train"}
+
+
+class FlatConfig:
+    """A model config dataclass read from a flat dict or YAML; unknown keys are refused by name."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path):
+        return cls.from_dict(model_keys(name_or_path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class VAEConfig:
+class VAEConfig(FlatConfig):
     sample_rate: int = 16000
     channels: int = 16                    # width after the input conv
     channel_mults: list[int] = field(default_factory=lambda: [2, 4, 8, 8])  # one per stride
@@ -66,21 +90,6 @@ class VAEConfig:
     disc_channels: int = 16
     adv_weight: float = 1.0
     fm_weight: float = 2.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown VAEConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "VAEConfig":
-        return cls.from_dict(read_config(name_or_path))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def hop(self) -> int:

@@ -25,20 +25,19 @@ Public API::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from soundlake.generation.mel import LogMel, MelSpec
-from soundlake.generation.mel_vae import adversarial_terms, model_keys, optimise
-from soundlake.generation.vae import MultiPeriodDiscriminator, mrstft_loss
+from soundlake.generation.mel_vae import adversarial_terms, optimise
+from soundlake.generation.vae import FlatConfig, MultiPeriodDiscriminator, mrstft_loss
 
 
 @dataclass
-class VocoderConfig:
+class VocoderConfig(FlatConfig):
     kind: str = "vocos"
     mel: MelSpec = field(default_factory=MelSpec)
     dim: int = 64
@@ -65,20 +64,6 @@ class VocoderConfig:
             self.n_fft = 4 * self.mel.hop
         if self.n_fft < self.mel.hop or self.n_fft % 2:
             raise ValueError(f"n_fft {self.n_fft}: must be even and at least the mel hop {self.mel.hop}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VocoderConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VocoderConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "VocoderConfig":
-        return cls.from_dict(model_keys(name_or_path))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def sample_rate(self) -> int:

@@ -148,15 +148,10 @@ def _phase_urls(phase: PhaseSpec) -> list[str]:
 def make_plan(spec: TrainSpec) -> dict:
     """Everything the workers need, resolved once on the driver (shard lists, configs)."""
     from soundlake.export.shards import read_manifest
-    from soundlake.generation.mel_vae import (
-        is_mel,
-        latent_geometry,
-        model_keys,
-        vae_config,
-    )
+    from soundlake.generation.mel_vae import is_mel, latent_geometry, vae_config
     from soundlake.generation.model_folder import check_vocoder, read_meta
     from soundlake.generation.train.encode import FORMAT
-    from soundlake.generation.vae import read_config
+    from soundlake.generation.vae import model_keys, read_config
 
     plan: dict = {"phases": [_phase_urls(s) for s in spec.phases]}
     if spec.eval_sets:
