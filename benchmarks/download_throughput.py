@@ -12,7 +12,8 @@ Also reports bytes fetched from the server per clip, next to the clip's FLAC byt
 and the source file's bytes for the requested section (its share of the file).
 Ray start-up is excluded (started once before timing). Bytes are what the server
 wrote to its sockets (an upper bound: a client may hang up early).
-Run: python benchmarks/download_throughput.py [N] (default 12; ``--quick``: N = 2)
+Run: python benchmarks/download_throughput.py [N] [--concurrency 1 2 4 8] (default 12;
+``--quick``: N = 2, 1 and 2 in flight)
 """
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ def baseline(server: MediaServer, ids: list[str], folder: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("n", nargs="?", type=int, default=12, help="clips (sections) to download")
-    N = parse_args(ap, dict(n=2)).n
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
+                    help="downloads in flight to try, one pipeline run each (1 is the reference)")
+    a = parse_args(ap, dict(n=2, concurrency=[1, 2]))
+    N, concurrency = a.n, sorted({1, *a.concurrency})
     import torch
 
     torch.set_num_threads(1)
@@ -83,7 +87,7 @@ def main() -> None:
             print(f"{'downloads in flight':>20} {'clips/s':>8} {'vs baseline':>11} {'KiB fetched/clip':>17} "
                   f"{'KiB FLAC/clip':>14}")
             rows = {}
-            for conc in CONCURRENCY:
+            for conc in concurrency:
                 server.clear()
                 spec = PipelineSpec.model_validate({
                     "name": "bench", "source": {"kind": "audioset", "manifest": str(man)},
@@ -104,7 +108,7 @@ def main() -> None:
                   f"section's share: {section_share / 1024:.1f} KiB")
             best = max(rows, key=lambda c: rows[c][0])
             figure("download_vs_baseline", f"soundlake / sequential yt-dlp loop: {rows[best][0]:.2f}x with {best} "
-                   f"downloads in flight (the best of {', '.join(map(str, CONCURRENCY))}); {rows[1][0]:.2f}x with 1")
+                   f"downloads in flight (the best of {', '.join(map(str, concurrency))}); {rows[1][0]:.2f}x with 1")
             figure("download_fetched_per_clip", f"{rows[best][1] / 1024:.1f} KiB fetched per clip with {best} in "
                    f"flight (baseline {base_bytes / 1024:.1f} KiB) for a {END - START:.0f} s section whose share "
                    f"of the file is {section_share / 1024:.1f} KiB")

@@ -48,20 +48,23 @@ def soundlake_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "soundlake.cli", *args]
 
 
-@pytest.fixture
-def soundlake_here(monkeypatch):
+def invoke_here(*args, env: dict | None = None):
     """The command line run in this process (``CliRunner``), for a command that needs no process
     of its own: one that starts Ray joins the session's, in this process's Ray job, so it costs
-    no new Python and no new Ray workers. Call it with the arguments (and ``env=``); it returns
-    click's Result (``exit_code``, ``output``)."""
+    no new Python and no new Ray workers. Returns click's Result (``exit_code``, ``output``)."""
     from typer.testing import CliRunner
 
     from soundlake.cli import app
     from soundlake.core import ray_env
 
-    # --verbose's callback sets Ray's verbosity for the whole process: keep the session's.
-    monkeypatch.setattr(ray_env, "_verbose", ray_env._verbose)
-
-    def run(*args, env: dict | None = None):
+    verbose = ray_env._verbose  # --verbose's callback sets it for the whole process: keep the session's
+    try:
         return CliRunner().invoke(app, [str(a) for a in args], env=env)
-    return run
+    finally:
+        ray_env._verbose = verbose
+
+
+@pytest.fixture
+def soundlake_here():
+    """:func:`invoke_here` as a fixture: call it with the arguments (and ``env=``)."""
+    return invoke_here

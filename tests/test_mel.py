@@ -7,13 +7,11 @@ VAE, the vocoder and the objectives' steps run in-process.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import soundlake_cmd
 
 from soundlake.core.errors import UserError
 from soundlake.generation.mel import LogMel, MelSpec, griffin_lim, mel_filters
@@ -174,7 +172,7 @@ def mel_shards(tmp_path_factory, ray_session):
 
 
 @pytest.mark.slow
-def test_generate_through_the_cli_on_the_mel_path(mel_shards, tmp_path):
+def test_generate_through_the_cli_on_the_mel_path(mel_shards, tmp_path, soundlake_here):
     from soundlake.generation.train.specs import load_train_spec
     from soundlake.generation.train.trainer import train
 
@@ -190,9 +188,8 @@ def test_generate_through_the_cli_on_the_mel_path(mel_shards, tmp_path):
     assert meta["latents"]["grid_freq"] == 8 and meta["config"]["in_channels"] == 8
     assert read_meta(out / "vocoder", "vocoder")["config"]["mel"] == read_meta(out / "vae", "vae")["config"]["mel"]
     wav = tmp_path / "siren.wav"
-    r = subprocess.run(soundlake_cmd("generate", "a siren wails", "--model", str(out), "--seconds", "1.0",
-                                     "--steps", "2", "--out", str(wav)), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = soundlake_here("generate", "a siren wails", "--model", out, "--seconds", "1.0", "--steps", "2", "--out", wav)
+    assert r.exit_code == 0, r.output
     info = sf.info(str(wav))
     assert info.samplerate == SR and info.frames == SR
     side = json.loads(wav.with_name(wav.name + ".json").read_text())

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import fetchall
 from soundlake.models.captioners.qwen import QwenCaptioner, lint
-from soundlake.pipelines.recaption import RecaptionArgs, recaption
+from soundlake.pipelines.recaption import RecaptionArgs, clips_to_caption, recaption
 from soundlake.pipelines.runner import run_pipeline
 from soundlake.pipelines.spec import load_spec
 from soundlake.testing import (
@@ -62,12 +63,14 @@ def test_recaption_rows_refine_lint_and_resume(ray_session, tiny_models, tmp_pat
     assert second.inputs_total == 3
     assert fetchall(lake, "SELECT count(DISTINCT clip_id) FROM captions WHERE captioner = 'qwen'") == [(6,)]
     assert recaption(lake, RecaptionArgs(model=str(instruct))).inputs_total == 0
-    # --where selects; a new prompt version is new work.
-    third = recaption(lake, RecaptionArgs(model=str(instruct), where="c.source_id = '0-1'",
-                                          prompt_version="qwen-base-v1"))
-    assert third.inputs_total == 1
     runs = fetchall(lake, "SELECT pipeline, status FROM runs WHERE pipeline = 'recaption'")
-    assert len(runs) == 4 and {s for _, s in runs} == {"finished"}
+    assert len(runs) == 3 and {s for _, s in runs} == {"finished"}
+    # --where selects; a new prompt version is new work (the selection a run would make).
+    one = "c.source_id = '0-1'"
+    assert clips_to_caption(Lake(lake), RecaptionArgs(model=str(instruct), where=one)) == []
+    assert len(clips_to_caption(Lake(lake), RecaptionArgs(model=str(instruct), prompt_version="qwen-base-v1"))) == 6
+    assert len(clips_to_caption(Lake(lake), RecaptionArgs(model=str(instruct), where=one,
+                                                          prompt_version="qwen-base-v1"))) == 1
 
 
 def test_sigkilled_recaption_resumes_without_duplicates(ray_session, soundlake_here, tiny_models, tmp_path):

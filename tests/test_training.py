@@ -13,13 +13,12 @@ import csv
 import io
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import soundlake_cmd
+from conftest import invoke_here
 
 from soundlake.core.errors import UserError
 from soundlake.core.storage import open_input
@@ -165,7 +164,7 @@ def _samples(url):
             yield s["__key__"], s
 
 
-def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir, tmp_path):
+def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir, tmp_path, soundlake_here):
     out = tmp_path / "dit"
     # the pretrain phase reads from memory (a phase's data mode): the run switches to the shards
     spec = dit_spec(latent_shards, vae_dir, out, None, "log_every=5", "lr=1e-3", "ema=0.9",
@@ -182,10 +181,9 @@ def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir,
     assert gen.meta["train"]["step"] == 60 and gen.meta["train"]["ema"] == 0.9
     assert (out / "vae" / "model.safetensors").exists()
     wav = tmp_path / "gen" / "beep.wav"
-    cmd = soundlake_cmd("generate", "a high beep", "a bell rings", "--model", str(out), "--seconds", "1.5",
-                        "--steps", "4", "--rescale-axis", "time", "--out", str(wav))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = soundlake_here("generate", "a high beep", "a bell rings", "--model", out, "--seconds", "1.5",
+                       "--steps", "4", "--rescale-axis", "time", "--out", wav)
+    assert r.exit_code == 0, r.output
     for i, prompt in enumerate(["a high beep", "a bell rings"]):
         p = tmp_path / "gen" / f"beep-{i}.wav"
         info = sf.info(str(p))
@@ -193,10 +191,9 @@ def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir,
         side = json.loads(p.with_name(p.name + ".json").read_text())
         assert side["prompt"] == prompt and side["rescale_axis"] == "time" and side["steps"] == 4
     # long audio with sparse attention: 4x the 1 s training crop
-    r = subprocess.run(soundlake_cmd("generate", "a bell rings", "--model", str(out), "--seconds", "4",
-                                     "--steps", "2", "--sparse-attention", "litefocus", "--ratio", "0.2",
-                                     "--out", str(tmp_path / "long.wav")), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = soundlake_here("generate", "a bell rings", "--model", out, "--seconds", "4", "--steps", "2",
+                       "--sparse-attention", "litefocus", "--ratio", "0.2", "--out", tmp_path / "long.wav")
+    assert r.exit_code == 0, r.output
     assert sf.info(str(tmp_path / "long.wav")).frames == 64000
     assert json.loads((tmp_path / "long.wav.json").read_text())["sparse_attention"] == "litefocus"
 
@@ -235,7 +232,7 @@ def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(dit_base, tiny_cla
     assert not np.array_equal(a, b)
 
 
-def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
+def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path, soundlake_here):
     with pytest.raises(UserError, match="unknown key 'lrr'"):
         load_train_spec("vae", shards=str(audio_shards), out=str(tmp_path), steps=1, sets=["lrr=1"])
     with pytest.raises(UserError, match="vae: a DiT trains on VAE latents"):
@@ -244,8 +241,8 @@ def test_bad_specs_say_what_to_fix(audio_shards, vae_dir, tmp_path):
         train(dit_spec(audio_shards, vae_dir, tmp_path / "x", 1))
     with pytest.raises(UserError, match="no such bundled config"):
         load_train_spec("vae", shards=str(audio_shards), out=str(tmp_path), steps=1, config="vae-huge")
-    r = subprocess.run(soundlake_cmd("generate", "x", "--model", str(tmp_path)), capture_output=True, text=True)
-    assert r.returncode == 2 and "not a soundlake model folder" in " ".join(r.stderr.split())
+    r = soundlake_here("generate", "x", "--model", tmp_path)
+    assert r.exit_code == 2 and "not a soundlake model folder" in " ".join(r.output.split())
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +251,11 @@ def init_run(ray_session, dit_base, latent_shards, vae_dir, tiny_clap, tmp_path_
     session's Ray (joined with --address)."""
     out = tmp_path_factory.mktemp("runs") / "init"
     sets = [*SMALL_DIT, *base_sets(tiny_clap), f"init={dit_base}", "lr=1e-12"]
-    r = subprocess.run(soundlake_cmd("train", "dit", "--shards", str(latent_shards), "--vae", str(vae_dir),
-                                     "--out", str(out), "--steps", "2", "--batch-size", "4", "--seconds", "1.0",
-                                     "--workers", "2", "--address", ray_session,
-                                     *(arg for s in sets for arg in ("--set", s))),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out, r.stderr
+    r = invoke_here("train", "dit", "--shards", latent_shards, "--vae", vae_dir, "--out", out, "--steps", "2",
+                    "--batch-size", "4", "--seconds", "1.0", "--workers", "2", "--address", ray_session,
+                    *(arg for s in sets for arg in ("--set", s)))
+    assert r.exit_code == 0, r.output[-2000:]
+    return out, r.output
 
 
 def test_train_cli_reports_progress_and_summary(init_run):
