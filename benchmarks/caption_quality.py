@@ -42,6 +42,7 @@ from soundlake.sources.synth import caption_mentions, synth_clip
 SEED = 1
 VAL0, TEST0 = 100_000, 200_000   # held-out index ranges: never seen in training
 FIGURES = ("autocap_vs_template", "autocap_class_accuracy")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 
 
 def scenes(start: int, n: int, duration: float, sr: int):

@@ -31,6 +31,7 @@ from soundlake.sources.synth import mismatched_caption, synth_clip
 SEED = 1
 VAL0, TEST0 = 100_000, 200_000  # held-out index ranges: never seen in training
 FIGURES = ("clap_retrieval_strict", "clap_retrieval_caption", "clap_mismatch_auc", "clap_filter")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 
 
 def clips(start: int, n: int, duration: float, sr: int):

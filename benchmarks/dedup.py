@@ -51,6 +51,7 @@ from soundlake.sources.synth import plan_scene, synth_clip
 
 FIGURES = ("semantic_time", "semantic_recall_planted", "semantic_recall_exact", "semantic_precision",
            "fingerprint_time", "fingerprint_recall_planted", "fingerprint_precision", "fingerprint_real_margin")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 BLOCK = 65536
 
 

@@ -32,6 +32,7 @@ from soundlake.stages.segment import SegmentSpec, SegmentStage, segment_tables
 from soundlake.testing import tone_mix, write_audio
 
 FIGURES = ("export_vs_tar", "export_writing_vs_tar", "export_vs_tar_sha256")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 
 
 def build(root: Path, n: int, sr: int = 32000) -> tuple[Lake, Path, int]:

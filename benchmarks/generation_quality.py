@@ -78,6 +78,7 @@ from soundlake.sources.synth import BASE_CLASSES, caption_mentions, plan_scene
 from soundlake.testing import make_synth_lake
 
 FIGURES = ("scoring_clap", "vae_reconstruction", "generated_class_accuracy", "clap_score", "fd")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 SR = 16000
 FRAME = 640            # samples: a whole latent frame of both VAEs (mel hop 160 x 4, waveform hop 320)
 LAKE_SEED, PROMPT_SEED, PROTOTYPE_SEED = 11, 12, 13

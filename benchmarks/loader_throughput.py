@@ -35,6 +35,7 @@ from soundlake.generation.train.data import make_loader, shard_urls  # noqa: E40
 
 WORKERS = (0, 1, 2)
 FIGURES = ("loader_0_workers", "loader_1_workers", "loader_2_workers")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 
 
 def bare(urls: list[str]) -> int:

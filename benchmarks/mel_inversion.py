@@ -36,6 +36,7 @@ from soundlake.generation.vocoder import Vocoder, VocoderConfig, vocoder_train_s
 from soundlake.sources.synth import synth_clip
 
 FIGURES = ("griffin_lim", "vocoder", "vocoder_vs_griffin_lim", "mel_vae")
+USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 
 
 class Crops:

@@ -35,18 +35,35 @@ def _common():
     return mod
 
 
-def declared_figures(script: Path) -> tuple[str, ...]:
-    """The script's module-level ``FIGURES`` (a literal tuple of names), read without importing it."""
+_MISSING = object()
+
+
+def declared(script: Path, name: str, default=_MISSING):
+    """The script's module-level ``name = <literal>``, read without importing it."""
     for node in ast.parse(script.read_text(), str(script)).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "FIGURES" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             try:
-                value = ast.literal_eval(node.value)
+                return ast.literal_eval(node.value)
             except ValueError:
-                pytest.fail(f"{script.name}: FIGURES must be a literal tuple of names")
-            if not (isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)):
-                pytest.fail(f"{script.name}: FIGURES must be a non-empty tuple of names, got {value!r}")
-            return value
-    pytest.fail(f"{script.name}: no module-level FIGURES = (...) naming the figure lines it prints")
+                pytest.fail(f"{script.name}: {name} must be a literal")
+    if default is _MISSING:
+        pytest.fail(f"{script.name}: no module-level {name} = ...")
+    return default
+
+
+def declared_figures(script: Path) -> tuple[str, ...]:
+    """The script's ``FIGURES``: a literal tuple naming the figure lines it prints."""
+    value = declared(script, "FIGURES")
+    if not (isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)):
+        pytest.fail(f"{script.name}: FIGURES must be a non-empty tuple of names, got {value!r}")
+    return value
+
+
+# Quick runs of scripts that declare ``USES_RAY = False`` run in a background thread, one at a
+# time, beside the others: they are mostly single-threaded, and a run that joins the session's
+# 2-CPU Ray next to another could wait on the other's CPUs. Ray runs come first, so the two overlap.
+RAY_FREE = [s for s in SCRIPTS if declared(s, "USES_RAY", True) is False]
+QUICK_ORDER = [s for s in SCRIPTS if s not in RAY_FREE] + RAY_FREE
 
 
 def test_benchmarks_found():
@@ -83,6 +100,9 @@ def _run_quick(script: str, env: dict[str, str], out: str, err: str) -> None:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             ray.shutdown()  # what the interpreter's exit does for a script
+            if "SOUNDLAKE_TEST_RAY_ADDRESS" not in env:
+                print(f"{script} declares USES_RAY = False but started Ray", file=sys.stderr)
+                sys.exit(3)
         sys.stdout.flush()
         sys.stderr.flush()
 
@@ -97,27 +117,56 @@ def warm_python():
     return ctx
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
-def test_quick_run_prints_its_figures(script, ray_session, warm_python, tmp_path):
-    figures = declared_figures(script)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "SOUNDLAKE_TEST_RAY_ADDRESS": ray_session}  # benchmarks join this Ray instead of starting one
-    env.pop("RAY_ADDRESS", None)
-    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+def _quick_run(ctx, script: Path, env: dict[str, str], folder: Path) -> tuple[int | None, float, str, str]:
+    """One quick run in a process forked from ``ctx``: (exit code, None past TIMEOUT_S), seconds,
+    stdout, stderr."""
+    out_path, err_path = folder / f"{script.stem}.stdout", folder / f"{script.stem}.stderr"
     t0 = time.perf_counter()
-    proc = warm_python.Process(target=_run_quick, args=(str(script), env, str(out_path), str(err_path)))
+    proc = ctx.Process(target=_run_quick, args=(str(script), env, str(out_path), str(err_path)))
     proc.start()
     proc.join(TIMEOUT_S)
     if proc.exitcode is None:
         proc.kill()
         proc.join()
-        pytest.fail(f"{script.name} --quick ran past {TIMEOUT_S} s; its output:\n{out_path.read_text()[-3000:]}\n"
-                    f"--- stderr ---\n{err_path.read_text(errors='replace')[-3000:]}")
-    took = time.perf_counter() - t0
-    stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+        code = None
+    else:
+        code = proc.exitcode
+    return (code, time.perf_counter() - t0, out_path.read_text(errors="replace"),
+            err_path.read_text(errors="replace"))
+
+
+def _quick_env(ray_address: str | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["SOUNDLAKE_TEST_RAY_ADDRESS"] = ray_address  # benchmarks join this Ray instead of starting one
+    return env
+
+
+@pytest.fixture(scope="module")
+def background_runs(warm_python, tmp_path_factory):
+    """Starts the Ray-free quick runs, one after another in a thread; the value maps each script
+    to a future of its :func:`_quick_run` result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path_factory.mktemp("background_quick_runs")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield {s: pool.submit(_quick_run, warm_python, s, _quick_env(None), folder) for s in RAY_FREE}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", QUICK_ORDER, ids=lambda p: p.stem)
+def test_quick_run_prints_its_figures(script, ray_session, warm_python, background_runs, tmp_path):
+    figures = declared_figures(script)
+    if script in background_runs:
+        code, took, stdout, stderr = background_runs[script].result()
+    else:
+        code, took, stdout, stderr = _quick_run(warm_python, script, _quick_env(ray_session), tmp_path)
+    if code is None:
+        pytest.fail(f"{script.name} --quick ran past {TIMEOUT_S} s; its output:\n{stdout[-3000:]}\n"
+                    f"--- stderr ---\n{stderr[-3000:]}")
     out = stdout + "\n--- stderr ---\n" + stderr[-4000:]
-    assert proc.exitcode == 0, f"{script.name} --quick failed (exit {proc.exitcode}, {took:.0f} s):\n{out[-6000:]}"
+    assert code == 0, f"{script.name} --quick failed (exit {code}, {took:.0f} s):\n{out[-6000:]}"
     printed = _common().figure_names(stdout)
     assert sorted(printed) == sorted(figures), (
         f"{script.name} --quick printed figures {printed}, declared FIGURES {list(figures)} ({took:.0f} s):\n"

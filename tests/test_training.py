@@ -201,9 +201,11 @@ def test_dit_phases_loss_falls_and_generate_writes_audio(latent_shards, vae_dir,
 @pytest.mark.parametrize("workers", [1, 0], ids=["ray_train", "local_mode"])
 def test_resume_reproduces_the_uninterrupted_next_step_loss(dit_base, latent_shards, vae_dir, tiny_clap,
                                                              tmp_path, workers):
-    sets = [*base_sets(tiny_clap), f"workers={workers}"]   # dit_base is the uninterrupted run "a"
-    train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 5, *sets))       # stops (checkpoint) at step 5
-    s = train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 8, *sets))   # resumes at step 5
+    """The first run (Ray Train with one worker, or local mode) stops at step 5; local mode
+    resumes from its checkpoint folder, whichever mode wrote it."""
+    sets = base_sets(tiny_clap)   # dit_base is the uninterrupted run "a"
+    train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 5, *sets, f"workers={workers}"))  # checkpoint at 5
+    s = train(dit_spec(latent_shards, vae_dir, tmp_path / "b", 8, *sets, "workers=0"))        # resumes at 5
     assert s.resumed_from == 5 and s.steps == 8
     # both modes keep finished checkpoints as <out>/ray_train/step-N, the newest keep_checkpoints of them
     assert sorted(p.name for p in (tmp_path / "b" / "ray_train").glob("step-*")) == ["step-00000005", "step-00000008"]
