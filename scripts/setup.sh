@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Set up everything soundlake needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
-# ffmpeg, espeak-ng and Chromaprint (libchromaprint-tools) from apt, then a virtual
+# ffmpeg, espeak-ng, Chromaprint (libchromaprint-tools) and Chromium with its driver (for
+# `soundlake serve`'s browser tests) from apt, then a virtual
 # environment in .venv with the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v fpcalc >/dev/null; then
+if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v fpcalc >/dev/null \
+   || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 libchromaprint-tools >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 libchromaprint-tools \
+    chromium chromium-driver >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -144,14 +144,17 @@ def _quick_env(ray_address: str | None) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def background_runs(warm_python, tmp_path_factory):
-    """Starts the Ray-free quick runs, one after another in a thread; the value maps each script
-    to a future of its :func:`_quick_run` result."""
+def background_runs(request, warm_python, tmp_path_factory):
+    """Starts the selected Ray-free quick runs, one after another in a thread; the value maps
+    each script to a future of its :func:`_quick_run` result."""
     from concurrent.futures import ThreadPoolExecutor
 
+    selected = {item.callspec.params["script"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_quick_run_prints_its_figures"}
     folder = tmp_path_factory.mktemp("background_quick_runs")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        yield {s: pool.submit(_quick_run, warm_python, s, _quick_env(None), folder) for s in RAY_FREE}
+        yield {s: pool.submit(_quick_run, warm_python, s, _quick_env(None), folder)
+               for s in RAY_FREE if s in selected}
 
 
 @pytest.mark.slow

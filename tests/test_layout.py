@@ -18,7 +18,7 @@ LAYERS = {
     "sources": 2, "stages": 2, "models": 2,
     "dedup": 2,   # imports soundlake.core only
     "pipelines": 3, "export": 3, "generation": 3,
-    "cli": 4, "testing": 4,
+    "cli": 4, "testing": 4, "serve": 4,
 }
 
 

@@ -179,6 +179,19 @@ LEAKAGE = pa.schema([
 # Tables whose visible parts are the ones their newest snapshot lists (never a plain glob).
 SNAPSHOT_TABLES = ("duplicates", "duplicate_groups", "eval_sets", "eval_set_items", "leakage")
 
+# Human reviews from `soundlake serve --review`: append-only rows (one part per review, written
+# like any part, without the lake lock, so a review lands while a curate runs). The newest row
+# per target wins (``review_latest``): a later review supersedes, and undoes, an earlier one.
+REVIEWS = pa.schema([
+    ("review_id", pa.string()),
+    ("target", pa.string()),           # clip | caption
+    ("clip_id", pa.string()),
+    ("captioner", pa.string()), ("caption_model_id", pa.string()),   # caption reviews only
+    ("prompt_version", pa.string()), ("caption_text", pa.string()),
+    ("verdict", pa.string()),          # caption: good | partly_wrong | wrong | clear; clip: exclude | keep
+    ("reason", pa.string()), ("reviewer", pa.string()), ("created", TS),
+])
+
 # Every input a run listed, so `retry-failed` can rebuild the inputs it re-queues.
 INPUTS = pa.schema(list(INPUT_SCHEMA) + [("run_id", pa.string())])
 
@@ -200,6 +213,7 @@ TABLES: dict[str, pa.Schema] = {
     "eval_sets": EVAL_SETS,
     "eval_set_items": EVAL_SET_ITEMS,
     "leakage": LEAKAGE,
+    "reviews": REVIEWS,
 }
 
 # Derived rows are written before the clip rows that commit their input, so a kill in

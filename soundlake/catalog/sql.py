@@ -18,6 +18,9 @@ from soundlake.core.errors import SKIP_REASONS, UserError
 
 # The skip reasons as a SQL list: policy decisions that older lakes recorded as failures.
 SKIP_REASONS_SQL = ", ".join(f"'{r}'" for r in SKIP_REASONS)
+# The newest review of each target (a clip, or a caption: clip, captioner, text) in a reviews table.
+REVIEW_LATEST = """SELECT * FROM {reviews} QUALIFY row_number() OVER (PARTITION BY target, clip_id,
+                     coalesce(captioner, ''), coalesce(caption_text, '') ORDER BY created DESC, review_id DESC) = 1"""
 # Views built on the raw tables (every table and view is declared here or in schema.py).
 _VIEWS: dict[str, str] = {
     # The newest record of each run (a run writes one at start and one at the end).
@@ -34,7 +37,16 @@ _VIEWS: dict[str, str] = {
                     OR f.clip_id IS NOT NULL) AND f.error NOT IN ({SKIP_REASONS_SQL}))
                  WHERE rn = 1""",
     "audio": "SELECT clip_id, sample_rate, channels, flac FROM _clip_parts",
+    # Reviews (soundlake serve --review): the newest per target; a caption is (clip, captioner, text).
+    "review_latest": REVIEW_LATEST.format(reviews="reviews"),
+    # For `export --where "clip_id NOT IN (SELECT clip_id FROM excluded_clips)"`.
+    "excluded_clips": """SELECT clip_id, reason, reviewer, created FROM review_latest
+                          WHERE target = 'clip' AND verdict = 'exclude'""",
+    "caption_reviews": """SELECT clip_id, captioner, caption_text, verdict, reason, reviewer, created
+                          FROM review_latest WHERE target = 'caption' AND verdict <> 'clear'""",
 }
+# The dataset view's first ordering key: captions reviewed good first, then unreviewed, partly wrong, wrong.
+REVIEW_RANK = "CASE v.verdict WHEN 'good' THEN 0 WHEN 'partly_wrong' THEN 2 WHEN 'wrong' THEN 3 ELSE 1 END"
 CAPTION_POLICIES = ("score", "priority")
 
 
@@ -48,16 +60,20 @@ def ranking_sql(ranking: Sequence[str], alias: str = "c") -> str:
 def dataset_view(ranking: Sequence[str], policy: str = "score") -> str:
     """Each clip with its preferred caption: highest CLAP score from the newest CLAP model
     (``score``; captions without a score come after, by captioner ranking), or by
-    captioner ranking alone (``priority``)."""
+    captioner ranking alone (``priority``). Either way a caption a reviewer approved comes
+    first and one flagged wrong last (``caption_reviews``)."""
     prio = ranking_sql(ranking)
     order = (f"s.score DESC NULLS LAST, {prio}, c.text" if policy == "score" else f"{prio}, s.score DESC NULLS LAST, c.text")
+    order = f"{REVIEW_RANK}, {order}"   # a reviewer's verdict outranks both policies
     return f"""WITH newest AS (SELECT clap_model_id FROM scores GROUP BY 1 ORDER BY max(created) DESC LIMIT 1),
                ranked AS (
                  SELECT c.clip_id, c.text AS caption, c.captioner, c.model_id AS caption_model_id,
                         s.score, s.clap_model_id,
                         row_number() OVER (PARTITION BY c.clip_id ORDER BY {order}) AS rn
                  FROM captions c LEFT JOIN scores s ON s.clip_id = c.clip_id AND s.captioner = c.captioner
-                      AND s.caption_text = c.text AND s.clap_model_id = (SELECT clap_model_id FROM newest))
+                      AND s.caption_text = c.text AND s.clap_model_id = (SELECT clap_model_id FROM newest)
+                 LEFT JOIN caption_reviews v ON v.clip_id = c.clip_id AND v.captioner = c.captioner
+                      AND v.caption_text = c.text)
                SELECT cl.*, r.caption, r.captioner, r.caption_model_id, r.score, r.clap_model_id
                FROM clips cl LEFT JOIN ranked r ON r.clip_id = cl.clip_id AND r.rn = 1"""
 

@@ -10,10 +10,11 @@ script); importing the package imports every command module, so the tree is comp
     generate   train vae, train vocoder, train dit, encode, generate
     inference  calibrate-cache, evaluate (generation: AudioCache, LiteFocus)
     dedup      dedup, eval-sets add|list
+    serve      serve (the web browser: soundlake.serve)
 """
 # Importing a command module registers its commands; this order is the order of `soundlake --help`.
 # isort: off
-from soundlake.cli import curate, captions, catalog, export, generate, inference, dedup  # noqa: F401
+from soundlake.cli import curate, captions, catalog, export, generate, inference, dedup, serve  # noqa: F401
 # isort: on
 from soundlake.cli.main import app, main
 

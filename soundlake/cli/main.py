@@ -1,7 +1,7 @@
 """The root of the `soundlake` command line: the app, its command groups, shared options and `main()`.
 
 The commands live in one module per group (curate, catalog, export, captions, generate,
-inference, dedup); each registers itself on :data:`app` or on a group typer defined here. The
+inference, dedup, serve); each registers itself on :data:`app` or on a group typer defined here. The
 package (``soundlake/cli/__init__.py``) imports them, so importing ``soundlake.cli`` or
 ``soundlake.cli.main`` gives the full command tree.
 
@@ -87,7 +87,7 @@ app = typer.Typer(
     help="Curate audio–caption datasets into a DuckDB/Parquet lake with Ray, query them with SQL, "
          "export training shards and retrain text-to-audio generators.\n\n"
          "Command groups: curate (curate, retry-failed, recaption, dedup) · lake (sql, status, report, export, "
-         "eval-sets) · "
+         "eval-sets, serve) · "
          "models (train, encode, generate, convert) · evaluate (evaluate, calibrate-cache). "
          "`soundlake COMMAND --help` says what each one does and writes.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
