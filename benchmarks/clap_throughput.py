@@ -7,7 +7,7 @@ not depend on the weights) model:
   * soundlake: the `embed` stage run by `soundlake curate` over a lake that already holds
     the clips (Ray Data actor, Parquet in and out), Ray start-up reported separately.
 
-Usage: python benchmarks/clap_throughput.py [--clips 480] (``--quick``: 16 clips)
+Usage: python benchmarks/clap_throughput.py [--clips 480] (``--quick``: 8 clips)
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ FIGURES = ("clap_pipeline_steady", "clap_pipeline_vs_bare")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=480)
-    args = parse_args(ap, dict(clips=16))
+    args = parse_args(ap, dict(clips=8))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import soundlake_cmd
+from conftest import invoke_here, soundlake_cmd
 
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import fetchall
@@ -42,9 +42,8 @@ def test_demo_end_to_end(ray_session, tmp_path):
     assert fetchall(lake, "SELECT count(*) FROM dataset WHERE caption IS NOT NULL") == [(12,)]
     runs = fetchall(lake, "SELECT status, pipeline FROM runs")
     assert runs == [("finished", "demo")]
-    r = subprocess.run(soundlake_cmd("sql", "SELECT source, count(*) AS n FROM clips GROUP BY 1", "--lake", lake,
-                                     "--format", "csv"), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.splitlines()[1] == '"synth",12'
+    r = invoke_here("sql", "SELECT source, count(*) AS n FROM clips GROUP BY 1", "--lake", lake, "--format", "csv")
+    assert r.exit_code == 0 and r.output.splitlines()[1] == '"synth",12', r.output
 
 
 def test_bad_inputs_accounted_and_job_completes(ray_session, bad_inputs, tmp_path):
