@@ -4,7 +4,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import soundfile as sf
+
+from soundlake.core.audio import decode_flac
 
 WIDTH = 800           # at most this many time columns
 N_FFT = 512
@@ -15,8 +16,7 @@ def spectrogram_png(flac: bytes) -> bytes:
     """Log-magnitude STFT (0 to Nyquist, bottom to top; 0 dB = the clip's loudest bin) as a PNG."""
     from matplotlib import image
 
-    audio, _ = sf.read(io.BytesIO(flac), dtype="float32", always_2d=True)
-    x = audio.mean(axis=1)
+    x = decode_flac(flac)[0].mean(axis=1)
     if x.size < N_FFT:
         x = np.pad(x, (0, N_FFT - x.size))
     hop = max(N_FFT // 4, -(-(x.size - N_FFT) // WIDTH))
