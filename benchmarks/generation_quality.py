@@ -178,7 +178,8 @@ def train_dit(config: str, vae_dir: Path, audio: np.ndarray, captions: list[str]
                            seconds=a.seconds, batch_size=a.batch_size, sets=sets)
     geo = latent_geometry(read_meta(vae_dir, "vae")["config"])
     raw = read_config(config)
-    plan = {"dit_config": dit_model_config(spec, raw, geo["channels"]), "schedule": raw.get("schedule", {}),
+    plan = {"dit_config": dit_model_config(spec, raw, geo["channels"], geo["grid_freq"]),
+            "schedule": raw.get("schedule", {}),
             # one mean and std over all latent values, as `soundlake encode` measures them
             "latents": {"mean": float(z.mean()), "std": float(z.std(unbiased=False)), "rate": geo["rate"],
                         "grid_freq": geo["grid_freq"]}}

@@ -192,6 +192,56 @@ def test_structure_contract():
     assert calls == [(2, 4, 10, 16)]
 
 
+def _axial_rope_score(q, k, pq, pk, base):
+    """The 2D RoPE score by its definition, in complex numbers: pair j of a head is
+    z_j = x_j + i x_(j + Dh/2), turned by e^(i p θ_j); the first Dh/4 pairs take the frame as
+    p, the rest the frequency row, each quarter with θ_m = base^(-m / (Dh/4))."""
+    dh = q.numel()
+    quarter = dh // 4
+    theta = base ** (-np.arange(quarter) / quarter)
+    theta = np.concatenate([theta, theta])
+    p_q = np.array([pq[0]] * quarter + [pq[1]] * quarter, float)
+    p_k = np.array([pk[0]] * quarter + [pk[1]] * quarter, float)
+    zq = (q[:dh // 2] + 1j * q[dh // 2:]).numpy() * np.exp(1j * p_q * theta)
+    zk = (k[:dh // 2] + 1j * k[dh // 2:]).numpy() * np.exp(1j * p_k * theta)
+    return float(np.real(np.sum(zq * np.conj(zk))))
+
+
+def test_2d_rope_scores_follow_time_and_frequency_offsets():
+    """On a 2D mel latent (grid_freq rows per frame, time-major tokens) the DiT's RoPE is axial:
+    a score depends on (frame offset, row offset) as the definition says, not on the token
+    distance t * F + f, which the 1D RoPE would use."""
+    from soundlake.generation.dit import apply_rope, grid_rope_tables, rope_tables
+
+    grid, frames, dh, base = 4, 6, 16, 10000.0
+    n = grid * frames
+    cos, sin = grid_rope_tables(n, grid, dh, base, "cpu")
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(dh, generator=g, dtype=torch.float64), torch.randn(dh, generator=g, dtype=torch.float64)
+    rq = apply_rope(q.expand(n, dh), (cos.double(), sin.double()))
+    rk = apply_rope(k.expand(n, dh), (cos.double(), sin.double()))
+    scores = rq @ rk.T
+    for a, b in [(0, 0), (5, 2), (9, 22), (23, 1), (7, 12)]:
+        pa, pb = (a // grid, a % grid), (b // grid, b % grid)
+        assert float(scores[a, b]) == pytest.approx(_axial_rope_score(q, k, pa, pb, base), abs=1e-5)
+    # tokens 3 (frame 0, row 3) and 4 (frame 1, row 0) are neighbours in token order, far apart on the grid
+    # (1D RoPE scores them as equals: one token apart)
+    tables = tuple(t.double() for t in rope_tables(n, dh, base, "cpu"))
+    one_d = apply_rope(q.expand(n, dh), tables) @ apply_rope(k.expand(n, dh), tables).T
+    assert float(one_d[3, 4]) == pytest.approx(float(one_d[0, 1]), abs=1e-5)
+    assert abs(float(scores[3, 4]) - float(scores[0, 1])) > 1e-2
+    assert float(scores[4, 8]) == pytest.approx(float(scores[0, 4]), abs=1e-5)   # both (1 frame, 0 rows)
+    # one row per frame is the 1D RoPE
+    assert all(torch.equal(x, y) for x, y in zip(grid_rope_tables(n, 1, dh, base, "cpu"), rope_tables(n, dh, base, "cpu")))
+    # a model on a 2D grid refuses a token count that is not whole frames, and head widths 2D RoPE cannot split
+    m = DiT(DiTConfig(in_channels=4, hidden=32, depth=2, heads=2, cond_dim=8, sola_rank=4, grid_freq=grid))
+    assert m(torch.randn(1, n, 4), torch.tensor([10])).shape == (1, n, 4)
+    with pytest.raises(ValueError, match="whole number of frames"):
+        m(torch.randn(1, n + 1, 4), torch.tensor([10]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DiT(DiTConfig(in_channels=4, hidden=12, depth=2, heads=2, cond_dim=8, sola_rank=4, grid_freq=grid))
+
+
 def test_zero_init_cross_attention_makes_output_condition_independent():
     torch.manual_seed(0)
     model = tiny_dit(cond_extra_dim=5, cond2_dim=6, cross_attn2_blocks=[0, 2])

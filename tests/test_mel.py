@@ -148,6 +148,7 @@ def test_mel_vae_objective_and_plans(tmp_path, mel_shards):
                            steps=1, vocoder=str(voc_dir))
     plan = make_plan(spec)
     assert plan["dit_config"]["in_channels"] == 8 and plan["latents"]["grid_freq"] == 8
+    assert plan["dit_config"]["grid_freq"] == 8   # the DiT's 2D RoPE reads the grid
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_generate_through_the_cli_on_the_mel_path(mel_shards, tmp_path, soundlak
                                  "overrides.sola_rank=4", "shuffle=0", "log_every=1", "workers=0"])
     assert train(spec).steps == 4
     meta = read_meta(out, "dit")
-    assert meta["latents"]["grid_freq"] == 8 and meta["config"]["in_channels"] == 8
+    assert meta["latents"]["grid_freq"] == 8 and meta["config"]["in_channels"] == 8 and meta["config"]["grid_freq"] == 8
     assert read_meta(out / "vocoder", "vocoder")["config"]["mel"] == read_meta(out / "vae", "vae")["config"]["mel"]
     wav = tmp_path / "siren.wav"
     r = soundlake_here("generate", "a siren wails", "--model", out, "--seconds", "1.0", "--steps", "2", "--out", wav)

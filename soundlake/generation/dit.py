@@ -6,7 +6,11 @@
   parameter counts.
 * **Long skips** (U-ViT): outputs of the first ``depth // 2`` blocks are concatenated to
   the inputs of the mirrored last blocks and fused by Linear + LayerNorm (``skip_fuse``).
-* **Self-attention** with 1D RoPE over frames and QK-Norm (RMSNorm per head).
+* **Self-attention** with RoPE and QK-Norm (RMSNorm per head). Over a 1D latent the RoPE
+  position is the frame. Over a 2D mel latent (``grid_freq`` F > 1 frequency rows per
+  frame, tokens time-major) it is axial: half of each head's rotation pairs turn with the
+  frame ``n // F`` and half with the frequency row ``n % F``, so attention scores depend on
+  (time offset, frequency offset), not on a token distance that mixes the two.
 * **Cross-attention** to the text tokens (key padding mask); its out-projection is zero
   at init, so an untrained model ignores the condition. Optional **DC-LDM** second
   cross-attention ``cross_attn2`` in the blocks listed in ``cross_attn2_blocks``,
@@ -84,6 +88,7 @@ class DiTConfig:
     null_cond: str = "learned"      # "learned" | "zero"
     time_freq_dim: int = 256
     sources: list[str] = field(default_factory=list)  # dataset-ID vocabulary ("unknown" first), [] = off
+    grid_freq: int = 1              # frequency rows per latent frame (2D mel VAE); > 1: axial 2D RoPE
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
@@ -128,6 +133,24 @@ def rope_tables(n: int, head_dim: int, base: float, device) -> tuple[torch.Tenso
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None]
     ang = torch.cat([ang, ang], dim=-1)  # [N, Dh], rotate-half layout
+    return ang.cos(), ang.sin()
+
+
+def grid_rope_tables(n: int, grid_freq: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for ``n`` time-major tokens of a (frame, frequency row) grid, ``grid_freq``
+    rows per frame: the first half of the rotation pairs (``apply_rope``'s i, i + Dh/2) turn
+    with the frame, the second half with the row, each half with its own spectrum of
+    ``head_dim / 4`` frequencies. ``grid_freq == 1`` gives :func:`rope_tables`."""
+    if grid_freq == 1:
+        return rope_tables(n, head_dim, base, device)
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head width divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    inv = 1.0 / base ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    pos = torch.arange(n, device=device)
+    frame, row = (pos // grid_freq).float(), (pos % grid_freq).float()
+    ang = torch.cat([frame[:, None] * inv[None], row[:, None] * inv[None]], dim=-1)   # [N, Dh/2]: one per pair
+    ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
 
 
@@ -353,6 +376,9 @@ class DiT(ConditionMixin, nn.Module):
         d = cfg.hidden
         if d % cfg.heads or (d // cfg.heads) % 2:
             raise ValueError("hidden / heads must be an even integer (RoPE)")
+        if cfg.grid_freq < 1 or (cfg.grid_freq > 1 and (d // cfg.heads) % 4):
+            raise ValueError(f"grid_freq {cfg.grid_freq}: must be >= 1, and > 1 (2D RoPE) needs hidden / heads "
+                             "divisible by 4")
         self.x_embed = nn.Linear(cfg.in_channels, d)
         self.frame_embed = nn.Embedding(2, d)  # 0 = clean (given) frame, 1 = noised frame
         self.t_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
@@ -408,7 +434,9 @@ class DiT(ConditionMixin, nn.Module):
         c = self._with_source(self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(h.dtype)), source)
         shared = self.adaln_shared(c) if self.adaln_shared is not None else None
         ctx, m, ctx2, m2 = self.embed_condition(b, h, context, context_mask, extra, context2, context2_mask, drop)
-        rope = rope_tables(n, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base, x.device)
+        if n % self.cfg.grid_freq:
+            raise ValueError(f"{n} tokens is not a whole number of frames of {self.cfg.grid_freq} frequency rows")
+        rope = grid_rope_tables(n, self.cfg.grid_freq, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base, x.device)
         skips: list[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
             skip = skips.pop() if blk.skip_fuse is not None else None

@@ -188,7 +188,7 @@ def make_plan(spec: TrainSpec) -> dict:
     raw = read_config(spec.config)
     plan["vae_config"] = vae_meta["config"]
     plan["schedule"] = raw.get("schedule", {})
-    plan["dit_config"] = dit_model_config(spec, raw, geometry["channels"])
+    plan["dit_config"] = dit_model_config(spec, raw, geometry["channels"], geometry["grid_freq"])
     from soundlake.core.fingerprints import weights_sha256
 
     vae_sha = weights_sha256(Path(spec.vae) / "model.safetensors")
@@ -209,16 +209,23 @@ def make_plan(spec: TrainSpec) -> dict:
     return plan
 
 
-def dit_model_config(spec: TrainSpec, raw: dict, latent_dim: int) -> dict:
+def dit_model_config(spec: TrainSpec, raw: dict, latent_dim: int, grid_freq: int = 1) -> dict:
     """The backbone's config dict (with its ``backbone`` key) for a DiT spec: the config's model
-    keys, the spec's overrides and backbone, the widths of the latents and the encoders."""
-    from soundlake.generation.backbones import backbone_config, config_dict
+    keys, the spec's overrides and backbone, the widths of the latents and the encoders, and
+    for the DiT the latent grid's frequency rows (2D RoPE; the FIT's positions stay 1D)."""
+    from soundlake.generation.backbones import (
+        backbone_config,
+        backbone_name,
+        config_dict,
+    )
 
     try:
         model = {**raw.get("model", {}), **spec.overrides, "in_channels": latent_dim,
                  "cond_dim": _text_dim(spec.text_encoder)}
         if spec.backbone:
             model["backbone"] = spec.backbone
+        if backbone_name(model) == "dit":
+            model["grid_freq"] = grid_freq
         if spec.extra_clap:
             from soundlake.models.clap.load import load_clap
 
