@@ -39,9 +39,7 @@ def backbone_config(d: dict):
 
 
 def config_dict(cfg) -> dict:
-    from soundlake.generation.fit import FITConfig
-
-    return {"backbone": "fit" if isinstance(cfg, FITConfig) else "dit", **cfg.to_dict()}
+    return {"backbone": cfg.BACKBONE, **cfg.to_dict()}
 
 
 def build_backbone(d: dict) -> nn.Module:

@@ -60,6 +60,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,26 @@ from soundlake.generation.dataset_id import check_vocab
 from soundlake.generation.vae import read_config
 
 
+class BackboneConfig:
+    """What the DiT and FIT configs share: read from a config's ``model:`` section or a model
+    folder's dict (whose ``backbone`` key, if any, must name ``BACKBONE``)."""
+    BACKBONE: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**config_kwargs(cls, d, cls.BACKBONE))
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path):
+        return cls.from_dict(read_config(name_or_path).get("model", {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class DiTConfig:
+class DiTConfig(BackboneConfig):
+    BACKBONE: ClassVar[str] = "dit"
     in_channels: int = 32           # VAE latent channels
     hidden: int = 128
     depth: int = 12
@@ -89,17 +108,6 @@ class DiTConfig:
     time_freq_dim: int = 256
     sources: list[str] = field(default_factory=list)  # dataset-ID vocabulary ("unknown" first), [] = off
     grid_freq: int = 1              # frequency rows per latent frame (2D mel VAE); > 1: axial 2D RoPE
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
-        return cls(**config_kwargs(cls, d, "dit"))
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "DiTConfig":
-        return cls.from_dict(read_config(name_or_path).get("model", {}))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def count_parameters(module: nn.Module) -> int:

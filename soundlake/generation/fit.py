@@ -56,31 +56,31 @@ Public API::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from soundlake.generation.dit import (
+    BackboneConfig,
     ConditionMixin,
     CrossAttention,
     FeedForward,
     FinalLayer,
     SelfAttention,
-    config_kwargs,
     init_weights,
     modulate,
     rope_tables,
     timestep_embedding,
     zero_init,
 )
-from soundlake.generation.vae import read_config
 
 
 @dataclass
-class FITConfig:
+class FITConfig(BackboneConfig):
+    BACKBONE: ClassVar[str] = "fit"
     in_channels: int = 64           # VAE latent channels (GenAu's 1D-VAE: 64)
     patch_size: int = 1             # latent frames per patch token (GenAu: 1)
     group_size: int = 32            # patches per group (GenAu: 32)
@@ -100,17 +100,6 @@ class FITConfig:
     null_cond: str = "learned"      # "learned" | "zero"
     time_freq_dim: int = 256
     sources: list[str] = field(default_factory=list)  # dataset-ID vocabulary ("unknown" first), [] = off
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FITConfig":
-        return cls(**config_kwargs(cls, d, "fit"))
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "FITConfig":
-        return cls.from_dict(read_config(name_or_path).get("model", {}))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def group_mask(n_patches: int, group_size: int) -> torch.Tensor:
