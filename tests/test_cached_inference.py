@@ -177,12 +177,16 @@ def test_calibration_profile_shape_and_eq1():
     assert p.mean.shape == p.std.shape == (10, 6)
     assert p.num_prompts == 3 and p.model_hash == model_hash(m)
     assert (p.mean[:, 0] == 0).all() and (p.mean[:, 1:] > 0).all()
-    # Eq. 1 by hand for one layer and one prompt
+    # Eq. 1 of the paper by hand, for one layer and one prompt. The paper indexes diffusion
+    # time, which counts down: E_t = ||L_t - L_{t+1}||_1 / ||L_t||_1 with L_{t+1} computed
+    # one sampling step before L_t. Here outs[k] is the k-th call in sampling order, so the
+    # paper's L_t is outs[k] and its L_{t+1} is outs[k - 1].
     outs = []
     h = m.blocks[2].ff.register_forward_hook(lambda mod, a, o: outs.append(o.clone()))
     euler_cfg(m, *inputs(0), 6)
     h.remove()
-    r = [float((outs[t] - outs[t - 1]).abs().sum() / outs[t - 1].abs().sum()) for t in range(1, 6)]
+    paper_L = {5 - k: outs[k] for k in range(6)}   # diffusion time t = 5 .. 0
+    r = [float((paper_L[t] - paper_L[t + 1]).abs().sum() / paper_L[t].abs().sum()) for t in range(4, -1, -1)]
     one = calibrate(m, ["blocks.2.ff"], lambda pr: euler_cfg(m, *pr, 6), [inputs(0)], 6)
     np.testing.assert_allclose(one.mean[0, 1:], r, rtol=1e-6)
     assert (one.std == 0).all()

@@ -41,9 +41,11 @@ Public API::
 Definitions:
 
 * Eq. 1, relative change of layer l at step t (t >= 1):
-  ``r_t = ||o_t - o_{t-1}||_1 / ||o_{t-1}||_1`` over the whole output tensor (the CFG batch
-  included). Column 0 of a profile is 0 by convention: step 0 has no predecessor and is
-  always computed anyway.
+  ``r_t = ||o_t - o_{t-1}||_1 / ||o_t||_1`` over the whole output tensor (the CFG batch
+  included). The paper writes it in diffusion time, which counts down:
+  ``||L_t - L_{t+1}||_1 / ||L_t||_1``, where ``L_{t+1}`` is the output one step earlier in
+  sampling, so the denominator is the current step's output. Column 0 of a profile is 0
+  by convention: step 0 has no predecessor and is always computed anyway.
 * Eq. 2, refresh rule: at step t a layer accumulates ``acc += rate[l, t]``; it is recomputed
   (and ``acc`` reset to 0) when ``acc >= delta``, at the first and last step, when it has
   been reused ``max_reuse`` times in a row, or when its input shape changed; otherwise its
@@ -322,7 +324,7 @@ class _Recorder(ModelHook):
         self.last_step = o.step
         cur = out.detach().float()
         if self.prev is not None and o.step > 0:
-            denom = self.prev.abs().sum().clamp_min(1e-12)
+            denom = cur.abs().sum().clamp_min(1e-12)  # Eq. 1: the current step's output
             o.rates[self.index, o.step] = float((cur - self.prev).abs().sum() / denom)
         self.prev = cur
         return out
