@@ -6,7 +6,7 @@ from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import connect, fetchall, query
 from soundlake.core.errors import UserError
-from soundlake.pipelines.runner import run_pipeline
+from soundlake.pipelines.runner import pending_inputs, run_pipeline
 from soundlake.pipelines.spec import load_spec
 
 
@@ -40,6 +40,30 @@ def test_failures_open_forgets_inputs_that_later_succeeded(tmp_path):
     clip.update(source="local", source_id="a", clip_id="local:a:0")
     lake.write_part("clips", pa.Table.from_pylist([clip], schema=schema.CLIPS), "r")
     assert fetchall(lake, "SELECT source_id FROM failures_open") == [("b",)]
+
+
+def test_resume_check_leaves_out_inputs_with_a_clip_failure_or_skip(tmp_path):
+    """The anti-join keeps the listing's order, matches on (source, source_id), both columns,
+    and reads parts whose schemas differ (written by earlier versions)."""
+    lake = Lake(str(tmp_path / "lake"))
+    listing = [{"source": src, "source_id": sid, "uri": f"{src}/{sid}"}
+               for sid in ("e", "a", "d", "b", "c", "f") for src in ("local", "freesound")]
+    assert pending_inputs(lake, listing) == listing          # no lake yet: everything is to do
+    lake.create()
+    assert pending_inputs(lake, listing) == listing          # a lake without parts
+    clip = {f.name: None for f in schema.CLIPS}
+    for sid in ("a", "b"):   # a clip part per input, two clips for "a"
+        rows = [dict(clip, source="local", source_id=sid, clip_id=f"local:{sid}:{k}") for k in range(1 + (sid == "a"))]
+        lake.write_part("clips", pa.Table.from_pylist(rows, schema=schema.CLIPS), "r")
+    # A part as an older version wrote it (other columns, other order): matched by name.
+    lake.write_part("failures", pa.table({"stage": ["segment"], "source_id": ["c"], "source": ["local"]}), "old")
+    lake.write_part("failures", pa.Table.from_pylist([_failure("x")], schema=schema.FAILURES), "r")
+    skip = {f.name: None for f in schema.SKIPPED}
+    lake.write_part("skipped", pa.Table.from_pylist([dict(skip, source="freesound", source_id="d")],
+                                                    schema=schema.SKIPPED), "r")
+    done = {("local", "a"), ("local", "b"), ("local", "c"), ("freesound", "d")}
+    expected = [r for r in listing if (r["source"], r["source_id"]) not in done]
+    assert pending_inputs(lake, listing) == expected and len(expected) == 8
 
 
 def test_bad_query_is_one_line(tmp_path):

@@ -78,7 +78,7 @@ def dataset_view(ranking: Sequence[str], policy: str = "score") -> str:
                FROM clips cl LEFT JOIN ranked r ON r.clip_id = cl.clip_id AND r.rn = 1"""
 
 
-def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[str] | None = None) -> str:
+def source_sql(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[str] | None = None) -> str:
     """A FROM-able expression for a table's parts (all, or exactly ``files``), typed even when it has none."""
     pinned = files is not None
     files = lake.parts(table) if files is None else files
@@ -122,7 +122,7 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
         files = (parts or {}).get(table)
         if files is None and table in schema.SNAPSHOT_TABLES:
             files = snapshots.table_parts(lake, table)   # the newest snapshot's parts, not a glob
-        src = _source(con, lake, table, files)
+        src = source_sql(con, lake, table, files)
         if table == "clips":
             con.execute(f"CREATE VIEW _clip_parts AS SELECT * FROM {src}")
             cols = ", ".join(schema.CLIP_COLUMNS)

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+import duckdb
 import pyarrow as pa
 
 from soundlake.catalog import schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
-from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow
+from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow, source_sql
 from soundlake.core.errors import SKIP_REASONS, UserError
 from soundlake.core.fingerprints import code_version
 from soundlake.core.ray_env import data_context, init_ray
@@ -91,13 +92,42 @@ def list_inputs(spec: PipelineSpec) -> tuple[list[dict], int]:
     return (rows[: spec.source.limit] if spec.source.limit else rows), skipped
 
 
-def committed_inputs(lake: Lake) -> set[tuple[str, str]]:
-    """(source, source_id) of inputs that already have a clip, a committed failure or a skip."""
-    done: set[tuple[str, str]] = set()
-    for table in ("clips", "failures", "skipped"):
-        t = lake.read(table, columns=["source", "source_id"])
-        done.update(zip(t["source"].to_pylist(), t["source_id"].to_pylist()))
-    return done
+DONE_TABLES = ("clips", "failures", "skipped")   # an input with a row in any of them is done
+
+
+def pending_inputs(lake: Lake, rows: list[dict]) -> list[dict]:
+    """The listed ``rows`` whose input has no committed clip, failure or skip yet.
+
+    The resume check is an anti-join in DuckDB over the parts' (source, source_id) columns:
+    the committed keys stay inside DuckDB's join and never become a Python set. Every
+    version of these tables has both columns, so a local lake's parts are read without
+    ``union_by_name``: DuckDB matches the two columns by name in each file instead of first
+    unifying every file's whole schema (at 20,000 parts: 1.8 s and 180 MB instead of 3.2 s
+    and 1.5 GB, benchmarks/catalog_scale.py)."""
+    if not rows or not lake.exists():
+        return rows
+    listed = pa.table({"i": pa.array(range(len(rows)), pa.int64()),
+                       "source": pa.array([r["source"] for r in rows], pa.string()),
+                       "source_id": pa.array([r["source_id"] for r in rows], pa.string())})
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("listed", listed)
+        done = []
+        for table in DONE_TABLES:
+            files = lake.parts(table)
+            if files and lake.is_local:
+                glob = lake.path(table, "*.parquet").replace("'", "''")
+                done.append(f"SELECT source, source_id FROM read_parquet('{glob}')")
+            elif files:
+                done.append(f"SELECT source, source_id FROM {source_sql(con, lake, table, files)}")
+        if not done:
+            return rows
+        keep = con.execute(f"""SELECT l.i FROM listed l ANTI JOIN ({" UNION ALL ".join(done)}) d
+                               ON d.source = l.source AND d.source_id = l.source_id""").fetchnumpy()["i"]
+    finally:
+        con.close()
+    keep.sort()
+    return [rows[i] for i in keep.tolist()]
 
 
 def move_policy_failures(lake: Lake, run_id: str) -> int:
@@ -380,8 +410,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
         if not retry:
             rows, summary.non_audio_skipped = list_inputs(spec)
         summary.inputs_total = len(rows)
-        done = set() if retry else committed_inputs(lake)
-        todo = [r for r in rows if (r["source"], r["source_id"]) not in done]
+        todo = rows if retry else pending_inputs(lake, rows)
         summary.inputs_skipped = len(rows) - len(todo)
         if todo:
             # The listed inputs, so that `retry-failed` can rebuild them later.
