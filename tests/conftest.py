@@ -68,3 +68,27 @@ def invoke_here(*args, env: dict | None = None):
 def soundlake_here():
     """:func:`invoke_here` as a fixture: call it with the arguments (and ``env=``)."""
     return invoke_here
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3-compatible server (moto) on loopback, with a bucket "shards"; this process's
+    AWS_* variables point at it. Yields its endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
+    yield endpoint
+    server.stop()

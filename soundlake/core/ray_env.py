@@ -18,6 +18,7 @@ import time
 from pydantic import Field
 
 from soundlake.core.config import Section
+from soundlake.core.errors import UserError
 
 _LOG_HANDLER = "soundlake-ray-log"
 _verbose: bool | None = None  # None: a library caller, who sees what Ray prints (the command line sets it)
@@ -77,13 +78,75 @@ def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
     address = spec.address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
-            ray.init(address=address, **kw)
+            check_can_join(address)
+            env = forwarded_env()
+            if env:
+                # Not as runtime_env "env_vars": Ray's runtime-env agent logs those, secrets
+                # included, in every node's runtime_env_agent.log. A setup hook is kept in
+                # Ray's memory (its key, not its content, is what gets logged).
+                kw["runtime_env"] = {"worker_process_setup_hook": _env_setter(env)}
+            try:
+                ray.init(address=address, **kw)
+            except ConnectionError as e:
+                raise UserError(f"cannot join the Ray cluster at {address} ({e}); check the address "
+                                "(`ray status` on the head prints it) and that the head is running") from None
         else:
             ray.init(num_cpus=spec.num_cpus, object_store_memory=spec.object_store_mb * 2**20, **kw)
     finally:
         if held is not None:
             _release_ray_logs(held)
     return time.perf_counter() - t0
+
+
+# Object-store settings a worker needs to open the lake as the driver does. The nodes of a
+# cluster were started with their own environment: the driver's values reach the workers
+# through the job's runtime environment (kept in Ray's memory; written to no file).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+def _env_setter(env: dict[str, str]):
+    """A function that sets ``env`` in the worker process that runs it (Ray runs it in each
+    of the job's workers as they start)."""
+    def soundlake_object_store_settings() -> None:
+        os.environ.update(env)
+    return soundlake_object_store_settings
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's object-store settings (:data:`FORWARDED_ENV`) that are set."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def check_can_join(address: str) -> None:
+    """Refuse at once, in one line, a cluster that wants an authentication token this process
+    does not have (ray.init would retry for tens of seconds and end in a traceback).
+
+    Asks the cluster's GCS for its id, as ray.init's first step does; only for a host:port
+    address (``auto`` and ``ray://`` are resolved by ray.init itself). Any other problem is
+    left to ray.init."""
+    import ray._raylet
+    from ray.exceptions import AuthenticationError
+
+    if "://" in address or ":" not in address:
+        return
+    saved = os.dup(2)   # Ray's C++ client prints its own warning on descriptor 2: keep it off the terminal
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        ray._raylet.GcsClient(address=address)
+    except AuthenticationError:
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            fix = "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        else:
+            fix = "the token given (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
+        raise UserError(f"the Ray cluster at {address} requires token authentication: {fix} "
+                        "(~/.ray/auth_token on its head node)") from None
+    except Exception:   # not reachable, not a GCS...: ray.init retries and says so
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _route_ray_logs(handler: logging.Handler) -> None:
@@ -117,6 +180,8 @@ def _release_ray_logs(held) -> None:
     import ray
 
     try:
+        if not ray.is_initialized():   # (the runtime context would try to join a cluster)
+            raise RuntimeError("Ray did not start")
         ctx = ray.get_runtime_context()
         folder = os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "logs")
     except Exception:  # Ray did not start, or a Ray Client connection: no local session folder
