@@ -9,12 +9,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import soundlake_cmd
 
 from soundlake.catalog.sql import fetchall
+from soundlake.testing import tone_mix, write_audio
 
 
 def test_ray_address_environment_joins_that_cluster(ray_session, tmp_path):
@@ -35,39 +37,62 @@ def test_ray_address_environment_joins_that_cluster(ray_session, tmp_path):
 TOKEN = "soundlaketesttoken0123456789abcd"
 
 
-@pytest.fixture(scope="module")
-def token_cluster():
-    """A second Ray cluster on this machine, started as an operator would (`ray start --head
-    --block`) with token authentication and none of the driver's environment (no AWS_*
-    settings); stopped by its PID. Yields its address."""
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+NODE_ARGS = ["--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats", "--block"]
+
+
+@contextmanager
+def ray_cluster(env: dict, worker_prefix: list[str] | None = None):
+    """A Ray cluster on this machine, started as an operator would (`ray start --head --block`,
+    and with ``worker_prefix`` a second node, `ray start --address ... --block` run under that
+    command, e.g. in its own mount namespace), with ``env`` as its whole environment (none of
+    the driver's); every process stopped by its PID. Yields (address, temp folder)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")   # short: Ray's socket paths live under it
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": TOKEN, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
-                             "--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--include-dashboard",
-                             "false", "--disable-usage-stats", "--temp-dir", temp, "--block"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", **env}
     address = f"127.0.0.1:{port}"
-    ready = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        import time, ray._raylet
-        for _ in range(120):
-            try:
-                ray._raylet.GcsClient(address="{address}")
-                break
-            except Exception:
-                time.sleep(0.5)""")], env={**env, "PATH": os.environ["PATH"]}, capture_output=True)
-    assert ready.returncode == 0, ready.stderr
-    yield address, temp
-    proc.terminate()   # `ray start --block` stops the processes it started
-    proc.wait(timeout=60)
-    shutil.rmtree(temp, ignore_errors=True)
+    procs = [subprocess.Popen([RAY_BIN, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                               "--temp-dir", temp, *NODE_ARGS], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        if worker_prefix is not None:
+            procs.append(subprocess.Popen([*worker_prefix, RAY_BIN, "start", "--address", address, *NODE_ARGS],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        ready = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            import time, ray
+            for _ in range(240):
+                try:
+                    ray.init(address="{address}", logging_level="ERROR")
+                    if sum(n["Alive"] for n in ray.nodes()) == {len(procs)}:
+                        break
+                    ray.shutdown()
+                except Exception:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise SystemExit("the cluster did not come up")""")], env=env, capture_output=True, text=True)
+        assert ready.returncode == 0, ready.stderr[-2000:]
+        yield address, temp
+    finally:
+        for proc in reversed(procs):   # `ray start --block` stops the processes it started
+            proc.terminate()
+            proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory):
+    """A second cluster with token authentication and no AWS_* settings."""
+    home = tmp_path_factory.mktemp("home")
+    with ray_cluster({"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}) as cluster:
+        yield cluster
 
 
 def _driver_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}   # not the test session's Ray
+    env["HOME"] = tempfile.mkdtemp(prefix="home")   # no ~/.ray/auth_token: Ray would turn token auth on
     return {**env, "COLUMNS": "300", **extra}
 
 
@@ -104,3 +129,39 @@ def test_object_store_settings_reach_the_workers_and_are_written_nowhere(token_c
     assert rows[0][0] == 3 and rows[0][1] >= 3, rows
     leaked = [str(p) for p in Path(temp).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked, leaked
+
+
+def test_a_node_that_sees_its_own_disk_stops_the_run_naming_it(ray_session, tmp_path):
+    """Two nodes; the second runs in its own mount namespace with a private tmpfs over a
+    folder: a lake or an input there is the driver's on one node and another disk on the
+    other. The run stops before any work, naming the node and the path; with the lake and
+    inputs where both nodes see them, the same run finishes."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("unshare -m is not available here (it needs root or user namespaces)")
+    private = Path(tempfile.mkdtemp(prefix="nl", dir="/tmp"))
+    shared = tmp_path / "shared"
+    inputs = shared / "in"
+    inputs.mkdir(parents=True)
+    for i in range(3):
+        write_audio(inputs / f"tone{i}.wav", tone_mix(2.0, 16000, i), 16000)
+    home = tempfile.mkdtemp(prefix="home")
+    prefix = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs {private} && exec "$0" "$@"']
+    try:
+        with ray_cluster({"HOME": home}, worker_prefix=prefix) as (address, _):
+            def curate(lake, folder):
+                return subprocess.run(soundlake_cmd("curate", "local", "--input", str(folder), "--lake", str(lake),
+                                                    "--address", address), capture_output=True, text=True,
+                                      timeout=300, env=_driver_env())
+            r = curate(private / "lake", inputs)
+            assert r.returncode == 2, r.stderr[-3000:]
+            assert re.search(r"error: node \S+ \(\w+\) sees another folder .*: " + re.escape(str(private / "lake")),
+                             r.stderr), r.stderr[-3000:]
+            shutil.copytree(inputs, private / "in")
+            r = curate(shared / "lake", private / "in")
+            assert r.returncode == 2 and "cannot read the input: " + str(private / "in") in r.stderr, r.stderr[-3000:]
+            assert fetchall(str(shared / "lake"), "SELECT count(*) FROM clips") == [(0,)]
+            r = curate(shared / "lake", inputs)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert fetchall(str(shared / "lake"), "SELECT count(DISTINCT source_id) FROM clips") == [(3,)]
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

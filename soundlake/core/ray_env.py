@@ -59,6 +59,15 @@ def ray_log_file() -> str | None:
     return _log_file
 
 
+def cluster_address(spec: RaySpec) -> str | None:
+    """The cluster to join: ``--address`` (``ray.address``), else RAY_ADDRESS; None starts a local Ray."""
+    return spec.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def joins_cluster(spec: RaySpec) -> bool:
+    return cluster_address(spec) is not None
+
+
 def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
     """Start local Ray (or join --address, or RAY_ADDRESS); returns the seconds it took (0 if already up).
 
@@ -75,7 +84,7 @@ def init_ray(spec: RaySpec, log_to_driver: bool = True) -> float:
     held = _hold_ray_logs() if quiet else None
     # RAY_ADDRESS names a cluster to join, as it does for every Ray program (and a joined
     # cluster refuses local-only settings such as the object store size).
-    address = spec.address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(spec)
     try:
         if address:
             check_can_join(address)

@@ -29,8 +29,9 @@ from soundlake.catalog.schema import INPUT_SCHEMA
 from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow, source_sql
 from soundlake.core.errors import SKIP_REASONS, UserError
 from soundlake.core.fingerprints import code_version
-from soundlake.core.ray_env import data_context, init_ray
+from soundlake.core.ray_env import data_context, init_ray, joins_cluster
 from soundlake.core.storage import storage_error
+from soundlake.pipelines.probe import probe_nodes
 from soundlake.pipelines.retry import inputs_table
 from soundlake.pipelines.spec import PipelineSpec
 from soundlake.sources.base import get_source
@@ -422,6 +423,8 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             # Ray first: stages may create shared actors (the per-host rate limiter).
             if todo or {"embed", "score"} & set(spec.active_stages()) or any(CAPTIONERS[n].stage.uses_actors for n in spec.caption.captioners):
                 summary.ray_startup_s = init_ray(spec.ray)
+                if joins_cluster(spec.ray):
+                    probe_nodes(lake, todo)   # every node reaches the lake and the inputs, or one line
                 t0 = time.perf_counter()
             stages = build_stages(spec, run_id)
             try:
