@@ -151,6 +151,31 @@ def test_calibrate_then_evaluate_report(models, tmp_path):
     assert "uncached" in out and "δ=0.05" in out
 
 
+def test_generate_with_cache_delta_uses_the_saved_profile(models, tmp_path):
+    """`generate --cache-delta` samples with AudioCache on the profile beside the model: the
+    sidecar's layer counts are the Eq. 2 plan, and the audio is what the same cached run gives
+    in-process; without a profile for the step count it is one line naming calibrate-cache."""
+    dit, _ = models
+    (tmp_path / "p.txt").write_text("\n".join(CAPTIONS) + "\n")
+    assert cli("calibrate-cache", "--model", dit, "--prompts", tmp_path / "p.txt", "--steps", STEPS, "-q")[0] == 0
+    out = tmp_path / "cached.wav"
+    code, text = cli("generate", "--model", dit, CAPTIONS[0], "--seconds", 0.5, "--steps", STEPS,
+                     "--cache-delta", 0.05, "--out", out)
+    assert code == 0, text
+    meta = json.loads(out.with_name(out.name + ".json").read_text())["audiocache"]
+    gen = Generator.load(dit)
+    profile = load_profile(gen, Sampling(steps=STEPS))
+    assert meta["delta"] == 0.05 and meta["computed"] == plan_refreshes(profile.rates_for(STEPS), 0.05).sum()
+    assert meta["reused"] > 0
+    with AudioCache(gen.dit, profile, delta=0.05) as cache, cache.run(STEPS):
+        res = gen.generate([CAPTIONS[0]], seconds=0.5, steps=STEPS, cfg=5.0, rescale=0.75, seed=0)
+    audio, _ = sf.read(out, dtype="float32")
+    np.testing.assert_allclose(audio, res.audio[0].reshape(audio.shape), atol=1e-4)
+    code, text = cli("generate", "--model", dit, CAPTIONS[0], "--seconds", 0.5, "--steps", STEPS + 1,
+                     "--cache-delta", 0.3, "--out", tmp_path / "x.wav")
+    assert code != 0 and "calibrate-cache" in text and f"--steps {STEPS + 1}" in text, text
+
+
 def test_evaluate_with_references_and_sparse_attention(models, tmp_path, monkeypatch):
     """Reference audio (another rate, resampled and recorded), calibration on the fly when
     no profile fits, and full vs sparse attention rows at two durations; attention timed

@@ -199,6 +199,19 @@ def encode(
         raise typer.Exit(1)
 
 
+def audio_cache(gen, model: str, sampler: str, steps: int, delta: float, max_reuse: int | None):
+    """AudioCache on ``gen``'s DiT with the calibration profile saved beside the model."""
+    from soundlake.generation.inference.audiocache import AudioCache
+    from soundlake.generation.inference.evaluate import Sampling, load_profile
+
+    profile = load_profile(gen, Sampling(steps=steps, sampler=sampler))
+    if profile is None:
+        raise UserError(f"--cache-delta needs a calibration profile of this model for --sampler {sampler} and "
+                        f"--steps {steps}: run `soundlake calibrate-cache --model {model} --prompts PROMPTS.txt "
+                        f"--sampler {sampler} --steps {steps}` first")
+    return AudioCache(gen.dit, profile, delta=delta, max_reuse=max_reuse, sampler=sampler)
+
+
 @app.command(rich_help_panel=MODELS)
 def generate(
     prompts: List[str] = typer.Argument(..., help="One or more text prompts."),
@@ -223,6 +236,11 @@ def generate(
                                          "vocabulary); default unknown."),
     griffin_lim: bool = typer.Option(False, "--griffin-lim", help="Mel VAEs: invert the log-mel with Griffin-Lim "
                                      "even when the model folder has a vocoder."),
+    cache_delta: float = typer.Option(0.0, help="AudioCache threshold δ (0 = off; the paper uses 0.3): reuse a "
+                                      "layer's output until its accumulated change reaches δ. Needs the profile "
+                                      "`soundlake calibrate-cache` saves beside the model for this --sampler and --steps."),
+    max_reuse: Optional[int] = typer.Option(None, help="AudioCache: recompute a layer after this many reuses in a "
+                                            "row (a soundlake extension, not in the paper; off by default)."),
 ):
     """Generate audio from text with a trained DiT and its VAE.
 
@@ -237,8 +255,11 @@ def generate(
 
     if sparse_attention not in ("none", "litefocus"):
         raise UserError(f"--sparse-attention {sparse_attention!r}: expected none or litefocus")
+    if cache_delta < 0 or (max_reuse is not None and max_reuse < 0):
+        raise UserError("--cache-delta and --max-reuse must be >= 0")
     with as_user_error(ValueError):
         gen = Generator.load(model, griffin_lim=griffin_lim)
+        cache = audio_cache(gen, model, sampler, steps, cache_delta, max_reuse) if cache_delta > 0 else None
         ref = None if reference is None else read_mono(reference, gen.sample_rate)
         ctx, geometry = nullcontext(), None
         if sparse_attention == "litefocus":
@@ -248,7 +269,8 @@ def generate(
             geometry = litefocus_geometry(gen, window, None, seconds)
             ctx = attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=geometry.window, ratio=ratio,
                                           seed=seed, chunk=geometry.chunk, min_tokens=geometry.train_frames)
-        with Progress(console=console) as progress, ctx:
+        with Progress(console=console) as progress, ctx, cache or nullcontext(), \
+                cache.run(steps) if cache else nullcontext():
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
                                rescale_axis=rescale_axis, seed=seed, reference=ref, source=source,
@@ -256,6 +278,8 @@ def generate(
         if geometry is not None:
             res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": geometry.window,
                          "chunk": geometry.chunk}
+        if cache is not None:
+            res.meta["audiocache"] = {"delta": cache_delta, "max_reuse": max_reuse, **cache.stats()}
         paths = write_audio(res, out)
     for p in paths:
         inverted = f"; log-mel inverted by {gen.inversion}" if gen.inversion else ""
