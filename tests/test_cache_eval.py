@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from soundlake.cli import app
 from soundlake.core.errors import UserError
+from soundlake.generation.diffusion import model_calls
 from soundlake.generation.inference import evaluate
 from soundlake.generation.inference.audiocache import (
     AudioCache,
@@ -151,28 +152,33 @@ def test_calibrate_then_evaluate_report(models, tmp_path):
     assert "uncached" in out and "δ=0.05" in out
 
 
-def test_generate_with_cache_delta_uses_the_saved_profile(models, tmp_path):
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_generate_with_cache_delta_uses_the_saved_profile(models, tmp_path, sampler):
     """`generate --cache-delta` samples with AudioCache on the profile beside the model: the
     sidecar's layer counts are the Eq. 2 plan, and the audio is what the same cached run gives
-    in-process; without a profile for the step count it is one line naming calibrate-cache."""
+    in-process; without a profile for the step count it is one line naming calibrate-cache.
+    Heun's profile is indexed by model call (2 * steps - 1 of them)."""
     dit, _ = models
     (tmp_path / "p.txt").write_text("\n".join(CAPTIONS) + "\n")
-    assert cli("calibrate-cache", "--model", dit, "--prompts", tmp_path / "p.txt", "--steps", STEPS, "-q")[0] == 0
+    assert cli("calibrate-cache", "--model", dit, "--prompts", tmp_path / "p.txt", "--steps", STEPS,
+               "--sampler", sampler, "-q")[0] == 0
     out = tmp_path / "cached.wav"
     code, text = cli("generate", "--model", dit, CAPTIONS[0], "--seconds", 0.5, "--steps", STEPS,
-                     "--cache-delta", 0.05, "--out", out)
+                     "--sampler", sampler, "--cache-delta", 0.05, "--out", out)
     assert code == 0, text
     meta = json.loads(out.with_name(out.name + ".json").read_text())["audiocache"]
     gen = Generator.load(dit)
-    profile = load_profile(gen, Sampling(steps=STEPS))
-    assert meta["delta"] == 0.05 and meta["computed"] == plan_refreshes(profile.rates_for(STEPS), 0.05).sum()
+    profile = load_profile(gen, Sampling(steps=STEPS, sampler=sampler))
+    calls = model_calls(sampler, STEPS)
+    assert profile.steps == calls and meta["computed"] + meta["reused"] == calls * len(profile.layers)
+    assert meta["delta"] == 0.05 and meta["computed"] == plan_refreshes(profile.rates_for(calls), 0.05).sum()
     assert meta["reused"] > 0
-    with AudioCache(gen.dit, profile, delta=0.05) as cache, cache.run(STEPS):
-        res = gen.generate([CAPTIONS[0]], seconds=0.5, steps=STEPS, cfg=5.0, rescale=0.75, seed=0)
+    with AudioCache(gen.dit, profile, delta=0.05) as cache, cache.run(calls):
+        res = gen.generate([CAPTIONS[0]], seconds=0.5, steps=STEPS, sampler=sampler, cfg=5.0, rescale=0.75, seed=0)
     audio, _ = sf.read(out, dtype="float32")
     np.testing.assert_allclose(audio, res.audio[0].reshape(audio.shape), atol=1e-4)
     code, text = cli("generate", "--model", dit, CAPTIONS[0], "--seconds", 0.5, "--steps", STEPS + 1,
-                     "--cache-delta", 0.3, "--out", tmp_path / "x.wav")
+                     "--sampler", sampler, "--cache-delta", 0.3, "--out", tmp_path / "x.wav")
     assert code != 0 and "calibrate-cache" in text and f"--steps {STEPS + 1}" in text, text
 
 
@@ -236,8 +242,8 @@ def test_cli_errors_are_one_line(models, tmp_path):
              (["--model", dit, "--prompts", tmp_path / "p.txt"], "--clap PATH is needed"),
              (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--cache-delta", "0.1,x"],
               "--cache-delta '0.1,x'"),
-             (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--sampler", "heun"],
-              "--sampler 'heun'"),
+             (["--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap, "--sampler", "lms"],
+              "--sampler 'lms'"),
              (["--model", tmp_path, "--prompts", tmp_path / "p.txt", "--clap", clap, *small],
               "not a soundlake model folder"),
              (["--model", dit, "--prompts", tmp_path / "none.txt", "--clap", clap], "no such file"),

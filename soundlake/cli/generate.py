@@ -220,7 +220,7 @@ def generate(
                              "a .json sidecar records every setting."),
     seconds: float = typer.Option(10.0, help="Length of the audio."),
     steps: int = typer.Option(100, help="Sampler steps."),
-    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m"),
+    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m | dpmpp_3m_sde | heun"),
     cfg: float = typer.Option(5.0, help="Classifier-free guidance scale (1 = off)."),
     rescale: float = typer.Option(0.75, help="CFG rescale φ (0 = off)."),
     rescale_axis: str = typer.Option("all", help="Std axis of the rescale: all (EzAudio) | time (stable-audio-tools)."),
@@ -251,6 +251,7 @@ def generate(
     from rich.progress import Progress
 
     from soundlake.core.audio import read_mono
+    from soundlake.generation.diffusion import model_calls
     from soundlake.generation.model_folder import Generator, write_audio
 
     if sparse_attention not in ("none", "litefocus"):
@@ -270,7 +271,7 @@ def generate(
             ctx = attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=geometry.window, ratio=ratio,
                                           seed=seed, chunk=geometry.chunk, min_tokens=geometry.train_frames)
         with Progress(console=console) as progress, ctx, cache or nullcontext(), \
-                cache.run(steps) if cache else nullcontext():
+                cache.run(model_calls(sampler, steps)) if cache else nullcontext():
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
                                rescale_axis=rescale_axis, seed=seed, reference=ref, source=source,

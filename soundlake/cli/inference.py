@@ -21,7 +21,7 @@ from soundlake.cli.main import (
 from soundlake.core.errors import UserError
 
 SAMPLING_HELP = {"steps": "Sampler steps (a profile is per sampler and step count).",
-                 "sampler": "ddim | euler | dpmpp_2m.", "cfg": "Classifier-free guidance scale.",
+                 "sampler": "ddim | euler | dpmpp_2m | dpmpp_3m_sde | heun.", "cfg": "Classifier-free guidance scale.",
                  "rescale": "CFG rescale phi.", "rescale_axis": "CFG rescale std axis: all | time.",
                  "seconds": "Clip length in seconds (default: the model's training length, else 10).",
                  "device": "cpu, cuda, cuda:1 ..."}
@@ -119,7 +119,7 @@ def calibrate_cache_cmd(
     for kind, rate in summ["mean_rate"].items():
         t.add_row(f"{kind}", f"mean change {rate:.4f} per step (max {summ['max_rate'][kind]:.4f}), "
                   f"{summ['total_change'][kind]:.2f} over the run")
-    t.add_row("planned cut", " · ".join(f"δ={d:g}: {1 / planned_fraction(prof, steps, d):.2f}x"
+    t.add_row("planned cut", " · ".join(f"δ={d:g}: {1 / planned_fraction(prof, prof.steps, d):.2f}x"
                                         for d in (0.1, 0.2, 0.3, 0.4)) + " fewer layer evaluations")
     t.add_row("profile", str(path))
     t.add_row("plot", str(plot))

@@ -12,10 +12,17 @@
 * ``masked_training_loss`` (stage-1 pretraining, no text): per row a random contiguous span
   covering 25-100 % of the frames is noised; the rest is given clean (and flagged clean
   through ``frame_mask``) and excluded from the loss.
-* Samplers (one model call per step, cond and uncond rows batched in that call):
+* Samplers (one model call per step but ``heun``, cond and uncond rows batched in each call):
   ``"ddim"`` (eta = 0) with *trailing* timestep spacing (starts at t = T-1, where SNR = 0),
   ``"euler"`` on the v-ODE in angle form (x = cos(phi) x0 + sin(phi) eps, so dx/dphi = v),
-  ``"dpmpp_2m"`` (DPM-Solver++ 2M, data prediction; first-order at the infinite-lambda ends).
+  ``"dpmpp_2m"`` (DPM-Solver++ 2M, data prediction; first-order at the infinite-lambda ends),
+  ``"dpmpp_3m_sde"`` (DPM-Solver++ 3M SDE, eta = 1, the sampler of AudioCache's experiments: the
+  multistep data-prediction update of k-diffusion's ``sample_dpmpp_3m_sde``, written for
+  alpha/sigma, with fresh noise from ``generator`` each step; first, then second order while
+  its history fills or a step is infinite in lambda), and ``"heun"`` (Heun's second-order
+  method on the same angle-form v-ODE as ``"euler"``: an Euler step, a second model call at its
+  end, the average slope; the last step, which lands on clean data, is an Euler step, so
+  ``2 * steps - 1`` model calls).
 * CFG: ``cfg_combine`` with rescale phi (Lin et al.); the std axis is ``rescale_axis``:
   ``"all"`` = std over all non-batch dims (EzAudio), ``"time"`` = per frame, over channels
   (stable-audio-tools). The chosen axis is recorded in the sample's metadata.
@@ -53,7 +60,12 @@ from torch import nn
 from soundlake.generation.conditioning import Condition
 from soundlake.generation.vae import read_config
 
-SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+SAMPLERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m_sde", "heun")
+
+
+def model_calls(sampler: str, steps: int) -> int:
+    """Model calls of one sampling: ``heun`` calls twice per step but the last, the others once."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 RESCALE_AXES = ("all", "time")
 
 
@@ -210,6 +222,42 @@ def _v_to_x0_eps(x, v, a, s):
     return a * x - s * v, s * x + a * v
 
 
+def _dpmpp_3m_sde_step(x: torch.Tensor, x0: torch.Tensor, a: float, s: float, a2: float, s2: float,
+                       history: list[tuple[torch.Tensor, float]], noise: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """One DPM-Solver++ 3M SDE step from (a, s) to (a2, s2), in lambda = log(alpha / sigma).
+
+    k-diffusion's update works on x / alpha with sigma = s / a; multiplied back by a2 it is
+        x2 = (a2 / a) e^{-(1+eta) h} x + a2 (1 - e^{-(1+eta) h}) x0 + a2 (phi2 d1 - phi3 d2)
+             + s2 sqrt(1 - e^{-2 eta h}) noise
+    with d1, d2 the first and second divided differences of the data predictions over the last
+    three steps (fewer while the history fills). An infinite step (lambda = -inf at the start,
+    +inf at the end) is first order: x2 = a2 x0 + s2 noise. ``history`` holds (x0, h) of the
+    previous steps, newest last; this step appends its own."""
+    lam = math.log(a / s) if a > 0 else -math.inf
+    lam2 = math.log(a2 / s2) if s2 > 0 else math.inf
+    h = lam2 - lam
+    if not math.isfinite(h):
+        history.append((x0, h))
+        return a2 * x0 + s2 * noise
+    h_eta = h * (1.0 + eta)
+    out = (a2 / a) * math.exp(-h_eta) * x - a2 * math.expm1(-h_eta) * x0
+    phi2 = math.expm1(-h_eta) / h_eta + 1.0
+    if len(history) >= 2 and all(math.isfinite(ph) for _, ph in history[-2:]):
+        (x0_2, h_2), (x0_1, h_1) = history[-2:]
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0 = (x0 - x0_1) / r0
+        d1_1 = (x0_1 - x0_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi3 = phi2 / h_eta - 0.5
+        out = out + a2 * (phi2 * d1 - phi3 * d2)
+    elif history and math.isfinite(history[-1][1]):
+        x0_1, h_1 = history[-1]
+        out = out + a2 * phi2 * (x0 - x0_1) / (h_1 / h)
+    history.append((x0, h))
+    return out + s2 * math.sqrt(-math.expm1(-2.0 * eta * h)) * noise
+
+
 @torch.no_grad()
 def sample(model: nn.Module, shape: tuple[int, ...], cond: Condition | None, uncond: Condition | None = None,
            steps: int = 25, sampler: str = "ddim", cfg: float = 3.0, rescale: float = 0.0,
@@ -250,16 +298,31 @@ def sample(model: nn.Module, shape: tuple[int, ...], cond: Condition | None, unc
     ab_next = [float(ab[t]) for t in ts[1:]] + [1.0]  # the final step lands on clean data
     x = torch.randn(shape, generator=generator).to(device)
     prev_x0, prev_h = None, None
+    history: list[tuple[torch.Tensor, float]] = []   # dpmpp_3m_sde: (x0, h) of the last two steps
+    nfe = 0
     model.eval()
     for i, t in enumerate(ts.tolist()):
         a, s = math.sqrt(float(ab[t])), math.sqrt(1.0 - float(ab[t]))
         a2, s2 = math.sqrt(ab_next[i]), math.sqrt(1.0 - ab_next[i])
         v = model_v(x, t)
+        nfe += 1
         x0, eps = _v_to_x0_eps(x, v, a, s)
         if sampler == "ddim":
             x = a2 * x0 + s2 * eps
         elif sampler == "euler":
             x = x + (math.atan2(s2, a2) - math.atan2(s, a)) * v
+        elif sampler == "heun":
+            dphi = math.atan2(s2, a2) - math.atan2(s, a)
+            x_euler = x + dphi * v
+            if i + 1 < len(ts):   # the slope at the Euler step's end, then the average slope
+                v2 = model_v(x_euler, int(ts[i + 1]))
+                nfe += 1
+                x = x + dphi * 0.5 * (v + v2)
+            else:
+                x = x_euler
+        elif sampler == "dpmpp_3m_sde":
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = _dpmpp_3m_sde_step(x, x0, a, s, a2, s2, history, noise)
         else:  # dpmpp_2m in lambda = log(alpha / sigma); lambda is -inf at t=T-1, +inf at the end
             lam = math.log(a / s) if a > 0 else -math.inf
             lam2 = math.log(a2 / s2) if s2 > 0 else math.inf
@@ -274,7 +337,7 @@ def sample(model: nn.Module, shape: tuple[int, ...], cond: Condition | None, unc
         if callback is not None:
             callback(i, t, x)
     meta = {"sampler": sampler, "steps": steps, "timesteps": ts.tolist(), "cfg": cfg, "rescale": rescale,
-            "rescale_axis": rescale_axis, "guided": guided, "nfe": steps, "prediction": "v",
+            "rescale_axis": rescale_axis, "guided": guided, "nfe": nfe, "prediction": "v",
             "schedule": schedule.meta(),
             "uncond": "explicit" if uncond is not None else "null_token"}
     return x, meta

@@ -59,6 +59,7 @@ import torch
 
 from soundlake.core.audio import read_mono
 from soundlake.core.errors import UserError
+from soundlake.generation.diffusion import model_calls
 from soundlake.generation.inference.audiocache import (
     AudioCache,
     CacheProfile,
@@ -221,7 +222,8 @@ def calibrate_cache(gen, captions: Sequence[str], sampling: Sampling, seconds: f
         _generate(gen, [caption], seconds, sampling, sampling.seed + i,
                   None if progress is None else (lambda: progress(1, "calibrating")))
 
-    prof = calibrate(gen.dit, layers, run, list(enumerate(captions)), sampling.steps, sampler=sampling.sampler)
+    prof = calibrate(gen.dit, layers, run, list(enumerate(captions)), model_calls(sampling.sampler, sampling.steps),
+                     sampler=sampling.sampler)
     prof.meta = {"cfg": sampling.cfg, "rescale": sampling.rescale, "rescale_axis": sampling.rescale_axis,
                  "seconds": seconds, "seed": sampling.seed, "model": str(gen.folder)}
     prof.save(profile_path(gen.folder, sampling.sampler, sampling.steps))
@@ -480,9 +482,9 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
             with _AttentionTimer(gen.dit, gen.device) as timer, _sparse(gen, s.ratio, window, chunk, sampling.seed):
                 if s.delta is None:
                     out = _generate(gen, batch, s.seconds, sampling, sampling.seed + b, step)
-                    s.computed += sampling.steps * n_layers
+                    s.computed += model_calls(sampling.sampler, sampling.steps) * n_layers
                 else:
-                    with caches[s.delta] as cache, cache.run(sampling.steps):
+                    with caches[s.delta] as cache, cache.run(model_calls(sampling.sampler, sampling.steps)):
                         out = _generate(gen, batch, s.seconds, sampling, sampling.seed + b, step)
                     st = cache.stats()  # this run's counters (the next run resets them)
                     s.computed += st["computed"]
@@ -534,7 +536,8 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
         row["latent_drift"] = float(np.mean([np.abs(z - z0).sum() / max(np.abs(z0).sum(), 1e-12)
                                              for z, z0 in zip(s.latents, base.latents)]))
         if s.delta is not None:
-            row["planned_fraction"] = planned_fraction(profile, sampling.steps, s.delta, settings.max_reuse)
+            row["planned_fraction"] = planned_fraction(profile, model_calls(sampling.sampler, sampling.steps), s.delta,
+                                                       settings.max_reuse)
         metrics = {
             "fd": fd_audio(gen_audio, ref, clap.embed_audio, rate, model=clap.model),
             "kl": kl_audio(gen_audio, ref, clap.classify, rate, model=clap.model),
