@@ -173,6 +173,58 @@ def test_adaln_sola_has_fewer_parameters_than_full():
     assert DiTConfig.from_yaml("dit-XL").depth == 28 and DiTConfig.from_yaml("dit-XL").hidden == 1152
 
 
+@pytest.mark.parametrize("name, paper", [("dit-L", 596e6), ("dit-XL", 874e6)])
+def test_ezaudio_configs_match_the_papers_parameter_counts(name, paper):
+    """EzAudio's Table: EzAudio-L 596M, EzAudio-XL 874M parameters; the recipes, with the
+    released configs' GEGLU feed-forward, SOLA rank and text width, are within 5 %."""
+    with torch.device("meta"):  # counts without allocating
+        n = count_parameters(DiT(DiTConfig.from_yaml(name)))
+    assert abs(n - paper) / paper < 0.05, (name, n)
+
+
+def test_geglu_feed_forward_by_hand():
+    """GEGLU (Shazeer 2020): W2 (h * GELU(g)) + b2 with (h, g) the halves of W1 x + b1, GELU exact."""
+    from soundlake.generation.dit import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(6, 2.0, "geglu").double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    w1, b1 = ff.net[0].weight, ff.net[0].bias
+    w2, b2 = ff.net[2].weight, ff.net[2].bias
+    assert w1.shape == (24, 6) and w2.shape == (6, 12)
+    pre = x @ w1.T + b1
+    h, g = pre[:, :12], pre[:, 12:]
+    gelu = 0.5 * g * (1 + torch.special.erf(g / math.sqrt(2)))
+    torch.testing.assert_close(ff(x), (h * gelu) @ w2.T + b2)
+    with pytest.raises(ValueError, match="geglu"):
+        FeedForward(6, 2.0, "relu")
+
+
+def test_long_skips_pair_mirrored_blocks_and_fuse_by_linear_and_layernorm():
+    """U-ViT long skips: block depth-1-i receives block i's output, fused as
+    LayerNorm(W [x; skip] + b), checked against the LayerNorm formula by hand."""
+    model = tiny_dit().double()
+    randomize_(model)
+    outs, fused = {}, {}
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
+        if blk.skip_fuse is not None:
+            blk.register_forward_pre_hook(lambda m, a, i=i: fused.__setitem__(i, (a[0], a[8])))
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    cond = cond_for(2)
+    model(x, torch.tensor([3.0, 500.0]), context=cond.context.double(), context_mask=cond.mask)
+    depth = len(model.blocks)
+    assert sorted(fused) == [2, 3]
+    for i, (h, skip) in fused.items():
+        assert skip is outs[depth - 1 - i]
+        blk = model.blocks[i]
+        lin, ln = blk.skip_fuse
+        z = torch.cat([h, skip], -1) @ lin.weight.T + lin.bias
+        mean, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+        want = (z - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+        torch.testing.assert_close(blk.skip_fuse(torch.cat([h, skip], -1)), want)
+
+
 def test_structure_contract():
     model = tiny_dit(cond2_dim=6, cross_attn2_blocks=[1])
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 4

@@ -95,6 +95,7 @@ class DiTConfig(BackboneConfig):
     depth: int = 12
     heads: int = 4
     mlp_ratio: float = 4.0
+    ff: str = "gelu"                # feed-forward: "gelu" | "geglu" (EzAudio's released L / XL)
     cond_dim: int = 384             # text token width (MiniLM 384, FLAN-T5-large 1024)
     cond_extra_dim: int = 0         # GenAu extra vector (e.g. CLAP text), 0 = off
     cond2_dim: int = 0              # DC-LDM second stream width, 0 = off
@@ -240,13 +241,24 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: float):
+    """``"gelu"``: Linear, GELU, Linear. ``"geglu"`` (EzAudio's released configs): the first
+    Linear is twice as wide and its halves (h, g) give h * GELU(g) (Shazeer 2020)."""
+
+    def __init__(self, dim: int, mult: float, kind: str = "gelu"):
         super().__init__()
+        if kind not in ("gelu", "geglu"):
+            raise ValueError(f"ff must be 'gelu' or 'geglu', not {kind!r}")
         inner = int(dim * mult)
-        self.net = nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, dim))
+        self.kind = kind
+        self.net = nn.Sequential(nn.Linear(dim, inner * (2 if kind == "geglu" else 1)),
+                                 nn.GELU(approximate="tanh" if kind == "gelu" else "none"), nn.Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        proj, act, out = self.net
+        if self.kind == "geglu":
+            h, g = proj(x).chunk(2, dim=-1)
+            return out(h * act(g))
+        return out(act(proj(x)))
 
 
 class DiTBlock(nn.Module):
@@ -261,7 +273,7 @@ class DiTBlock(nn.Module):
         self.norm_c2 = nn.LayerNorm(d, eps=1e-6) if cross2 else None
         self.cross_attn2 = CrossAttention(d, cfg.heads, cfg.qk_norm) if cross2 else None
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.ff = FeedForward(d, cfg.mlp_ratio)
+        self.ff = FeedForward(d, cfg.mlp_ratio, cfg.ff)
         if cfg.adaln == "sola":  # low-rank per-block adjustment of the shared AdaLN output
             self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, cfg.sola_rank, bias=False),
                                        nn.Linear(cfg.sola_rank, 6 * d, bias=False))
