@@ -225,6 +225,30 @@ def test_long_skips_pair_mirrored_blocks_and_fuse_by_linear_and_layernorm():
         torch.testing.assert_close(blk.skip_fuse(torch.cat([h, skip], -1)), want)
 
 
+def test_text_training_starts_with_zeroed_cross_attention_after_masked_pretraining():
+    """EzAudio: masked pretraining runs cross-attention on the null token and trains it; text
+    training then starts as if the module were new: output projections zero (their Adam
+    moments gone), so any text gives the same output until it trains."""
+    from soundlake.generation.diffusion import diffusion_train_step
+    from soundlake.generation.dit import rezero_cross_attention
+
+    torch.manual_seed(0)
+    model = tiny_dit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        diffusion_train_step(model, opt, torch.randn(4, 9, 8), None, Schedule(), masked=True)
+    outs = [blk.cross_attn.out for blk in model.blocks]
+    assert all(float(o.weight.detach().abs().sum()) > 0 for o in outs)   # trained on the null token
+    assert rezero_cross_attention(model, opt) == 4
+    assert all(not o.weight.detach().any() and not o.bias.detach().any() for o in outs)
+    assert all(o.weight not in opt.state and o.bias not in opt.state for o in outs)
+    model.eval()
+    x, t = torch.randn(2, 9, 8), torch.tensor([10.0, 700.0])
+    a, b = cond_for(2, seed=1), cond_for(2, seed=2)
+    torch.testing.assert_close(model(x, t, context=a.context, context_mask=a.mask),
+                               model(x, t, context=b.context, context_mask=b.mask))
+
+
 def test_structure_contract():
     model = tiny_dit(cond2_dim=6, cross_attn2_blocks=[1])
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 4

@@ -261,6 +261,24 @@ class FeedForward(nn.Module):
         return out(act(proj(x)))
 
 
+def rezero_cross_attention(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
+    """EzAudio's start of text training: the output projection of every text cross-attention
+    (``cross_attn``, ``cross_attn2``; not FIT's latent read/write) back to zero, and its
+    optimizer moments dropped, so that the text enters a model that ignores it, as a module
+    added at that moment would (masked pretraining ran it on the null token). Returns how
+    many layers were re-zeroed."""
+    n = 0
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, CrossAttention) and name.rsplit(".", 1)[-1] in ("cross_attn", "cross_attn2"):
+                for p in mod.out.parameters():
+                    p.zero_()
+                    if opt is not None:
+                        opt.state.pop(p, None)
+                n += 1
+    return n
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, long_skip: bool = False, cross2: bool = False):
         super().__init__()

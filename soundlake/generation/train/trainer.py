@@ -213,6 +213,12 @@ def train_loop(config: dict) -> None:
         if boundary and pos.phase + 1 < len(spec.phases):  # next phase: its own shards from the start
             pos.phase, pos.epoch, pos.batch = pos.phase + 1, 0, 0
             batches = phase_batches(spec, plan, objective.loader_kw, pos.phase, 0, 0, memory)
+            if phase.mode == "masked" and spec.phases[pos.phase].mode == "text":
+                # EzAudio: text training starts with zeroed cross-attention outputs (before the
+                # checkpoint of this step, so a resumed run starts the same way)
+                from soundlake.generation.dit import rezero_cross_attention
+
+                rezero_cross_attention(objective.model, opt)
         if pos.step % spec.log_every == 0 or pos.step == spec.total_steps or boundary:
             dt = time.perf_counter() - t_last
             row = {"step": pos.step, "phase": phase.name, "lr": lr, "samples_per_s": n_last / max(dt, 1e-9),
