@@ -21,6 +21,7 @@ from soundlake.generation.diffusion import (
     masked_training_loss,
     model_calls,
     sample,
+    span_mask,
     trailing_timesteps,
     training_loss,
 )
@@ -370,21 +371,59 @@ def test_dit_diffusion_loss_falls():
     assert held_out_loss() < 0.8 * before
 
 
+def _runs(row: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool tensor."""
+    out, n = [], 0
+    for v in row.tolist() + [False]:
+        if v:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out
+
+
+def test_span_masks_cover_a_quarter_to_all_in_spans_of_at_least_min_span():
+    """EzAudio: 25-100 % of the tokens, in spans of at least 0.2 s (here 4 frames)."""
+    mask = span_mask(400, 50, 0.25, 1.0, min_span=4, generator=torch.Generator().manual_seed(0))
+    frac = mask.float().mean(1)
+    assert bool((frac >= 0.25).all()) and float(frac.min()) < 0.35 and float(frac.max()) > 0.9
+    assert all(min(_runs(row)) >= 4 for row in mask)
+    assert any(len(_runs(row)) > 1 for row in mask)   # several spans, not one block
+
+
 def test_masked_loss_keeps_unmasked_frames_clean():
     torch.manual_seed(0)
     model = tiny_dit()
     seen = {}
     model.register_forward_hook(lambda m, args, kw, out: seen.update(x=args[0], fm=kw["frame_mask"]), with_kwargs=True)
     x0 = torch.randn(16, 20, 8)
-    loss, logs = masked_training_loss(model, x0, Schedule(), generator=torch.Generator().manual_seed(1))
+    loss, logs = masked_training_loss(model, x0, Schedule(), generator=torch.Generator().manual_seed(1), min_span=3)
     fm = seen["fm"]
     frac = fm.float().mean(1)
     assert bool(((frac >= 0.25 - 1e-6) & (frac <= 1.0)).all()) and bool((frac < 1).any())
-    runs = (fm[:, 1:] != fm[:, :-1]).sum(1)
-    assert bool((runs <= 2).all())  # one contiguous span
+    assert all(min(_runs(row)) >= 3 for row in fm)
     torch.testing.assert_close(seen["x"][~fm], x0[~fm])  # clean frames given as-is
     assert not torch.allclose(seen["x"][fm], x0[fm])
     assert math.isfinite(loss.item())
+
+
+def test_stage_two_masks_partly_a_share_of_rows_with_text_and_whole_frames_on_2d_latents():
+    """Text training (EzAudio stage 2): about partial_prob of the rows partly masked, the rest
+    fully noised, the text given; on 2D latents every frequency row of a frame alike."""
+    torch.manual_seed(0)
+    model = tiny_dit(grid_freq=2)
+    seen = {}
+    model.register_forward_hook(lambda m, args, kw, out: seen.update(kw), with_kwargs=True)
+    x0 = torch.randn(200, 12, 8)   # 6 frames x 2 rows
+    cond = cond_for(200)
+    _, logs = masked_training_loss(model, x0, Schedule(), generator=torch.Generator().manual_seed(2), min_span=2,
+                                   grid_freq=2, cond=cond, cond_drop=0.1, partial_prob=0.25)
+    fm = seen["frame_mask"]
+    assert torch.equal(fm[:, 0::2], fm[:, 1::2])   # a frame's rows together
+    partial = ~fm.all(1)
+    assert 30 <= int(partial.sum()) <= 70 and logs["partial"] >= int(partial.sum())
+    assert seen["context"] is cond.context and 5 <= int(seen["drop"].sum()) <= 40
 
 
 # ---------------------------------------------------------------- sampling

@@ -9,9 +9,11 @@
   unconditional branch of classifier-free guidance. The null condition is the DiT's
   learned null token per stream (``DiTConfig.null_cond="learned"``, or an all-zero token
   with ``"zero"``), with every other key masked out.
-* ``masked_training_loss`` (stage-1 pretraining, no text): per row a random contiguous span
-  covering 25-100 % of the frames is noised; the rest is given clean (and flagged clean
-  through ``frame_mask``) and excluded from the loss.
+* ``masked_training_loss``: per row spans of at least ``min_span`` frames (0.2 s) covering
+  25-100 % of the frames (``span_mask``) are noised; the rest is given clean (and flagged
+  clean through ``frame_mask``) and excluded from the loss. Stage-1 pretraining: no text;
+  stage 2 (text training): with the text, a ``partial_prob`` share of the rows partly masked,
+  the others fully noised.
 * Samplers (one model call per step but ``heun``, cond and uncond rows batched in each call):
   ``"ddim"`` (eta = 0) with *trailing* timestep spacing (starts at t = T-1, where SNR = 0),
   ``"euler"`` on the v-ODE in angle form (x = cos(phi) x0 + sin(phi) eps, so dx/dphi = v),
@@ -34,10 +36,13 @@ Public API::
     Schedule(num_steps=1000, kind="scaled_linear", beta_start=0.00085, beta_end=0.012,
              zero_terminal_snr=True)   # .alphas_cumprod, .betas; Schedule.from_yaml(name)
     training_loss(model, x0, cond, schedule, cond_drop=0.1, generator=None) -> (loss, logs)
-    masked_training_loss(model, x0, schedule, min_frac=0.25, max_frac=1.0, generator=None)
+    span_mask(b, n, min_frac=0.25, max_frac=1.0, min_span=1, generator=None) -> BoolTensor [b, n]
+    masked_training_loss(model, x0, schedule, min_frac=0.25, max_frac=1.0, generator=None, *,
+                         min_span=1, grid_freq=1, cond=None, cond_drop=0.1, partial_prob=1.0)
         -> (loss, logs)
     diffusion_train_step(model, opt, x0, cond, schedule, masked=False, cond_drop=0.1,
-                         grad_clip=1.0, generator=None, mask_frac=(0.25, 1.0)) -> logs
+                         grad_clip=1.0, generator=None, mask_frac=(0.25, 1.0), min_span=1,
+                         grid_freq=1, partial_prob=0.0) -> logs
     cfg_combine(cond_out, uncond_out, scale, rescale=0.0, rescale_axis="all") -> Tensor
     trailing_timesteps(num_train, steps) -> LongTensor (descending)
     sample(model, shape, cond, uncond=None, steps=25, sampler="ddim", cfg=3.0, rescale=0.0,
@@ -146,37 +151,79 @@ def training_loss(model: nn.Module, x0: torch.Tensor, cond: Condition | None, sc
     return loss, {"loss": loss.item(), "dropped": int(drop.sum())}
 
 
+def span_mask(b: int, n: int, min_frac: float = 0.25, max_frac: float = 1.0, min_span: int = 1,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """[b, n] bool, True = noised. Per row a share f ~ U[min_frac, max_frac] of the n frames is
+    covered by spans of ``min_span`` frames at uniform random starts (overlapping spans merge)
+    until at least ceil(f n) frames are: EzAudio masks 25-100 % of the tokens in spans of at
+    least 0.2 s."""
+    length = max(1, min(min_span, n))
+    frac = min_frac + (max_frac - min_frac) * torch.rand(b, generator=generator)
+    need = torch.ceil(frac * n).long().clamp(1, n).tolist()
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        covered = 0
+        while covered < need[i]:
+            start = int(torch.randint(0, n - length + 1, (1,), generator=generator))
+            mask[i, start:start + length] = True
+            covered = int(mask[i].sum())
+    return mask
+
+
 def masked_training_loss(model: nn.Module, x0: torch.Tensor, schedule: Schedule, min_frac: float = 0.25,
-                         max_frac: float = 1.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Stage-1 masked modelling: noise one contiguous span per row, loss only on that span."""
+                         max_frac: float = 1.0, generator: torch.Generator | None = None, *, min_span: int = 1,
+                         grid_freq: int = 1, cond: Condition | None = None, cond_drop: float = 0.1,
+                         partial_prob: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Masked modelling: the frames of each row's :func:`span_mask` are noised, the rest given
+    clean (flagged through ``frame_mask``), and the loss is on the noised tokens only.
+
+    Stage 1 (``cond=None``, ``partial_prob=1``): no text, every row partly masked. Stage 2
+    (EzAudio's text training): with ``cond``, a row is partly masked with probability
+    ``partial_prob`` and fully noised otherwise, so a full mask is the likelier; the condition
+    is dropped for ``cond_drop`` of the rows. ``grid_freq`` > 1 (2D mel latents): spans cover
+    whole frames, every frequency row of a frame alike."""
     b, n, _ = x0.shape
     dev = x0.device
-    frac = min_frac + (max_frac - min_frac) * torch.rand(b, generator=generator)
-    length = (frac * n).round().long().clamp(1, n)
-    start = (torch.rand(b, generator=generator) * (n - length + 1)).floor().long()
-    pos = torch.arange(n)[None]
-    span = ((pos >= start[:, None]) & (pos < (start + length)[:, None])).to(dev)  # [B, F] True = noised
+    frames = n // grid_freq
+    span = span_mask(b, frames, min_frac, max_frac, min_span, generator)
+    partial = torch.rand(b, generator=generator) < partial_prob
+    span[~partial] = True
+    span = span.repeat_interleave(grid_freq, dim=1).to(dev)   # [B, F] True = noised
     t = torch.randint(0, schedule.num_steps, (b,), generator=generator).to(dev)
     noise = torch.randn(x0.shape, generator=generator).to(dev, x0.dtype)
     a, s = schedule.alpha_sigma(t, dev)
     a, s = _bcast(a, x0), _bcast(s, x0)
     xt = torch.where(span[..., None], a * x0 + s * noise, x0)
     v = a * noise - s * x0
-    pred = model(xt, t.float(), frame_mask=span)  # no context -> null condition (no text)
+    kwargs, logs = {}, {}
+    if cond is not None:
+        drop = (torch.rand(b, generator=generator) < cond_drop).to(dev)
+        kwargs = {"drop": drop, **_cond_kwargs(cond)}
+        logs["dropped"] = int(drop.sum())
+    pred = model(xt, t.float(), frame_mask=span, **kwargs)   # without cond: the null condition (no text)
     w = span[..., None].to(pred.dtype)
     loss = ((pred.float() - v.float()).pow(2) * w).sum() / (w.sum() * x0.shape[-1]).clamp_min(1)
-    return loss, {"loss": loss.item(), "span_frac": float(span.float().mean())}
+    return loss, {"loss": loss.item(), "span_frac": float(span.float().mean()),
+                  "partial": int(partial.sum()), **logs}
 
 
 def diffusion_train_step(model: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor,
                          cond: Condition | None, schedule: Schedule, masked: bool = False,
                          cond_drop: float = 0.1, grad_clip: float | None = 1.0,
                          generator: torch.Generator | None = None,
-                         mask_frac: tuple[float, float] = (0.25, 1.0)) -> dict:
-    """One optimisation step of the DiT (text-conditioned, or masked pretraining)."""
+                         mask_frac: tuple[float, float] = (0.25, 1.0), min_span: int = 1, grid_freq: int = 1,
+                         partial_prob: float = 0.0) -> dict:
+    """One optimisation step of the DiT: masked pretraining (``masked``, no text), or text
+    training, where ``partial_prob`` of the rows are partly masked (EzAudio's stage 2) and the
+    rest fully noised (``partial_prob=0``: plain text-conditioned diffusion)."""
     model.train()
     if masked:
-        loss, logs = masked_training_loss(model, x0, schedule, *mask_frac, generator=generator)
+        loss, logs = masked_training_loss(model, x0, schedule, *mask_frac, generator=generator, min_span=min_span,
+                                          grid_freq=grid_freq)
+    elif partial_prob > 0:
+        loss, logs = masked_training_loss(model, x0, schedule, *mask_frac, generator=generator, min_span=min_span,
+                                          grid_freq=grid_freq, cond=cond, cond_drop=cond_drop,
+                                          partial_prob=partial_prob)
     else:
         loss, logs = training_loss(model, x0, cond, schedule, cond_drop, generator)
     opt.zero_grad(set_to_none=True)

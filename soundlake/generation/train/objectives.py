@@ -73,6 +73,7 @@ class DitObjective:
         self.mean, self.std = plan["latents"]["mean"], plan["latents"]["std"]
         self.loader_kw = {"latent_frames": max(1, round(spec.seconds * plan["latents"]["rate"]))}
         self.grid_freq = int(plan["latents"].get("grid_freq", 1))
+        self.min_span = max(1, round(spec.mask_min_span_s * plan["latents"]["rate"]))   # in latent frames
         self._cache: dict[str, Any] = {}
         self.clap = None
         if spec.extra_clap:
@@ -140,7 +141,8 @@ class DitObjective:
             cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=x0.device)
         return diffusion_train_step(model, opt, x0, cond, self.schedule, masked=masked,
                                     cond_drop=self.spec.cond_drop, grad_clip=self.spec.grad_clip,
-                                    mask_frac=tuple(self.spec.mask_frac))
+                                    mask_frac=tuple(self.spec.mask_frac), min_span=self.min_span,
+                                    grid_freq=self.grid_freq, partial_prob=self.spec.text_partial_mask)
 
 
 OBJECTIVES = {"vae": VaeObjective, "vocoder": VocoderObjective, "dit": DitObjective}

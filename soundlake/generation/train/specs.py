@@ -57,7 +57,13 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     cond_drop: float = Field(0.1, ge=0, le=1, description="dit: condition dropout for classifier-free guidance")
-    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked phases: span fraction range")
+    mask_frac: tuple[float, float] = Field((0.25, 1.0), description="dit masked modelling: share of the frames "
+                                           "noised, per row (EzAudio: 25-100 %)")
+    mask_min_span_s: float = Field(0.2, gt=0, description="dit masked modelling: noised spans last at least this "
+                                   "long (EzAudio: 0.2 s)")
+    text_partial_mask: float = Field(0.25, ge=0, le=1, description="dit text phases: share of the rows partly "
+                                     "masked, the others fully noised (EzAudio's stage 2, from its released "
+                                     "configs' mae_prob; 0: plain text training)")
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay (e.g. 0.999); the saved model is the EMA")
     seed: int = 0
     init: str | None = Field(None, description="weights-only start: a model folder of the same kind")
