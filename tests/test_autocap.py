@@ -173,3 +173,44 @@ def test_spec_needs_a_model_for_autocap():
         load_spec("demo", sets=["caption.captioners=[template,autocap]"])
     with pytest.raises(UserError, match="caption.captioners"):
         load_spec("demo", sets=["caption.captioners=[nope]"])
+
+
+@pytest.mark.parametrize("order", ["eq3", "genau"])
+def test_encoder_input_follows_eq3_or_genaus_code_token_by_token(order):
+    """Eq. 3: x_clap [boa] x_audio [eoa] then the tagged metadata, all into the BART encoder.
+    GenAU's code (the released checkpoint): [bos] x_audio metadata into the encoder, the CLAP
+    token joined in front of its output."""
+    from soundlake.models.captioners.autocap import AutocapNet, add_tags, build_tokenizer, new_bart
+
+    cfg = tiny_autocap_config(frame_dim=8, clap_dim=6, input_order=order)
+    tok = build_tokenizer(cfg, ["a dog barks", "rain falls on a roof"])
+    base = add_tags(tok, cfg)
+    torch.manual_seed(0)
+    net = AutocapNet(cfg, new_bart(cfg, tok, base), base).eval()
+    frames, clap = torch.randn(2, 10, 8), torch.randn(2, 6)
+    enc = tok([meta_text({"title": "dog", "labels": ["Dog"]}, cfg)] * 2, return_tensors="pt", padding=True)
+    meta_ids, meta_mask = enc["input_ids"], enc["attention_mask"]
+    seen = {}
+    net.bart.model.encoder.register_forward_hook(lambda m, a, kw, out: seen.update(kw, out=out.last_hidden_state),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        h, mask = net.encode(frames, clap, meta_ids, meta_mask)
+        audio = net.qformer(net.frame_proj(frames))
+        clap_tok = net.clap_norm(net.clap_proj(clap))
+        meta = net.token_embeds(meta_ids)
+    x, q = seen["inputs_embeds"], cfg.num_queries
+    if order == "eq3":
+        bos_id, eos_id = net.bart.config.bos_token_id, net.bart.config.eos_token_id
+        emb = net.bart.get_input_embeddings().weight
+        torch.testing.assert_close(x[:, 0], clap_tok)                                 # x_clap
+        torch.testing.assert_close(x[:, 1], emb[bos_id].expand(2, -1))                # [boa], started as <bos>
+        torch.testing.assert_close(x[:, 2:2 + q], audio)                              # x_audio
+        torch.testing.assert_close(x[:, 2 + q], emb[eos_id].expand(2, -1))            # [eoa], started as <eos>
+        torch.testing.assert_close(x[:, 3 + q:], meta)                                # [bom]_i x_meta_i [eom]_i ...
+        assert torch.equal(seen["attention_mask"], mask) and torch.equal(h, seen["out"])
+        assert mask.shape[1] == 3 + q + meta_ids.shape[1] and bool(mask[:, :3 + q].all())
+    else:
+        bos = net.token_embeds(torch.full((2, 1), net.bart.config.bos_token_id))
+        torch.testing.assert_close(x, torch.cat([bos, audio, meta], 1))
+        torch.testing.assert_close(h[:, 0], clap_tok)                                 # after the encoder
+        torch.testing.assert_close(h[:, 1:], seen["out"])

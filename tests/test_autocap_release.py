@@ -363,6 +363,8 @@ def test_released_checkpoint_loads_every_tensor_and_captions_raw_audio(released,
         ref = ref @ state["audio_qformer_proj.weight"].T + state["audio_qformer_proj.bias"]
         torch.testing.assert_close(net.qformer(x), ref, atol=1e-5, rtol=1e-4)
 
+    # The encoder input in GenAU's order (forward_decoder: [bos] audio metadata, the CLAP token after the encoder).
+    assert model.cfg.input_order == "genau" and model.net.audio_tags is None
     # Metadata as AutoCap writes it (meta_keys video_caption and title, in AutoCap's order), tag ids after BART's vocabulary.
     assert meta_text({"title": "Dog park", "video_caption": "a dog runs"}, model.cfg) == \
         "<HQVC> a dog runs </HQVC> \n <TITLE> Dog park </TITLE>"

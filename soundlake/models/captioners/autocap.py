@@ -4,12 +4,15 @@
           └─► frozen CLAP ──► audio embedding ──► clap_proj + LayerNorm ──► 1 token ──────────────┐          │
     metadata ──► "<TITLE> … </TITLE> \\n <HQVC> … </HQVC> \\n <DESC> … </DESC> \\n <LABELS> … </LABELS>" │
              ──► token embeddings (BART's; new tag tokens have their own table) ───────────────────┼──────────┤
-                                                   [bos, Q-Former tokens, metadata tokens] ──► BART encoder
-                                             [CLAP token, BART encoder states] ──► BART decoder ──► caption
+                      [CLAP token, [boa], Q-Former tokens, [eoa], metadata tokens] ──► BART encoder
+                                                        BART encoder states ──► BART decoder ──► caption
 
-As in AutoCap, the CLAP token joins the sequence *after* the BART encoder (the decoder
-cross-attends to it directly); a missing metadata field keeps its empty tags; captions are
-decoded with beam search. The seq2seq model is transformers' ``BartForConditionalGeneration``,
+The encoder input follows the paper's Eq. 3 (``input_order="eq3"``, the default). GenAU's
+code, and so its released checkpoint, differs: [bos, Q-Former tokens, metadata tokens] go
+through the encoder and the CLAP token joins the sequence *after* it
+(``input_order="genau"``, which the released-checkpoint path and folders saved before this
+setting use). A missing metadata field keeps its empty tags; captions are decoded with beam
+search. The seq2seq model is transformers' ``BartForConditionalGeneration``,
 built from a ``BartConfig`` (the small in-house model) or loaded from a pretrained folder.
 
 The in-house audio encoder is the in-house CLAP (``soundlake.models.clap.inhouse``): its
@@ -86,6 +89,10 @@ class AutocapConfig:
     max_field_chars: int = 300      # long descriptions are cut so that later fields still fit
     max_meta_tokens: int = 96
     max_caption_tokens: int = 40
+    # encoder input: "eq3", the paper's Eq. 3 (CLAP token, [boa] audio [eoa], tagged metadata, all
+    # into the BART encoder), or "genau", GenAU's code and its released checkpoint ([bos] audio
+    # metadata into the encoder, the CLAP token joined after it)
+    input_order: str = "eq3"
     # generation
     num_beams: int = 3
     max_length: int = 40
@@ -98,7 +105,8 @@ class AutocapConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AutocapConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # folders saved before input_order existed were trained with GenAU's order
+        return cls(**{"input_order": "genau", **{k: v for k, v in d.items() if k in names}})
 
 
 # ---------------------------------------------------------------- metadata
@@ -292,12 +300,19 @@ class AutocapNet(nn.Module):
             self.clap_proj = nn.Linear(cfg.clap_dim, d)
             self.clap_norm = nn.LayerNorm(d)
         self.tag_embed = nn.Embedding(len(cfg.tags), d)
+        if cfg.input_order not in ("eq3", "genau"):
+            raise ValueError(f"input_order must be 'eq3' or 'genau', not {cfg.input_order!r}")
+        # Eq. 3's [boa] and [eoa] (started as <bos> and <eos>, like the metadata tags)
+        self.audio_tags = nn.Embedding(2, d) if cfg.input_order == "eq3" else None
         self.bart = bart
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)
         with torch.no_grad():  # AutoCap: opening tags start as <bos>, closing tags as <eos>
             emb = bart.get_input_embeddings().weight
             for i, tag in enumerate(cfg.tags):
                 self.tag_embed.weight[i] = emb[bart.config.eos_token_id if tag.startswith("</") else bart.config.bos_token_id]
+            if self.audio_tags is not None:
+                self.audio_tags.weight[0] = emb[bart.config.bos_token_id]
+                self.audio_tags.weight[1] = emb[bart.config.eos_token_id]
 
     def token_embeds(self, ids: torch.Tensor) -> torch.Tensor:
         """BART's embeddings for ordinary tokens, the tag table for the added tag tokens."""
@@ -308,8 +323,25 @@ class AutocapNet(nn.Module):
         tags = self.tag_embed((ids - self.base_vocab).clamp(min=0))
         return torch.where(is_tag[..., None], tags, base)
 
+    def encoder_input(self, frames, clap, meta_ids, meta_mask, frame_mask=None):
+        """(embeddings, attention mask) of the BART encoder's input; Eq. 3's order:
+        x_clap [boa] x_audio [eoa] [bom]_1 x_meta_1 [eom]_1 ... (the paper's closing [bom]
+        read as [eom]: the metadata's closing tags)."""
+        b = frames.shape[0]
+        audio = self.qformer(self.feature_dropout(self.frame_proj(frames)), frame_mask)
+        meta = self.feature_dropout(self.token_embeds(meta_ids))
+        boa, eoa = self.audio_tags.weight[:, None].expand(2, b, -1)[:, :, None]
+        parts = [boa, audio, eoa, meta]
+        if self.cfg.clap_dim:
+            parts.insert(0, self.clap_norm(self.clap_proj(clap))[:, None])
+        ones = torch.ones(b, sum(p.shape[1] for p in parts[:-1]), dtype=torch.long, device=frames.device)
+        return torch.cat(parts, dim=1), torch.cat([ones, meta_mask.long()], dim=1)
+
     def encode(self, frames, clap, meta_ids, meta_mask, frame_mask=None):
         """BART encoder states (CLAP token first) and their attention mask."""
+        if self.cfg.input_order == "eq3":
+            x, mask = self.encoder_input(frames, clap, meta_ids, meta_mask, frame_mask)
+            return self.bart.model.encoder(inputs_embeds=x, attention_mask=mask, return_dict=True).last_hidden_state, mask
         b = frames.shape[0]
         audio = self.qformer(self.feature_dropout(self.frame_proj(frames)), frame_mask)
         meta = self.feature_dropout(self.token_embeds(meta_ids))

@@ -176,7 +176,7 @@ def released_config(settings: dict, state: dict[str, torch.Tensor]) -> AutocapCo
         qformer_ffn=state["audio_Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
         qformer_eps=1e-12, max_frames=state["audio_position_embedding.weight"].shape[0],
         feature_dropout=float(settings["model"].get("audio_features_dropout_p", 0.2)),
-        tokenizer="bart", fields=fields, tag_tokens=tags,
+        tokenizer="bart", fields=fields, tag_tokens=tags, input_order="genau",   # GenAU's forward_decoder
         max_meta_tokens=int(settings.get("meta", {}).get("max_prompt_len", 128)),
         max_caption_tokens=int(settings["tokenizer"].get("max_length", 30)), num_beams=3, max_length=30, min_length=2)
 
