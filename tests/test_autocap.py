@@ -180,7 +180,12 @@ def test_encoder_input_follows_eq3_or_genaus_code_token_by_token(order):
     """Eq. 3: x_clap [boa] x_audio [eoa] then the tagged metadata, all into the BART encoder.
     GenAU's code (the released checkpoint): [bos] x_audio metadata into the encoder, the CLAP
     token joined in front of its output."""
-    from soundlake.models.captioners.autocap import AutocapNet, add_tags, build_tokenizer, new_bart
+    from soundlake.models.captioners.autocap import (
+        AutocapNet,
+        add_tags,
+        build_tokenizer,
+        new_bart,
+    )
 
     cfg = tiny_autocap_config(frame_dim=8, clap_dim=6, input_order=order)
     tok = build_tokenizer(cfg, ["a dog barks", "rain falls on a roof"])
