@@ -101,14 +101,14 @@ def main() -> None:
     from soundlake.models.text import load_text_encoder
 
     encoder = load_text_encoder()
-    cols = ["bleu_1", "bleu_4", "rouge_l", "cider_d", "sbert_sim", "spider_style"]
+    cols = ["bleu_1", "bleu_4", "rouge_l", "cider_d", "meteor", "sbert_sim", "spider_style"]   # meteor: nan without Java
     print(f"\n{'captioner':24s} " + " ".join(f"{c:>12s}" for c in cols + ["class_acc"]))
     scores = {}
     for name, cands in runs.items():
         m = caption_scores(cands, refs, encoder)
         m["class_acc"] = float(np.mean([caption_mentions(c) == set(s.labels) for c, (s, _) in zip(cands, test)]))
         scores[name] = m
-        print(f"{name:24s} " + " ".join(f"{m[c]:12.3f}" for c in cols + ["class_acc"]))
+        print(f"{name:24s} " + " ".join(f"{m.get(c, float('nan')):12.3f}" for c in cols + ["class_acc"]))
     print("\nexamples (reference | template | autocap audio only):")
     for i in range(3):
         print(f"  {refs[i][0]} | {runs['template (no metadata)'][i]} | {runs['autocap (audio only)'][i]}")

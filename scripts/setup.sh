@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Set up everything soundlake needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
-# ffmpeg, espeak-ng, Chromaprint (libchromaprint-tools) and Chromium with its driver (for
-# `soundlake serve`'s browser tests) from apt, then a virtual
+# ffmpeg, espeak-ng, Chromaprint (libchromaprint-tools), Chromium with its driver (for
+# `soundlake serve`'s browser tests) and a Java runtime (METEOR) from apt, then a virtual
 # environment in .venv with the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v fpcalc >/dev/null \
-   || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+   || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v java >/dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 libchromaprint-tools \
-    chromium chromium-driver >/dev/null
+    chromium chromium-driver default-jre-headless >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -19,7 +19,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test,meteor]"
 # Byte-compile the (editable) package once: where PYTHONDONTWRITEBYTECODE is set, every CLI
 # process and Ray worker would otherwise compile it again (~0.5 CPU-s each).
 .venv/bin/python -m compileall -q soundlake

@@ -66,8 +66,8 @@ def test_cider_d_single_pair_by_hand():
 
 
 def test_caption_scores_bundle():
-    s = caption_scores(["a dog barks"], [["a dog barks", "the dog barks"]], encoder=FakeEncoder())
-    assert set(s) == {"bleu_1", "bleu_4", "rouge_l", "cider_d", "sbert_sim", "spider_style", "n"}
+    s = caption_scores(["a dog barks"], [["a dog barks", "the dog barks"]], encoder=FakeEncoder(), with_meteor=False)
+    assert set(s) == {"bleu_1", "bleu_4", "rouge_l", "cider_d", "sbert_sim", "spider_style", "n", "meteor_skipped"}
     assert s["sbert_sim"] == pytest.approx((1.0 + 2 / 3) / 2)
     assert s["spider_style"] == pytest.approx((s["cider_d"] + s["sbert_sim"]) / 2)
     with pytest.raises(ValueError):
@@ -99,3 +99,24 @@ def test_evaluate_captions_from_a_lake(tmp_path):
     p, r = 1 / 3, 1 / 4  # "a dog barks" vs "rain on a roof": LCS = 1 ("a")
     f = (1 + 1.44) * p * r / (r + 1.44 * p)
     assert res["template"]["n"] == 2 and res["template"]["rouge_l"] == pytest.approx((1.0 + f) / 2)
+
+
+def test_meteor_is_skipped_with_its_reason_without_java(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))   # no java on it
+    s = caption_scores(["a dog barks"], [["a dog barks"]], encoder=FakeEncoder())
+    assert "meteor" not in s and "no Java" in s["meteor_skipped"]
+
+
+def test_meteor_through_the_coco_java_implementation():
+    """METEOR 1.5's jar: an exact match scores near 1 (only the fragmentation penalty of one
+    chunk is left), a synonym or stem still counts, word order and unrelated words lower it."""
+    from soundlake.models.caption_metrics import meteor, meteor_unavailable
+
+    why = meteor_unavailable()
+    if why:
+        pytest.skip(f"METEOR cannot run here: {why}")
+    ref = ["a dog barks loudly in the yard"]
+    cands = ["a dog barks loudly in the yard", "a dog barking loudly in the yard", "in the yard loudly barks a dog",
+             "rain falls on a tin roof"]
+    _, (exact, stem, shuffled, other) = meteor(cands, [ref] * 4)
+    assert exact > 0.95 and exact > stem > other and exact > shuffled > other and other < 0.2

@@ -72,18 +72,22 @@ def evaluate_captions_cmd(
 ):
     """Score each captioner's captions against the lake's reference captions.
 
-    BLEU-1/4, ROUGE-L, CIDEr-D, MiniLM embedding similarity and a SPIDEr-style mean per
-    captioner, printed as a table on stdout (and written as JSON to --out)."""
+    BLEU-1/4, ROUGE-L, CIDEr-D, METEOR (with Java and the meteor extra), MiniLM embedding
+    similarity and a SPIDEr-style mean (CIDEr-D with the similarity, not SPICE) per captioner, printed as a table on stdout (and written as JSON to --out)."""
     from soundlake.models.caption_eval import evaluate_captions
 
     res = evaluate_captions(lake, references, where)
     t = Table(title=f"captions vs {references} references", title_justify="left")
-    cols = ["bleu_1", "bleu_4", "rouge_l", "cider_d", "sbert_sim", "spider_style"]
+    cols = ["bleu_1", "bleu_4", "rouge_l", "cider_d", "meteor", "sbert_sim", "spider_style"]
+    skipped = {m.get("meteor_skipped") for m in res.values()} - {None}
+    cols = [c for c in cols if c != "meteor" or not skipped]
     for c in ["captioner", "clips"] + cols:
         t.add_column(c)
     for name, m in res.items():
         t.add_row(name, str(m["n"]), *[f"{m[c]:.3f}" for c in cols])
     stdout.print(t)
+    for why in skipped:
+        console.print(f"METEOR skipped: {why}", highlight=False)
     if output:
         output.write_text(json.dumps(res, indent=2))
         console.print(f"wrote {output}")

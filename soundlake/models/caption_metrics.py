@@ -1,4 +1,4 @@
-"""Caption metrics against reference captions: BLEU-1/4, ROUGE-L, CIDEr-D, embedding similarity.
+"""Caption metrics against reference captions: BLEU-1/4, ROUGE-L, CIDEr-D, METEOR, embedding similarity.
 
 The definitions follow the COCO caption evaluation code used by DCASE audio captioning
 (lower-cased, punctuation stripped, whitespace tokens):
@@ -12,9 +12,14 @@ The definitions follow the COCO caption evaluation code used by DCASE audio capt
   n and candidates.
 * Embedding similarity (FENSE-style, without its fluency detector): cosine of MiniLM
   sentence vectors, mean over references.
+* METEOR 1.5: the COCO caption evaluation's own Java implementation (``meteor-1.5.jar``
+  with its English paraphrase table, shipped in the ``pycocoevalcap`` package: the
+  ``meteor`` extra), run on our tokenised text (COCO runs its Java PTB tokenizer first).
+  Computed when Java and pycocoevalcap are there; otherwise the scores carry
+  ``meteor_skipped`` with the reason (:func:`meteor_unavailable`).
 * SPIDEr-style: (CIDEr-D + embedding similarity) / 2. Real SPIDEr averages CIDEr-D with
-  SPICE, which needs Java and Stanford CoreNLP models that cannot be had offline; the
-  substitute is named for what it is. METEOR is left out for the same reason (Java).
+  SPICE, which needs Stanford CoreNLP models that cannot be had offline; the substitute is
+  named for what it is (``spider_style``, never ``spider``).
 
 Written here rather than taken from aac-metrics: that package pulls msclap, which pins
 numpy < 2 and transformers < 5 and would downgrade the whole environment.
@@ -125,11 +130,46 @@ def embedding_similarity(cands: Sequence[str], refs: Sequence[Sequence[str]], en
     return float(np.mean(sims)) if sims else 0.0
 
 
-def caption_scores(cands: Sequence[str], refs: Sequence[Sequence[str]], encoder=None) -> dict[str, float]:
-    """All metrics for candidates against their reference lists."""
+def meteor_unavailable() -> str | None:
+    """Why METEOR cannot be computed here (None: it can)."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("java") is None:
+        return "no Java (install Debian's default-jre-headless)"
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        return "pycocoevalcap is not installed (pip install 'soundlake[meteor]')"
+    return None
+
+
+def meteor(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
+    """METEOR 1.5 of the COCO caption evaluation (its Java jar; see the module docstring):
+    (corpus score, each candidate's score), from one Java process."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(refs)}
+        res = {i: [" ".join(tokenize(c))] for i, c in enumerate(cands)}
+        score, each = scorer.compute_score(gts, res)
+    finally:
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+    return float(score), [float(x) for x in each]
+
+
+def caption_scores(cands: Sequence[str], refs: Sequence[Sequence[str]], encoder=None,
+                   with_meteor: bool = True) -> dict:
+    """All metrics for candidates against their reference lists (METEOR when it can run)."""
     if len(cands) != len(refs) or any(not rs for rs in refs):
         raise ValueError("each candidate needs at least one reference")
     cider = cider_d(cands, refs)
     sim = embedding_similarity(cands, refs, encoder)
-    return {"bleu_1": bleu(cands, refs, 1), "bleu_4": bleu(cands, refs, 4), "rouge_l": rouge_l(cands, refs),
-            "cider_d": cider, "sbert_sim": sim, "spider_style": (cider + sim) / 2, "n": len(cands)}
+    out = {"bleu_1": bleu(cands, refs, 1), "bleu_4": bleu(cands, refs, 4), "rouge_l": rouge_l(cands, refs),
+           "cider_d": cider, "sbert_sim": sim, "spider_style": (cider + sim) / 2, "n": len(cands)}
+    why = meteor_unavailable() if with_meteor else "not asked for"
+    if why is None:
+        out["meteor"] = meteor(cands, refs)[0]
+    else:
+        out["meteor_skipped"] = why
+    return out
