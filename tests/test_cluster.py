@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,13 +54,16 @@ def ray_cluster(env: dict, worker_prefix: list[str] | None = None):
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")   # short: Ray's socket paths live under it
     env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", **env}
     address = f"127.0.0.1:{port}"
+    # each node in its own process group, stopped through it: every Ray process of the node
+    # gets the signal at once
     procs = [subprocess.Popen([RAY_BIN, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                               "--temp-dir", temp, *NODE_ARGS], env=env,
+                               "--temp-dir", temp, *NODE_ARGS], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         if worker_prefix is not None:
             procs.append(subprocess.Popen([*worker_prefix, RAY_BIN, "start", "--address", address, *NODE_ARGS],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                                          env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
         ready = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             import time, ray
             for _ in range(240):
@@ -76,9 +80,14 @@ def ray_cluster(env: dict, worker_prefix: list[str] | None = None):
         assert ready.returncode == 0, ready.stderr[-2000:]
         yield address, temp
     finally:
-        for proc in reversed(procs):   # `ray start --block` stops the processes it started
-            proc.terminate()
-            proc.wait(timeout=60)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:   # a raylet drains for ~30 s on SIGTERM: nothing of these test nodes needs it
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 
