@@ -174,3 +174,26 @@ def test_a_node_that_sees_its_own_disk_stops_the_run_naming_it(ray_session, tmp_
             assert fetchall(str(shared / "lake"), "SELECT count(DISTINCT source_id) FROM clips") == [(3,)]
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_node_check_reads_the_marker_and_inputs_named_as_the_listing_names_them(tmp_path):
+    """The per-node check (run here, without a cluster): the marker's token, and the sampled
+    inputs as the listing names them, a file:// URL with percent-escaped bytes for a name that
+    is not UTF-8 included; remote inputs are not sampled."""
+    from soundlake.catalog.lake import Lake
+    from soundlake.pipelines.probe import check_node, sample_inputs
+    from soundlake.sources.local import file_uri
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.create()
+    (tmp_path / "lake" / "_probe-x").write_text("tok")
+    odd = os.fsencode(str(tmp_path)) + b"/caf\xe9.wav"
+    open(odd, "wb").close()
+    rows = [{"uri": "https://example.org/a.wav"}, {"uri": file_uri(Path(os.fsdecode(odd)))}]
+    assert rows[1]["uri"].startswith("file://")
+    inputs = sample_inputs(rows)
+    assert inputs == [os.fsdecode(odd)]
+    assert check_node(lake.uri, lake.path("_probe-x"), "tok", inputs) is None
+    assert check_node(lake.uri, lake.path("_probe-x"), "other", [])[0].startswith("sees another folder")
+    assert check_node(lake.uri, lake.path("_probe-x"), "tok", [str(tmp_path / "gone.wav")]) == \
+        ("cannot read the input", str(tmp_path / "gone.wav"))

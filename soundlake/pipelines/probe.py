@@ -13,8 +13,9 @@ import os
 import uuid
 
 from soundlake.catalog.lake import Lake
+from soundlake.core.audio import local_path
 from soundlake.core.errors import UserError
-from soundlake.core.storage import is_remote, local_path, put_bytes
+from soundlake.core.storage import is_remote, put_bytes
 
 SAMPLES = 3   # listed local inputs each node opens: the first, the middle and the last
 
@@ -36,6 +37,13 @@ def check_node(lake_uri: str, marker: str, token: str, inputs: list[str]) -> tup
     return None
 
 
+def sample_inputs(rows: list[dict]) -> list[str]:
+    """The paths of the first, middle and last listed local inputs (a file:// URL's escaped
+    bytes decoded, as the segment stage opens them); remote inputs are not probed."""
+    local = [local_path(r["uri"]) for r in rows if r.get("uri") and not is_remote(r["uri"])]
+    return sorted({local[i] for i in (0, len(local) // 2, len(local) - 1)}) if local else []
+
+
 def probe_nodes(lake: Lake, rows: list[dict]) -> int:
     """Run :func:`check_node` on every alive node with CPUs; raise a UserError for the first
     that fails. Returns the number of nodes probed."""
@@ -43,8 +51,7 @@ def probe_nodes(lake: Lake, rows: list[dict]) -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    local = [local_path(r["uri"]) for r in rows if r.get("uri") and not is_remote(r["uri"])]
-    inputs = sorted({local[i] for i in (0, len(local) // 2, len(local) - 1)}) if local else []
+    inputs = sample_inputs(rows)
     token = uuid.uuid4().hex
     marker = lake.path(f"_probe-{token}")
     put_bytes(lake.fs, marker, token.encode(), sync=False)
