@@ -136,6 +136,7 @@ def test_determinism_and_shard_size(lake, tmp_path):
     args = dict(shard_size=parse_size("100KB"), splits={"valid": 0.2})
     a = run_export(lake, ExportArgs(out=str(tmp_path / "a"), **args))
     b = run_export(lake, ExportArgs(out=str(tmp_path / "b"), **args))
+    assert b.shards == a.shards
     ma, mb = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
     assert [(s["name"], s["sha256"]) for s in ma["shards"]] == [(s["name"], s["sha256"]) for s in mb["shards"]]
     for s in ma["shards"]:

@@ -7,16 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from soundlake.cli.main import (
-    CURATE,
-    LAKE,
-    VERBOSE,
-    app,
-    as_user_error,
-    console,
-    eval_sets_app,
-    stdout,
-)
+from soundlake.cli.main import CURATE, LAKE, VERBOSE, app, as_user_error, console, eval_sets_app, stdout
 from soundlake.core.storage import user_storage_errors
 
 

@@ -86,6 +86,12 @@ class BackboneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def head_dim(self) -> int:
+        """Width per attention head, checked: RoPE rotates pairs, so it must be even."""
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError("hidden / heads must be an even integer (RoPE)")
+        return self.hidden // self.heads
+
 
 @dataclass
 class DiTConfig(BackboneConfig):
@@ -279,6 +285,22 @@ def rezero_cross_attention(model: nn.Module, opt: torch.optim.Optimizer | None =
     return n
 
 
+def adaln_head(cfg, chunks: int) -> nn.Sequential:
+    """A block's AdaLN: ``chunks`` shift/scale/gate vectors of width ``cfg.hidden`` from the
+    condition, zero at the start (the block begins as the identity). ``sola``: a low-rank
+    per-block adjustment added to the shared AdaLN output."""
+    d = cfg.hidden
+    if cfg.adaln == "sola":
+        head = nn.Sequential(nn.SiLU(), nn.Linear(d, cfg.sola_rank, bias=False),
+                             nn.Linear(cfg.sola_rank, chunks * d, bias=False))
+    elif cfg.adaln == "full":
+        head = nn.Sequential(nn.SiLU(), nn.Linear(d, chunks * d))
+    else:
+        raise ValueError(f"adaln must be 'sola' or 'full', not {cfg.adaln!r}")
+    zero_init(head[-1])
+    return head
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, long_skip: bool = False, cross2: bool = False):
         super().__init__()
@@ -292,14 +314,7 @@ class DiTBlock(nn.Module):
         self.cross_attn2 = CrossAttention(d, cfg.heads, cfg.qk_norm) if cross2 else None
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(d, cfg.mlp_ratio, cfg.ff)
-        if cfg.adaln == "sola":  # low-rank per-block adjustment of the shared AdaLN output
-            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, cfg.sola_rank, bias=False),
-                                       nn.Linear(cfg.sola_rank, 6 * d, bias=False))
-        elif cfg.adaln == "full":
-            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        else:
-            raise ValueError(f"adaln must be 'sola' or 'full', not {cfg.adaln!r}")
-        zero_init(self.adaln[-1])
+        self.adaln = adaln_head(cfg, 6)
 
     def modulation(self, c: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         m = self.adaln(c)
@@ -412,9 +427,7 @@ class DiT(ConditionMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden
-        if d % cfg.heads or (d // cfg.heads) % 2:
-            raise ValueError("hidden / heads must be an even integer (RoPE)")
-        if cfg.grid_freq < 1 or (cfg.grid_freq > 1 and (d // cfg.heads) % 4):
+        if cfg.grid_freq < 1 or (cfg.grid_freq > 1 and cfg.head_dim() % 4):
             raise ValueError(f"grid_freq {cfg.grid_freq}: must be >= 1, and > 1 (2D RoPE) needs hidden / heads "
                              "divisible by 4")
         self.x_embed = nn.Linear(cfg.in_channels, d)

@@ -70,6 +70,7 @@ from soundlake.generation.dit import (
     FeedForward,
     FinalLayer,
     SelfAttention,
+    adaln_head,
     init_weights,
     modulate,
     rope_tables,
@@ -139,14 +140,7 @@ class FITBlock(nn.Module):
         self.self_attn = SelfAttention(d, cfg.heads, cfg.qk_norm)
         self.norm_global_ff = nn.LayerNorm(d, **plain)
         self.ff = FeedForward(d, cfg.mlp_ratio)
-        if cfg.adaln == "sola":  # low-rank per-block adjustment of the shared AdaLN output
-            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, cfg.sola_rank, bias=False),
-                                       nn.Linear(cfg.sola_rank, 12 * d, bias=False))
-        elif cfg.adaln == "full":
-            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 12 * d))
-        else:
-            raise ValueError(f"adaln must be 'sola' or 'full', not {cfg.adaln!r}")
-        zero_init(self.adaln[-1])
+        self.adaln = adaln_head(cfg, 12)
 
     def forward(self, h, lat, c, shared, local_rope, global_rope, pmask, context, context_mask,
                 context2=None, context2_mask=None):
@@ -179,8 +173,7 @@ class FIT(ConditionMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden
-        if d % cfg.heads or (d // cfg.heads) % 2:
-            raise ValueError("hidden / heads must be an even integer (RoPE)")
+        cfg.head_dim()
         for key in ("patch_size", "group_size", "latents_per_group", "depth"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"{key} must be >= 1")

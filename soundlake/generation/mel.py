@@ -1,4 +1,5 @@
-"""The log-mel front end of the mel path (mel VAE, vocoder) and its inversion by Griffin-Lim.
+"""The log-mel front end of the mel path (mel VAE, vocoder), its inversion by Griffin-Lim, and
+the spectral distances the VAEs and the vocoder train and are scored on.
 
 :class:`MelSpec` holds every setting of the front end (rate, n_fft, hop, window, mel bands,
 fmin/fmax, log floor). It is recorded in each mel model folder's metadata and every
@@ -20,6 +21,7 @@ Public API::
     griffin_lim(logmel [n_mels, F] | [B, n_mels, F], spec, n_iter=32, seed=0) -> wav [B, F * hop]
     log_spectral_distance(x, y, n_fft=1024) -> float   # dB, waveforms [T] or [B, T]
     mrstft_distance(x, y, sizes=(2048, 1024, 512, 256, 128)) -> float  # spectral convergence + log-magnitude L1
+    mrstft_loss(x [B, 1, T], y, sizes) -> (spectral convergence, log-magnitude L1)   # the training loss, torch
 """
 from __future__ import annotations
 
@@ -27,19 +29,20 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 @dataclass(frozen=True)
 class MelSpec:
-    sample_rate: int = 16000
-    n_fft: int = 1024
-    hop: int = 160
-    win: int = 1024
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float = 8000.0
-    log_floor: float = 1e-5
+    sample_rate: int = 16000    # Hz
+    n_fft: int = 1024           # FFT size, samples
+    hop: int = 160              # samples between frames (100 frames/s at 16 kHz)
+    win: int = 1024             # Hann window length, samples (<= n_fft)
+    n_mels: int = 64            # mel bands (GenAu / AudioLDM: 64)
+    fmin: float = 0.0           # Hz
+    fmax: float = 8000.0        # Hz (Nyquist at 16 kHz)
+    log_floor: float = 1e-5     # mel magnitudes are clamped here before the log
 
     def __post_init__(self):
         if not 0 < self.hop <= self.win <= self.n_fft:
@@ -132,11 +135,23 @@ def log_spectral_distance(x, y, n_fft: int = 1024) -> float:
     return float(diff.pow(2).mean(dim=1).sqrt().mean())
 
 
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-resolution STFT loss of x against target y: (spectral convergence, log-magnitude L1)."""
+    x, y = x.flatten(0, 1), y.flatten(0, 1)
+    sc, mag = x.new_zeros(()), x.new_zeros(())
+    for n in sizes:
+        win = torch.hann_window(n, device=x.device, dtype=x.dtype)
+        X = torch.stft(x, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
+        Y = torch.stft(y, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
+        # over the whole batch (as auraloss does): per clip, a near-silent crop would divide by ~0
+        sc = sc + torch.linalg.norm(Y - X) / torch.linalg.norm(Y).clamp_min(1e-7)
+        mag = mag + F.l1_loss(X.log(), Y.log())
+    return sc / len(sizes), mag / len(sizes)
+
+
 def mrstft_distance(x, y, sizes=(2048, 1024, 512, 256, 128)) -> float:
     """Multi-resolution STFT distance (spectral convergence + log-magnitude L1, averaged over
     the resolutions): the training loss of the waveform VAE, here as a score."""
-    from soundlake.generation.vae import mrstft_loss
-
     x, y = _as_batch(x)[:, None], _as_batch(y)[:, None]
     sc, mag = mrstft_loss(x, y, list(sizes))
     return float(sc + mag)

@@ -36,8 +36,7 @@ Public API::
         .encode_mel(x) -> Posterior ; .decode_norm(z) -> normalised log-mel
         .decode(z) -> log-mel [B, n_mels, T/mel.hop]
     mel_vae_loss(model, wav, cfg, disc=None) -> (loss, logs, recon, target); mel_vae_train_step(...) -> logs
-    PatchDiscriminator(channels); adversarial_terms(disc, fake, real) -> (adv, fm)
-    optimise(model, opt, loss, logs, grad_clip, disc=None, disc_opt=None, real=None, fake=None) -> logs
+    PatchDiscriminator(channels)   # trained with vae.add_adversarial / vae.optimise
     vae_config(d) / build_vae(d) / is_mel(d)   # either VAE family from a config dict
     latent_geometry(d) -> {"rate", "channels", "grid_freq", "stored_channels"}
     to_tokens(z_stored [B, C*F', T'], grid_freq) -> [B, T'*F', C]; from_tokens(x, grid_freq)
@@ -51,21 +50,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soundlake.generation.mel import LogMel, MelSpec
+from soundlake.generation.mel import LogMel
 from soundlake.generation.vae import (
-    FlatConfig,
+    LatentVAE,
+    MelModelConfig,
     Posterior,
+    Stack,
     VAEConfig,
     WaveVAE,
-    discriminator_loss,
+    add_adversarial,
+    optimise,
 )
 
 
 @dataclass
-class MelVAEConfig(FlatConfig):
+class MelVAEConfig(MelModelConfig):
     kind: str = "mel"
     latent: str = "1d"                    # "1d" (GenAu) | "2d" (AudioLDM-style grid)
-    mel: MelSpec = field(default_factory=MelSpec)
     channels: int = 64                    # width after the input conv
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
     time_down: list[int] = field(default_factory=lambda: [2, 2])   # one per level transition
@@ -84,10 +85,7 @@ class MelVAEConfig(FlatConfig):
     fm_weight: float = 1.0
 
     def __post_init__(self):
-        if isinstance(self.mel, dict):
-            self.mel = MelSpec.from_dict(self.mel)
-        if self.kind != "mel":
-            raise ValueError(f"kind must be 'mel', not {self.kind!r}")
+        super().__post_init__()
         if self.latent not in ("1d", "2d"):
             raise ValueError(f"latent must be '1d' or '2d', not {self.latent!r}")
         levels = len(self.channel_mults) - 1
@@ -96,10 +94,6 @@ class MelVAEConfig(FlatConfig):
         if self.latent == "2d" and self.mel.n_mels % math.prod(self.freq_down):
             raise ValueError(f"mel.n_mels {self.mel.n_mels} is not divisible by prod(freq_down) "
                              f"{math.prod(self.freq_down)}")
-
-    @property
-    def sample_rate(self) -> int:
-        return self.mel.sample_rate
 
     @property
     def hop(self) -> int:
@@ -136,9 +130,8 @@ def latent_geometry(config: dict) -> dict:
     (``channels``), frequency rows per frame (``grid_freq``; 1 = a 1D latent) and the
     channels of the stored (folded) latents."""
     cfg = vae_config(config)
-    grid = cfg.grid_freq if isinstance(cfg, MelVAEConfig) else 1
-    rate = cfg.latent_rate if isinstance(cfg, MelVAEConfig) else cfg.sample_rate / cfg.hop
-    return {"rate": rate, "channels": cfg.latent_dim, "grid_freq": grid, "stored_channels": cfg.latent_dim * grid}
+    return {"rate": cfg.latent_rate, "channels": cfg.latent_dim, "grid_freq": cfg.grid_freq,
+            "stored_channels": cfg.latent_dim * cfg.grid_freq}
 
 
 def to_tokens(z: torch.Tensor, grid_freq: int = 1) -> torch.Tensor:
@@ -218,67 +211,44 @@ def _middle(dims: int, ch: int, attention: bool) -> list[nn.Module]:
     return [ResBlock(dims, ch, ch)] + ([Attention(ch), ResBlock(dims, ch, ch)] if attention else [])
 
 
-class MelEncoder(nn.Module):
+def _res_blocks(dims: int, cin: int, cout: int, n: int) -> list[nn.Module]:
+    return [ResBlock(dims, cin if i == 0 else cout, cout) for i in range(n)]
+
+
+class MelEncoder(Stack):
     def __init__(self, cfg: MelVAEConfig):
-        super().__init__()
         dims = 1 if cfg.latent == "1d" else 2
         chans = [cfg.channels * m for m in cfg.channel_mults]
         layers: list[nn.Module] = [_conv(dims)(cfg.mel.n_mels if dims == 1 else 1, chans[0], 3, padding=1)]
-        prev = chans[0]
-        for i, ch in enumerate(chans):
-            for _ in range(cfg.res_blocks):
-                layers.append(ResBlock(dims, prev, ch))
-                prev = ch
+        for i, (cin, ch) in enumerate(zip(chans[:1] + chans[:-1], chans)):
+            layers += _res_blocks(dims, cin, ch, cfg.res_blocks)
             if i < len(chans) - 1:
                 layers.append(_down(dims, ch, _factors(cfg, i)))
+        prev = chans[-1]
         layers += _middle(dims, prev, cfg.mid_attention)
         layers += [_norm(prev), nn.SiLU(), _conv(dims)(prev, 2 * cfg.latent_dim, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        super().__init__(layers)
 
 
-class MelDecoder(nn.Module):
+class MelDecoder(Stack):
     def __init__(self, cfg: MelVAEConfig):
-        super().__init__()
         dims = 1 if cfg.latent == "1d" else 2
         chans = [cfg.channels * m for m in cfg.channel_mults][::-1]
         layers: list[nn.Module] = [_conv(dims)(cfg.latent_dim, chans[0], 3, padding=1)]
         layers += _middle(dims, chans[0], cfg.mid_attention)
-        prev = chans[0]
-        for i, ch in enumerate(chans):
-            for _ in range(cfg.res_blocks):
-                layers.append(ResBlock(dims, prev, ch))
-                prev = ch
+        for i, (cin, ch) in enumerate(zip(chans[:1] + chans[:-1], chans)):
+            layers += _res_blocks(dims, cin, ch, cfg.res_blocks)
             if i < len(chans) - 1:
                 layers.append(_Up(dims, ch, _factors(cfg, len(chans) - 2 - i)))
+        prev = chans[-1]
         layers += [_norm(prev), nn.SiLU(), _conv(dims)(prev, cfg.mel.n_mels if dims == 1 else 1, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        super().__init__(layers)
 
 
-class MelVAE(nn.Module):
+class MelVAE(LatentVAE):
     def __init__(self, cfg: MelVAEConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, MelEncoder(cfg), MelDecoder(cfg))
         self.mel = LogMel(cfg.mel)
-        self.encoder = MelEncoder(cfg)
-        self.decoder = MelDecoder(cfg)
-
-    @property
-    def hop(self) -> int:
-        return self.cfg.hop
-
-    @property
-    def latent_rate(self) -> float:
-        return self.cfg.latent_rate
-
-    @property
-    def latent_dim(self) -> int:
-        return self.cfg.latent_dim
 
     def features(self, wav: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel [B, n_mels, T / mel.hop] of waveforms [B, 1, T] (or [B, T])."""
@@ -328,17 +298,6 @@ class PatchDiscriminator(nn.Module):
         return [(self.out(h), feats)]
 
 
-def adversarial_terms(disc: nn.Module, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generator side of a hinge GAN: (adversarial loss, feature matching L1); ``disc`` returns
-    a list of (logits, features) per sub-discriminator."""
-    fake_out = disc(fake)
-    with torch.no_grad():
-        real_out = disc(real)
-    adv = sum(-logit.mean() for logit, _ in fake_out) / len(fake_out)
-    fm = sum(F.l1_loss(f, r) for (_, ff), (_, rf) in zip(fake_out, real_out) for f, r in zip(ff, rf))
-    return adv, fm / sum(len(ff) for _, ff in fake_out)
-
-
 def build_mel_discriminator(cfg: MelVAEConfig) -> PatchDiscriminator | None:
     return PatchDiscriminator(cfg.disc_channels) if cfg.discriminator else None
 
@@ -352,31 +311,7 @@ def mel_vae_loss(model: MelVAE, wav: torch.Tensor, cfg: MelVAEConfig, disc: Patc
     loss = cfg.l1_weight * l1 + cfg.kl_weight * kl
     # l1_db: the reconstruction error in dB of mel magnitude (20 log10 e per nat)
     logs = {"l1": l1.item(), "l1_db": l1.item() * cfg.mel_std * 20 / math.log(10), "kl": kl.item()}
-    if disc is not None:
-        adv, fm = adversarial_terms(disc, recon, x)
-        loss = loss + cfg.adv_weight * adv + cfg.fm_weight * fm
-        logs |= {"adv": adv.item(), "fm": fm.item()}
-    logs["loss"] = loss.item()
-    return loss, logs, recon, x
-
-
-def optimise(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, logs: dict,
-             grad_clip: float | None, disc: nn.Module | None = None, disc_opt: torch.optim.Optimizer | None = None,
-             real: torch.Tensor | None = None, fake: torch.Tensor | None = None) -> dict:
-    """One optimisation step of ``model`` on ``loss``, then (when given) one hinge step of the
-    discriminator on ``real`` against ``fake``. Returns ``logs`` with the step's extras."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    opt.step()
-    if disc is not None and disc_opt is not None:
-        d_loss, d_logs = discriminator_loss(disc, real, fake)
-        disc_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        disc_opt.step()
-        logs |= d_logs
-    return logs
+    return add_adversarial(loss, logs, cfg, disc, recon, x), logs, recon, x
 
 
 def mel_vae_train_step(model: MelVAE, opt: torch.optim.Optimizer, wav: torch.Tensor, cfg: MelVAEConfig,

@@ -19,7 +19,9 @@ Public API::
         .hop: int, .latent_rate: float, .latent_dim: int
     Posterior.sample(generator=None) / .mode() / .kl()
     MultiPeriodDiscriminator(periods, channels)       # build_discriminator(cfg) -> it or None
-    vae_loss(model, wav, cfg, disc=None) -> (loss, logs)
+    vae_loss(model, wav, cfg, disc=None) -> (loss, logs, recon)
+    adversarial_terms(disc, fake, real) -> (adv, fm); add_adversarial(loss, logs, cfg, disc, fake, real) -> loss
+    optimise(model, opt, loss, logs, grad_clip, disc=None, disc_opt=None, real=None, fake=None) -> logs
     discriminator_loss(disc, real, fake) -> (loss, logs)
     vae_train_step(model, opt, wav, cfg, disc=None, disc_opt=None, grad_clip=1.0) -> logs
 """
@@ -32,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from soundlake.generation.mel import MelSpec, mrstft_loss
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -72,6 +76,25 @@ class FlatConfig:
 
 
 @dataclass
+class MelModelConfig(FlatConfig):
+    """A config of a model that reads log-mels: ``mel`` is its front end (a dict in YAML) and
+    ``kind`` must be the subclass's default, so a config of another family is refused."""
+    kind: str = ""
+    mel: MelSpec = field(default_factory=MelSpec)
+
+    def __post_init__(self):
+        if isinstance(self.mel, dict):
+            self.mel = MelSpec.from_dict(self.mel)
+        expected = type(self).__dataclass_fields__["kind"].default
+        if self.kind != expected:
+            raise ValueError(f"kind must be {expected!r}, not {self.kind!r}")
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mel.sample_rate
+
+
+@dataclass
 class VAEConfig(FlatConfig):
     sample_rate: int = 16000
     channels: int = 16                    # width after the input conv
@@ -94,6 +117,12 @@ class VAEConfig(FlatConfig):
     @property
     def hop(self) -> int:
         return math.prod(self.strides)
+
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+    grid_freq = 1   # frequency rows per latent frame: a waveform latent has one
 
 
 class Snake(nn.Module):
@@ -128,34 +157,37 @@ def _up(cin: int, cout: int, s: int) -> nn.ConvTranspose1d:
     return nn.ConvTranspose1d(cin, cout, 2 * s, stride=s, padding=math.ceil(s / 2), output_padding=s % 2)
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+class Stack(nn.Module):
+    """One nn.Sequential kept under `net`, the key prefix that saved weights carry."""
+
+    def __init__(self, layers: list[nn.Module]):
         super().__init__()
-        chans = [cfg.channels] + [cfg.channels * m for m in cfg.channel_mults]
-        layers: list[nn.Module] = [nn.Conv1d(1, chans[0], 7, padding=3)]
-        for cin, cout, s in zip(chans[:-1], chans[1:], cfg.strides):
-            layers += [ResidualUnit(cin, d) for d in cfg.dilations]
-            layers += [Snake(cin), _down(cin, cout, s)]
-        layers += [Snake(chans[-1]), nn.Conv1d(chans[-1], 2 * cfg.latent_dim, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-class Decoder(nn.Module):
+class Encoder(Stack):
     def __init__(self, cfg: VAEConfig):
-        super().__init__()
+        chans = [cfg.channels] + [cfg.channels * m for m in cfg.channel_mults]
+        layers: list[nn.Module] = [nn.Conv1d(1, chans[0], 7, padding=3)]
+        for cin, cout, s in zip(chans[:-1], chans[1:], cfg.strides):
+            layers += [ResidualUnit(cin, d) for d in cfg.dilations]
+            layers += [Snake(cin), _down(cin, cout, s)]
+        layers += [Snake(chans[-1]), nn.Conv1d(chans[-1], 2 * cfg.latent_dim, 3, padding=1)]
+        super().__init__(layers)
+
+
+class Decoder(Stack):
+    def __init__(self, cfg: VAEConfig):
         chans = [cfg.channels] + [cfg.channels * m for m in cfg.channel_mults]
         layers: list[nn.Module] = [nn.Conv1d(cfg.latent_dim, chans[-1], 7, padding=3)]
         for cin, cout, s in zip(chans[:0:-1], chans[-2::-1], cfg.strides[::-1]):
             layers += [Snake(cin), _up(cin, cout, s)]
             layers += [ResidualUnit(cout, d) for d in cfg.dilations]
         layers += [Snake(chans[0]), nn.Conv1d(chans[0], 1, 7, padding=3)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        super().__init__(layers)
 
 
 @dataclass
@@ -182,14 +214,15 @@ class Posterior:
         return kl.sum(1).mean()
 
 
-class WaveVAE(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+class LatentVAE(nn.Module):
+    """What training, encode and generate read of either VAE family: encoder, decoder, and
+    the config's hop, latent rate and latent width."""
+
+    def __init__(self, cfg, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
-        if len(cfg.channel_mults) != len(cfg.strides):
-            raise ValueError("channel_mults and strides must have the same length")
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = encoder
+        self.decoder = decoder
 
     @property
     def hop(self) -> int:
@@ -197,11 +230,18 @@ class WaveVAE(nn.Module):
 
     @property
     def latent_rate(self) -> float:
-        return self.cfg.sample_rate / self.hop
+        return self.cfg.latent_rate
 
     @property
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
+
+
+class WaveVAE(LatentVAE):
+    def __init__(self, cfg: VAEConfig):
+        if len(cfg.channel_mults) != len(cfg.strides):
+            raise ValueError("channel_mults and strides must have the same length")
+        super().__init__(cfg, Encoder(cfg), Decoder(cfg))
 
     def encode(self, wav: torch.Tensor) -> Posterior:
         if wav.shape[-1] % self.hop:
@@ -221,20 +261,6 @@ class WaveVAE(nn.Module):
 
 
 # ---------------------------------------------------------------- losses
-
-def mrstft_loss(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-resolution STFT loss of x against target y: (spectral convergence, log-magnitude L1)."""
-    x, y = x.flatten(0, 1), y.flatten(0, 1)
-    sc, mag = x.new_zeros(()), x.new_zeros(())
-    for n in sizes:
-        win = torch.hann_window(n, device=x.device, dtype=x.dtype)
-        X = torch.stft(x, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
-        Y = torch.stft(y, n, n // 4, window=win, return_complex=True).abs().clamp_min(1e-7)
-        # over the whole batch (as auraloss does): per clip, a near-silent crop would divide by ~0
-        sc = sc + torch.linalg.norm(Y - X) / torch.linalg.norm(Y).clamp_min(1e-7)
-        mag = mag + F.l1_loss(X.log(), Y.log())
-    return sc / len(sizes), mag / len(sizes)
-
 
 class PeriodDiscriminator(nn.Module):
     """HiFi-GAN style: fold the waveform by period p and run 2D convs over (T/p, p)."""
@@ -275,25 +301,38 @@ def build_discriminator(cfg: VAEConfig) -> MultiPeriodDiscriminator | None:
 
 def vae_loss(model: WaveVAE, wav: torch.Tensor, cfg: VAEConfig,
              disc: MultiPeriodDiscriminator | None = None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Generator-side loss on a batch of waveforms [B, 1, T]; logs are floats."""
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Generator-side (loss, float logs, reconstruction) on a batch of waveforms [B, 1, T]."""
     recon, post = model(wav, generator)
     sc, mag = mrstft_loss(recon, wav, cfg.stft_sizes)
     l1 = F.l1_loss(recon, wav)
     kl = post.kl()
     loss = cfg.stft_weight * (sc + mag) + cfg.l1_weight * l1 + cfg.kl_weight * kl
     logs = {"stft_sc": sc.item(), "stft_mag": mag.item(), "l1": l1.item(), "kl": kl.item()}
+    return add_adversarial(loss, logs, cfg, disc, recon, wav), logs, recon
+
+
+def adversarial_terms(disc: nn.Module, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generator side of a hinge GAN: (adversarial loss, feature matching L1); ``disc`` returns
+    a list of (logits, features) per sub-discriminator."""
+    fake_out = disc(fake)
+    with torch.no_grad():
+        real_out = disc(real)
+    adv = sum(-logit.mean() for logit, _ in fake_out) / len(fake_out)
+    fm = sum(F.l1_loss(f, r) for (_, ff), (_, rf) in zip(fake_out, real_out) for f, r in zip(ff, rf))
+    return adv, fm / sum(len(ff) for _, ff in fake_out)
+
+
+def add_adversarial(loss: torch.Tensor, logs: dict, cfg, disc: nn.Module | None, fake: torch.Tensor,
+                    real: torch.Tensor) -> torch.Tensor:
+    """``loss`` plus, when there is a discriminator, the config's weighted adversarial and feature
+    matching terms; the total goes into ``logs["loss"]``."""
     if disc is not None:
-        fake_out = disc(recon)
-        with torch.no_grad():
-            real_out = disc(wav)
-        adv = sum(-logit.mean() for logit, _ in fake_out) / len(fake_out)  # hinge, generator side
-        fm = sum(F.l1_loss(f, r) for (_, ff), (_, rf) in zip(fake_out, real_out) for f, r in zip(ff, rf))
-        fm = fm / sum(len(ff) for _, ff in fake_out)
+        adv, fm = adversarial_terms(disc, fake, real)
         loss = loss + cfg.adv_weight * adv + cfg.fm_weight * fm
         logs |= {"adv": adv.item(), "fm": fm.item()}
     logs["loss"] = loss.item()
-    return loss, logs
+    return loss
 
 
 def discriminator_loss(disc: MultiPeriodDiscriminator, real: torch.Tensor,
@@ -310,16 +349,22 @@ def vae_train_step(model: WaveVAE, opt: torch.optim.Optimizer, wav: torch.Tensor
                    disc_opt: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0) -> dict:
     """One optimisation step (generator, then discriminator if given). Returns float logs."""
     model.train()
-    loss, logs = vae_loss(model, wav, cfg, disc)
+    loss, logs, recon = vae_loss(model, wav, cfg, disc)
+    return optimise(model, opt, loss, logs, grad_clip, disc, disc_opt, wav, recon)
+
+
+def optimise(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, logs: dict,
+             grad_clip: float | None, disc: nn.Module | None = None, disc_opt: torch.optim.Optimizer | None = None,
+             real: torch.Tensor | None = None, fake: torch.Tensor | None = None) -> dict:
+    """One optimisation step of ``model`` on ``loss``, then (when given) one hinge step of the
+    discriminator on ``real`` against ``fake``. Returns ``logs`` with the step's extras."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
         logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     opt.step()
     if disc is not None and disc_opt is not None:
-        with torch.no_grad():
-            fake = model(wav)[0]
-        d_loss, d_logs = discriminator_loss(disc, wav, fake)
+        d_loss, d_logs = discriminator_loss(disc, real, fake)
         disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         disc_opt.step()

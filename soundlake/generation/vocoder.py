@@ -31,15 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soundlake.generation.mel import LogMel, MelSpec
-from soundlake.generation.mel_vae import adversarial_terms, optimise
-from soundlake.generation.vae import FlatConfig, MultiPeriodDiscriminator, mrstft_loss
+from soundlake.generation.mel import LogMel, mrstft_loss
+from soundlake.generation.vae import MelModelConfig, MultiPeriodDiscriminator, add_adversarial, optimise
 
 
 @dataclass
-class VocoderConfig(FlatConfig):
+class VocoderConfig(MelModelConfig):
     kind: str = "vocos"
-    mel: MelSpec = field(default_factory=MelSpec)
     dim: int = 64
     intermediate: int = 192
     layers: int = 4
@@ -56,18 +54,11 @@ class VocoderConfig(FlatConfig):
     fm_weight: float = 2.0
 
     def __post_init__(self):
-        if isinstance(self.mel, dict):
-            self.mel = MelSpec.from_dict(self.mel)
-        if self.kind != "vocos":
-            raise ValueError(f"kind must be 'vocos', not {self.kind!r}")
+        super().__post_init__()
         if self.n_fft is None:
             self.n_fft = 4 * self.mel.hop
         if self.n_fft < self.mel.hop or self.n_fft % 2:
             raise ValueError(f"n_fft {self.n_fft}: must be even and at least the mel hop {self.mel.hop}")
-
-    @property
-    def sample_rate(self) -> int:
-        return self.mel.sample_rate
 
     @property
     def hop(self) -> int:
@@ -132,12 +123,7 @@ def vocoder_loss(model: Vocoder, wav: torch.Tensor, cfg: VocoderConfig,
     mel_l1 = F.l1_loss(model.mel(fake), target)
     loss = cfg.stft_weight * (sc + mag) + cfg.mel_weight * mel_l1
     logs = {"stft_sc": sc.item(), "stft_mag": mag.item(), "mel_l1": mel_l1.item()}
-    if disc is not None:
-        adv, fm = adversarial_terms(disc, fake, wav)
-        loss = loss + cfg.adv_weight * adv + cfg.fm_weight * fm
-        logs |= {"adv": adv.item(), "fm": fm.item()}
-    logs["loss"] = loss.item()
-    return loss, logs, fake
+    return add_adversarial(loss, logs, cfg, disc, fake, wav), logs, fake
 
 
 def vocoder_train_step(model: Vocoder, opt: torch.optim.Optimizer, wav: torch.Tensor, cfg: VocoderConfig,

@@ -31,14 +31,7 @@ from soundlake.core.errors import UserError
 from soundlake.core.ray_env import RaySpec, init_ray
 from soundlake.pipelines import matches
 from soundlake.pipelines.matches import LEVELS
-from soundlake.pipelines.runner import (
-    RunSummary,
-    consume,
-    lake_clips_dataset,
-    map_and_write,
-    new_run_id,
-    recorded_run,
-)
+from soundlake.pipelines.runner import RunSummary, consume, lake_clips_dataset, map_and_write, new_run_id, recorded_run
 from soundlake.stages.caption import captioner_ranking
 from soundlake.stages.dedup import COLUMNS, FingerprintStage
 

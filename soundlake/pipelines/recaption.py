@@ -14,14 +14,7 @@ from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import close, connect, where_expression
 from soundlake.core.errors import UserError
 from soundlake.core.ray_env import RaySpec, init_ray
-from soundlake.pipelines.runner import (
-    RunSummary,
-    consume,
-    lake_clips_dataset,
-    map_and_write,
-    new_run_id,
-    recorded_run,
-)
+from soundlake.pipelines.runner import RunSummary, consume, lake_clips_dataset, map_and_write, new_run_id, recorded_run
 from soundlake.stages.recaption import QwenCaptionStage, RefineStage
 
 
