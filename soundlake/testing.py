@@ -345,10 +345,12 @@ def make_tiny_bart(path: Path) -> Path:
 
 
 def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_seconds: float = 0.5,
-                        seed: int = 0, backbone: str = "dit", sources: list[str] | None = None) -> Path:
+                        seed: int = 0, backbone: str = "dit", sources: list[str] | None = None,
+                        vae: str = "waveform") -> Path:
     """A tiny randomly initialised DiT model folder (DiT + VAE + MiniLM text), saved with
     ``save_model`` like a trained one, so ``Generator.load(folder)`` reads it back.
-    ``backbone="fit"``: the FIT backbone instead; ``sources``: a dataset-ID vocabulary.
+    ``backbone="fit"``: the FIT backbone instead; ``sources``: a dataset-ID vocabulary;
+    ``vae="mel2d"``: a 2D mel VAE (8 frequency rows per latent frame, Griffin-Lim inversion).
 
     The zero-initialised layers (adaLN-zero gates, cross-attention outputs, the final
     projection) get small random values: an untrained DiT would otherwise output 0.
@@ -359,14 +361,24 @@ def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_se
     from soundlake.generation.diffusion import Schedule
     from soundlake.generation.dit import DiTConfig
     from soundlake.generation.fit import FITConfig
+    from soundlake.generation.mel_vae import MelVAE, MelVAEConfig, latent_geometry
     from soundlake.generation.model_folder import save_model
     from soundlake.generation.vae import VAEConfig, WaveVAE
 
     torch.manual_seed(seed)
-    vcfg = VAEConfig(sample_rate=16000, channels=4, channel_mults=[1, 1, 1, 1], strides=[2, 4, 5, 8],
-                     latent_dim=4)
+    if vae == "mel2d":
+        vcfg = MelVAEConfig(latent="2d", channels=4, channel_mults=[1, 1, 1], freq_down=[2, 4], res_blocks=1,
+                            latent_dim=4)
+        vae_model, geometry = MelVAE(vcfg), latent_geometry(vcfg.to_dict())
+    else:
+        vcfg = VAEConfig(sample_rate=16000, channels=4, channel_mults=[1, 1, 1, 1], strides=[2, 4, 5, 8],
+                         latent_dim=4)
+        vae_model, geometry = WaveVAE(vcfg), {}
+    grid = {"grid_freq": geometry["grid_freq"]} if geometry else {}
     common = dict(in_channels=vcfg.latent_dim, hidden=hidden, depth=depth, heads=2, cond_dim=384, sola_rank=4,
                   time_freq_dim=32, sources=list(sources or []))
+    if backbone == "dit":
+        common |= grid
     dcfg = DiTConfig(**common) if backbone == "dit" else FITConfig(group_size=4, latents_per_group=2, **common)
     dit = build_backbone(config_dict(dcfg))
     with torch.no_grad():
@@ -374,8 +386,9 @@ def make_tiny_generator(folder: Path, depth: int = 2, hidden: int = 32, train_se
             if (p == 0).all():
                 p.normal_(0, 0.05)
     folder = Path(folder)
-    save_model(folder / "vae", "vae", WaveVAE(vcfg), {"config": vcfg.to_dict()})
+    vae_meta = {"config": vcfg.to_dict()} | ({"latents": geometry} if geometry else {})
+    save_model(folder / "vae", "vae", vae_model, vae_meta)
     save_model(folder, "dit", dit, {"config": config_dict(dcfg), "schedule": Schedule().meta(),
-                                    "latents": {"mean": 0.0, "std": 1.0}, "text": {"path": None},
+                                    "latents": {"mean": 0.0, "std": 1.0, **grid}, "text": {"path": None},
                                     "train": {"step": 0, "spec": {"seconds": train_seconds}}})
     return folder

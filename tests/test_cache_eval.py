@@ -157,7 +157,7 @@ def test_generate_with_cache_delta_uses_the_saved_profile(models, tmp_path, samp
     """`generate --cache-delta` samples with AudioCache on the profile beside the model: the
     sidecar's layer counts are the Eq. 2 plan, and the audio is what the same cached run gives
     in-process; without a profile for the step count it is one line naming calibrate-cache.
-    Heun's profile is indexed by model call (2 * steps - 1 of them)."""
+    Heun's profile has one rate per step; its plan holds for both model calls of a step."""
     dit, _ = models
     (tmp_path / "p.txt").write_text("\n".join(CAPTIONS) + "\n")
     assert cli("calibrate-cache", "--model", dit, "--prompts", tmp_path / "p.txt", "--steps", STEPS,
@@ -170,10 +170,13 @@ def test_generate_with_cache_delta_uses_the_saved_profile(models, tmp_path, samp
     gen = Generator.load(dit)
     profile = load_profile(gen, Sampling(steps=STEPS, sampler=sampler))
     calls = model_calls(sampler, STEPS)
-    assert profile.steps == calls and meta["computed"] + meta["reused"] == calls * len(profile.layers)
-    assert meta["delta"] == 0.05 and meta["computed"] == plan_refreshes(profile.rates_for(calls), 0.05).sum()
+    assert profile.steps == STEPS and meta["computed"] + meta["reused"] == calls * len(profile.layers)
+    plan = plan_refreshes(profile.rates_for(STEPS), 0.05)
+    per_step = np.full(STEPS, calls // STEPS + (sampler == "heun"))  # heun: 2 calls a step, 1 in the last
+    per_step[-1] = 1
+    assert meta["delta"] == 0.05 and meta["computed"] == (plan * per_step).sum()
     assert meta["reused"] > 0
-    with AudioCache(gen.dit, profile, delta=0.05) as cache, cache.run(calls):
+    with AudioCache(gen.dit, profile, delta=0.05) as cache, cache.run(STEPS):
         res = gen.generate([CAPTIONS[0]], seconds=0.5, steps=STEPS, sampler=sampler, cfg=5.0, rescale=0.75, seed=0)
     audio, _ = sf.read(out, dtype="float32")
     np.testing.assert_allclose(audio, res.audio[0].reshape(audio.shape), atol=1e-4)
@@ -204,7 +207,8 @@ def test_evaluate_with_references_and_sparse_attention(models, tmp_path, monkeyp
     (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
     code, out = cli("evaluate", "--model", dit, "--prompts", tmp_path / "eval.jsonl", "--steps", 4,
                     "--cache-delta", "0.05", "--sparse-attention", "litefocus", "--ratio", 0.1,
-                    "--durations", "0.5,2", "--clap", clap, "--labels", "audioset", "--out", tmp_path / "rep", "-q")
+                    "--durations", "0.5,2", "--sparse-with-delta", "0.05", "--clap", clap, "--labels", "audioset",
+                    "--out", tmp_path / "rep", "-q")
     assert code == 0, out
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     meta, rows = rep["meta"], rep["rows"]
@@ -214,9 +218,13 @@ def test_evaluate_with_references_and_sparse_attention(models, tmp_path, monkeyp
     assert meta["labels"]["name"] == "audioset" and meta["labels"]["count"] > 500
     assert meta["sparse"]["window_frames"] == 25  # the training length, 0.5 s at 50 frames/s
     names = [r["setting"] for r in rows]
-    assert names == ["uncached", "δ=0.05", "litefocus r=0.1 0.5 s", "full 2 s", "litefocus r=0.1 2 s"]
+    assert names == ["uncached", "δ=0.05", "litefocus r=0.1 0.5 s", "δ=0.05 + litefocus r=0.1 0.5 s", "full 2 s",
+                     "litefocus r=0.1 2 s", "δ=0.05 + litefocus r=0.1 2 s"]
     by = dict(zip(names, rows))
     assert by["full 2 s"]["frames"] == 100
+    both = by["δ=0.05 + litefocus r=0.1 2 s"]  # cache and sparse attention on one run, vs full attention at 2 s
+    assert both["layer_reused"] > 0 and both["latent_drift"] > 0
+    assert both["latent_drift"] != pytest.approx(by["litefocus r=0.1 2 s"]["latent_drift"], rel=1e-6)
     # the timer wraps LiteFocus's hook (which calls nothing inside it), exact or sparse
     assert all(r["attention_s"] > 0 for r in rows)
     assert len(gens) == 1 and hook_free(gens[0].dit)  # evaluation detached everything it attached

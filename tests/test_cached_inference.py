@@ -23,11 +23,13 @@ from soundlake.generation.inference.audiocache import (
     layer_names,
     load_or_calibrate,
     model_hash,
+    plan_refreshes,
     profile_path,
 )
 from soundlake.generation.inference.hooks import HOOK_ATTR, HookRegistry
 from soundlake.generation.inference.litefocus import (
     HOOK_NAME,
+    FocusAttention,
     SparseAttention,
     attach_sparse_attention,
     dense_band_mask,
@@ -329,7 +331,7 @@ def test_profile_roundtrip_and_step_mapping(tmp_path):
     with cache.run(15):
         euler_cfg(m, *inputs(0), 15)
     assert cache.stats()["total"] == 15 * len(p.layers)
-    with pytest.raises(RuntimeError, match="one model call must be one sampler step"):
+    with pytest.raises(RuntimeError, match="4 steps of 1 model call"):
         with cache.run(4):
             euler_cfg(m, *inputs(0), 5)
     cache.remove()
@@ -413,6 +415,92 @@ def test_sparse_key_padding_mask_and_min_tokens():
                                F.scaled_dot_product_attention(q, k, v, attn_mask=keep), atol=1e-5, rtol=1e-5)
     short = SparseAttention(window=1, ratio=0.0, min_tokens=32)  # at training length: exact
     torch.testing.assert_close(short(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def focus_by_eq1(q, k, v, focus_sets, keep=None):
+    """LiteFocus Eq. 1 one query at a time: y_i = softmax(Q_i K_Fi^T / sqrt(d)) V_Fi, F_i a set
+    of key indices (each key once), minus padded keys."""
+    b, h, n, d = q.shape
+    out = torch.empty_like(q)
+    for bi in range(b):
+        for i in range(n):
+            fi = sorted(j for j in focus_sets[i] if keep is None or keep[bi, j])
+            logits = torch.einsum("hd,hjd->hj", q[bi, :, i], k[bi, :, fi]) / math.sqrt(d)
+            out[bi, :, i] = torch.einsum("hj,hjd->hd", torch.softmax(logits, dim=-1), v[bi, :, fi])
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.0, 1.0])
+def test_focus_attention_is_eqs_4_to_6(ratio):
+    """F_i = S_i ∪ C: S_i = {j : j mod F = i mod F} (Eq. 5, time-major grid), C one random
+    sample of floor(r * N) keys for the whole call (Eq. 6), no key counted twice."""
+    n, f = 48, 4
+    q, k, v = qkv(n=n)
+    attn = FocusAttention(freq_bins=f, ratio=ratio, seed=5)
+    got = attn(q, k, v)
+    comp = attn.last_compensation.tolist()
+    assert len(comp) == len(set(comp)) == math.floor(ratio * n)
+    sets = [{j for j in range(n) if j % f == i % f} | set(comp) for i in range(n)]
+    torch.testing.assert_close(got, focus_by_eq1(q, k, v, sets), atol=1e-5, rtol=1e-5)
+    if ratio == 1.0:  # C is every key: exact attention
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_focus_attention_draws_one_set_per_call_from_its_seed():
+    n = 64
+    q, k, v = qkv(n=n)
+    a, b, c = (FocusAttention(freq_bins=4, ratio=0.1, seed=s) for s in (1, 1, 2))
+    draws_a = [(a(q, k, v), a.last_compensation) for _ in range(3)]
+    draws_b = [(b(q, k, v), b.last_compensation) for _ in range(3)]
+    for (ya, ca), (yb, cb) in zip(draws_a, draws_b):  # same seed: the same sequence of draws
+        assert torch.equal(ca, cb) and torch.equal(ya, yb)
+    assert not torch.equal(draws_a[0][1], draws_a[1][1])  # a fresh C at every call
+    c(q, k, v)
+    assert not torch.equal(c.last_compensation, draws_a[0][1])
+    assert a.visited_fraction(n) == (n // 4 + math.floor(0.1 * n)) / n
+
+
+def test_focus_attention_key_padding_and_exact_option():
+    n, f = 32, 4
+    q, k, v = qkv(n=n)
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., 20:] = False
+    attn = FocusAttention(freq_bins=f, ratio=0.5, seed=0)
+    got = attn(q, k, v, attn_mask=keep)
+    comp = set(attn.last_compensation.tolist())
+    sets = [{j for j in range(n) if j % f == i % f} | comp for i in range(n)]
+    torch.testing.assert_close(got, focus_by_eq1(q, k, v, sets, keep[:, 0, 0]), atol=1e-5, rtol=1e-5)
+    exact = FocusAttention(freq_bins=f, ratio=0.0, min_tokens=n)  # up to the training length: exact
+    torch.testing.assert_close(exact(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(ValueError, match="multiple of freq_bins"):
+        FocusAttention(freq_bins=5)(q, k, v)
+
+
+def test_attach_focus_pattern_on_a_grid_dit():
+    from soundlake.generation.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(in_channels=4, hidden=32, depth=3, heads=2, cond_dim=8, sola_rank=4, time_freq_dim=16,
+                        grid_freq=4)).eval()
+    with torch.no_grad():  # the zero-initialised (adaLN-zero) layers make an untrained DiT trivial
+        for p in dit.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16 * 4, 4, generator=g), torch.full((2,), 500.0)
+    ctx = torch.randn(2, 3, 8, generator=g)
+    full = dit(x, t, context=ctx)
+    with attach_sparse_attention(dit, blocks=range(3), ratio=1.0, freq_bins=4, pattern="focus", seed=3):
+        assert isinstance(sparse_hook(dit, 2).attention, FocusAttention)
+        assert sparse_hook(dit, 2).attention.seed == 5
+        torch.testing.assert_close(dit(x, t, context=ctx), full, atol=1e-5, rtol=1e-5)
+    with attach_sparse_attention(dit, blocks=range(3), ratio=0.1, freq_bins=4, pattern="focus"):
+        assert not torch.allclose(dit(x, t, context=ctx), full, atol=1e-5)
+    assert torch.equal(dit(x, t, context=ctx), full)
+    with pytest.raises(ValueError, match="needs freq_bins"):
+        attach_sparse_attention(dit, blocks=[0], pattern="focus")
+    with pytest.raises(ValueError, match="pattern 'band'"):
+        attach_sparse_attention(dit, blocks=[0], pattern="band")
 
 
 def sparse_hook(model, i):
@@ -621,6 +709,70 @@ def test_real_sampler_with_cache(sampler):
             run(5, steps=12)
         assert cache.stats()["total"] == 12 * len(prof.layers)
     assert torch.equal(run(5), ref)
+
+
+def test_heun_rates_between_first_calls_and_one_decision_per_step():
+    """AudioCache on Heun as the paper states it: Eq. 1's rate of step t compares the layer's
+    output at the FIRST model call of step t with that of step t-1 (written out here from
+    outputs recorded by a plain forward hook), and Eq. 2 decides once per step: a layer
+    computes at both calls of a refreshed step and at neither call of a reused one."""
+    from soundlake.generation.diffusion import model_calls
+
+    dit = tiny_dit()
+    run, _ = project_sampler(dit, "heun")
+    steps, layer = 6, "blocks.1.ff"
+    outs = []
+    handle = dit.get_submodule(layer).register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    run(0, steps=steps)
+    handle.remove()
+    assert len(outs) == model_calls("heun", steps) == 2 * steps - 1
+    first = [outs[2 * t] for t in range(steps)]   # step t's first call
+    want = [0.0] + [float((first[t] - first[t - 1]).abs().sum() / first[t].abs().sum()) for t in range(1, steps)]
+    prof = calibrate(dit, [layer], lambda seed: run(seed, steps=steps), [0], steps, sampler="heun")
+    assert prof.steps == steps
+    np.testing.assert_allclose(prof.mean[0], want, rtol=1e-5)
+
+    delta = float(np.median(want[1:])) * 1.5
+    plan = plan_refreshes(prof.rates_for(steps), delta)[0]
+    assert plan[0] and plan[-1] and not plan.all()
+    seen = []   # (step, call of the step) at which the layer really ran: its inner Linear fired
+    with AudioCache(dit, prof, delta=delta, sampler="heun") as cache:
+        inner = dit.get_submodule(layer).net[0].register_forward_hook(
+            lambda *_: seen.append((cache.step, cache.slot)))
+        with cache.run(steps):
+            run(0, steps=steps)
+        inner.remove()
+        assert cache.stats()["computed"] == len(seen)
+        assert cache.stats()["total"] == model_calls("heun", steps)
+    expected = [(t, k) for t in range(steps) if plan[t] for k in range(2 if t < steps - 1 else 1)]
+    assert seen == expected
+
+
+def test_fig3_comparison_reads_the_papers_claims_off_a_profile():
+    from soundlake.generation.inference.evaluate import fig3_comparison, fig3_text
+
+    layers = [f"blocks.{b}.{k}" for b in range(6) for k in ("self_attn", "ff")]
+    steps = 10
+    mean = np.zeros((len(layers), steps))
+    for i, name in enumerate(layers):
+        b = int(name.split(".")[1])
+        # front blocks (0, 1) busy in steps 1-3, rear blocks (4, 5) in steps 4-6, all quiet after
+        mean[i, 1:4] = 0.4 if b < 2 else 0.1
+        mean[i, 4:7] = 0.3 if b >= 4 else 0.1
+        mean[i, 7:] = 0.02
+    prof = CacheProfile(layers, steps, mean, 0.1 * mean, "euler", "x", num_prompts=4)
+    cmp = fig3_comparison(prof)
+    assert cmp["prompt_spread"] == pytest.approx(0.1)
+    assert cmp["activity"]["early"] == pytest.approx({"front": 0.4, "middle": 0.1, "rear": 0.1})
+    assert all(cmp["claims"].values()), cmp
+    assert "(differs)" not in fig3_text(cmp)
+    # the opposite profile: rear blocks first, nothing settles, prompts disagree
+    rising = mean[::-1] + np.linspace(0, 1, steps)
+    flipped = CacheProfile(layers, steps, rising, 2 * rising, "euler", "x")
+    claims = fig3_comparison(flipped)["claims"]
+    assert not claims["early: front blocks most active"] and not claims["end: all layers converge"]
+    assert not claims["consistent across prompts"]
+    assert "(differs)" in fig3_text(fig3_comparison(flipped))
 
 
 def test_latent_drift_rises_with_delta_below_the_reuse_everything_floor():

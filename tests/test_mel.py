@@ -14,6 +14,9 @@ import soundfile as sf
 import torch
 
 from soundlake.core.errors import UserError
+from soundlake.generation.inference.evaluate import attach_litefocus, litefocus_geometry
+from soundlake.generation.inference.hooks import HookRegistry
+from soundlake.generation.inference.litefocus import HOOK_NAME, FocusAttention
 from soundlake.generation.mel import LogMel, MelSpec, griffin_lim, mel_filters
 from soundlake.generation.mel_vae import (
     MelVAE,
@@ -195,6 +198,22 @@ def test_generate_through_the_cli_on_the_mel_path(mel_shards, tmp_path, soundlak
     assert info.samplerate == SR and info.frames == SR
     side = json.loads(wav.with_name(wav.name + ".json").read_text())
     assert side["inversion"] == "vocoder" and side["grid_freq"] == 8 and side["frames"] == 25 * 8
+    # LiteFocus on the 2D grid: the paper's same-frequency focus, sparse at every length
+    long = tmp_path / "long.wav"
+    r = soundlake_here("generate", "a siren wails", "--model", out, "--seconds", "2.56", "--steps", "2",
+                       "--sparse-attention", "litefocus", "--ratio", "0.1", "--out", long)
+    assert r.exit_code == 0, r.output
+    side = json.loads(long.with_name(long.name + ".json").read_text())
+    assert (side["pattern"], side["freq_bins"], side["min_tokens"], side["ratio"]) == ("focus", 8, 0, 0.1)
+    assert sf.info(str(long)).frames == int(2.56 * SR)
+    gen = Generator.load(out)
+    geometry = litefocus_geometry(gen, None, None, 2.56)
+    with attach_litefocus(gen, geometry, 0.1, 0) as handle:
+        assert len(handle.modules) == 2  # every block
+        gen.generate(["a siren wails"], seconds=2.56, steps=2)
+        focus = [HookRegistry.of(m).get_hook(HOOK_NAME).attention for m in handle.modules]
+    n = gen.frames(2.56)  # 64 latent frames x 8 rows
+    assert n == 512 and all(isinstance(f, FocusAttention) and len(f.last_compensation) == int(0.1 * n) for f in focus)
     # without the vocoder: Griffin-Lim (in-process, a short clip)
     gen = Generator.load(out, griffin_lim=True)
     res = gen.generate(["a bell rings"], seconds=0.32, steps=2)

@@ -73,6 +73,8 @@ GPU = typer.Option(None, "--gpu/--cpu", help="One GPU per worker.")
 ADDRESS = typer.Option(None, help="Join a running Ray cluster (e.g. auto or ray://host:10001; default: "
                        "RAY_ADDRESS, else a local Ray).")
 LR = typer.Option(None, help="Peak learning rate.")
+STEPS = typer.Option(None, help="Optimisation steps.")
+AUDIO_SHARDS = typer.Option(None, help="Export folder (or URI) with audio shards.")
 EVAL_SETS = typer.Option(None, "--eval-sets", help="Comma-separated eval set names (soundlake eval-sets list): refuse "
                          "shards whose export leaks into them or did not check them.")
 ALLOW_LEAKAGE = typer.Option(False, "--allow-leakage", help="Train on such shards anyway; recorded in the model "
@@ -85,11 +87,11 @@ def eval_set_names(text: Optional[str]) -> Optional[list]:
 
 @train_app.command("vae")
 def train_vae_cmd(
-    shards: Optional[str] = typer.Option(None, help="Export folder (or URI) with audio shards."),
+    shards: Optional[str] = AUDIO_SHARDS,
     out: Optional[str] = RUN_OUT,
     config: Optional[str] = typer.Option(None, help="Model config: vae-tiny (CPU, default), vae-ezaudio; the mel "
                                          "path: mel-vae-tiny, mel-vae-tiny-2d (CPU), mel-vae (GenAu sizes); or a YAML."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
+    steps: Optional[int] = STEPS,
     batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU, address: Optional[str] = ADDRESS,
     eval_sets: Optional[str] = EVAL_SETS, allow_leakage: bool = ALLOW_LEAKAGE,
@@ -138,13 +140,13 @@ def train_dit_cmd(
 
 @train_app.command("vocoder")
 def train_vocoder_cmd(
-    shards: Optional[str] = typer.Option(None, help="Export folder (or URI) with audio shards."),
-    out: Optional[str] = RUN_OUT,
-    vae: Optional[str] = typer.Option(None, help="A mel VAE folder whose log-mel front end the vocoder reads "
-                                      "(default: the config's, which the bundled mel-vae configs share)."),
+    shards: Optional[str] = AUDIO_SHARDS,
     config: Optional[str] = typer.Option(None, help="Model config: vocoder-tiny (CPU, default), vocoder (Vocos "
                                          "sizes), or a YAML."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
+    vae: Optional[str] = typer.Option(None, help="A mel VAE folder whose log-mel front end the vocoder reads "
+                                      "(default: the config's, which the bundled mel-vae configs share)."),
+    out: Optional[str] = RUN_OUT,
+    steps: Optional[int] = STEPS,
     batch_size: Optional[int] = BATCH_SIZE, seconds: Optional[float] = SECONDS, lr: Optional[float] = LR,
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU, address: Optional[str] = ADDRESS,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP),
@@ -226,9 +228,12 @@ def generate(
     rescale_axis: str = typer.Option("all", help="Std axis of the rescale: all (EzAudio) | time (stable-audio-tools)."),
     seed: int = typer.Option(0),
     sparse_attention: str = typer.Option("none", help="none | litefocus (sparse self-attention for long audio)."),
-    ratio: float = typer.Option(0.1, help="litefocus: fraction of all keys each query also attends to."),
-    window: Optional[int] = typer.Option(None, help="litefocus: local band in latent frames (default: the "
-                                         "training crop's frames)."),
+    ratio: float = typer.Option(0.1, help="litefocus: the fraction r of all keys drawn once per attention call "
+                                "that every query also attends to (cross-frequency compensation)."),
+    window: Optional[int] = typer.Option(None, help="litefocus on 1D latents (no frequency rows): local band in "
+                                         "tokens (default: the training crop's)."),
+    exact_short: bool = typer.Option(False, "--exact-short", help="litefocus on a 2D latent grid: exact attention "
+                                     "up to the training length (the paper sparsifies at every length)."),
     reference: Optional[Path] = typer.Option(None, help="A reference clip for a DiT trained with a second "
                                              "condition stream (DC-LDM, cond2: latents)."),
     source: Optional[str] = typer.Option(None, help="Dataset-ID: generate in the style of this source "
@@ -251,7 +256,6 @@ def generate(
     from rich.progress import Progress
 
     from soundlake.core.audio import read_mono
-    from soundlake.generation.diffusion import model_calls
     from soundlake.generation.model_folder import Generator, write_audio
 
     if sparse_attention not in ("none", "litefocus"):
@@ -264,21 +268,18 @@ def generate(
         ref = None if reference is None else read_mono(reference, gen.sample_rate)
         ctx, geometry = nullcontext(), None
         if sparse_attention == "litefocus":
-            from soundlake.generation.inference.evaluate import litefocus_geometry
-            from soundlake.generation.inference.litefocus import attach_sparse_attention
+            from soundlake.generation.inference.evaluate import attach_litefocus, litefocus_geometry
 
-            geometry = litefocus_geometry(gen, window, None, seconds)
-            ctx = attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=geometry.window, ratio=ratio,
-                                          seed=seed, chunk=geometry.chunk, min_tokens=geometry.train_frames)
+            geometry = litefocus_geometry(gen, window, None, seconds, exact_short)
+            ctx = attach_litefocus(gen, geometry, ratio, seed)
         with Progress(console=console) as progress, ctx, cache or nullcontext(), \
-                cache.run(model_calls(sampler, steps)) if cache else nullcontext():
+                cache.run(steps) if cache else nullcontext():
             task = progress.add_task("sampling", total=steps)
             res = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler, cfg=cfg, rescale=rescale,
                                rescale_axis=rescale_axis, seed=seed, reference=ref, source=source,
                                callback=lambda i, t, x: progress.update(task, completed=i + 1))
         if geometry is not None:
-            res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, "window": geometry.window,
-                         "chunk": geometry.chunk}
+            res.meta |= {"sparse_attention": "litefocus", "ratio": ratio, **geometry._asdict()}
         if cache is not None:
             res.meta["audiocache"] = {"delta": cache_delta, "max_reuse": max_reuse, **cache.stats()}
         paths = write_audio(res, out)

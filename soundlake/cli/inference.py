@@ -92,6 +92,8 @@ def calibrate_cache_cmd(
     from soundlake.generation.inference.evaluate import (
         calibrate_cache,
         change_rate_png,
+        fig3_comparison,
+        fig3_text,
         planned_fraction,
         profile_summary,
         read_prompts,
@@ -119,6 +121,7 @@ def calibrate_cache_cmd(
     for kind, rate in summ["mean_rate"].items():
         t.add_row(f"{kind}", f"mean change {rate:.4f} per step (max {summ['max_rate'][kind]:.4f}), "
                   f"{summ['total_change'][kind]:.2f} over the run")
+    t.add_row("Fig. 3", fig3_text(fig3_comparison(prof)).removeprefix("Fig. 3: "))
     t.add_row("planned cut", " · ".join(f"δ={d:g}: {1 / planned_fraction(prof, prof.steps, d):.2f}x"
                                         for d in (0.1, 0.2, 0.3, 0.4)) + " fewer layer evaluations")
     t.add_row("profile", str(path))
@@ -147,9 +150,14 @@ def evaluate_generation_cmd(
     cache_delta: str = typer.Option("0,0.1,0.2,0.3,0.4", help="AudioCache thresholds to run (comma-separated; "
                                     "'' for none). The uncached run is always made."),
     sparse_attention: Optional[str] = typer.Option(None, help="litefocus: add full vs sparse self-attention rows."),
-    ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="Sparse attention: fraction of random keys."),
+    ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="Sparse attention: the fraction r of all keys drawn "
+                                "once per call (cross-frequency compensation)."),
+    exact_short: bool = typer.Option(False, "--exact-short", help="Sparse attention on a 2D latent grid: exact "
+                                     "attention up to the training length (the paper sparsifies at every length)."),
     durations: Optional[str] = typer.Option(None, help="Sparse attention: clip lengths in seconds (default: "
                                             "--seconds and 4x the training length)."),
+    sparse_with_delta: Optional[float] = typer.Option(None, min=0.0, help="Sparse attention: also a row per "
+                                                      "duration with AudioCache at this δ and LiteFocus together."),
     seconds: Optional[float] = typer.Option(None, min=0.01, help=SAMPLING_HELP["seconds"]),
     sampler: str = typer.Option("ddim", help=SAMPLING_HELP["sampler"]),
     cfg: float = typer.Option(5.0, help=SAMPLING_HELP["cfg"]),
@@ -201,10 +209,11 @@ def evaluate_generation_cmd(
     seconds = seconds or training_seconds(gen) or 10.0
     durs = floats(durations, "--durations") if durations else [seconds, 4 * (training_seconds(gen) or seconds)]
     settings = EvalSettings(deltas=deltas, seconds=seconds, durations=durs, max_reuse=max_reuse,
-                            sparse_ratio=ratio if sparse_attention else None)
+                            sparse_ratio=ratio if sparse_attention else None, exact_short=exact_short,
+                            sparse_with_delta=sparse_with_delta if sparse_attention else None)
     with steps_progress(quiet) as progress:
         profile, source = load_profile(gen, sampling), "loaded from beside the model"
-        if profile is None and deltas:
+        if profile is None and (deltas or settings.sparse_with_delta is not None):
             source = f"calibrated now on the {len(items)} evaluation prompts (no matching profile beside the model)"
             task = progress.add_task("calibrating", total=len(items) * steps)
             profile = calibrate_cache(gen, [p.caption for p in items], sampling, seconds,

@@ -68,9 +68,16 @@ from soundlake.generation.vae import read_config
 SAMPLERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m_sde", "heun")
 
 
+def calls_per_step(sampler: str) -> int:
+    """Model calls in one sampler step: ``heun`` 2 (its last step 1), the others 1."""
+    return 2 if sampler == "heun" else 1
+
+
 def model_calls(sampler: str, steps: int) -> int:
     """Model calls of one sampling: ``heun`` calls twice per step but the last, the others once."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+    return calls_per_step(sampler) * (steps - 1) + 1
+
+
 RESCALE_AXES = ("all", "time")
 
 

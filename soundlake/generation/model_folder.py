@@ -10,6 +10,7 @@ latent normalisation, so ``soundlake generate --model runs/dit`` needs nothing e
     gen = Generator.load("runs/dit")
     out = gen.generate(["a high beep repeats three times"], seconds=10, steps=100, cfg=5, rescale=0.75)
     write_audio(out, "beep.wav")                              # + beep.wav.json with every setting
+    gen.decode(gen.vae.encode(wav).mode()) -> waveforms [B, T]  # the VAE round trip, inverted as generate does
 
 The latents the DiT sees are ``(vae_latent - mean) / std`` with the per-channel-free
 scalars measured by ``soundlake encode`` over the training shards (as Stable Diffusion's
@@ -213,18 +214,21 @@ class Generator:
 
     def to_audio(self, latents: torch.Tensor, seconds: float) -> np.ndarray:
         """DiT latents [B, F, C] -> waveforms [B, T] at the VAE's rate, cut to ``seconds``."""
-        z = from_tokens(latents * self.latent_std + self.latent_mean, self.grid_freq).to(self.device)
-        with torch.no_grad():
-            out = self.vae.decode(z)   # a waveform [B, 1, T], or a mel VAE's log-mel [B, n_mels, frames]
-            if not self.is_mel:
-                wav = out[:, 0].float().cpu().numpy()
-            elif self.vocoder is not None:
-                wav = self.vocoder(out.float()).cpu().numpy()
-            else:
-                from soundlake.generation.mel import griffin_lim
+        z = from_tokens(latents * self.latent_std + self.latent_mean, self.grid_freq)
+        return self.decode(z)[:, :round(seconds * self.sample_rate)]
 
-                wav = griffin_lim(out.float(), self.vae.cfg.mel)
-        return wav[:, :round(seconds * self.sample_rate)]
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """VAE latents (as ``vae.encode`` gives them) -> waveforms [B, T]: a mel VAE's log-mel
+        through the folder's vocoder, or Griffin-Lim."""
+        out = self.vae.decode(z.to(self.device))   # a waveform [B, 1, T], or a mel VAE's log-mel [B, n_mels, frames]
+        if not self.is_mel:
+            return out[:, 0].float().cpu().numpy()
+        if self.vocoder is not None:
+            return self.vocoder(out.float()).cpu().numpy()
+        from soundlake.generation.mel import griffin_lim
+
+        return griffin_lim(out.float(), self.vae.cfg.mel)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seconds: float = 10.0, steps: int = 100, sampler: str = "ddim",

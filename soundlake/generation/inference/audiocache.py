@@ -20,19 +20,20 @@ Public API::
     profile_path(model_dir, sampler, steps) -> Path         # the file "beside the model"
 
     calibrate(model, layers, run_sampler, prompts, num_steps, sampler="euler") -> CacheProfile
-        # run_sampler(prompt) runs ONE sampling of num_steps steps on `model`
+        # run_sampler(prompt) runs ONE sampling of num_steps steps of `sampler` on `model`
     load_or_calibrate(model, model_dir, run_sampler, prompts, num_steps, sampler="euler",
                       layers=None) -> CacheProfile
         # the profile beside the model if it matches this model, else calibrate and save it
 
-    cache = AudioCache(model, profile, delta=0.1, max_reuse=None, check_model=True)
+    cache = AudioCache(model, profile, delta=0.1, max_reuse=None, check_model=True, sampler=None)
     cache.attach()                      # or: with AudioCache(...) as cache:
     with cache.run(num_steps):          # per-run state reset (cached outputs, counters)
         x = sampler(model, ..., steps=num_steps)
     cache.stats() -> {"computed", "reused", "total", "saved_fraction", "per_layer": {...}}
     cache.remove()                      # every forward restored exactly
     plan_refreshes(profile.rates_for(n), delta, max_reuse) -> bool [L, n]   # Eq. 2 offline:
-                                        # which layer computes at which step (= stats() of a run)
+                                        # which layer computes at which step (= stats() of a
+                                        # run; Heun: each step's decision holds for its calls)
 
     HOOK_NAME = "audiocache"            # the hooks' name (soundlake.generation.inference.hooks):
                                         # a step counter on the model, one hook per layer;
@@ -52,11 +53,13 @@ Definitions:
   cached output is returned and its ``forward`` does no work. ``delta = 0`` therefore
   always computes.
 * Steps: one top-level ``model(...)`` call is one sampler step (classifier-free guidance
-  runs cond and uncond in one forward). ``cache.run(n)`` counts the calls; a call beyond
-  ``n`` raises, because the step mapping would be wrong. Outside ``run`` the hooks pass
-  through and compute. A sampler that calls the model k times per step (Heun: 2) is run
-  with ``n = k * steps``: the profile is then indexed by model evaluation, which is what
-  the cache skips.
+  runs cond and uncond in one forward); Heun makes two calls per step (its last step one).
+  ``cache.run(n)`` takes the sampler steps and counts the calls; a call beyond them raises,
+  because the step mapping would be wrong. Outside ``run`` the hooks pass through and
+  compute. For Heun, as the paper states, the rate of step t is measured between the first
+  model calls of steps t and t-1, and Eq. 2 decides once per step at its first call: a
+  layer refreshed at step t computes at both calls, a reused one returns, at each call, the
+  output of the same call of its last refreshed step. ``stats()`` counts model calls.
 * Step-count mismatch (chosen: interpolate, not refuse): a profile measured with S steps
   is used for n steps by resampling its rate curve on the normalised trajectory position
   ``t / (n - 1)`` (linear interpolation) and scaling by ``(S - 1) / (n - 1)``, so the total
@@ -86,6 +89,7 @@ import torch
 from torch import nn
 
 from soundlake.core.storage import atomic_path, write_text
+from soundlake.generation.diffusion import calls_per_step, model_calls
 from soundlake.generation.inference.hooks import (
     ModelHook,
     find_modules,
@@ -132,17 +136,21 @@ class _Stepper:
         except LookupError as e:
             raise ProfileMismatch(str(e)) from None
         self.num_steps: int | None = None
+        self.calls_per_step = 1
+        self.call = -1
         self.step = -1
+        self.slot = 0       # which model call of its step this one is (Heun: 0, then 1)
         self.attached = False
 
     def _advance(self) -> None:
         if self.num_steps is None:
             return
-        self.step += 1
+        self.call += 1
+        self.step, self.slot = divmod(self.call, self.calls_per_step)
         if self.step >= self.num_steps:
             raise RuntimeError(
-                f"model called {self.step + 1} times in a run declared with {self.num_steps} "
-                "steps; one model call must be one sampler step")
+                f"model called {self.call + 1} times in a run declared with {self.num_steps} steps of "
+                f"{self.calls_per_step} model call(s); one sampler step must make that many calls")
 
     @property
     def active(self) -> bool:
@@ -172,13 +180,15 @@ class _Stepper:
         self.remove()
 
     def reset(self) -> None:
-        self.step = -1
+        self.call = self.step = -1
+        self.slot = 0
         for h in getattr(self, "_hooks", []):
             h.reset_state()
 
     @contextlib.contextmanager
     def run(self, num_steps: int) -> Iterator[Any]:
-        """One sampling run of ``num_steps`` model calls, with fresh per-run state."""
+        """One sampling run of ``num_steps`` sampler steps (``calls_per_step`` model calls
+        each, the last step possibly fewer), with fresh per-run state."""
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         if not self.attached:
@@ -310,7 +320,7 @@ class _Recorder(ModelHook):
 
     def reset_state(self) -> None:
         self.prev: torch.Tensor | None = None
-        self.last_step = -1
+        self.last_call = -1
 
     def release(self) -> None:  # drop held tensors at the end of a run
         self.prev = None
@@ -319,9 +329,11 @@ class _Recorder(ModelHook):
         o = self.owner
         if not o.active:
             return out
-        if o.step == self.last_step:
-            raise RuntimeError(f"{o.layers[self.index]} called twice in one step")
-        self.last_step = o.step
+        if o.call == self.last_call:
+            raise RuntimeError(f"{o.layers[self.index]} called twice in one model call")
+        self.last_call = o.call
+        if o.slot:  # Heun's second call: the rate is measured between first calls of steps
+            return out
         cur = out.detach().float()
         if self.prev is not None and o.step > 0:
             denom = cur.abs().sum().clamp_min(1e-12)  # Eq. 1: the current step's output
@@ -332,6 +344,10 @@ class _Recorder(ModelHook):
 
 class _Calibrator(_Stepper):
     name = HOOK_NAME + ".calibrate"
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], sampler: str):
+        super().__init__(model, layers)
+        self.calls_per_step = calls_per_step(sampler)
 
     def _layer_hook(self, index):
         return _Recorder(self, index)
@@ -350,16 +366,18 @@ def calibrate(
     sampler: str = "euler",
 ) -> CacheProfile:
     """Run ``run_sampler(prompt)`` once per prompt (each a full ``num_steps``-step sampling
-    of ``model``), recording each layer's Eq. 1 change rate per step; mean and std across
-    prompts make the profile."""
-    cal = _Calibrator(model, layers)
+    of ``model`` with ``sampler``), recording each layer's Eq. 1 change rate per step (for
+    Heun between the first model calls of consecutive steps); mean and std across prompts
+    make the profile."""
+    cal = _Calibrator(model, layers, sampler)
     runs = []
     with cal:
         for prompt in prompts:
             with cal.run(num_steps):
                 run_sampler(prompt)
-                if cal.step != num_steps - 1:
-                    raise RuntimeError(f"sampler made {cal.step + 1} model calls, expected {num_steps}")
+                if cal.call != model_calls(sampler, num_steps) - 1:
+                    raise RuntimeError(f"sampler made {cal.call + 1} model calls, expected "
+                                       f"{model_calls(sampler, num_steps)} ({num_steps} {sampler} steps)")
             runs.append(cal.rates.copy())
     if not runs:
         raise ValueError("no prompts")
@@ -421,38 +439,40 @@ class _CacheHook(ModelHook):
         self.reset_state()
 
     def reset_state(self) -> None:
-        self.out: torch.Tensor | None = None
-        self.in_shape: tuple | None = None
+        self.out: list[torch.Tensor | None] = [None] * self.owner.calls_per_step  # one per call of a step
+        self.in_shape: list[tuple | None] = [None] * self.owner.calls_per_step
         self.acc = 0.0
         self.streak = 0
+        self.refresh = True  # this step's Eq. 2 decision, taken at its first call
         self.computed = self.reused = 0
 
     def release(self) -> None:  # drop held tensors at the end of a run, keep the counters
-        self.out = None
-        self.in_shape = None
+        self.out = [None] * len(self.out)
+        self.in_shape = [None] * len(self.in_shape)
 
     def new_forward(self, module, *args, **kwargs):
         o = self.owner
         if not o.active or not o.enabled:
             self.computed += o.active
             return self.inner_forward(*args, **kwargs)
-        t, last = o.step, o.num_steps - 1
+        t, last, k = o.step, o.num_steps - 1, o.slot
         x = args[0] if args else next(iter(kwargs.values()), None)
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
-        if t > 0:
-            self.acc += float(o.rates[self.index, t])
-        must = (self.out is None or shape != self.in_shape
-                or refresh_due(t, last, self.acc, self.streak, o.delta, o.max_reuse))
-        if must:
-            self.out = self.inner_forward(*args, **kwargs)
-            self.in_shape = shape
-            self.acc = 0.0
-            self.streak = 0
+        if k == 0:  # one decision per step; Heun's second call follows it
+            if t > 0:
+                self.acc += float(o.rates[self.index, t])
+            self.refresh = refresh_due(t, last, self.acc, self.streak, o.delta, o.max_reuse)
+            if self.refresh:
+                self.acc, self.streak = 0.0, 0
+            else:
+                self.streak += 1
+        if self.refresh or self.out[k] is None or shape != self.in_shape[k]:
+            self.out[k] = self.inner_forward(*args, **kwargs)
+            self.in_shape[k] = shape
             self.computed += 1
         else:
-            self.streak += 1
             self.reused += 1
-        return self.out
+        return self.out[k]
 
 
 class AudioCache(_Stepper):
@@ -477,6 +497,7 @@ class AudioCache(_Stepper):
         if sampler is not None and sampler != profile.sampler:
             warnings.warn(f"profile measured with sampler {profile.sampler!r}, used with {sampler!r}")
         self.profile, self.delta, self.max_reuse, self.enabled = profile, delta, max_reuse, enabled
+        self.calls_per_step = calls_per_step(sampler or profile.sampler)
 
     def _layer_hook(self, index):
         return _CacheHook(self, index)

@@ -30,15 +30,17 @@ Public API::
     calibrate_cache(gen, captions, sampling, seconds, progress=None) -> CacheProfile
     load_profile(gen, sampling) -> CacheProfile | None  # the saved one, if it fits this model
     profile_summary(profile) -> dict                   # layers, steps, mean change per kind
+    fig3_comparison(profile) -> dict; fig3_text(cmp) -> str   # the profile against the paper's Fig. 3
     change_rate_png(profile) -> bytes                  # Fig. 3
     @dataclass EvalSettings(deltas, seconds, sparse_ratio=None, durations=(), max_reuse=None,
-                            window=None, chunk=None)
+                            window=None, chunk=None, exact_short=False, sparse_with_delta=None)
     evaluate_generation(gen, prompts, sampling, settings, clap, labels, profile,
                         progress=None, profile_source="") -> CacheEvalReport
         # clap: metrics.ClapFunctions (with a classifier); labels: (name, [label, ...])
     model_steps(settings, sampling, n_prompts) -> int  # what the progress callback will count
-    training_seconds(gen) / sparse_geometry(gen, settings) -> (window, chunk) / planned_fraction(...)
-    litefocus_geometry(gen, window, chunk, seconds) -> LiteFocusGeometry(window, chunk, train_frames)
+    training_seconds(gen) / planned_fraction(...)
+    litefocus_geometry(gen, window, chunk, seconds, exact_short=False) -> LiteFocusGeometry  # focus on 2D grids
+    sparse_geometry(gen, settings) -> LiteFocusGeometry; attach_litefocus(gen, geometry, ratio, seed) -> handle
     CacheEvalReport.markdown() / .html() / .to_dict() / .write(out_dir) -> list[Path]
 """
 from __future__ import annotations
@@ -59,7 +61,7 @@ import torch
 
 from soundlake.core.audio import read_mono
 from soundlake.core.errors import UserError
-from soundlake.generation.diffusion import model_calls
+from soundlake.generation.diffusion import calls_per_step, model_calls
 from soundlake.generation.inference.audiocache import (
     AudioCache,
     CacheProfile,
@@ -222,8 +224,7 @@ def calibrate_cache(gen, captions: Sequence[str], sampling: Sampling, seconds: f
         _generate(gen, [caption], seconds, sampling, sampling.seed + i,
                   None if progress is None else (lambda: progress(1, "calibrating")))
 
-    prof = calibrate(gen.dit, layers, run, list(enumerate(captions)), model_calls(sampling.sampler, sampling.steps),
-                     sampler=sampling.sampler)
+    prof = calibrate(gen.dit, layers, run, list(enumerate(captions)), sampling.steps, sampler=sampling.sampler)
     prof.meta = {"cfg": sampling.cfg, "rescale": sampling.rescale, "rescale_axis": sampling.rescale_axis,
                  "seconds": seconds, "seed": sampling.seed, "model": str(gen.folder)}
     prof.save(profile_path(gen.folder, sampling.sampler, sampling.steps))
@@ -237,7 +238,8 @@ def load_profile(gen, sampling: Sampling) -> CacheProfile | None:
     if not path.is_file():
         return None
     prof = CacheProfile.load(path)
-    ok = prof.model_hash == model_hash(gen.dit) and prof.layers == layer_names(gen.dit)
+    ok = (prof.model_hash == model_hash(gen.dit) and prof.layers == layer_names(gen.dit)
+          and prof.steps == sampling.steps)  # Heun profiles before per-step rates counted model calls
     return prof if ok else None
 
 
@@ -259,9 +261,60 @@ def profile_summary(profile: CacheProfile) -> dict:
             "total_change": {k: float(rates[idx].sum(1).mean()) for k, idx in kinds.items()}}
 
 
-def planned_fraction(profile: CacheProfile, steps: int, delta: float, max_reuse: int | None = None) -> float:
-    """Fraction of layer evaluations Eq. 2 computes at ``delta`` (1.0 = no saving)."""
-    return float(plan_refreshes(profile.rates_for(steps), delta, max_reuse).mean())
+def _block(layer: str) -> int:
+    return int(layer.split(".")[1])
+
+
+def fig3_comparison(profile: CacheProfile) -> dict:
+    """Where this profile's change rates land against AudioCache's Fig. 3, whose text says:
+    the rates barely vary across prompts; in the first (contour) phase of denoising the front
+    blocks are the most active, in the detail phase the middle and rear blocks; at the end all
+    layers converge. Steps 1..S-1 are split into thirds (early, middle, late), blocks into
+    thirds (front, middle, rear); each claim is measured and marked as agreeing or not."""
+    rates, std = profile.mean[:, 1:], profile.std[:, 1:]
+    if rates.shape[1] < 3:
+        return {}
+    blocks = np.array([_block(n) for n in profile.layers])
+    groups = np.array_split(np.unique(blocks), 3)
+    phases = np.array_split(np.arange(rates.shape[1]), 3)
+    activity = np.array([[rates[np.isin(blocks, g)][:, ph].mean() for g in groups] for ph in phases])  # [phase, group]
+    spread = float(np.median(std[rates > 0] / rates[rates > 0])) if (rates > 0).any() else 0.0
+    early, middle, late = activity
+    return {
+        "prompt_spread": spread,                                   # median std / mean over layers and steps
+        "activity": {ph: dict(zip(("front", "middle", "rear"), map(float, row)))
+                     for ph, row in zip(("early", "middle", "late"), activity)},
+        "claims": {
+            "consistent across prompts": spread < 0.5,
+            "early: front blocks most active": bool(early.argmax() == 0),
+            "detail phase: middle and rear blocks more active than front": bool(middle[1:].max() > middle[0]),
+            "end: all layers converge": bool((late < early).all()),
+        },
+    }
+
+
+def fig3_text(cmp: dict) -> str:
+    """One line of :func:`fig3_comparison`."""
+    if not cmp:
+        return "Fig. 3: too few steps to compare"
+    act = cmp["activity"]
+
+    def row(ph):
+        return "/".join(f"{act[ph][g]:.3f}" for g in ("front", "middle", "rear"))
+
+    verdict = "; ".join(f"{claim} {'(agrees)' if ok else '(differs)'}" for claim, ok in cmp["claims"].items())
+    return (f"Fig. 3: prompt spread (std/mean) {cmp['prompt_spread']:.2f}; mean change front/middle/rear blocks: "
+            f"early {row('early')}, middle {row('middle')}, late {row('late')}. {verdict}")
+
+
+def planned_fraction(profile: CacheProfile, steps: int, delta: float, max_reuse: int | None = None,
+                     sampler: str | None = None) -> float:
+    """Fraction of layer evaluations (model calls x layers) Eq. 2 computes at ``delta`` over
+    ``steps`` steps of ``sampler`` (default: the profile's) (1.0 = no saving)."""
+    plan = plan_refreshes(profile.rates_for(steps), delta, max_reuse)
+    calls = np.full(steps, calls_per_step(sampler or profile.sampler))
+    calls[-1] = 1  # Heun's last step makes one call
+    return float((plan * calls).sum() / (calls.sum() * len(plan)))
 
 
 def _png(fig) -> bytes:
@@ -317,8 +370,10 @@ class EvalSettings:
     sparse_ratio: float | None = None   # None: no sparse-attention rows
     durations: list[float] = field(default_factory=list)
     max_reuse: int | None = None
-    window: int | None = None           # band width in frames (default: the training length)
-    chunk: int | None = None            # queries per sparse block (default: half the window)
+    window: int | None = None           # window pattern: band in tokens (default: the training length)
+    chunk: int | None = None            # window pattern: queries per sparse block (default: half the window)
+    exact_short: bool = False           # focus pattern: exact attention up to the training length
+    sparse_with_delta: float | None = None  # also AudioCache at this δ and LiteFocus together, per duration
 
 
 @dataclass
@@ -410,6 +465,10 @@ def _plan(settings: EvalSettings) -> list[_Setting]:
                 plan.append(_Setting(f"full {sec:g} s", "sparse", sec))
             plan.append(_Setting(f"litefocus r={settings.sparse_ratio:g} {sec:g} s", "sparse", sec,
                                  ratio=settings.sparse_ratio))
+            if settings.sparse_with_delta is not None:
+                plan.append(_Setting(f"δ={settings.sparse_with_delta:g} + litefocus r={settings.sparse_ratio:g} "
+                                     f"{sec:g} s", "sparse", sec, delta=settings.sparse_with_delta,
+                                     ratio=settings.sparse_ratio))
     return plan
 
 
@@ -424,34 +483,45 @@ def _baseline(plan: list[_Setting], s: _Setting) -> _Setting:
 
 
 class LiteFocusGeometry(NamedTuple):
-    """LiteFocus sizes in latent frames."""
-    window: int        # the local band every query attends to
-    chunk: int         # queries per sparse block
-    train_frames: int  # the DiT's training crop (``seconds`` when the model folder does not record it)
+    """How LiteFocus runs on a model, sizes in DiT tokens (latent frames x frequency rows)."""
+    pattern: str            # "focus": the paper's, on a 2D latent grid | "window": local band, 1D latents
+    window: int | None      # window: the local band every query attends to
+    chunk: int | None       # window: queries per sparse block
+    train_frames: int       # the DiT's training crop (``seconds`` when the model folder does not record it)
+    freq_bins: int | None   # focus: frequency rows of the grid
+    min_tokens: int         # exact attention up to this length (0: sparse at every length)
 
 
-def litefocus_geometry(gen, window: int | None, chunk: int | None, seconds: float) -> LiteFocusGeometry:
-    """LiteFocus sizes for this DiT. The band defaults to the training length, so every query
-    sees a neighbourhood as wide as the clips the DiT learned from; query chunks default to
-    half the band (at least 16), so each chunk's shared random keys stay a small part of the
-    sequence."""
+def litefocus_geometry(gen, window: int | None, chunk: int | None, seconds: float,
+                       exact_short: bool = False) -> LiteFocusGeometry:
+    """LiteFocus for this model. A DiT on a 2D latent grid gets the paper's same-frequency
+    focus at every length (``exact_short``: exact attention up to the training length, an
+    option). Otherwise (1D latents, or FIT, whose global attention runs over group latents)
+    the local-window pattern: the band defaults to the training length, so every query sees
+    a neighbourhood as wide as the clips the DiT learned from, with exact attention up to the
+    band; query chunks default to half the band (at least 16), so each chunk's shared random
+    keys stay a small part of the sequence."""
     train_frames = gen.frames(training_seconds(gen) or seconds)
+    if gen.grid_freq > 1 and getattr(gen.dit.cfg, "BACKBONE", "dit") == "dit":
+        return LiteFocusGeometry("focus", None, None, train_frames, gen.grid_freq, train_frames if exact_short else 0)
     window = window or train_frames
-    return LiteFocusGeometry(window, chunk or max(16, window // 2), train_frames)
+    return LiteFocusGeometry("window", window, chunk or max(16, window // 2), train_frames, None, window)
 
 
-def sparse_geometry(gen, settings: EvalSettings) -> tuple[int, int]:
-    """(window, chunk) in latent frames for an evaluation (:func:`litefocus_geometry`)."""
-    g = litefocus_geometry(gen, settings.window, settings.chunk, settings.seconds)
-    return g.window, g.chunk
+def sparse_geometry(gen, settings: EvalSettings) -> LiteFocusGeometry:
+    """:func:`litefocus_geometry` for an evaluation's settings."""
+    return litefocus_geometry(gen, settings.window, settings.chunk, settings.seconds, settings.exact_short)
 
 
-def _sparse(gen, ratio: float | None, window: int, chunk: int, seed: int) -> SparseHandle:
-    """LiteFocus on every block (exact up to the band), or an empty handle for full attention."""
+def attach_litefocus(gen, geometry: LiteFocusGeometry, ratio: float | None, seed: int) -> SparseHandle:
+    """LiteFocus on every block of the generator's DiT (the paper's two U-Net blocks have no
+    counterpart in a DiT, whose blocks all see the same tokens), or an empty handle for full
+    attention (``ratio`` None)."""
     if ratio is None:
         return SparseHandle()
-    return attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=window, ratio=ratio,
-                                   seed=seed, chunk=chunk, min_tokens=window)
+    return attach_sparse_attention(gen.dit, range(len(gen.dit.blocks)), window=geometry.window, ratio=ratio,
+                                   seed=seed, freq_bins=geometry.freq_bins, chunk=geometry.chunk or 256,
+                                   min_tokens=geometry.min_tokens, pattern=geometry.pattern)
 
 
 def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, settings: EvalSettings,
@@ -460,7 +530,7 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
     """Run every setting on every prompt batch (interleaved) and score it (module docstring)."""
     if len(prompts) < 2:
         raise UserError(f"{len(prompts)} prompt(s): FD needs at least 2; add prompts")
-    if settings.deltas and profile is None:
+    if (settings.deltas or settings.sparse_with_delta is not None) and profile is None:
         raise UserError("cache settings need a calibration profile (soundlake calibrate-cache)")
     refs = None  # (clips at the CLAP's rate, their file rates), read first: a bad file fails fast
     if prompts[0].reference is not None:
@@ -470,7 +540,7 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
     caches = {s.delta: AudioCache(gen.dit, profile, delta=s.delta, max_reuse=settings.max_reuse,
                                   sampler=sampling.sampler)
               for s in plan if s.delta is not None}
-    window, chunk = sparse_geometry(gen, settings)
+    geometry = sparse_geometry(gen, settings)
     captions = [p.caption for p in prompts]
     n_layers = len(profile.layers) if profile is not None else len(layer_names(gen.dit))
     for sec in sorted({s.seconds for s in plan}):  # warm-up: first-call costs out of the timings
@@ -479,12 +549,13 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
         for s in plan:
             step = None if progress is None else (lambda s=s: progress(1, s.name))
             # the timer first, so that it wraps the sparse hook
-            with _AttentionTimer(gen.dit, gen.device) as timer, _sparse(gen, s.ratio, window, chunk, sampling.seed):
+            with _AttentionTimer(gen.dit, gen.device) as timer, attach_litefocus(gen, geometry, s.ratio,
+                                                                                      sampling.seed):
                 if s.delta is None:
                     out = _generate(gen, batch, s.seconds, sampling, sampling.seed + b, step)
                     s.computed += model_calls(sampling.sampler, sampling.steps) * n_layers
                 else:
-                    with caches[s.delta] as cache, cache.run(model_calls(sampling.sampler, sampling.steps)):
+                    with caches[s.delta] as cache, cache.run(sampling.steps):
                         out = _generate(gen, batch, s.seconds, sampling, sampling.seed + b, step)
                     st = cache.stats()  # this run's counters (the next run resets them)
                     s.computed += st["computed"]
@@ -494,7 +565,7 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
             s.wall_s += out.wall_s
             s.dit_s += out.dit_s
             s.attention_s += timer.seconds
-    return _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source, window, chunk)
+    return _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source, geometry)
 
 
 def _load_reference(path: Path, rate: int) -> tuple[np.ndarray, int]:
@@ -514,7 +585,7 @@ def _resample(clips: list[np.ndarray], src: int, dst: int) -> list[np.ndarray]:
 
 
 def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source,
-           window, chunk) -> "CacheEvalReport":
+           geometry: LiteFocusGeometry) -> "CacheEvalReport":
     captions = [p.caption for p in prompts]
     rate = clap.sample_rate
     refs, ref_rates = refs or (None, [])
@@ -536,8 +607,8 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
         row["latent_drift"] = float(np.mean([np.abs(z - z0).sum() / max(np.abs(z0).sum(), 1e-12)
                                              for z, z0 in zip(s.latents, base.latents)]))
         if s.delta is not None:
-            row["planned_fraction"] = planned_fraction(profile, model_calls(sampling.sampler, sampling.steps), s.delta,
-                                                       settings.max_reuse)
+            row["planned_fraction"] = planned_fraction(profile, sampling.steps, s.delta, settings.max_reuse,
+                                                       sampling.sampler)
         metrics = {
             "fd": fd_audio(gen_audio, ref, clap.embed_audio, rate, model=clap.model),
             "kl": kl_audio(gen_audio, ref, clap.classify, rate, model=clap.model),
@@ -565,9 +636,11 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
         "labels": {"name": labels[0], "count": len(labels[1])}, "is_splits": splits,
         "kl_direction": "KL(reference||generated)",
         "sparse": (None if settings.sparse_ratio is None else
-                   {"ratio": settings.sparse_ratio, "window_frames": window, "chunk": chunk,
+                   {"ratio": settings.sparse_ratio, "pattern": geometry.pattern, "window_frames": geometry.window,
+                    "chunk": geometry.chunk, "freq_bins": geometry.freq_bins, "exact_up_to": geometry.min_tokens,
                     "durations": settings.durations, "latent_rate": gen.vae.latent_rate}),
-        "profile": None if profile is None else profile_summary(profile) | {"source": profile_source},
+        "profile": None if profile is None else profile_summary(profile) | {"source": profile_source,
+                                                                           "fig3": fig3_comparison(profile)},
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(gen.device),
         "machine": platform.processor() or platform.machine(),
     }
@@ -575,6 +648,16 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
 
 
 # --------------------------------------------------------------------------- report
+
+
+def _sparse_setup(sp: dict, m: dict) -> str:
+    train = f"training length {fmt_metric(m['training_seconds'], 'g')} s at {sp['latent_rate']:g} frames/s"
+    if sp.get("pattern") == "focus":
+        exact = f"exact attention up to {sp['exact_up_to']} tokens" if sp["exact_up_to"] else "sparse at every length"
+        return (f"Same-frequency focus on {sp['freq_bins']} frequency rows plus one set of floor(r N) "
+                f"cross-frequency keys drawn per call, r = {sp['ratio']}, every block ({train}); {exact}.")
+    return (f"Band {sp['window_frames']} tokens ({train}), random keys r = {sp['ratio']}, {sp['chunk']} queries "
+            "per block; exact attention up to the band.")
 
 
 def fmt_metric(v, fmt: str = ".3f") -> str:
@@ -597,7 +680,7 @@ class CacheEvalReport:
         return [r for r in self.rows if r["group"] == "cache"]
 
     def has_cache_rows(self) -> bool:
-        return any(r["delta"] is not None for r in self.rows)
+        return any(r["delta"] is not None for r in self.cache_rows())
 
     def sparse_rows(self) -> list[dict]:
         return [r for r in self.rows if r["group"] == "sparse" or
@@ -637,9 +720,7 @@ class CacheEvalReport:
         if self.meta.get("sparse"):
             sp = self.meta["sparse"]
             lines += ["", "## Sparse self-attention (LiteFocus)", "",
-                      f"Band {sp['window_frames']} frames (training length "
-                      f"{fmt_metric(m['training_seconds'], 'g')} s at {sp['latent_rate']:g} frames/s), random keys "
-                      f"r = {sp['ratio']}, {sp['chunk']} queries per block; exact attention up to the band.", "",
+                      _sparse_setup(sp, m), "",
                       "| setting | frames | attention s | attention speed-up | wall s | speed-up | FD ↓ | KL ↓ | "
                       "IS ↑ | CLAP ↑ | drift | FD vs exact |", "|" + "---|" * 12]
             for r in self.sparse_rows():
@@ -655,6 +736,8 @@ class CacheEvalReport:
                       f"{p['layers']} layers in {p['blocks']} blocks, {p['steps']} steps, {p['prompts']} "
                       f"calibration prompts, {p['source']}. Mean relative change per step: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in p["mean_rate"].items()) + "."]
+            if p.get("fig3"):
+                lines += ["", fig3_text(p["fig3"])]
             if images:
                 lines += ["", "![change rates](change_rates.png)"]
         lines += ["", f"torch {m['torch']} · {m['threads']} threads · {m['device']} · {m['machine']}", ""]

@@ -1,6 +1,12 @@
-"""LiteFocus-style sparse self-attention for generating audio longer than training.
+"""LiteFocus sparse self-attention for generating audio longer than training, two patterns.
 
-Each query attends to the union (no key counted twice) of
+``focus`` (:class:`FocusAttention`, the paper's, Eqs. 4-6) on a time x frequency token grid
+(``freq_bins=F``, time-major, token ``t * F + f``): query ``i`` attends to every token of its
+own frequency row and to one set ``C`` of ``floor(ratio * N)`` keys drawn per call, each key
+once; one fused attention call per frequency row.
+
+``window`` (:class:`SparseAttention`, for 1D latents, which have no frequency rows): each
+query attends to the union (no key counted twice) of
 
 * its **band**: on a 1D latent sequence, the keys within a local time window of width
   ``window`` centred on it (``|i - j| <= window // 2``); on a time x frequency token grid
@@ -19,12 +25,14 @@ are processed in contiguous chunks, each chunk gathers only its union of keys an
 
 Public API::
 
+    FocusAttention(freq_bins, ratio=0.1, seed=0, min_tokens=0)(q, k, v, attn_mask=None, scale=None)
+        # .last_compensation: the latest C; .visited_fraction(n)
     SparseAttention(window=256, ratio=0.1, seed=0, freq_bins=None, chunk=256, min_tokens=0)
         (q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> Tensor
         # drop-in for F.scaled_dot_product_attention on [B, H, N, D]; sequences of at most
         # min_tokens tokens (e.g. the training length) use exact attention
     attach_sparse_attention(model, blocks, window, ratio, seed=0, freq_bins=None,
-                            chunk=256, min_tokens=0, container="blocks") -> SparseHandle
+                            chunk=256, min_tokens=0, container="blocks", pattern="window") -> SparseHandle
         # hooks (``hooks.py``, name HOOK_NAME) the attention core module
         # model.<container>[i].self_attn.attention for i in blocks (block i gets seed + i);
         # handle.detach() (or `with` exit) removes them: the model is as before
@@ -86,7 +94,32 @@ class _Chunk:
     mask: torch.Tensor | None  # [c, k] bool, None when every pair is allowed
 
 
-class SparseAttention:
+class _SparseCore:
+    """What both patterns share: the ``F.scaled_dot_product_attention`` signature, exact
+    attention up to ``min_tokens`` tokens, and the one call shape the sparse kernels take."""
+
+    min_tokens = 0
+
+    def sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, scale) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 **kwargs) -> torch.Tensor:
+        n = q.shape[-2]
+        if k.shape[-2] != n:
+            raise ValueError("sparse attention is self-attention: q and k lengths must match")
+        if n <= self.min_tokens:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, **kwargs)
+        if dropout_p or is_causal or kwargs:
+            raise NotImplementedError("sparse attention supports no dropout / causal / extra kwargs")
+        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.shape[-2] != 1):
+            raise NotImplementedError("only boolean key-padding masks [..., 1, N] are supported")
+        return self.sparse(q, k, v, attn_mask, scale)
+
+
+class SparseAttention(_SparseCore):
     """Drop-in replacement for ``F.scaled_dot_product_attention`` (see module docstring)."""
 
     def __init__(self, window: int | None = 256, ratio: float = 0.1, seed: int = 0,
@@ -138,19 +171,8 @@ class SparseAttention:
         self._plans[n] = chunks
         return chunks
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
-                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                 **kwargs) -> torch.Tensor:
+    def sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, scale) -> torch.Tensor:
         n = q.shape[-2]
-        if k.shape[-2] != n:
-            raise ValueError("sparse attention is self-attention: q and k lengths must match")
-        if n <= self.min_tokens:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, **kwargs)
-        if dropout_p or is_causal or kwargs:
-            raise NotImplementedError("sparse attention supports no dropout / causal / extra kwargs")
-        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.shape[-2] != 1):
-            raise NotImplementedError("only boolean key-padding masks [..., 1, N] are supported")
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         key = (n, str(q.device))
         if key not in self._on_device:
@@ -168,10 +190,65 @@ class SparseAttention:
         return out
 
 
+class FocusAttention(_SparseCore):
+    """LiteFocus as the paper states it (Eqs. 4-6), a drop-in for
+    ``F.scaled_dot_product_attention`` on a time x frequency token grid (time-major, index
+    ``t * F + f``, ``freq_bins = F``).
+
+    Query ``i`` attends to ``F_i = S_i ∪ C``: ``S_i``, every token of its own frequency row
+    (``j mod F == i mod F``, same-frequency focus), and ``C``, **one** set of ``floor(ratio * N)``
+    keys drawn without replacement for the whole call (cross-frequency compensation), fresh at
+    every call from this object's seeded generator. A key of ``C`` that is already in ``S_i``
+    is counted once. ``last_compensation`` holds the latest ``C``.
+
+    The kernel runs one fused, unmasked attention call per frequency row over that row's
+    ``T`` tokens plus the ``C`` keys outside the row: at most ``N * (T + |C|)`` pairs instead
+    of ``N**2`` (``1/F + ratio`` of them). Sequences of at most ``min_tokens`` tokens use
+    exact attention (off by default: the paper sparsifies at every length).
+    """
+
+    def __init__(self, freq_bins: int, ratio: float = 0.1, seed: int = 0, min_tokens: int = 0):
+        if freq_bins < 1:
+            raise ValueError("freq_bins must be >= 1")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError("ratio must be in [0, 1]")
+        self.freq_bins, self.ratio, self.seed, self.min_tokens = freq_bins, ratio, seed, min_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_compensation: torch.Tensor | None = None
+
+    def __repr__(self):
+        return (f"FocusAttention(freq_bins={self.freq_bins}, ratio={self.ratio}, seed={self.seed}, "
+                f"min_tokens={self.min_tokens})")
+
+    def visited_fraction(self, n: int) -> float:
+        """Share of the ``N**2`` query-key pairs the kernel computes, at most (a key of ``C``
+        inside a row is counted once)."""
+        return (n // self.freq_bins + math.floor(self.ratio * n)) / n
+
+    def sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, scale) -> torch.Tensor:
+        n, f = q.shape[-2], self.freq_bins
+        if n % f:
+            raise ValueError(f"sequence length {n} is not a multiple of freq_bins={f}")
+        t = n // f
+        comp = torch.randperm(n, generator=self.generator)[:math.floor(self.ratio * n)].sort().values
+        self.last_compensation = comp
+        comp = comp.to(q.device)
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        grid = out.unflatten(-2, (t, f))  # a view: [..., T, F, D]
+        for row in range(f):
+            # this row's tokens, then the compensation keys outside it: every key once, no mask,
+            # so the fused kernel runs on just these T + |C \ S_i| keys
+            keys = torch.cat([torch.arange(row, n, f, device=q.device), comp[comp % f != row]])
+            mask = None if attn_mask is None else attn_mask.index_select(-1, keys)
+            grid[..., row, :] = F.scaled_dot_product_attention(
+                q[..., row::f, :], k.index_select(-2, keys), v.index_select(-2, keys), attn_mask=mask, scale=scale)
+        return out
+
+
 class SparseAttentionHook(ModelHook):
     """Replaces an attention core's forward (``F.scaled_dot_product_attention`` signature)."""
 
-    def __init__(self, attention: SparseAttention):
+    def __init__(self, attention: SparseAttention | FocusAttention):
         self.attention = attention
 
     def new_forward(self, module, *args, **kwargs):
@@ -196,18 +273,28 @@ class SparseHandle:
         self.detach()
 
 
+PATTERNS = ("focus", "window")
+
+
 def attach_sparse_attention(model: nn.Module, blocks: Sequence[int], window: int | None = 256,
                             ratio: float = 0.1, seed: int = 0, freq_bins: int | None = None,
                             chunk: int = 256, min_tokens: int = 0,
-                            container: str = "blocks") -> SparseHandle:
-    """Hook the self-attention core of the listed blocks with :class:`SparseAttention`."""
+                            container: str = "blocks", pattern: str = "window") -> SparseHandle:
+    """Hook the self-attention core of the listed blocks with :class:`FocusAttention`
+    (``pattern="focus"``, the paper's, on a grid of ``freq_bins`` rows; ``window`` and
+    ``chunk`` unused) or :class:`SparseAttention` (``"window"``, the local band for 1D latents)."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
+    if pattern == "focus" and not freq_bins:
+        raise ValueError("the focus pattern needs freq_bins (frequency rows of a 2D latent grid)")
     blocks = list(blocks)
     try:
         modules = find_modules(model, [f"{container}.{i}.self_attn.attention" for i in blocks])
     except LookupError as e:
         raise AttributeError(f"{e}: the attention core must be a module "
                              "(soundlake.generation.dit.ScaledDotProductAttention)") from None
-    hooks = [SparseAttentionHook(SparseAttention(window, ratio, seed + i, freq_bins, chunk, min_tokens))
+    hooks = [SparseAttentionHook(FocusAttention(freq_bins, ratio, seed + i, min_tokens) if pattern == "focus" else
+                                 SparseAttention(window, ratio, seed + i, freq_bins, chunk, min_tokens))
              for i in blocks]
     register_hooks(modules, hooks, HOOK_NAME)
     return SparseHandle(modules=modules)
