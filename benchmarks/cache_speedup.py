@@ -9,7 +9,7 @@ One run measures, on the same prompts and the same seeded noise, interleaved bat
   measures the part of a step caching cannot remove;
 * where the calibration profile's change rates land against the paper's Fig. 3 (spread
   across prompts; which blocks are active early, mid-way and late);
-* full vs LiteFocus sparse self-attention at 4x and 8x the training length: self-attention
+* full vs LiteFocus sparse self-attention at 2x, 4x and 8x the training length: self-attention
   time speed-up, wall speed-up, FD vs full attention; and AudioCache (δ = 0.3) with LiteFocus
   together (target >= 3x wall at 4x). On the default mel model (a 2D latent
   grid) LiteFocus is the paper's same-frequency focus + cross-frequency compensation; on a
@@ -212,7 +212,7 @@ def main():
     sparse = evaluate_generation(gen, prompts[:args.sparse_prompts],
                                  Sampling(steps=args.sparse_steps, sampler=args.sampler,
                                           batch_size=args.sparse_batch_size),
-                                 EvalSettings([], 4 * T, sparse_ratio=args.ratio, durations=[4 * T, 8 * T],
+                                 EvalSettings([], 4 * T, sparse_ratio=args.ratio, durations=[2 * T, 4 * T, 8 * T],
                                               sparse_with_delta=0.3), clap, label_set, profile)
     sparse.write(work / "report-sparse")
     (work / "results.json").write_text(json.dumps({"cache": rep.to_dict(), "sparse": sparse.to_dict()},

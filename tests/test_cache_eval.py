@@ -236,6 +236,41 @@ def test_evaluate_with_references_and_sparse_attention(models, tmp_path, monkeyp
     assert "| full 2 s | 100 |" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def test_evaluation_adds_the_papers_extractors(models, tmp_path):
+    """With PANNs and VGGish given, each row also has FD / KL / IS on CNN14 features and FAD on
+    VGGish embeddings, each recorded with its extractor, rate and clip counts; the report
+    names them. (Random weights: the parity with the reference packages is test_extractors.)"""
+    from soundlake.generation.inference.metrics import ClapFunctions
+    from soundlake.models.clap.load import load_clap
+    from soundlake.models.extractors.panns import Cnn14, PannsMetrics
+    from soundlake.models.extractors.vggish import VGGish, VggishMetrics
+
+    dit, clap = models
+    gen = Generator.load(dit)
+    torch.manual_seed(0)
+    ex = evaluate.PaperExtractors(panns=PannsMetrics(Cnn14(), "panns-random"),
+                                  vggish=VggishMetrics(VGGish(), "vggish-random"))
+    labels = ["dog", "rain", "siren"]
+    rep = evaluate.evaluate_generation(gen, [evaluate.EvalPrompt(c) for c in CAPTIONS], Sampling(steps=2),
+                                       evaluate.EvalSettings([], 1.0), ClapFunctions.of(load_clap(str(clap)), labels),
+                                       ("test", labels), None, extractors=ex)
+    (row,) = rep.rows
+    m = row["metrics"]
+    assert m["fd_panns"]["model"] == "panns-random" and m["fad_vggish"]["model"] == "vggish-random"
+    assert all(m[k]["sample_rate"] == 16000 and m[k]["n_generated"] == 3 for k in ("fd_panns", "kl_panns", "fad_vggish"))
+    # no reference audio: the reference set is the uncached outputs, so this row is 0 against itself
+    assert row["kl_panns"] == pytest.approx(0.0, abs=1e-9) and row["fad_vggish"] == pytest.approx(0.0, abs=1e-3)
+    assert row["is_panns"] >= 1.0
+    assert rep.meta["extractors"] == {"panns": {"model": "panns-random", "sample_rate": 16000},
+                                      "vggish": {"model": "vggish-random", "sample_rate": 16000}}
+    md = rep.markdown(images=False)
+    assert "## The papers' extractors" in md and "| uncached |" in md.split("## The papers' extractors")[1]
+    (tmp_path / "p.txt").write_text("a dog barks\nrain\n")
+    code, out = cli("evaluate", "--model", dit, "--prompts", tmp_path / "p.txt", "--clap", clap,
+                    "--vggish-pca", tmp_path / "pca.pth")
+    assert code != 0 and "--vggish-pca needs --vggish" in out
+
+
 def test_cli_errors_are_one_line(models, tmp_path):
     dit, clap = models
     (tmp_path / "p.txt").write_text("a\nb\n")

@@ -140,6 +140,24 @@ EVALUATE_HELP = (
     "(report.md, report.html with plots, report.json) to --out and print its table.")
 
 
+def paper_extractors(panns: Optional[Path], vggish: Optional[Path], pca: Optional[Path], device: str):
+    """`--panns` / `--vggish` as the evaluation's PaperExtractors (weights from paths, never downloaded)."""
+    from soundlake.generation.inference.evaluate import PaperExtractors
+
+    if pca is not None and vggish is None:
+        raise UserError("--vggish-pca needs --vggish WEIGHTS")
+    ex = PaperExtractors()
+    if panns is not None:
+        from soundlake.models.extractors.panns import PannsMetrics
+
+        ex.panns = PannsMetrics.load(panns, device)
+    if vggish is not None:
+        from soundlake.models.extractors.vggish import VggishMetrics
+
+        ex.vggish = VggishMetrics.load(vggish, pca, device)
+    return ex
+
+
 @evaluate_app.callback(invoke_without_command=True, no_args_is_help=True, help=EVALUATE_HELP)
 def evaluate_generation_cmd(
     ctx: typer.Context,
@@ -168,6 +186,11 @@ def evaluate_generation_cmd(
                                         "train clap), a ClapModel folder or a laion-clap .pt."),
     labels: str = typer.Option("audioset", help="Zero-shot classes for KL and IS: audioset, or a text file "
                                "(one label per line)."),
+    panns: Optional[Path] = typer.Option(None, help="A PANNs CNN14 16 kHz checkpoint (Cnn14_16k_mAP=0.438.pth): "
+                                         "adds FD, KL and IS on its features, as the papers report them."),
+    vggish: Optional[Path] = typer.Option(None, help="VGGish weights (torchvggish's vggish-10086976.pth): adds FAD."),
+    vggish_pca: Optional[Path] = typer.Option(None, help="VGGish PCA parameters (vggish_pca_params-970ea276.pth): "
+                                              "FAD on post-processed embeddings, as the FAD reference."),
     batch_size: int = typer.Option(8, min=1, help="Prompts per sampling call."),
     seed: int = typer.Option(0, help="Noise seed (batch i uses seed + i; the same noise for every setting)."),
     out_dir: Path = typer.Option(Path("reports/cache"), "--out", "-o", help="Report folder."),
@@ -205,6 +228,7 @@ def evaluate_generation_cmd(
         items = read_prompts(prompts)
         label_set = resolve_labels(labels)
         clap_fns = ClapFunctions.of(load_clap(str(clap), device=device), label_set[1])
+        extractors = paper_extractors(panns, vggish, vggish_pca, device)
     gen = Generator.load(model, device=device)
     seconds = seconds or training_seconds(gen) or 10.0
     durs = floats(durations, "--durations") if durations else [seconds, 4 * (training_seconds(gen) or seconds)]
@@ -221,7 +245,7 @@ def evaluate_generation_cmd(
         task = progress.add_task("evaluating", total=model_steps(settings, sampling, len(items)))
         rep = evaluate_generation(gen, items, sampling, settings, clap_fns, label_set, profile,
                                   lambda n, what: progress.update(task, advance=n, description=what),
-                                  profile_source=source)
+                                  profile_source=source, extractors=extractors)
     paths = rep.write(out_dir)
     t = Table(title=f"cached inference · {model} · {len(items)} prompts · {steps} {sampler} steps · "
               f"reference: {'audio' if items[0].reference else 'uncached outputs'}", title_justify="left")

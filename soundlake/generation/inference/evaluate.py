@@ -524,9 +524,33 @@ def attach_litefocus(gen, geometry: LiteFocusGeometry, ratio: float | None, seed
                                    min_tokens=geometry.min_tokens, pattern=geometry.pattern)
 
 
+@dataclass
+class PaperExtractors:
+    """The papers' metric extractors, when their weights are given (both at 16 kHz): PANNs
+    CNN14 (``models.extractors.panns.PannsMetrics``) adds FD, KL and IS as audioldm_eval
+    computes them, VGGish (``models.extractors.vggish.VggishMetrics``) adds FAD."""
+    panns: object | None = None
+    vggish: object | None = None
+
+    def metrics(self, generated: list, gen_rate: int, reference: list, ref_rate: int, splits: int) -> dict:
+        out = {}
+        if self.panns is not None:
+            p = self.panns
+            a, r = _resample(generated, gen_rate, p.sample_rate), _resample(reference, ref_rate, p.sample_rate)
+            out |= {"fd_panns": fd_audio(a, r, p.embed, p.sample_rate, model=p.model),
+                    "kl_panns": kl_audio(a, r, p.classify, p.sample_rate, model=p.model),
+                    "is_panns": is_audio(a, p.classify, p.sample_rate, splits=splits, model=p.model)}
+        if self.vggish is not None:
+            v = self.vggish
+            a, r = _resample(generated, gen_rate, v.sample_rate), _resample(reference, ref_rate, v.sample_rate)
+            out["fad_vggish"] = fd_audio(a, r, v.embed, v.sample_rate, model=v.model)
+        return out
+
+
 def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, settings: EvalSettings,
                         clap: ClapFunctions, labels: tuple[str, Sequence[str]], profile: CacheProfile | None,
-                        progress: Progress | None = None, profile_source: str = "") -> "CacheEvalReport":
+                        progress: Progress | None = None, profile_source: str = "",
+                        extractors: PaperExtractors | None = None) -> "CacheEvalReport":
     """Run every setting on every prompt batch (interleaved) and score it (module docstring)."""
     if len(prompts) < 2:
         raise UserError(f"{len(prompts)} prompt(s): FD needs at least 2; add prompts")
@@ -565,7 +589,8 @@ def evaluate_generation(gen, prompts: Sequence[EvalPrompt], sampling: Sampling, 
             s.wall_s += out.wall_s
             s.dit_s += out.dit_s
             s.attention_s += timer.seconds
-    return _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source, geometry)
+    return _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source, geometry,
+                  extractors or PaperExtractors())
 
 
 def _load_reference(path: Path, rate: int) -> tuple[np.ndarray, int]:
@@ -585,7 +610,7 @@ def _resample(clips: list[np.ndarray], src: int, dst: int) -> list[np.ndarray]:
 
 
 def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, profile_source,
-           geometry: LiteFocusGeometry) -> "CacheEvalReport":
+           geometry: LiteFocusGeometry, extractors: PaperExtractors) -> "CacheEvalReport":
     captions = [p.caption for p in prompts]
     rate = clap.sample_rate
     refs, ref_rates = refs or (None, [])
@@ -616,6 +641,7 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
             "clap": clap_score_audio(gen_audio, captions, clap.embed_audio, clap.embed_text, rate,
                                      model=clap.model),
         }
+        metrics |= extractors.metrics(s.audio, gen.sample_rate, ref, rate, splits)
         if refs is not None:
             metrics["fd_exact"] = fd_audio(gen_audio, _resample(base.audio, gen.sample_rate, rate), clap.embed_audio,
                                            rate, model=clap.model)
@@ -635,6 +661,8 @@ def _score(gen, prompts, refs, sampling, settings, plan, clap, labels, profile, 
         "reference_clips": len(prompts), "reference_sample_rates": ref_rates,
         "labels": {"name": labels[0], "count": len(labels[1])}, "is_splits": splits,
         "kl_direction": "KL(reference||generated)",
+        "extractors": {name: {"model": x.model, "sample_rate": x.sample_rate}
+                       for name, x in (("panns", extractors.panns), ("vggish", extractors.vggish)) if x is not None},
         "sparse": (None if settings.sparse_ratio is None else
                    {"ratio": settings.sparse_ratio, "pattern": geometry.pattern, "window_frames": geometry.window,
                     "chunk": geometry.chunk, "freq_bins": geometry.freq_bins, "exact_up_to": geometry.min_tokens,
@@ -730,6 +758,14 @@ class CacheEvalReport:
                     f"{r['wall_s']:.1f} | {r['speedup']:.2f}x | {fmt_metric(r['fd'])} | {fmt_metric(r['kl'])} | "
                     f"{fmt_metric(r['is'], '.2f')} | {fmt_metric(r['clap'])} | {r['latent_drift']:.2%} | "
                     f"{fmt_metric(r['fd_exact'])} |")
+        ex = m.get("extractors") or {}
+        if ex:
+            keys = [k for k in ("fd_panns", "kl_panns", "is_panns", "fad_vggish") if k in self.rows[0]]
+            lines += ["", "## The papers' extractors", "",
+                      " · ".join(f"{n}: {e['model']} at {e['sample_rate']} Hz" for n, e in ex.items())
+                      + f" · {self.rows[0]['clips']} clips per setting", "",
+                      "| setting | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+            lines += [f"| {r['setting']} | " + " | ".join(fmt_metric(r[k]) for k in keys) + " |" for r in self.rows]
         p = m.get("profile")
         if p:
             lines += ["", "## Change-rate profile (Fig. 3)", "",

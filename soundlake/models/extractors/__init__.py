@@ -1,0 +1,1 @@
+"""The papers' metric extractors, loaded from paths: PANNs CNN14 (FD, KL, IS) and VGGish (FAD)."""
