@@ -320,6 +320,59 @@ def test_2d_rope_scores_follow_time_and_frequency_offsets():
         DiT(DiTConfig(in_channels=4, hidden=12, depth=2, heads=2, cond_dim=8, sola_rank=4, grid_freq=grid))
 
 
+def test_rope_attention_logits_depend_only_on_the_relative_position():
+    """RoPE (Su et al.): <R_m q, R_n k> is a function of m - n alone, and rotations keep norms."""
+    from soundlake.generation.dit import apply_rope, rope_tables
+
+    n, dh = 40, 16
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(dh, generator=g, dtype=torch.float64), torch.randn(dh, generator=g, dtype=torch.float64)
+    tables = tuple(t.double() for t in rope_tables(n, dh, 10000.0, "cpu"))
+    rq, rk = apply_rope(q.expand(n, dh), tables), apply_rope(k.expand(n, dh), tables)
+    scores = rq @ rk.T
+    for m, p, shift in [(3, 1, 7), (10, 25, 9), (0, 0, 30)]:
+        assert float(scores[m, p]) == pytest.approx(float(scores[m + shift, p + shift]), abs=1e-5)  # fp32 tables
+    assert float(scores[5, 2]) != pytest.approx(float(scores[2, 5]), abs=1e-6)   # but not symmetric in m - n
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(n))
+    assert float(scores[0, 0]) == pytest.approx(float(q @ k), abs=1e-9)          # position 0: no rotation
+
+
+def test_self_attention_with_qk_norm_by_hand():
+    """QK-Norm: queries and keys RMS-normalised per head (learned gain) before RoPE and the
+    scaled dot product; the output written out with plain tensor algebra."""
+    from soundlake.generation.dit import SelfAttention, apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    d, heads, n = 16, 2, 6
+    attn = SelfAttention(d, heads, qk_norm=True).double()
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, n, d, dtype=torch.float64)
+    rope = tuple(t.double() for t in rope_tables(n, d // heads, 10000.0, "cpu"))
+    got = attn(x, rope)
+
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).view(n, 3, heads, d // heads).unbind(1)
+
+    def rms(t, w):  # over the head's channels, eps as the module's (RMSNorm default: finfo eps)
+        eps = torch.finfo(t.dtype).eps if attn.q_norm.eps is None else attn.q_norm.eps
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    outs = []
+    for h in range(heads):
+        qh = apply_rope(rms(q[:, h], attn.q_norm.weight), rope)
+        kh = apply_rope(rms(k[:, h], attn.k_norm.weight), rope)
+        w = torch.softmax(qh @ kh.T / math.sqrt(d // heads), dim=-1)
+        outs.append(w @ v[:, h])
+    want = torch.cat(outs, dim=-1) @ attn.out.weight.T + attn.out.bias
+    torch.testing.assert_close(got[0], want)
+    # and the norm is what makes q and k scale-free: scaling their projection changes nothing
+    with torch.no_grad():
+        attn.qkv.weight[: 2 * d] *= 7.0
+        attn.qkv.bias[: 2 * d] *= 7.0
+    torch.testing.assert_close(attn(x, rope), got)
+
+
 def test_zero_init_cross_attention_makes_output_condition_independent():
     torch.manual_seed(0)
     model = tiny_dit(cond_extra_dim=5, cond2_dim=6, cross_attn2_blocks=[0, 2])
