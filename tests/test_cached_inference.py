@@ -773,6 +773,8 @@ def test_fig3_comparison_reads_the_papers_claims_off_a_profile():
     assert not claims["early: front blocks most active"] and not claims["end: all layers converge"]
     assert not claims["consistent across prompts"]
     assert "(differs)" in fig3_text(fig3_comparison(flipped))
+    two_blocks = CacheProfile(layers[:4], steps, mean[:4], mean[:4], "euler", "x")
+    assert fig3_comparison(two_blocks) == {} and "too few" in fig3_text({})
 
 
 def test_latent_drift_rises_with_delta_below_the_reuse_everything_floor():

@@ -272,9 +272,9 @@ def fig3_comparison(profile: CacheProfile) -> dict:
     layers converge. Steps 1..S-1 are split into thirds (early, middle, late), blocks into
     thirds (front, middle, rear); each claim is measured and marked as agreeing or not."""
     rates, std = profile.mean[:, 1:], profile.std[:, 1:]
-    if rates.shape[1] < 3:
-        return {}
     blocks = np.array([_block(n) for n in profile.layers])
+    if rates.shape[1] < 3 or len(np.unique(blocks)) < 3:  # thirds of steps and of blocks
+        return {}
     groups = np.array_split(np.unique(blocks), 3)
     phases = np.array_split(np.arange(rates.shape[1]), 3)
     activity = np.array([[rates[np.isin(blocks, g)][:, ph].mean() for g in groups] for ph in phases])  # [phase, group]
@@ -296,7 +296,7 @@ def fig3_comparison(profile: CacheProfile) -> dict:
 def fig3_text(cmp: dict) -> str:
     """One line of :func:`fig3_comparison`."""
     if not cmp:
-        return "Fig. 3: too few steps to compare"
+        return "Fig. 3: too few steps or blocks to compare (3 of each at least)"
     act = cmp["activity"]
 
     def row(ph):
