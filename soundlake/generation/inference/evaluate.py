@@ -35,8 +35,9 @@ Public API::
     @dataclass EvalSettings(deltas, seconds, sparse_ratio=None, durations=(), max_reuse=None,
                             window=None, chunk=None, exact_short=False, sparse_with_delta=None)
     evaluate_generation(gen, prompts, sampling, settings, clap, labels, profile,
-                        progress=None, profile_source="") -> CacheEvalReport
-        # clap: metrics.ClapFunctions (with a classifier); labels: (name, [label, ...])
+                        progress=None, profile_source="", extractors=None) -> CacheEvalReport
+        # clap: metrics.ClapFunctions (with a classifier); labels: (name, [label, ...]);
+        # extractors: PaperExtractors(panns=..., vggish=...) adds the papers' FD/KL/IS and FAD
     model_steps(settings, sampling, n_prompts) -> int  # what the progress callback will count
     training_seconds(gen) / planned_fraction(...)
     litefocus_geometry(gen, window, chunk, seconds, exact_short=False) -> LiteFocusGeometry  # focus on 2D grids
