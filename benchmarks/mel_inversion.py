@@ -16,6 +16,11 @@ With the VAE, the same two scores for the whole decode path of the mel generator
 -> VAE latents -> VAE reconstruction -> each inverter) and the VAE's log-mel L1 error in dB.
 Griffin-Lim is 32 iterations after librosa's NNLS mel-to-linear inversion.
 
+* class accuracy: ``--class-clips`` single-event held-out clips per synth class, inverted each
+  way (and through the VAE), classified by a scoring CLAP trained here on other single-event
+  clips (generation_quality's ``Scorer``: one text prototype per class); the real clips'
+  accuracy is the ceiling.
+
     python benchmarks/mel_inversion.py [--budget 300] [--vae-budget 300] [--vae-config mel-vae-tiny-2d]
 
 (``--quick``: 2-second budgets, 2 held-out clips of 0.64 s: a smoke test.)
@@ -23,7 +28,10 @@ Griffin-Lim is 32 iterations after librosa's NNLS mel-to-linear inversion.
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,9 +41,12 @@ from soundlake.generation.mel import griffin_lim, log_spectral_distance, mrstft_
 from soundlake.generation.mel_vae import MelVAE, MelVAEConfig, mel_vae_train_step
 from soundlake.generation.vae import read_config
 from soundlake.generation.vocoder import Vocoder, VocoderConfig, vocoder_train_step
-from soundlake.sources.synth import synth_clip
+from soundlake.models.clap.inhouse import ClapTrainConfig, train_clap
+from soundlake.sources.synth import BASE_CLASSES, plan_scene, render_scene, synth_clip
 
-FIGURES = ("griffin_lim", "vocoder", "vocoder_vs_griffin_lim", "mel_vae")
+CLASS_SEED, CLAP_SEED = 31, 32   # single-event clips: the held-out ones, the scoring CLAP's
+
+FIGURES = ("griffin_lim", "vocoder", "vocoder_vs_griffin_lim", "mel_vae", "class_accuracy")
 USES_RAY = False  # tests/test_benchmarks.py runs its quick run beside one that does
 
 
@@ -70,6 +81,35 @@ def scores(wav: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return log_spectral_distance(wav, ref), mrstft_distance(wav, ref)
 
 
+def single_events(seed: int, per_class: int, seconds: float, sr: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``per_class`` single-event synth clips of each class: (audio [N, T], captions, class index)."""
+    scenes = [(c, plan_scene(seed, k, seconds, classes=[cls])) for c, cls in enumerate(BASE_CLASSES)
+              for k in range(per_class)]
+    audio = np.stack([np.asarray(render_scene(s, sr), np.float32).reshape(-1) for _, s in scenes])
+    return audio, [s.caption for _, s in scenes], np.array([c for c, _ in scenes])
+
+
+def class_accuracy(a, sr: int, spec, vocoder, vae) -> str:
+    """Real, Griffin-Lim, vocoder (and VAE -> each) class accuracy on single-event clips."""
+    from generation_quality import Scorer  # the scoring CLAP's class prototypes
+
+    audio, caps, _ = single_events(CLAP_SEED, a.clap_per_class, a.seconds, sr)
+    clap = train_clap(list(audio), caps, a.work / "clap", ClapTrainConfig(epochs=a.clap_epochs, window_s=a.seconds,
+                                                                         batch_size=32, dim=64))["model"]
+    scorer = Scorer(clap, a.seconds)
+    held, _, truth = single_events(CLASS_SEED, a.class_clips, a.seconds, sr)
+    held = held[:, : held.shape[1] // (4 * spec.hop) * 4 * spec.hop]
+    ref = torch.from_numpy(held)
+    with torch.no_grad():
+        mels = vocoder.mel(ref)
+        ways = {"real": held, "Griffin-Lim": griffin_lim(mels, spec), "vocoder": vocoder(mels).numpy()}
+        if vae is not None:
+            recon = vae.decode(vae.encode(ref[:, None]).mean)
+            ways |= {"VAE -> Griffin-Lim": griffin_lim(recon, spec), "VAE -> vocoder": vocoder(recon).numpy()}
+    acc = {k: float((scorer.classes(scorer.embed(list(w))) == truth).mean()) for k, w in ways.items()}
+    return " · ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f" ({len(truth)} single-event clips, chance 0.10)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=300.0, help="vocoder training, CPU seconds")
@@ -80,7 +120,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.56, help="held-out clip length")
     ap.add_argument("--crop", type=float, default=1.28, help="training crop, seconds")
     ap.add_argument("--batch-size", type=int, default=8)
-    a = parse_args(ap, dict(budget=2.0, vae_budget=2.0, clips=4, held_out=2, seconds=0.64, crop=0.64, batch_size=2))
+    ap.add_argument("--class-clips", type=int, default=10, help="held-out single-event clips per class (class accuracy)")
+    ap.add_argument("--clap-per-class", type=int, default=60, help="the scoring CLAP's training clips per class")
+    ap.add_argument("--clap-epochs", type=int, default=40)
+    ap.add_argument("--work", type=Path, help="folder for the scoring CLAP (default: a temp dir)")
+    a = parse_args(ap, dict(budget=2.0, vae_budget=2.0, clips=4, held_out=2, seconds=0.64, crop=0.64, batch_size=2,
+                            class_clips=1, clap_per_class=2, clap_epochs=1))
+    keep = a.work is not None
+    a.work = a.work or Path(tempfile.mkdtemp(prefix="mel_inversion_"))
+    try:
+        run(a)
+    finally:
+        if not keep:
+            shutil.rmtree(a.work, ignore_errors=True)
+
+
+def run(a) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     voc_cfg = VocoderConfig.from_yaml("vocoder-tiny")
@@ -119,6 +174,7 @@ def main() -> None:
 
     if a.vae_budget <= 0:
         figure("mel_vae", "skipped (--vae-budget 0)")
+        figure("class_accuracy", class_accuracy(a, sr, spec, vocoder, None))
         return
     vae_cfg = MelVAEConfig.from_yaml(a.vae_config)
     vae = MelVAE(vae_cfg)
@@ -134,6 +190,7 @@ def main() -> None:
     figure("mel_vae", f"{a.vae_config} ({m_steps} steps, {a.vae_budget:g} CPU s): log-mel L1 {l1_db:.2f} dB · through "
            f"Griffin-Lim LSD {r_gl[0]:.2f} dB MRSTFT {r_gl[1]:.3f} · through the vocoder LSD {r_voc[0]:.2f} dB "
            f"MRSTFT {r_voc[1]:.3f}")
+    figure("class_accuracy", class_accuracy(a, sr, spec, vocoder, vae))
 
 
 if __name__ == "__main__":
