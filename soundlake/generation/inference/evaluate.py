@@ -503,7 +503,7 @@ def litefocus_geometry(gen, window: int | None, chunk: int | None, seconds: floa
     band; query chunks default to half the band (at least 16), so each chunk's shared random
     keys stay a small part of the sequence."""
     train_frames = gen.frames(training_seconds(gen) or seconds)
-    if gen.grid_freq > 1 and getattr(gen.dit.cfg, "BACKBONE", "dit") == "dit":
+    if gen.grid_freq > 1 and gen.dit.cfg.BACKBONE == "dit":
         return LiteFocusGeometry("focus", None, None, train_frames, gen.grid_freq, train_frames if exact_short else 0)
     window = window or train_frames
     return LiteFocusGeometry("window", window, chunk or max(16, window // 2), train_frames, None, window)

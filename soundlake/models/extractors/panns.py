@@ -108,6 +108,7 @@ class PannsMetrics:
     def __init__(self, model: Cnn14, name: str):
         self.net, self.model = model.eval(), name
         self.sample_rate = int(model.front_settings["sample_rate"])
+        self._last: list[tuple[object, dict]] = []   # FD, KL and IS read the same clip lists: one forward each
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PannsMetrics":
@@ -116,9 +117,14 @@ class PannsMetrics:
 
     @torch.no_grad()
     def _outputs(self, clips) -> dict[str, np.ndarray]:
+        for seen, out in self._last:
+            if seen is clips:
+                return out
         device = next(self.net.parameters()).device
         outs = [self.net(torch.as_tensor(np.asarray(c, np.float32).reshape(1, -1), device=device)) for c in clips]
-        return {k: torch.cat([o[k] for o in outs]).float().cpu().numpy() for k in ("embedding", "logits")}
+        out = {k: torch.cat([o[k] for o in outs]).float().cpu().numpy() for k in ("embedding", "logits")}
+        self._last = [*self._last[-1:], (clips, out)]   # generated and reference of one row
+        return out
 
     def embed(self, clips) -> np.ndarray:
         return self._outputs(clips)["embedding"]
