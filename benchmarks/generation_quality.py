@@ -90,16 +90,17 @@ CPU = torch.device("cpu")
 
 # ------------------------------------------------------------------ data
 
-def split_clips(root: Path, a) -> dict[str, list[tuple[np.ndarray, str, int]]]:
+def split_clips(root: Path, a, more: dict[str, float] | None = None) -> dict[str, list[tuple[np.ndarray, str, int]]]:
     """The lake's single-event clips as (audio, caption, class index), split by the one split
-    function: eval (u < eval_frac), clap (the next clap_frac), train (the rest)."""
+    function: eval (u < eval_frac), clap (the next clap_frac), then ``more`` in order, train (the rest)."""
     lake = make_synth_lake(root, a.clips, seconds=a.seconds, sr=SR, seed=LAKE_SEED, silence_dbfs=-90)
-    train, held = load_pairs(lake, SR, where="len(labels) = 1", holdout=a.eval_frac + a.clap_frac)
+    splits = {"eval": a.eval_frac, "clap": a.clap_frac, **(more or {})}
+    train, held = load_pairs(lake, SR, where="len(labels) = 1", holdout=sum(splits.values()))
     n = int(round(a.seconds * SR)) // FRAME * FRAME
-    parts: dict[str, list] = {"eval": [], "clap": [], "train": []}
+    parts: dict[str, list] = {name: [] for name in [*splits, "train"]}
     for name, rows in (("train", train), (None, held)):
         for clip_id, audio, caption in rows:
-            part = name or split_of(clip_id, {"eval": a.eval_frac, "clap": a.clap_frac})
+            part = name or split_of(clip_id, splits)
             (cls,) = caption_mentions(caption)
             parts[part].append((audio[:n], caption, BASE_CLASSES.index(cls)))
     return parts
@@ -170,12 +171,19 @@ def encode(vae_dir: Path, audio: np.ndarray) -> torch.Tensor:
 
 
 def train_dit(config: str, vae_dir: Path, audio: np.ndarray, captions: list[str], budget: float, out: Path,
-              rng, a) -> str:
+              rng, a, sets: tuple[str, ...] = (), ar: tuple[Path, dict, str] | None = None) -> str:
+    """A DiT (or FIT) on the clips' latents for ``budget`` CPU s, saved as `train dit` saves it.
+    ``ar``: (AR model folder, caption -> predicted encoding, its --via) for DC-LDM's conditions
+    (``sets`` choose cond2 / primary / the blocks), read from memory as `ar-encode`'s folder would be."""
+    from soundlake.generation.train.ar_encode import EncodingTable
+
     torch.manual_seed(0)
     z = encode(vae_dir, audio)
-    sets = [f"{k}={v}" for k, v in (("lr", a.lr), ("ema", a.ema), ("warmup_steps", a.warmup)) if v is not None]
+    extra, sets = " ".join(sets), [*(f"{k}={v}" for k, v in (("lr", a.lr), ("ema", a.ema), ("warmup_steps", a.warmup))
+                                     if v is not None), *sets]
     spec = load_train_spec("dit", config=config, shards=IN_MEMORY, steps=1, out=str(out), vae=str(vae_dir),
-                           seconds=a.seconds, batch_size=a.batch_size, sets=sets)
+                           seconds=a.seconds, batch_size=a.batch_size, sets=sets,
+                           ar_encodings=IN_MEMORY if ar else None)
     geo = latent_geometry(read_meta(vae_dir, "vae")["config"])
     raw = read_config(config)
     plan = {"dit_config": dit_model_config(spec, raw, geo["channels"], geo["grid_freq"]),
@@ -184,6 +192,12 @@ def train_dit(config: str, vae_dir: Path, audio: np.ndarray, captions: list[str]
             "latents": {"mean": float(z.mean()), "std": float(z.std(unbiased=False)), "rate": geo["rate"],
                         "grid_freq": geo["grid_freq"]}}
     obj = OBJECTIVES["dit"](spec, plan, CPU)
+    conditioning = {"extra_clap": None, "cond2": spec.cond2, "cond2_frames": spec.cond2_frames,
+                    "primary": spec.primary, "ar": None}
+    if ar:
+        obj.encodings = EncodingTable(ar[1], {})
+        conditioning["ar"] = {"encodings": IN_MEMORY, "via": ar[2], "model": {"path": str(ar[0])}}
+        copy_model(ar[0], out / "ar")
 
     def draw(b: int):
         idx = rng.integers(len(captions), size=b)
@@ -195,9 +209,9 @@ def train_dit(config: str, vae_dir: Path, audio: np.ndarray, captions: list[str]
     save_model(out, "dit", weights, {
         "train": {"step": steps, "spec": spec.model_dump(mode="json"), "ema": spec.ema, "cpu_s": budget},
         "config": plan["dit_config"], "schedule": Schedule(**plan["schedule"]).meta(), "latents": plan["latents"],
-        "text": dict(TEXT), "conditioning": {"extra_clap": None, "cond2": None, "cond2_frames": spec.cond2_frames}})
-    return (f"{config}: {steps} steps in {budget:g} CPU s (batch {spec.batch_size}, lr {spec.lr:g}, "
-            f"ema {spec.ema}), loss {loss:.3f}")
+        "text": dict(TEXT), "conditioning": conditioning})
+    return (f"{config}{' ' + extra if extra else ''}: {steps} steps in {budget:g} CPU s (batch {spec.batch_size}, "
+            f"lr {spec.lr:g}, ema {spec.ema}), loss {loss:.3f}")
 
 
 # ------------------------------------------------------------------ audio out

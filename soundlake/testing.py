@@ -248,14 +248,15 @@ def make_synth_lake(root: Path, n: int, seconds: float = 2.0, sr: int = 16000, s
 
 
 def make_synth_export(root: Path, n: int, seconds: float = 2.0, sr: int = 16000, shard_count: int = 4,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, splits: dict[str, float] | None = None) -> Path:
     """A lake of ``n`` synth scenes (reference captions, no Ray) exported as shards under
-    ``root/shards``; returns that folder. For training tests and benchmarks."""
+    ``root/shards`` (held-out ``splits`` as ``export --split`` makes them); returns that folder.
+    For training tests and benchmarks."""
     from soundlake.export.exporter import ExportArgs, run_export
 
     lake = make_synth_lake(root, n, seconds, sr, seed, silence_dbfs=-90)
     out = Path(root) / "shards"
-    run_export(lake, ExportArgs(out=str(out), shard_count=shard_count, shard_size=None))
+    run_export(lake, ExportArgs(out=str(out), shard_count=shard_count, shard_size=None, splits=dict(splits or {})))
     return out
 
 

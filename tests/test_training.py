@@ -222,8 +222,9 @@ def test_dual_conditioning_genau_clap_vector_and_dcldm_stream(dit_base, tiny_cla
     gen = Generator.load(dit_base)
     cfg = gen.dit.cfg
     assert cfg.cond_extra_dim == load_clap(str(tiny_clap)).dim and cfg.cond2_dim == 16 \
-        and cfg.cross_attn2_blocks == [3]
-    # the stream reached the loss: its zero-initialised out-projection was trained
+        and cfg.cross_attn2_blocks == [0, 3]   # DC-LDM's best placement: the first and the last block
+    # the stream reached the loss: its zero-initialised out-projections were trained
+    assert gen.dit.blocks[0].cross_attn2.out.weight.abs().max() > 0
     assert gen.dit.blocks[3].cross_attn2.out.weight.abs().max() > 0
     # and generation reads it: two reference clips give two different generations
     key, sample = next(iter(_samples(shard_urls(str(audio_shards))[0])))

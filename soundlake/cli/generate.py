@@ -36,7 +36,9 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
             console.print(f"[yellow]--allow-leakage[/]: {'; '.join(problems)} (recorded in the model folder)"
                           if problems else f"eval sets {', '.join(spec.eval_sets)}: no leakage in {phase.shards}",
                           highlight=False)
-    phases = " → ".join(f"{s.name} ({s.mode if kind == 'dit' else 'recon'}, {s.steps} steps, {s.shards})"
+    what = {"dit": None, "ar": "codes"}.get(kind, "recon")
+    phases = " → ".join(f"{s.name} ({what or s.mode}, {s.steps} steps, {s.shards}"
+                        + (f" split {s.split}" if s.split != "train" else "") + ")"
                         for s in spec.phases)
     console.print(f"train {kind} · config {spec.config} · {spec.workers} worker(s) × batch {spec.batch_size} · "
                   f"{spec.seconds:g} s crops · phases: {phases} · out {spec.out}", highlight=False)
@@ -58,7 +60,8 @@ def run_training(kind: str, spec_file: Optional[Path], sets: List[str], **given)
     t.add_row("model", s.out)
     t.add_row("checkpoint", s.checkpoint)
     t.add_row("next", {"vae": f"soundlake encode --vae {s.out} --shards <export> --out <latents>",
-                       "vocoder": f"soundlake train dit --vae <mel VAE> --vocoder {s.out} --shards <latents> ..."}.get(
+                       "vocoder": f"soundlake train dit --vae <mel VAE> --vocoder {s.out} --shards <latents> ...",
+                       "ar": f"soundlake ar-encode --ar {s.out} --shards <latents> --out <encodings>"}.get(
         kind, f"soundlake generate --model {s.out} \"a high beep repeats\" --out beep.wav"))
     console.print(t)
 
@@ -121,6 +124,10 @@ def train_dit_cmd(
     init: Optional[str] = typer.Option(None, help="Start from this DiT folder's weights (weights only)."),
     vocoder: Optional[str] = typer.Option(None, help="Mel VAEs: a vocoder folder (soundlake train vocoder) to copy "
                                           "into the model folder; generate then uses it instead of Griffin-Lim."),
+    ar_encodings: Optional[str] = typer.Option(None, help="DC-LDM: the AR model's predictions (soundlake ar-encode) "
+                                               "as a second condition stream; implies --cond2 ar."),
+    cond2: Optional[str] = typer.Option(None, help="DC-LDM second stream: ar (the AR model's prediction from the "
+                                        "caption) or latents (the clip's own latents: a reference-clip extension)."),
     workers: Optional[int] = WORKERS, gpu: Optional[bool] = GPU, address: Optional[str] = ADDRESS,
     eval_sets: Optional[str] = EVAL_SETS, allow_leakage: bool = ALLOW_LEAKAGE,
     spec: Optional[Path] = typer.Option(None, help=SPEC_HELP + " Phases: masked pretraining, text, fine-tuning."),
@@ -134,8 +141,8 @@ def train_dit_cmd(
     nothing else."""
     run_training("dit", spec, set_, shards=shards, vae=vae, out=out, config=config, steps=steps,
                  batch_size=batch_size, seconds=seconds, lr=lr, text_encoder=text_encoder, init=init, vocoder=vocoder,
-                 workers=workers, use_gpu=gpu, ray_address=address, eval_sets=eval_set_names(eval_sets),
-                 allow_leakage=allow_leakage or None)
+                 ar_encodings=ar_encodings, cond2=cond2, workers=workers, use_gpu=gpu, ray_address=address,
+                 eval_sets=eval_set_names(eval_sets), allow_leakage=allow_leakage or None)
 
 
 @train_app.command("vocoder")
@@ -234,8 +241,9 @@ def generate(
                                          "tokens (default: the training crop's)."),
     exact_short: bool = typer.Option(False, "--exact-short", help="litefocus on a 2D latent grid: exact attention "
                                      "up to the training length (the paper sparsifies at every length)."),
-    reference: Optional[Path] = typer.Option(None, help="A reference clip for a DiT trained with a second "
-                                             "condition stream (DC-LDM, cond2: latents)."),
+    reference: Optional[Path] = typer.Option(None, help="Extension: a reference clip's latents as the second "
+                                             "condition stream (a DiT trained with cond2: latents, or instead of "
+                                             "the AR prediction of a cond2: ar one)."),
     source: Optional[str] = typer.Option(None, help="Dataset-ID: generate in the style of this source "
                                          "(audioset, vggsound, freesound, synth, local...: the model's "
                                          "vocabulary); default unknown."),

@@ -106,11 +106,15 @@ def load_vocoder(folder: str | Path, device="cpu", mel: dict | None = None):
 
 
 def copy_model(src: str | Path, dst: str | Path) -> None:
-    """Copy a model folder's two files (a DiT keeps its own copy of its VAE)."""
-    dst = Path(dst)
+    """Copy a model folder's two files and its model sub-folders (a DiT keeps its own copy of
+    its VAE; an AR model its tokenizer and VAE)."""
+    src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, META):
-        _atomic_write(dst / name, lambda p, n=name: shutil.copyfile(Path(src) / n, p))
+        _atomic_write(dst / name, lambda p, n=name: shutil.copyfile(src / n, p))
+    for sub in sorted(src.iterdir()):
+        if (sub / META).is_file():
+            copy_model(sub, dst / sub.name)
 
 
 def pool_frames(z: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,6 +158,9 @@ class Generator:
         self.latent_mean = float(self.meta["latents"]["mean"])
         self.latent_std = float(self.meta["latents"]["std"])
         self.conditioning = self.meta.get("conditioning") or {}
+        self.ar = None
+        if self.conditioning.get("ar"):   # DC-LDM: the AR model predicts the acoustic stream from the prompt
+                self.ar = AcousticEncoder(self.folder / "ar", device=device)
         self.clap = None
         if self.conditioning.get("extra_clap"):
             from soundlake.models.clap.load import load_clap
@@ -200,6 +207,16 @@ class Generator:
             except ValueError as e:
                 raise UserError(f"--source: {e}") from None
             cond.source = torch.full((len(prompts),), sid, dtype=torch.long, device=cond.context.device)
+        predicted = None
+        if self.ar is not None and (self.conditioning.get("primary") == "ar" or reference is None):
+            _, enc = self.ar.encode(list(prompts), via=self.conditioning["ar"]["via"])
+            predicted = torch.from_numpy(enc).to(cond.context.device)
+        if self.conditioning.get("primary") == "ar":
+            cond.context, cond.mask = predicted, torch.ones(predicted.shape[:2], dtype=torch.bool,
+                                                            device=predicted.device)
+        if self.conditioning.get("cond2") == "ar" and reference is None:
+            cond.context2 = pool_frames(predicted, self.conditioning["cond2_frames"])
+            cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=cond.context.device)
         if reference is not None:
             if not self.conditioning.get("cond2"):
                 raise UserError(f"{self.folder}: this DiT has no second condition stream (trained without cond2)")
@@ -252,6 +269,10 @@ class Generator:
             meta |= {"inversion": self.inversion, "grid_freq": self.grid_freq}
         if self.sources:
             meta["source"] = source or "unknown"
+        if self.ar is not None:   # DC-LDM: which AR model predicted the acoustic stream, and how
+            meta["ar"] = {"step": self.ar.meta.get("train", {}).get("step"), "via": self.conditioning["ar"]["via"],
+                          "primary": self.conditioning.get("primary", "text"), "overridden_by_reference":
+                          reference is not None and self.conditioning.get("primary") != "ar"}
         return GeneratedAudio(self.to_audio(latents, seconds), self.sample_rate, prompts, meta)
 
 
@@ -270,3 +291,78 @@ def write_audio(out: GeneratedAudio, path: str | Path) -> list[Path]:
         write_text(p.with_name(p.name + ".json"), json.dumps(side, indent=2))
         written.append(p)
     return written
+
+
+def load_tokenizer(folder: str | Path):
+    """(RVQ, meta) from a tokenizer folder (``soundlake train tokens``)."""
+    from soundlake.generation.tokens import RVQ
+
+    meta = read_meta(folder, "tokens")
+    return RVQ(load_weights(folder)["codebooks"].numpy()), meta
+
+
+class AcousticEncoder:
+    """A trained AR folder (``soundlake train ar``): its model, tokenizer, VAE and text encoder;
+    ``encode(captions)`` gives the predicted acoustic encodings, normalised latent tokens
+    [B, frames, C] as the DiT reads them."""
+
+    def __init__(self, folder, device: str = "cpu"):
+        from soundlake.generation.ar import AcousticAR, ARConfig
+        from soundlake.generation.conditioning import TextConditioner
+
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder, "ar")
+        self.cfg = ARConfig.from_dict(self.meta["config"])
+        self.model = AcousticAR(self.cfg)
+        self.model.load_state_dict(load_weights(self.folder, device))
+        self.model.to(device).eval()
+        self.rvq, self.tokens_meta = load_tokenizer(self.folder / "tokens")
+        text = self.meta.get("text", {})
+        self.text = TextConditioner(text.get("path"), device=device)
+        self.device = device
+        self._vae = None
+
+    @property
+    def identity(self) -> dict:
+        from soundlake.core.fingerprints import weights_sha256
+
+        return {"path": str(self.folder), "weights_sha256": weights_sha256(self.folder / "model.safetensors"),
+                "step": self.meta.get("train", {}).get("step"), "config": self.cfg.to_dict()}
+
+    def codes(self, captions: list[str]) -> np.ndarray:
+        """[B, frames, levels] codes sampled from the AR model, seeded by each caption."""
+        from soundlake.generation.ar import caption_seed
+
+        hidden, mask = self.text.encode(list(captions))
+        return self.model.sample(hidden, mask, [caption_seed(c) for c in captions]).cpu().numpy()
+
+    def encode(self, captions: list[str], via: str = "tokens", batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(codes [B, frames, levels], encodings [B, frames, C] float32). ``via="tokens"``: the
+        codes decoded by the tokenizer (E_t2a); ``"vae"``: that latent decoded to audio by the
+        VAE (+ Griffin-Lim for a mel VAE) and encoded again (E'_t2a)."""
+        if via not in ("tokens", "vae"):
+            raise ValueError(f"via must be 'tokens' or 'vae', not {via!r}")
+        codes = np.concatenate([self.codes(captions[i:i + batch]) for i in range(0, len(captions), batch)])
+        enc = self.rvq.decode(codes)
+        if via == "vae":
+            enc = np.concatenate([self._through_vae(enc[i:i + batch]) for i in range(0, len(enc), batch)])
+        return codes, enc.astype(np.float32)
+
+    @torch.no_grad()
+    def _through_vae(self, tokens: np.ndarray) -> np.ndarray:
+        lat = self.tokens_meta["latents"]
+        if self._vae is None:
+            self._vae = load_vae(self.folder / "vae", self.device)
+        vae, vmeta = self._vae
+        z = from_tokens(torch.from_numpy(tokens) * lat["std"] + lat["mean"], lat["grid_freq"]).to(self.device)
+        out = vae.decode(z)
+        if is_mel(vmeta["config"]):
+            from soundlake.generation.mel import griffin_lim
+
+            wav = torch.from_numpy(griffin_lim(out.float(), vae.cfg.mel))[:, None]
+        else:
+            wav = out
+        n = wav.shape[-1] - wav.shape[-1] % vae.hop
+        z2 = vae.encode(wav[..., :n].float().to(self.device)).mean.flatten(1, -2)
+        back = (to_tokens(z2, lat["grid_freq"]) - lat["mean"]) / lat["std"]
+        return back[:, : tokens.shape[1]].cpu().numpy()

@@ -80,6 +80,11 @@ class DitObjective:
             from soundlake.models.clap.load import load_clap
 
             self.clap = load_clap(spec.extra_clap, device=str(device))
+        self.encodings = None
+        if "ar" in plan:   # the AR model's predictions, by caption: never the clip's own latents
+            from soundlake.generation.train.ar_encode import EncodingTable
+
+            self.encodings = EncodingTable.read(plan["ar"]["encodings"])
 
     def extra_modules(self) -> dict:
         return {}
@@ -136,8 +141,12 @@ class DitObjective:
         cond = None if masked else self._encode(captions)
         if cond is not None and self.sources:
             cond.source = self.source_ids(metas)
-        if cond is not None and self.spec.cond2 == "latents":
-            cond.context2 = pool_frames(x0, self.spec.cond2_frames)
+        if cond is not None and self.spec.primary == "ar":   # DC-LDM's "LDM w/ AG": no text at all
+            cond.context = self.encodings.lookup(captions).to(x0.device)
+            cond.mask = torch.ones(cond.context.shape[:2], dtype=torch.bool, device=x0.device)
+        if cond is not None and self.spec.cond2:
+            stream = self.encodings.lookup(captions).to(x0.device) if self.spec.cond2 == "ar" else x0
+            cond.context2 = pool_frames(stream, self.spec.cond2_frames)
             cond.mask2 = torch.ones(cond.context2.shape[:2], dtype=torch.bool, device=x0.device)
         return diffusion_train_step(model, opt, x0, cond, self.schedule, masked=masked,
                                     cond_drop=self.spec.cond_drop, grad_clip=self.spec.grad_clip,
@@ -145,4 +154,47 @@ class DitObjective:
                                     grid_freq=self.grid_freq, partial_prob=self.spec.text_partial_mask)
 
 
-OBJECTIVES = {"vae": VaeObjective, "vocoder": VocoderObjective, "dit": DitObjective}
+class ArObjective:
+    """DC-LDM's AR model: the tokenizer's codes of a latent crop, predicted from the caption."""
+
+    def __init__(self, spec: TrainSpec, plan: dict, device):
+        from soundlake.generation.ar import AcousticAR, ARConfig
+        from soundlake.generation.conditioning import TextConditioner
+        from soundlake.generation.model_folder import load_tokenizer
+
+        self.spec, self.device = spec, device
+        self.cfg = ARConfig.from_dict(plan["ar_config"])
+        self.model = AcousticAR(self.cfg).to(device)
+        self.rvq, _ = load_tokenizer(spec.tokens)
+        self.text = TextConditioner(spec.text_encoder, device=str(device))
+        self.lat = plan["latents"]
+        self.loader_kw = {"latent_frames": plan["latent_frames"]}
+
+    def extra_modules(self) -> dict:
+        return {}
+
+    def prepare(self, batch) -> tuple[Any, int]:
+        import torch
+
+        from soundlake.generation.mel_vae import to_tokens
+
+        x = (to_tokens(batch.latents, int(self.lat["grid_freq"])) - self.lat["mean"]) / self.lat["std"]
+        codes = torch.from_numpy(self.rvq.encode(x.numpy())).to(self.device)
+        return (codes, batch.captions), codes.shape[0]
+
+    def step(self, model, opt, extra_opts, item, phase: PhaseSpec) -> dict:
+        import torch
+
+        codes, captions = item
+        hidden, mask = self.text.encode(captions)
+        model.train()
+        loss = model.loss(codes, hidden.to(self.device), mask.to(self.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.spec.grad_clip)
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+
+OBJECTIVES = {"vae": VaeObjective, "vocoder": VocoderObjective, "dit": DitObjective, "ar": ArObjective}

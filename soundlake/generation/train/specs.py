@@ -29,7 +29,7 @@ class PhaseSpec(Section):
 
 
 class TrainSpec(Section):
-    kind: Literal["vae", "dit", "vocoder"]
+    kind: Literal["vae", "dit", "vocoder", "ar"]
     out: str
     config: str = Field(..., description="model config: a bundled name (vae-tiny, dit-tiny, ...) or a YAML path")
     overrides: dict[str, Any] = Field(default_factory=dict, description="model config keys to change")
@@ -40,10 +40,16 @@ class TrainSpec(Section):
     text_encoder: str | None = Field(None, description="dit: transformers encoder folder (default: MiniLM)")
     extra_clap: str | None = Field(None, description="dit, GenAu dual encoder: a CLAP model whose text embedding "
                                                      "of the caption is a second text condition")
-    cond2: Literal["latents"] | None = Field(None, description="dit, DC-LDM second stream: 'latents' = the clip's "
-                                                               "VAE latents pooled to cond2_frames (an acoustic "
-                                                               "sequence; at generation: a reference clip's)")
+    cond2: Literal["ar", "latents"] | None = Field(None, description="dit, DC-LDM second stream: 'ar' = the AR "
+                                                   "model's prediction from the caption (precomputed by `soundlake "
+                                                   "ar-encode`, folder in ar_encodings); 'latents' = the clip's own VAE "
+                                                   "latents (leaks the target: a reference-clip extension)")
     cond2_frames: int = Field(16, ge=1, description="length of the second stream")
+    primary: Literal["text", "ar"] = Field("text", description="dit: the main cross-attention's condition; 'ar' = "
+                                           "the AR encoding instead of the text (DC-LDM Table 1's 'LDM w/ AG')")
+    ar_encodings: str | None = Field(None, description="dit with cond2 or primary 'ar': the `soundlake ar-encode` "
+                                     "folder of the AR model's predictions for the shards' captions")
+    tokens: str | None = Field(None, description="ar: the tokenizer folder (soundlake train tokens)")
     backbone: Literal["dit", "fit"] | None = Field(None, description="dit: the backbone, EzAudio-DiT or GenAu's FIT "
                                                    "(default: the config's model.backbone, else dit)")
     source_drop: float = Field(0.1, ge=0, le=1, description="dit, dataset-ID (a config with sources): fraction of "
@@ -90,6 +96,13 @@ class TrainSpec(Section):
     def _check(self):
         if self.kind == "dit" and not self.vae:
             raise ValueError("vae: a DiT trains on VAE latents; give the VAE folder (--vae runs/vae)")
+        if self.kind == "ar" and not self.tokens:
+            raise ValueError("tokens: the AR model predicts a tokenizer's codes; give its folder (--tokens runs/tokens)")
+        if self.ar_encodings and self.cond2 is None and self.primary != "ar":
+            self.cond2 = "ar"   # the encodings' default use: DC-LDM's second stream
+        if (self.cond2 == "ar" or self.primary == "ar") and not self.ar_encodings:
+            raise ValueError("ar_encodings: cond2/primary 'ar' reads the AR model's predictions; run `soundlake "
+                             "ar-encode --ar <ar model> --shards <latents> --out <folder>` and give that folder")
         if self.kind != "dit" and any(s.mode == "masked" for s in self.phases):
             raise ValueError("phases: mode 'masked' is for the DiT")
         if "://" in self.out:
@@ -112,12 +125,12 @@ def load_train_spec(kind: str, spec: str | None = None, sets: list[str] | None =
             raise UserError(f"--spec {spec}: no such file")
         raw = read_yaml_mapping(Path(spec), f"--spec {spec}")
     raw["kind"] = kind
-    shards, steps = given.pop("shards", None), given.pop("steps", None)
-    if shards is not None or steps is not None:
+    shards, steps, split = given.pop("shards", None), given.pop("steps", None), given.pop("split", None)
+    if shards is not None or steps is not None or split is not None:
         if len(raw.get("phases") or [{}]) > 1:
-            raise UserError("--shards/--steps set a single phase; this spec has several (edit its phases)")
+            raise UserError("--shards/--steps/--split set a single phase; this spec has several (edit its phases)")
         phase = dict((raw.get("phases") or [{}])[0])
-        phase.update({k: v for k, v in (("shards", shards), ("steps", steps)) if v is not None})
+        phase.update({k: v for k, v in (("shards", shards), ("steps", steps), ("split", split)) if v is not None})
         raw["phases"] = [phase]
     defaults = _config_defaults(raw.get("config") or given.get("config"), kind)
     raw = {**defaults, **raw}
@@ -129,7 +142,7 @@ def _config_defaults(config: str | None, kind: str) -> dict:
     """Training defaults from the model config's ``train:`` section (DiT configs have one)."""
     from soundlake.generation.vae import CONFIG_DIR, read_config
 
-    config = config or {"vae": "vae-tiny", "vocoder": "vocoder-tiny"}.get(kind, "dit-tiny")
+    config = config or {"vae": "vae-tiny", "vocoder": "vocoder-tiny", "ar": "ar-tiny"}.get(kind, "dit-tiny")
     try:
         train = dict(read_config(config).get("train") or {})
     except FileNotFoundError:
@@ -185,6 +198,9 @@ def make_plan(spec: TrainSpec) -> dict:
             raise UserError(f"config {spec.config}: {e}") from None
         return plan
 
+    if spec.kind == "ar":
+        _check_ar_shards(spec)
+        return plan | ar_plan(spec)
     vae_meta = read_meta(spec.vae, "vae")
     geometry = latent_geometry(vae_meta["config"])   # token width, and frequency rows per frame (2D mel)
     if spec.vocoder:
@@ -212,7 +228,62 @@ def make_plan(spec: TrainSpec) -> dict:
         stats = stats or m["latents"]
     plan["latents"] = {"mean": stats["mean"], "std": stats["std"], "rate": stats["rate"],
                        "grid_freq": geometry["grid_freq"]}
+    if spec.ar_encodings:
+        plan["ar"] = _check_ar_encodings(spec, vae_sha)
     return plan
+
+
+def _check_ar_shards(spec: TrainSpec) -> None:
+    """The AR model's shards must hold latents of the VAE its tokenizer was fitted on."""
+    from soundlake.export.shards import read_manifest
+    from soundlake.generation.model_folder import read_meta
+
+    lat = read_meta(spec.tokens, "tokens")["latents"]
+    for phase in spec.phases:
+        m = read_manifest(phase.shards) or {}
+        if m.get("vae", {}).get("weights_sha256") != lat["vae_sha256"]:
+            raise UserError(f"phase {phase.name}: {phase.shards} holds latents of another VAE than the tokenizer "
+                            f"{spec.tokens} was fitted on")
+
+
+def ar_plan(spec: TrainSpec) -> dict:
+    """The AR model's config (codebook sizes from the tokenizer, frames from the crop), the
+    tokenizer's latent statistics and the crop in latent frames."""
+    from soundlake.generation.ar import ARConfig
+    from soundlake.generation.model_folder import read_meta
+    from soundlake.generation.vae import model_keys
+
+    tok = read_meta(spec.tokens, "tokens")
+    lat = tok["latents"]
+    frames = max(1, round(spec.seconds * lat["rate"]))
+    try:
+        cfg = ARConfig.from_dict({**model_keys(spec.config), **spec.overrides, "levels": tok["config"]["levels"],
+                                  "codes": tok["config"]["codes"], "frames": frames * int(lat["grid_freq"]),
+                                  "text_dim": _text_dim(spec.text_encoder)})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config {spec.config}: {e}") from None
+    return {"ar_config": cfg.to_dict(), "latents": {k: lat[k] for k in ("mean", "std", "rate", "grid_freq")},
+            "latent_frames": frames}
+
+
+def _check_ar_encodings(spec: TrainSpec, vae_sha: str) -> dict:
+    """The ar-encode folder's identity, after checking it is usable: made from latents of this
+    VAE, by an AR model that never trained on the clips this DiT trains on (the AR model's
+    predictions must be predictions, not memories of the target)."""
+    from soundlake.generation.train.ar_encode import read_encodings_manifest
+
+    m = read_encodings_manifest(spec.ar_encodings)
+    if m["ar"]["vae_sha256"] != vae_sha:
+        raise UserError(f"ar_encodings {spec.ar_encodings}: its AR model's tokenizer was fitted on another VAE's "
+                        f"latents than {spec.vae}")
+    ar_reads = {(p["shards"], p["split"]) for p in m["ar"]["phases"]}
+    for phase in spec.phases:
+        here = (phase.shards if "://" in phase.shards else str(Path(phase.shards).resolve()), phase.split)
+        if here in ar_reads or (phase.split is None and any(s == here[0] for s, _ in ar_reads)):
+            raise UserError(f"phase {phase.name}: the AR model behind {spec.ar_encodings} trained on split "
+                            f"{phase.split!r} of {phase.shards}; train the DiT on clips it never saw (export "
+                            "--split ar=0.3: the AR model reads split 'ar', the DiT 'train')")
+    return {"encodings": spec.ar_encodings, "via": m["via"], "model": m["ar"]}
 
 
 def dit_model_config(spec: TrainSpec, raw: dict, latent_dim: int, grid_freq: int = 1) -> dict:
@@ -236,9 +307,12 @@ def dit_model_config(spec: TrainSpec, raw: dict, latent_dim: int, grid_freq: int
             from soundlake.models.clap.load import load_clap
 
             model["cond_extra_dim"] = load_clap(spec.extra_clap).dim
+        if spec.primary == "ar":
+            model["cond_dim"] = latent_dim
         if spec.cond2:
             model["cond2_dim"] = latent_dim
-            model.setdefault("cross_attn2_blocks", list(range(3, int(model.get("depth", 12)), 4)) or [0])
+            # DC-LDM's best placement: the first down block and the last up block (CA-DOWN#1 & CA-UP#1)
+            model.setdefault("cross_attn2_blocks", sorted({0, int(model.get("depth", 12)) - 1}))
         return config_dict(backbone_config(model))
     except (ValueError, TypeError) as e:
         raise UserError(f"config {spec.config}: {e}") from None
@@ -266,6 +340,7 @@ def absolute_paths(spec: TrainSpec) -> TrainSpec:
     clap = spec.extra_clap  # a folder, or a cached hub id left as it is
     clap = local(clap) if clap and Path(clap).expanduser().exists() else clap
     return spec.model_copy(update={"out": local(spec.out), "vae": local(spec.vae), "init": local(spec.init),
+                                   "tokens": local(spec.tokens), "ar_encodings": local(spec.ar_encodings),
                                    "vocoder": local(spec.vocoder),
                                    "text_encoder": local(spec.text_encoder), "extra_clap": clap,
                                    "phases": phases})

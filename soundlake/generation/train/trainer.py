@@ -358,6 +358,12 @@ def _quicker_ray_train() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def _text_meta(spec: TrainSpec) -> dict:
+    if spec.text_encoder:
+        return {"path": str(Path(spec.text_encoder).resolve())}
+    return {"path": None, "model": "all-MiniLM-L6-v2"}
+
+
 def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) -> TrainSummary:
     """Run (or resume) training on Ray Train, then write the model folder into ``spec.out``."""
     import torch
@@ -365,7 +371,7 @@ def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) ->
     from ray.train.torch import TorchTrainer
 
     from soundlake.core.ray_env import RaySpec, init_ray
-    from soundlake.generation.model_folder import copy_model, save_model
+    from soundlake.generation.model_folder import copy_model, read_meta, save_model
 
     spec = absolute_paths(spec)
     out = Path(spec.out)
@@ -431,21 +437,27 @@ def train(spec: TrainSpec, on_progress: Callable[[dict], None] | None = None) ->
         meta["latents"] = latent_geometry(meta["config"])   # what a DiT sees (grid_freq > 1: a 2D mel latent)
     elif spec.kind == "vocoder":
         meta["config"] = task_plan["vocoder_config"]
+    elif spec.kind == "ar":
+        meta |= {"config": task_plan["ar_config"], "latents": task_plan["latents"], "text": _text_meta(spec)}
+        # the clips it trained on: a DiT whose second stream it feeds must train on others
+        meta["train"]["phases"] = [{"shards": p.shards, "split": p.split} for p in spec.phases]
+        tokens_meta = read_meta(spec.tokens, "tokens")
+        copy_model(spec.tokens, out / "tokens")
+        copy_model(tokens_meta["latents"]["vae"], out / "vae")
     else:
-        if spec.text_encoder:
-            text_meta = {"path": str(Path(spec.text_encoder).resolve())}
-        else:
-            text_meta = {"path": None, "model": "all-MiniLM-L6-v2"}
         meta |= {"config": task_plan["dit_config"], "schedule": task_plan["schedule"] or {},
-                 "latents": task_plan["latents"], "text": text_meta,
+                 "latents": task_plan["latents"], "text": _text_meta(spec),
                  "conditioning": {"extra_clap": spec.extra_clap, "cond2": spec.cond2,
-                                  "cond2_frames": spec.cond2_frames}}
+                                  "cond2_frames": spec.cond2_frames, "primary": spec.primary,
+                                  "ar": task_plan.get("ar")}}
         from soundlake.generation.diffusion import Schedule
 
         meta["schedule"] = Schedule(**meta["schedule"]).meta()
         copy_model(spec.vae, out / "vae")
         if spec.vocoder:
             copy_model(spec.vocoder, out / "vocoder")
+        if task_plan.get("ar"):   # generate predicts the stream itself: the AR model travels along
+            copy_model(task_plan["ar"]["model"]["path"], out / "ar")
     save_model(out, spec.kind, weights, meta)
     history = st["history"]
     losses = [h["loss"] for h in history[-1:] if h.get("loss") is not None]
