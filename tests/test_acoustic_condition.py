@@ -128,6 +128,18 @@ def test_precomputed_encodings_match_a_fresh_prediction(chain):
     assert fresh.shape == (4, frames, 16) and fresh_codes.shape == (4, frames, 2)
 
 
+def test_second_option_goes_through_the_vae(chain):
+    """E'_t2a: the predicted latent decoded to audio by the VAE and encoded again: same shape
+    as E_t2a, the same codes, a different (re-encoded) encoding."""
+    from soundlake.generation.model_folder import AcousticEncoder
+
+    enc = AcousticEncoder(chain["root"] / "ar")
+    codes, direct = enc.encode(["a bell rings"])
+    codes2, via_vae = enc.encode(["a bell rings"], via="vae")
+    assert np.array_equal(codes, codes2) and via_vae.shape == direct.shape
+    assert np.isfinite(via_vae).all() and not np.allclose(via_vae, direct, atol=1e-3)
+
+
 def test_ar_encode_resumes_a_lost_part(chain, tmp_path):
     import shutil
 
@@ -174,7 +186,7 @@ def test_dit_refuses_an_ar_model_that_saw_its_clips(chain):
     spec = load_train_spec("dit", shards=str(chain["latents"]), split="ar", vae=str(chain["root"] / "vae"),
                            out=str(chain["root"] / "x"), steps=1, seconds=0.5,
                            ar_encodings=str(chain["root"] / "enc"), sets=SMALL_DIT)
-    with pytest.raises(UserError, match="trained on split 'ar'"):
+    with pytest.raises(UserError, match="trained on split 'ar' of .*, which this phase reads"):
         make_plan(absolute_paths(spec))
 
 

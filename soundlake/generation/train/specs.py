@@ -276,13 +276,13 @@ def _check_ar_encodings(spec: TrainSpec, vae_sha: str) -> dict:
     if m["ar"]["vae_sha256"] != vae_sha:
         raise UserError(f"ar_encodings {spec.ar_encodings}: its AR model's tokenizer was fitted on another VAE's "
                         f"latents than {spec.vae}")
-    ar_reads = {(p["shards"], p["split"]) for p in m["ar"]["phases"]}
     for phase in spec.phases:
-        here = (phase.shards if "://" in phase.shards else str(Path(phase.shards).resolve()), phase.split)
-        if here in ar_reads or (phase.split is None and any(s == here[0] for s, _ in ar_reads)):
-            raise UserError(f"phase {phase.name}: the AR model behind {spec.ar_encodings} trained on split "
-                            f"{phase.split!r} of {phase.shards}; train the DiT on clips it never saw (export "
-                            "--split ar=0.3: the AR model reads split 'ar', the DiT 'train')")
+        shards = phase.shards if "://" in phase.shards else str(Path(phase.shards).resolve())
+        for p in m["ar"]["phases"]:   # the same folder, and splits that overlap (None: all of them)
+            if p["shards"] == shards and (None in (p["split"], phase.split) or p["split"] == phase.split):
+                raise UserError(f"phase {phase.name}: the AR model behind {spec.ar_encodings} trained on split "
+                                f"{p['split']!r} of {phase.shards}, which this phase reads; train the DiT on clips "
+                                "it never saw (export --split ar=0.3: the AR model reads split 'ar', the DiT 'train')")
     return {"encodings": spec.ar_encodings, "via": m["via"], "model": m["ar"]}
 
 
