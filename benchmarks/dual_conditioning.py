@@ -47,6 +47,7 @@ from generation_quality import (
     IN_MEMORY,
     TEXT,
     Scorer,
+    add_generator_args,
     confusion,
     encode,
     fit,
@@ -141,17 +142,9 @@ def main() -> None:
     ap.add_argument("--dit-budget", type=float, default=220.0, help="each DiT, CPU seconds")
     ap.add_argument("--with-vae-encoding", action="store_true", help="also E'_t2a (AR -> VAE audio -> VAE) at "
                                                                      "first & last")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
+    add_generator_args(ap)
     ap.add_argument("--per-class", type=int, default=20, help="held-out clips (and generations) per class")
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--rescale", type=float, default=0.75)
-    ap.add_argument("--gen-batch", type=int, default=20)
     ap.add_argument("--kl-temp", type=float, default=0.1, help="softmax temperature of the class distributions")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, help="folder for the lake, models and report (default: a temp dir)")
     a = parse_args(ap, dict(clips=150, eval_frac=0.25, clap_frac=0.25, ar_frac=0.25, clap_epochs=1, clap_dim=8,
                             vae_budget=1.0, codes=8, levels=2, ar_budget=1.0, dit_budget=1.0, per_class=1,

@@ -331,6 +331,20 @@ def classify_files(paths: list[Path], clap_dir: Path) -> None:
 
 # ------------------------------------------------------------------ main
 
+def add_generator_args(ap: argparse.ArgumentParser) -> None:
+    """The DiT / FIT training and sampling options (shared with dual_conditioning.py)."""
+    ap.add_argument("--batch-size", type=int, default=16, help="DiT / FIT batch")
+    ap.add_argument("--lr", type=float, default=1e-3, help="DiT / FIT learning rate (the configs': 3e-4, 5e-4, "
+                    "for longer runs)")
+    ap.add_argument("--ema", type=float, default=None, help="DiT / FIT EMA decay (default: none)")
+    ap.add_argument("--warmup", type=int, default=None, help="DiT / FIT warm-up steps")
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--rescale", type=float, default=0.75)
+    ap.add_argument("--gen-batch", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other load)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", type=int, default=4000, help="synth scenes in the lake (about half are single events)")
@@ -347,18 +361,9 @@ def main() -> None:
     ap.add_argument("--with-waveform", action="store_true", help="also today's waveform VAE (vae-tiny) + DiT")
     ap.add_argument("--wave-vae-budget", type=float, default=180.0)
     ap.add_argument("--wave-dit-budget", type=float, default=300.0)
-    ap.add_argument("--batch-size", type=int, default=16, help="DiT / FIT batch")
-    ap.add_argument("--lr", type=float, default=1e-3, help="DiT / FIT learning rate (the configs': 3e-4, 5e-4, "
-                    "for longer runs)")
-    ap.add_argument("--ema", type=float, default=None, help="DiT / FIT EMA decay (default: none)")
-    ap.add_argument("--warmup", type=int, default=None, help="DiT / FIT warm-up steps")
+    add_generator_args(ap)
     ap.add_argument("--per-class", type=int, default=20, help="generated clips per class")
     ap.add_argument("--recon-clips", type=int, default=100, help="held-out clips reconstructed by each VAE")
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--rescale", type=float, default=0.75)
-    ap.add_argument("--gen-batch", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other load)")
     ap.add_argument("--work", type=Path, help="folder for the lake, models and report (default: a temp dir)")
     ap.add_argument("--classify", type=Path, nargs="+", help="only name the class a CLAP (--clap) hears in these "
                                                              "WAV files, then exit")
