@@ -253,6 +253,31 @@ def synth_clip(seed: int, index: int, duration: float = 10.0, sample_rate: int =
     return scene, render_scene(scene, sample_rate)
 
 
+FLOOR_DBFS = -50.0  # the faint background render_scene puts under every scene's events
+
+
+def event_in_scene(event: np.ndarray, sample_rate: int, duration: float = 10.0, seed: int = 0,
+                   start: float | None = None) -> np.ndarray:
+    """A short mono clip (a generated event, say) presented as a single-event scene is rendered:
+    ``duration`` seconds of the faint background (``FLOOR_DBFS``, never digital silence), the
+    clip peak-normalised and added at ``start`` seconds (default: centred), the whole scaled to a
+    -4.5 dBFS peak (``render_scene``'s range is -6 to -3). A CLAP trained on 10 s scenes pads a
+    shorter clip to its window with zeros, a silence it never heard in training; this is how
+    such a CLAP hears a short clip the way it learnt scenes. Deterministic for ``seed``."""
+    x = np.asarray(event, np.float64).reshape(-1)
+    n = int(round(duration * sample_rate))
+    if len(x) > n:
+        raise ValueError(f"a {len(x) / sample_rate:.2f} s clip does not fit in a {duration:g} s scene")
+    a = (n - len(x)) // 2 if start is None else int(round(start * sample_rate))
+    if not 0 <= a <= n - len(x):
+        raise ValueError(f"start {start} s puts the clip outside the {duration:g} s scene")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
+    out = 10 ** (FLOOR_DBFS / 20) * rng.standard_normal(n)
+    out[a:a + len(x)] += x / (np.max(np.abs(x)) + 1e-9)
+    out *= 10 ** (-4.5 / 20) / (np.max(np.abs(out)) + 1e-12)
+    return out.astype(np.float32)
+
+
 def caption_mentions(caption: str) -> set[str]:
     """The synth classes a caption names (inverse of the phrase vocabulary)."""
     text = caption.lower()
