@@ -311,3 +311,26 @@ def test_a_lake_without_dedup_results_exports_as_before(tmp_path):
     assert "dedup" not in args.identity() and "exclude_eval_sets" not in args.identity()   # same export id as before
     with pytest.raises(UserError, match="no identity, fingerprint duplicates yet"):
         run_export(lake, ExportArgs(out=str(tmp_path / "o2"), dedup="fingerprint", shard_count=2, shard_size=None))
+
+
+def test_fingerprints_from_before_envelopes_are_matched_by_bits_and_then_refilled(tmp_path, ray_session):
+    """A lake fingerprinted by an earlier soundlake has no ``env`` column: dedup still matches
+    (by bits alone), fingerprints those clips again with envelopes, and the new rows replace the
+    old ones in the view."""
+    import pyarrow.parquet as pq
+
+    from soundlake.testing import make_synth_lake
+
+    lake = make_synth_lake(tmp_path, 3, seconds=8.0)
+    runner = CliRunner()
+    r = runner.invoke(app, ["dedup", "--lake", lake.uri, "--levels", "fingerprint"])
+    assert r.exit_code == 0 and "fingerprints: 3 new" in r.output, r.output
+    for part in lake.parts("fingerprints"):                      # as an earlier version wrote them
+        pq.write_table(pq.read_table(part).drop_columns(["env"]), part)
+    assert "env" not in lake.read("fingerprints").column_names
+    r = runner.invoke(app, ["dedup", "--lake", lake.uri, "--levels", "fingerprint"])
+    assert r.exit_code == 0 and "fingerprints: 3 new" in r.output, r.output
+    rows = fetchall(lake, "SELECT clip_id, len(env) FROM fingerprints ORDER BY 1")
+    assert len(rows) == 3 and all(n and n > 100 for _, n in rows)   # ~24 envelope frames a second
+    r = runner.invoke(app, ["dedup", "--lake", lake.uri, "--levels", "fingerprint"])
+    assert r.exit_code == 0 and "fingerprints: 0 new" in r.output, r.output

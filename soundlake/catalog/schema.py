@@ -142,7 +142,9 @@ EXPORT_MEMBERS = pa.schema([
 # (soundlake.catalog.snapshots), so a query never sees half of one run and half of another.
 FINGERPRINTS = pa.schema([
     ("clip_id", pa.string()), ("fingerprinter", pa.string()),   # algorithm identity (soundlake.dedup)
-    ("fp", pa.list_(pa.uint32())), ("run_id", pa.string()), ("created", TS),
+    ("fp", pa.list_(pa.uint32())),
+    ("env", pa.list_(pa.int8())),      # loudness envelope (dB under the loudest frame); NULL in older rows
+    ("run_id", pa.string()), ("created", TS),
 ])
 DUPLICATES = pa.schema([
     ("clip_a", pa.string()), ("clip_b", pa.string()),           # clip_a < clip_b
@@ -167,7 +169,7 @@ EVAL_SET_ITEMS = pa.schema([
     ("name", pa.string()), ("item_id", pa.string()),
     ("youtube_id", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
     ("freesound_id", pa.string()), ("file", pa.string()), ("captions", pa.list_(pa.string())),
-    ("fingerprinter", pa.string()), ("fp", pa.list_(pa.uint32())),
+    ("fingerprinter", pa.string()), ("fp", pa.list_(pa.uint32())), ("env", pa.list_(pa.int8())),
     ("clap_model_id", pa.string()), ("clap_model_hash", pa.string()), ("embedding", pa.list_(pa.float32())),
     ("set_id", pa.string()),
 ])

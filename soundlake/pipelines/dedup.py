@@ -83,14 +83,19 @@ def fingerprinter(required: bool = False) -> tuple[str, float]:
 
 def backfill_fingerprints(lake: Lake, run_id: str, args: DedupArgs, ray: RaySpec, summary: DedupSummary,
                           progress: RunSummary) -> None:
-    """Fingerprint, on Ray, every clip without a fingerprint (or a fingerprint failure) from this fingerprinter."""
+    """Fingerprint, on Ray, every clip without a fingerprint (or a fingerprint failure) from this
+    fingerprinter, and again those fingerprinted before envelopes were kept (their new row replaces
+    the old one in the ``fingerprints`` view)."""
     name, _ = fingerprinter(required=True)
     con = connect(lake)
     try:
         need = {r[0] for r in con.execute(
-            """SELECT clip_id FROM clips c WHERE NOT EXISTS (SELECT 1 FROM fingerprints f WHERE f.clip_id = c.clip_id
-               AND f.fingerprinter = ?) AND NOT EXISTS (SELECT 1 FROM failures x WHERE x.clip_id = c.clip_id
-               AND x.stage = 'fingerprint')""", [name]).fetchall()}
+            f"""SELECT clip_id FROM clips c WHERE NOT EXISTS (
+                  SELECT 1 FROM (SELECT clip_id, fingerprinter, {matches.env_column(con, 'fingerprints')}
+                                 FROM fingerprints) f
+                  WHERE f.clip_id = c.clip_id AND f.fingerprinter = ? AND f.env IS NOT NULL)
+                AND NOT EXISTS (SELECT 1 FROM failures x WHERE x.clip_id = c.clip_id AND x.stage = 'fingerprint')""",
+            [name]).fetchall()}
     finally:
         close(con)
     if not need:
@@ -114,9 +119,9 @@ def level_matches(con, level: str, args: DedupArgs) -> tuple[list[tuple], list[t
         return matches.identity_pairs(con), matches.identity_leakage(con), {"method": "freesound_id, youtube_id"}
     if level == "fingerprint":
         name, threshold = fingerprinter()
-        ids, fps = matches.clip_fingerprints(con, name)
-        index = matches.fingerprint_index(ids, fps)
-        meta = {"method": name, "threshold": threshold, "clips_without": clips - len(ids)}
+        index = matches.clip_fingerprint_index(con, name)
+        meta = {"method": name, "threshold": threshold, "env_threshold": index.env_threshold,
+                "clips_without": clips - len(index)}
         return (matches.fingerprint_pairs(index, threshold, name),
                 matches.fingerprint_leakage(con, index, name, threshold), meta)
     model = matches.newest_clap_model(con, args.clap_model)

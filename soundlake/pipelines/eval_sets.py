@@ -79,7 +79,7 @@ def item_audio(item: dict, files: dict[str, Path]) -> Path | None:
 def content_features(items: list[dict], folder: str, clap_model: str | None, result: EvalSetResult) -> None:
     """Fill each item's fingerprint (and embedding, when ``clap_model``) from its audio file."""
     name, _ = fingerprinter(required=True)
-    from soundlake.dedup.fingerprint import fingerprint
+    from soundlake.dedup.fingerprint import features
 
     model = None
     if clap_model:
@@ -112,7 +112,8 @@ def content_features(items: list[dict], folder: str, clap_model: str | None, res
             result.undecodable.append(f"{path.name}: {e.error}")
             continue
         mono = dec.audio.mean(axis=1).astype(np.float32)
-        item["fingerprinter"], item["fp"] = name, np.asarray(fingerprint(mono, dec.sample_rate), np.uint32).tolist()
+        fp, env = features(mono, dec.sample_rate)
+        item["fingerprinter"], item["fp"], item["env"] = name, np.asarray(fp, np.uint32).tolist(), env.tolist()
         result.fingerprinted += 1
         if model is not None:
             pending.append((item, resample(mono[:, None], dec.sample_rate, model.sample_rate)[:, 0]))
@@ -185,11 +186,11 @@ def refresh_leakage(lake: Lake, con, run_id: str, result: EvalSetResult) -> dict
     record("identity", matches.identity_leakage(con), {"method": "freesound_id, youtube_id"})
     clips = con.execute("SELECT count(DISTINCT clip_id) FROM clips").fetchall()[0][0]
     fp_name, fp_threshold = fingerprinter()
-    ids, fps = matches.clip_fingerprints(con, fp_name)
-    if ids:
-        index = matches.fingerprint_index(ids, fps)
+    index = matches.clip_fingerprint_index(con, fp_name)
+    if len(index):
         record("fingerprint", matches.fingerprint_leakage(con, index, fp_name, fp_threshold),
-               {"method": fp_name, "threshold": fp_threshold, "clips_without": clips - len(ids)})
+               {"method": fp_name, "threshold": fp_threshold, "env_threshold": index.env_threshold,
+                "clips_without": clips - len(index)})
     model = matches.newest_clap_model(con, (previous.get("semantic") or {}).get("method"))
     if model is not None:
         threshold = float((previous.get("semantic") or {}).get("threshold", 0.95))

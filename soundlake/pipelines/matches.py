@@ -31,21 +31,24 @@ def identity_pairs(con) -> list[tuple[str, str, float, str]]:
     return list(zip(*(t[c].to_pylist() for c in ("clip_a", "clip_b", "score", "method")))) if t.num_rows else []
 
 
-def clip_fingerprints(con, fingerprinter: str) -> tuple[list[str], list[np.ndarray]]:
-    """(clip ids, fingerprints) of the clips fingerprinted by ``fingerprinter`` (empty ones left out)."""
-    t = execute_arrow(con, """SELECT f.clip_id, f.fp FROM fingerprints f JOIN (SELECT DISTINCT clip_id FROM clips)
-                              USING (clip_id) WHERE f.fingerprinter = ? AND len(f.fp) > 0 ORDER BY f.clip_id""",
-                      [fingerprinter])
-    fps = t["fp"].to_pylist()
-    return t["clip_id"].to_pylist(), [np.asarray(f, dtype=np.uint32) for f in fps]
+def env_column(con, table: str) -> str:
+    """``env`` when the table's parts have it, else a typed NULL: fingerprints written before
+    envelopes were kept have none, and match by their bits alone."""
+    cols = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
+    return "env" if "env" in cols else "NULL::TINYINT[] AS env"
 
 
-def fingerprint_index(ids: list[str], fps: list[np.ndarray]):
+def clip_fingerprint_index(con, fingerprinter: str):
+    """A :class:`FingerprintIndex` of the clips fingerprinted by ``fingerprinter`` (empty
+    fingerprints left out), with their loudness envelopes."""
     from soundlake.dedup.fingerprint import FingerprintIndex
 
+    t = execute_arrow(con, f"""SELECT f.clip_id, f.fp, {env_column(con, 'fingerprints')} FROM fingerprints f
+                               JOIN (SELECT DISTINCT clip_id FROM clips) USING (clip_id)
+                               WHERE f.fingerprinter = ? AND len(f.fp) > 0 ORDER BY f.clip_id""", [fingerprinter])
     index = FingerprintIndex()
-    for clip, fp in zip(ids, fps):
-        index.add(clip, fp)
+    for clip, fp, env in zip(t["clip_id"].to_pylist(), t["fp"].to_pylist(), t["env"].to_pylist()):
+        index.add(clip, np.asarray(fp, dtype=np.uint32), env)
     return index
 
 
@@ -149,11 +152,11 @@ def identity_leakage(con) -> list[tuple]:
 
 def fingerprint_leakage(con, index, fingerprinter: str, threshold: float) -> list[tuple]:
     """Lake clips whose fingerprint matches a fingerprinted eval item's (same fingerprinter)."""
-    t = execute_arrow(con, """SELECT name, item_id, fp FROM eval_set_items
-                              WHERE fingerprinter = ? AND len(fp) > 0""", [fingerprinter])
+    t = execute_arrow(con, f"""SELECT name, item_id, fp, {env_column(con, 'eval_set_items')} FROM eval_set_items
+                               WHERE fingerprinter = ? AND len(fp) > 0""", [fingerprinter])
     out = []
-    for name, item, fp in zip(t["name"].to_pylist(), t["item_id"].to_pylist(), t["fp"].to_pylist()):
-        for clip, score in index.query(np.asarray(fp, dtype=np.uint32), threshold):
+    for name, item, fp, env in zip(*(t[c].to_pylist() for c in ("name", "item_id", "fp", "env"))):
+        for clip, score in index.query(np.asarray(fp, dtype=np.uint32), threshold, env):
             out.append((clip, name, item, float(score), fingerprinter))
     return out
 

@@ -1,4 +1,5 @@
-"""The fingerprint stage: a Chromaprint fingerprint of each clip's real audio, into ``fingerprints``.
+"""The fingerprint stage: a Chromaprint fingerprint and a loudness envelope of each clip's real
+audio, into ``fingerprints``.
 
 Runs as Ray tasks over clips already in the lake (the workers read and decode the FLAC; only
 the fingerprints, a few hundred bytes a clip, travel on). Only the clip's content is
@@ -45,24 +46,28 @@ class FingerprintStage(Stage):
         self.algorithm = fingerprint
 
     def process(self, batch: pa.Table) -> pa.Table:
-        fps, errors = [], []
+        fps, envs, errors = [], [], []
         for flac, content_s in zip(batch["flac"].to_pylist(), batch["content_s"].to_pylist()):
             try:
                 audio, sr = mono_content(flac, content_s)
-                fps.append(np.asarray(self.algorithm.fingerprint(audio, sr), dtype=np.uint32).tolist())
+                fp, env = self.algorithm.features(audio, sr)
+                fps.append(np.asarray(fp, dtype=np.uint32).tolist())
+                envs.append(np.asarray(env, dtype=np.int8).tolist())
                 errors.append(None)
             except (RuntimeError, ValueError, OSError) as e:  # undecodable audio: one row, not the block
                 fps.append(None)
+                envs.append(None)
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
         batch = batch.drop_columns(["flac"])
         batch = batch.append_column("fp", pa.array(fps, pa.list_(pa.uint32())))
+        batch = batch.append_column("env", pa.array(envs, pa.list_(pa.int8())))
         batch = batch.append_column("fingerprinter", pa.array([self.algorithm.FINGERPRINTER] * batch.num_rows))
         return batch.append_column("fp_error", pa.array(errors, pa.string()))
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         # Runs on the write step's own copy of the stage (no setup): everything comes from the batch.
         now = datetime.now(timezone.utc)
-        rows = batch.select(["clip_id", "source", "source_id", "fp", "fingerprinter", "fp_error"]).to_pylist()
+        rows = batch.select(["clip_id", "source", "source_id", "fp", "env", "fingerprinter", "fp_error"]).to_pylist()
         ok = [r for r in rows if r["fp_error"] is None]
         out = failures_table([failure_row(r, self.name, self.run_id, "corrupt", r["fp_error"], now)
                               for r in rows if r["fp_error"] is not None])
@@ -71,6 +76,7 @@ class FingerprintStage(Stage):
                 "clip_id": [r["clip_id"] for r in ok],
                 "fingerprinter": [r["fingerprinter"] for r in ok],
                 "fp": pa.array([r["fp"] for r in ok], pa.list_(pa.uint32())),
+                "env": pa.array([r["env"] for r in ok], pa.list_(pa.int8())),
                 "run_id": [self.run_id] * len(ok), "created": pa.array([now] * len(ok), FINGERPRINTS.field("created").type),
             }, schema=FINGERPRINTS)
         return out
