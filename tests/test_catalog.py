@@ -33,6 +33,23 @@ def test_parts_are_atomic_and_visible(tmp_path):
     assert lake.clean_tmp() == 1
 
 
+
+def test_parts_compress_every_column_but_the_flac_one(tmp_path):
+    """Nested columns too: keyed by their top-level name alone, list values got no codec."""
+    import pyarrow.parquet as pq
+
+    lake = Lake(str(tmp_path / "lake"))
+    tag = pa.struct([("label", pa.string()), ("prob", pa.float32())])
+    data = pa.table({"clip_id": ["a", "b"] * 50, "labels": [["siren", "bell"]] * 100,
+                     "tags": pa.array([[{"label": "siren", "prob": 0.5}]] * 100, pa.list_(tag)),
+                     "flac": [b"fLaC" * 64] * 100})
+    meta = pq.ParquetFile(lake.path(lake.write_part("clips", data, "r1"))).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs == {"clip_id": "ZSTD", "labels.list.element": "ZSTD", "tags.list.element.label": "ZSTD",
+                      "tags.list.element.prob": "ZSTD", "flac": "UNCOMPRESSED"}
+    flac = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "flac")
+    assert "RLE_DICTIONARY" not in flac.encodings                   # PLAIN pages: exports copy them as they are
+
 def test_failures_open_forgets_inputs_that_later_succeeded(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     lake.write_part("failures", pa.Table.from_pylist([_failure("a"), _failure("b")], schema=schema.FAILURES), "r")

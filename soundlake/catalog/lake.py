@@ -27,6 +27,17 @@ from soundlake.core.storage import atomic_output, check_folder, is_local, open_u
 _UNCOMPRESSED = {"flac"}
 
 
+def leaf_paths(field: pa.Field, prefix: str = "") -> list[str]:
+    """The Parquet column paths under ``field``: per-column writer options are keyed by these
+    (a list's values are ``name.list.element``; keyed by ``name`` alone they get no codec)."""
+    name, t = prefix + field.name, field.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return leaf_paths(t.value_field.with_name("element"), name + ".list.")
+    if pa.types.is_struct(t):
+        return [p for child in t for p in leaf_paths(child, name + ".")]
+    return [name]
+
+
 @dataclass
 class Lake:
     uri: str
@@ -59,10 +70,11 @@ class Lake:
         rel = f"{table}/{name}"
         final = self.path(rel)
         self.fs.create_dir(self.path(table), recursive=True)
-        compression = {c: ("none" if c in _UNCOMPRESSED else "zstd") for c in data.column_names}
+        leaves = [p for f in data.schema for p in leaf_paths(f)]
+        compression = {c: ("none" if c in _UNCOMPRESSED else "zstd") for c in leaves}
         with atomic_output(self.fs, final) as out:
             pq.write_table(data, out, compression=compression,
-                           use_dictionary=[c for c in data.column_names if c not in _UNCOMPRESSED])
+                           use_dictionary=[c for c in leaves if c not in _UNCOMPRESSED])
         return rel
 
     def parts(self, table: str) -> list[str]:
