@@ -72,9 +72,11 @@ class Lake:
         self.fs.create_dir(self.path(table), recursive=True)
         leaves = [p for f in data.schema for p in leaf_paths(f)]
         compression = {c: ("none" if c in _UNCOMPRESSED else "zstd") for c in leaves}
+        # Dictionaries for flat columns only: on list values (embeddings, fingerprints) they
+        # cost write time and come out larger.
         with atomic_output(self.fs, final) as out:
             pq.write_table(data, out, compression=compression,
-                           use_dictionary=[c for c in leaves if c not in _UNCOMPRESSED])
+                           use_dictionary=[c for c in data.column_names if c not in _UNCOMPRESSED])
         return rel
 
     def parts(self, table: str) -> list[str]:
