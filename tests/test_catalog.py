@@ -119,3 +119,131 @@ def test_failed_run_removes_only_its_own_half_written_parts(tmp_path):
     threading.Timer(0.3, lambda: finishing.rename(done)).start()   # a writer that ends on its own
     assert lake.clean_tmp("r1", settle_s=1.0) == 1
     assert not mine.exists() and done.exists() and other.exists()
+
+
+# ---- commits: a part counts once the driver commits it ------------------------------------------
+def test_a_part_counts_once_committed(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    with lake.lock("r1"):
+        pass                                                        # every table has its log now
+    rows = pa.Table.from_pylist([_failure("a"), _failure("b")], schema=schema.FAILURES)
+    rel = lake.write_part("failures", rows, "r1", commit=False)     # as a worker writes it
+    assert fetchall(lake, "SELECT count(*) FROM failures") == [(0,)] and lake.parts("failures") == []
+    lake.commit({"failures": [rel]}, "r1")
+    assert fetchall(lake, "SELECT count(*) FROM failures") == [(2,)]
+    assert lake.parts("failures") == [lake.path(rel)]
+
+
+def test_a_lake_written_before_commits_reads_as_before_and_is_taken_over(tmp_path):
+    import pyarrow.parquet as pq
+
+    lake = Lake(str(tmp_path / "lake"))
+    (tmp_path / "lake" / "failures").mkdir(parents=True)
+    old = pa.Table.from_pylist([_failure("old")], schema=schema.FAILURES)
+    pq.write_table(old, tmp_path / "lake" / "failures" / "part-old-1.parquet")   # no log: an earlier soundlake
+    assert fetchall(lake, "SELECT source_id FROM failures") == [("old",)]
+    lake.write_part("failures", pa.Table.from_pylist([_failure("new")], schema=schema.FAILURES), "r2")
+    assert fetchall(lake, "SELECT source_id FROM failures ORDER BY 1") == [("new",), ("old",)]
+    assert (tmp_path / "lake" / "failures" / "_delta_log").is_dir()
+
+
+def test_parts_of_a_task_that_never_reported_back_never_count(ray_session, tmp_path):
+    """What a node lost right after writing leaves behind: a block's parts on disk whose summary
+    never reached the driver, and the retried block's own. With every part counting, a lost
+    attempt showed its clips twice (204 rows for 200 clip ids)."""
+    import shutil
+
+    lake = Lake(str(tmp_path / "lake"))
+    spec = load_spec("demo", sets=["source.count=6", "source.duration=2", "segment.window=2", "ray.inputs_per_task=3"])
+    assert run_pipeline(spec, lake.uri).clips == 6
+    for table in ("clips", "captions"):                             # the lost attempt's copies
+        for i, part in enumerate(lake.parts(table)):
+            shutil.copy(part, lake.path(table, f"part-lost-{i}.parquet"))
+    assert fetchall(lake, "SELECT count(*), count(DISTINCT clip_id) FROM clips") == [(6, 6)]
+    assert fetchall(lake, "SELECT count(*) FROM captions") == fetchall(
+        lake, "SELECT count(*) FROM (SELECT DISTINCT clip_id, captioner, text FROM captions)")
+    again = run_pipeline(spec, lake.uri)
+    assert again.inputs_skipped == 6 and again.clips == 0
+    assert fetchall(lake, "SELECT count(*) FROM clips") == [(6,)]
+
+
+def test_concurrent_writers_on_object_storage_all_land_once(s3):
+    """Two writers commit into one s3:// lake at the same time: delta-rs commits with
+    conditional puts, so a writer that loses a race retries on the new version and both
+    writers' parts land, each once (no lock exists on object storage)."""
+    import threading
+
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="lakes")
+    lake = Lake("s3://lakes/shared")
+    with lake.lock("setup"):
+        pass
+    errors = []
+
+    def writer(name: str) -> None:
+        try:
+            for i in range(8):
+                rows = pa.Table.from_pylist([_failure(f"{name}-{i}")], schema=schema.FAILURES)
+                Lake("s3://lakes/shared").write_part("failures", rows, name)
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert fetchall(lake, "SELECT count(*), count(DISTINCT source_id) FROM failures") == [(16, 16)]
+
+
+def test_sql_as_of_reads_every_table_as_it_was_after_a_run(tmp_path, soundlake_here):
+    lake = Lake(str(tmp_path / "lake"))
+    with lake.lock("r0"):
+        pass
+    for run, ids in (("r1", ["a", "b"]), ("r2", ["c"])):
+        lake.write_part("failures", pa.Table.from_pylist([_failure(i) for i in ids], schema=schema.FAILURES), run)
+        lake.write_part("skipped", pa.Table.from_pylist(
+            [{"source": "local", "source_id": i, "stage": "segment", "reason": "too_short"} for i in ids],
+            schema=schema.SKIPPED), run)
+    r = soundlake_here("snapshots", "--lake", lake.uri)
+    assert r.exit_code == 0 and r.output.index("r2") < r.output.index("r1"), r.output
+    q = "SELECT (SELECT count(*) FROM failures), (SELECT count(*) FROM skipped)"
+    assert query(lake, q, as_of="r1").to_pylist()[0] == {k: 2 for k in query(lake, q).column_names}
+    assert list(query(lake, q).to_pylist()[0].values()) == [3, 3]
+    assert list(query(lake, q, as_of="2000-01-01T00:00:00").to_pylist()[0].values()) == [0, 0]
+    with pytest.raises(UserError, match="--as-of 'r9'.*soundlake snapshots"):
+        query(lake, q, as_of="r9")
+    r = soundlake_here("sql", q, "--lake", lake.uri, "--as-of", "r1", "--format", "csv")
+    assert r.exit_code == 0 and r.output.splitlines()[1] == "2,2", r.output
+
+
+def test_compact_then_vacuum(tmp_path, soundlake_here):
+    """Compaction swaps many parts for one in a commit of its own (rows once, flac still
+    uncompressed and PLAIN); the old parts serve --as-of until vacuum deletes them, with the
+    parts a killed run's task wrote but never got committed."""
+    import pyarrow.parquet as pq
+
+    from soundlake.testing import make_synth_lake
+
+    lake = make_synth_lake(tmp_path, 4)
+    for i in range(3):
+        lake.write_part("failures", pa.Table.from_pylist([_failure(f"f{i}")], schema=schema.FAILURES), f"r{i}")
+    clips_before = fetchall(lake, "SELECT clip_id, audio_sha256 FROM clips ORDER BY 1")
+    orphan = lake.write_part("failures", pa.Table.from_pylist([_failure("lost")], schema=schema.FAILURES), "rx",
+                             commit=False)
+    r = soundlake_here("compact", "--lake", lake.uri)
+    assert r.exit_code == 0 and "failures" in r.output, r.output
+    assert len(lake.parts("failures")) == 1
+    assert fetchall(lake, "SELECT source_id FROM failures ORDER BY 1") == [("f0",), ("f1",), ("f2",)]
+    assert fetchall(lake, "SELECT clip_id, audio_sha256 FROM clips ORDER BY 1") == clips_before
+    meta = pq.read_metadata(lake.parts("clips")[0]).row_group(0)
+    flac = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "flac")
+    assert flac.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in flac.encodings
+    assert query(lake, "SELECT count(*) AS n FROM failures", as_of="r2").to_pylist() == [{"n": 3}]
+    r = soundlake_here("vacuum", "--lake", lake.uri, "--older-than", "0")
+    assert r.exit_code == 0 and "deleted" in r.output, r.output
+    assert not (tmp_path / "lake" / orphan).exists()
+    assert len(lake.glob_parts("failures")) == 1 and len(lake.glob_parts("clips")) == 1
+    assert fetchall(lake, "SELECT count(*) FROM failures") == [(3,)]

@@ -320,16 +320,14 @@ def test_preferred_follows_the_dataset_view(lake, tmp_path):
     """`preferred` is the dataset view's caption: with scores, the best-scored one."""
     from soundlake.stages.clap import SCORES
 
-    caps = lake.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
+    scored = Lake(str(tmp_path / "lake"))                          # a copy: the module's lake stays unscored
+    shutil.copytree(lake.root, scored.root)
+    caps = scored.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
     rows = [{"clip_id": c["clip_id"], "captioner": c["captioner"], "caption_text": c["text"],
              "clap_model_id": "clap-a", "score": 0.9 if c["captioner"] == "template" else 0.2,
              "created": datetime.now(timezone.utc)} for c in caps]
-    lake.write_part("scores", pa.Table.from_pylist(rows, schema=SCORES), "s2")
-    try:
-        run_export(lake, ExportArgs(out=str(tmp_path / "d"), shard_count=100, shard_size=None))
-    finally:
-        for p in lake.parts("scores"):
-            os.remove(p)
+    scored.write_part("scores", pa.Table.from_pylist(rows, schema=SCORES), "s2")
+    run_export(scored, ExportArgs(out=str(tmp_path / "d"), shard_count=100, shard_size=None))
     got = read_export(tmp_path / "d")
     assert len(got) == 30
     for cid, s in got.items():

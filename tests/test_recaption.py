@@ -74,7 +74,6 @@ def test_recaption_rows_refine_lint_and_resume(ray_session, tiny_models, tmp_pat
 
 
 def test_sigkilled_recaption_resumes_without_duplicates(ray_session, soundlake_here, tiny_models, tmp_path):
-    import glob
     import signal
     import subprocess
     import time
@@ -87,11 +86,11 @@ def test_sigkilled_recaption_resumes_without_duplicates(ray_session, soundlake_h
     run_pipeline(load_spec("demo", sets=[f"source.count={n}", "source.duration=3.0", "segment.window=3.0",
                                          "stages=[segment]", "ray.inputs_per_task=1"]), lake)
     args = ["recaption", "--lake", lake, "--model", str(instruct), "--batch-size", "1", "--address", ray_session]
-    before = set(glob.glob(f"{lake}/captions/*.parquet"))  # the reference captions
+    before = set(Lake(lake).parts("captions"))  # the reference captions
     proc = subprocess.Popen(soundlake_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
-        while not set(glob.glob(f"{lake}/captions/*.parquet")) - before:
+        while not set(Lake(lake).parts("captions")) - before:    # killed right after a commit
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline
             time.sleep(0.05)

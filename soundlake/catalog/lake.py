@@ -1,9 +1,10 @@
 """The lake: a root folder (or object-store URI) of Parquet part files, one folder per table.
 
 Writes are atomic: a part is written under a ``.tmp`` name and renamed (on object
-stores a single PUT is atomic already). Readers glob ``*.parquet`` and so never see
-a half-written part. A lock file keeps a second writer out of a local lake. A lake path
-that is empty (it would mean the current folder) or a file is refused in one line.
+stores a single PUT is atomic already), and it counts once committed into its table's log
+(:mod:`soundlake.catalog.delta`), which is what readers list. A lock file keeps a second
+writer out of a local lake. A lake path that is empty (it would mean the current folder) or
+a file is refused in one line.
 """
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ class Lake:
         self.fs.create_dir(self.root, recursive=True)
 
     # ---- parts -------------------------------------------------------------
-    def write_part(self, table: str, data: pa.Table, run_id: str) -> str | None:
-        """Write one part file atomically; returns its path relative to the root."""
+    def write_part(self, table: str, data: pa.Table, run_id: str, commit: bool = True) -> str | None:
+        """Write one part file atomically and (``commit``) commit it; returns its path relative
+        to the root. Workers pass ``commit=False``: the driver commits what they return."""
         if data.num_rows == 0:
             return None
         name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
@@ -77,9 +79,30 @@ class Lake:
         with atomic_output(self.fs, final) as out:
             pq.write_table(data, out, compression=compression,
                            use_dictionary=[c for c in data.column_names if c not in _UNCOMPRESSED])
+        if commit:
+            self.commit({table: [rel]}, run_id)
         return rel
 
+    def commit(self, parts: dict[str, list[str]], run_id: str) -> None:
+        """Make written parts ({table: relative paths}) visible, one commit per table, the
+        ``clips`` table last: a reader never sees a clip whose other rows are still to come."""
+        from soundlake.catalog import delta
+
+        for table in sorted(parts, key=lambda t: (t == "clips", t)):
+            if parts[table] and delta.uses_log(table):
+                delta.commit(self, table, sorted(parts[table]), run_id)
+
     def parts(self, table: str) -> list[str]:
+        """The table's visible part files: those its log lists (every part in its folder when
+        it has no log yet, as an earlier soundlake wrote it, and for the snapshot tables)."""
+        from soundlake.catalog import delta
+
+        if delta.uses_log(table) and delta.has_log(self, table):
+            return delta.committed(self, table)
+        return self.glob_parts(table)
+
+    def glob_parts(self, table: str) -> list[str]:
+        """Every part file in the table's folder, committed or not."""
         sel = pafs.FileSelector(self.path(table), allow_not_found=True)
         return sorted(i.path for i in self.fs.get_file_info(sel)
                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
@@ -127,7 +150,10 @@ class Lake:
         holder dies, even by SIGKILL, so a killed run never leaves the lake locked.
         Object-store lakes have no lock: run one writer at a time there.
         """
+        from soundlake.catalog import delta
+
         if not self.is_local:
+            delta.prepare(self, run_id)
             yield
             return
         self.create()
@@ -145,6 +171,7 @@ class Lake:
                     time.sleep(poll)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"run {run_id} (pid {os.getpid()} on {socket.gethostname()})".encode(), 0)
+            delta.prepare(self, run_id)
             yield
         finally:
             os.close(fd)  # closing releases the flock

@@ -55,7 +55,7 @@ def commit(lake: Lake, tables: dict[str, list[str]], run_id: str, meta: dict[str
     put_bytes(lake.fs, lake.path(POINTER), json.dumps(pointer, indent=1, sort_keys=True).encode("utf-8"))
     for table in tables:
         live = {lake.path(p) for p in pointer[table]["parts"] + pointer[table]["previous"]}
-        for path in lake.parts(table):
+        for path in lake.glob_parts(table):
             if path not in live:
                 try:
                     lake.fs.delete_file(path)

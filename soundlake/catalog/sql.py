@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import duckdb
 import pyarrow.dataset as pads
 
-from soundlake.catalog import schema, snapshots
+from soundlake.catalog import delta, schema, snapshots
 from soundlake.catalog.lake import Lake
 from soundlake.core.errors import SKIP_REASONS, UserError
 
@@ -83,7 +83,7 @@ def source_sql(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: li
     pinned = files is not None
     files = lake.parts(table) if files is None else files
     if files and lake.is_local:
-        if pinned:
+        if pinned or (delta.uses_log(table) and delta.has_log(lake, table)):
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             return f"read_parquet([{listed}], union_by_name = true)"
         glob = lake.path(table, "*.parquet").replace("'", "''")
@@ -234,12 +234,32 @@ def close(con: duckdb.DuckDBPyConnection) -> None:
     con.close()
 
 
+def as_of_instant(lake: Lake, text: str):
+    """The instant ``--as-of`` names: an ISO time (UTC unless it says otherwise), or a run id
+    (the time of that run's last commit)."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text)
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    except ValueError:
+        pass
+    for run in delta.history(lake):
+        if run["run_id"] == text:
+            return run["time"]
+    raise UserError(f"--as-of {text!r}: neither an ISO time (2026-12-01T14:00:00) nor a run with commits in "
+                    f"this lake (see `soundlake snapshots --lake {lake.uri}`)")
+
+
 def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
-          load_model: Callable[[str], Any] | None = None, allow_file_reads: bool = False):
+          load_model: Callable[[str], Any] | None = None, allow_file_reads: bool = False, as_of: str | None = None):
     """Run one read statement (:func:`check_read_only`) and return its result as an Arrow
     table; errors are one line. ``load_model`` enables text search (:func:`add_text_search`);
-    ``allow_file_reads`` lets the statement read files outside the lake (``read_csv(...)``)."""
-    con = connect(lake, ranking=ranking, file_reads=allow_file_reads)
+    ``allow_file_reads`` lets the statement read files outside the lake (``read_csv(...)``);
+    ``as_of`` (a run id or an ISO time) reads every logged table as of that instant."""
+    lake = Lake(lake) if isinstance(lake, str) else lake
+    parts = delta.committed_as_of(lake, as_of_instant(lake, as_of)) if as_of else None
+    con = connect(lake, ranking=ranking, file_reads=allow_file_reads, parts=parts)
     try:
         check_read_only(con, sql)
         if any(name in sql for name in TEXT_SEARCH_NAMES):

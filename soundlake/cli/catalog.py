@@ -1,4 +1,4 @@
-"""`soundlake sql`, `soundlake status` and `soundlake report thresholds`: read the lake."""
+"""`soundlake sql`, `status`, `snapshots`, `compact`, `vacuum` and `report thresholds`: the lake."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,8 @@ def sql(
     max_rows: int = typer.Option(40, help="table format: rows to show."),
     allow_file_reads: bool = typer.Option(False, "--allow-file-reads", help="Let the query read files outside "
                                           "the lake (read_csv('other.csv')); off by default. Writing is never allowed."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Read every table as it was at this instant: a run id "
+                                        "(after its last commit) or an ISO time; `soundlake snapshots` lists them."),
 ):
     """Query the lake with DuckDB SQL: one read statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE,
     EXPLAIN). Read-only, and safe while a curation job is running.
@@ -38,7 +40,7 @@ def sql(
     from soundlake.stages.caption import captioner_ranking
 
     result = run_query(lake, query, ranking=captioner_ranking(), load_model=load_clap,
-                       allow_file_reads=allow_file_reads)
+                       allow_file_reads=allow_file_reads, as_of=as_of)
     if result is None:
         raise UserError("the statement returned no rows (only queries are supported)")
     import pyarrow as pa
@@ -124,6 +126,71 @@ def status(lake: str = LAKE, runs: int = typer.Option(10, help="How many recent 
     for r in st.failures:
         t.add_row(r["stage"], r["error"], "yes" if r["permanent"] else "no (retry-failed)", str(r["inputs"]))
     stdout.print(t if st.failures else "[green]no open failures[/]")
+
+
+@app.command(rich_help_panel=LAKE_PANEL)
+def snapshots(lake: str = LAKE, limit: int = typer.Option(20, help="How many recent runs to list.")):
+    """List the instants `soundlake sql --as-of` can read: each run that committed into the lake,
+    the time of its last commit (UTC) and the tables it committed into, newest first."""
+    from soundlake.catalog.delta import history
+    from soundlake.catalog.lake import Lake
+
+    lk = Lake(lake)
+    if not lk.exists():
+        raise UserError(f"no lake at {lake}: run `soundlake curate demo --lake {lake}` first")
+    t = Table(title="snapshots (sql --as-of RUN or TIME)", title_justify="left")
+    for c in ("run", "last commit (UTC)", "tables"):
+        t.add_column(c, overflow="fold")
+    for r in history(lk)[:limit]:
+        t.add_row(r["run_id"], r["time"].isoformat(timespec="milliseconds"), ", ".join(sorted(r["tables"])))
+    stdout.print(t)
+
+
+@app.command(rich_help_panel=LAKE_PANEL)
+def compact(lake: str = LAKE, target_mb: int = typer.Option(256, help="Size of the parts it writes, in MB."),
+            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing.")):
+    """Rewrite each table's many small parts into few large ones (each table in one commit of its
+    own: readers see the old parts or the new, never both). Queries and `status` get faster;
+    `--as-of` still reads the old parts until `soundlake vacuum` deletes them."""
+    from soundlake.catalog import delta
+    from soundlake.catalog.lake import Lake
+    from soundlake.pipelines.runner import new_run_id
+
+    lk = Lake(lake)
+    if not lk.exists():
+        raise UserError(f"no lake at {lake}: run `soundlake curate demo --lake {lake}` first")
+    run_id = new_run_id()
+    t = Table(title=f"compact {run_id}", title_justify="left")
+    for c in ("table", "parts before", "parts after"):
+        t.add_column(c)
+    with lk.lock(run_id, wait=wait):
+        for table in delta.logged_tables(lk):
+            before, after = delta.compact(lk, table, run_id, target_mb << 20)
+            if before != after:
+                t.add_row(table, str(before), str(after))
+    stdout.print(t if t.row_count else "nothing to compact: every table has at most one part")
+
+
+@app.command(rich_help_panel=LAKE_PANEL)
+def vacuum(lake: str = LAKE,
+           older_than: int = typer.Option(168, "--older-than", help="Hours: only files older than this go "
+                                            "(and with them `--as-of` before that)."),
+           wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing.")):
+    """Delete part files that no table's current snapshot lists: those `compact` replaced, and
+    those a killed run's tasks wrote but never got committed. Holds the lake's lock, so no job
+    is writing meanwhile."""
+    from soundlake.catalog import delta
+    from soundlake.catalog.lake import Lake
+    from soundlake.pipelines.runner import new_run_id
+
+    lk = Lake(lake)
+    if not lk.exists():
+        raise UserError(f"no lake at {lake}: run `soundlake curate demo --lake {lake}` first")
+    if older_than < 0:
+        raise UserError(f"--older-than {older_than}: expected hours >= 0")
+    with lk.lock(new_run_id(), wait=wait):
+        n = delta.vacuum(lk, older_than)
+    stdout.print(f"deleted {n} part files older than {older_than} h that no snapshot lists")
 
 
 @report_app.command("thresholds")

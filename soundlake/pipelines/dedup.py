@@ -104,7 +104,8 @@ def backfill_fingerprints(lake: Lake, run_id: str, args: DedupArgs, ray: RaySpec
     t0 = time.perf_counter()
     ds = lake_clips_dataset(lake, need, COLUMNS)
     try:
-        consume(map_and_write(ds, [FingerprintStage(run_id, args.batch_size)], lake.uri, run_id), progress, t0, None)
+        consume(map_and_write(ds, [FingerprintStage(run_id, args.batch_size)], lake.uri, run_id), progress, t0, None,
+                lake)
     except BaseException:
         lake.clean_tmp(run_id, settle_s=10)   # let writing tasks end, then remove their .tmp parts
         raise

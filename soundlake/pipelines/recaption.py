@@ -77,7 +77,7 @@ def recaption(lake_uri: str, args: RecaptionArgs, ray: RaySpec | None = None, wa
                     stages.append(RefineStage(args.refine, run_id, prompt_version=args.refine_prompt_version, **kw))
                 ds = lake_clips_dataset(lake, set(need), ["clip_id", "source", "source_id", "flac", "title",
                                                           "tags", "labels"])
-                consume(map_and_write(ds, stages, lake.uri, run_id), summary, t0, on_progress)
+                consume(map_and_write(ds, stages, lake.uri, run_id), summary, t0, on_progress, lake)
             summary.inputs_done = len(need)
             summary.elapsed_s = time.perf_counter() - t0
     return summary

@@ -117,8 +117,8 @@ def pending_inputs(lake: Lake, rows: list[dict]) -> list[dict]:
         for table in DONE_TABLES:
             files = lake.parts(table)
             if files and lake.is_local:
-                glob = lake.path(table, "*.parquet").replace("'", "''")
-                done.append(f"SELECT source, source_id FROM read_parquet('{glob}')")
+                listed_files = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                done.append(f"SELECT source, source_id FROM read_parquet([{listed_files}])")
             elif files:
                 done.append(f"SELECT source, source_id FROM {source_sql(con, lake, table, files)}")
         if not done:
@@ -206,13 +206,14 @@ def write_block(batch: pa.Table, lake_uri: str, run_id: str, stages: list[Stage]
     for stage in stages:
         for name, t in stage.tables(batch).items():
             tables.setdefault(name, []).append(t)
-    # Failures first, clips last: an input counts as done once its clips part exists.
+    # Failures first, clips last (Lake.commit keeps that order): an input counts as done once
+    # its clips part is committed.
     order = sorted(tables, key=lambda n: (n == "clips", n))
     parts, rows, write_error = [], {}, None
     try:
         for name in order:
             data = pa.concat_tables(tables[name])
-            rel = lake.write_part(name, data, run_id)
+            rel = lake.write_part(name, data, run_id, commit=False)   # the driver commits it
             if rel:
                 parts.append(rel)
                 rows[name] = data.num_rows
@@ -245,14 +246,23 @@ def build_dataset(rows: list[dict], stages: list[Stage], spec: PipelineSpec, lak
     return map_and_write(ray.data.from_arrow(blocks), stages, lake_uri, run_id)
 
 
-def consume(ds, summary: RunSummary, t0: float, on_progress) -> None:
-    """Drain a dataset of write summaries into the run summary (small rows only)."""
+def consume(ds, summary: RunSummary, t0: float, on_progress, lake: Lake) -> None:
+    """Drain a dataset of write summaries into the run summary (small rows only), committing
+    each block's parts as its summary arrives: only parts whose task reported back count, so a
+    retried task's first attempt, or a task of a killed run, never shows in the lake."""
     seen: set[str] = set()
     base = summary.inputs_done
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
     try:
         for batch in batches:
-            for rec in batch.to_pylist():
+            recs = batch.to_pylist()
+            written: dict[str, list[str]] = {}
+            for rec in recs:
+                for rel in rec["parts"]:
+                    written.setdefault(rel.split("/", 1)[0], []).append(rel)
+            if written:
+                lake.commit(written, summary.run_id)
+            for rec in recs:
                 seen.update(rec["source_ids"])
                 summary.clips += rec["clips"]
                 summary.failed_inputs += rec["failed_inputs"]
@@ -429,10 +439,10 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             stages = build_stages(spec, run_id)
             try:
                 if todo:
-                    consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress)
+                    consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress, lake)
                 for name, ds in backfill_datasets(spec, lake, run_id, stages):
                     summary.notes.append(f"{name}: existing clips brought up to date")
-                    consume(ds, summary, t0, on_progress)
+                    consume(ds, summary, t0, on_progress, lake)
             except BaseException:
                 # Tasks still writing when the run stops (a full disk, Ctrl-C) would leave
                 # half-written parts behind: let them end, then remove what remains.
