@@ -189,10 +189,18 @@ def test_min_score_needs_scores_table(lake, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def _copy(lake: Lake, tmp_path) -> Lake:
+    """A copy of the module's lake (its logs list parts by relative path), to change freely."""
+    copy = Lake(str(tmp_path / "lake-copy"))
+    shutil.copytree(lake.root, copy.root)
+    return copy
+
+
 def test_min_score_joins_scores_when_present(lake, tmp_path):
     """Scores as the score stage writes them: per (clip, caption text, CLAP model)."""
     from soundlake.stages.clap import SCORES as scores
 
+    lake = _copy(lake, tmp_path)                                   # the module's lake stays unscored
     caps = lake.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
     rows = []
     for c in caps:
@@ -204,30 +212,26 @@ def test_min_score_joins_scores_when_present(lake, tmp_path):
         rows.append({**rows[-1], "clap_model_id": "clap-b", "score": 1.0 - good,
                      "created": datetime(2030, 1, 1, tzinfo=timezone.utc)})   # the newest model
     lake.write_part("scores", pa.Table.from_pylist(rows, schema=scores), "s1")
-    try:
-        with pytest.raises(UserError, match="--score-model"):
-            run_export(lake, ExportArgs(out=str(tmp_path / "n"), min_score=0.4))
-        run_export(lake, ExportArgs(out=str(tmp_path / "m"), min_score=0.4, score_model="clap-a",
-                                    shard_count=100, shard_size=None))
-        got = read_export(tmp_path / "m")
-        # preferred under clap-a: its best caption (ties by captioner priority), kept if >= 0.4;
-        # clap-b, the newest model, would pick the other caption: it plays no part.
-        assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
-        for cid, s in got.items():
-            i = int(cid[8:12])
-            assert s["meta"]["captions"] == [f"a tone number {i}" if i < 10 else f"template {cid}"]
-            assert s["meta"]["scores"] == [{"text": s["meta"]["caption"], "model_id": "clap-a",
-                                            "score": pytest.approx(0.9)}]
-        run_export(lake, ExportArgs(out=str(tmp_path / "all"), caption="all", min_score=0.4, score_model="clap-a",
-                                    shard_count=100, shard_size=None))
-        got = read_export(tmp_path / "all")
-        # reference captions of clips >= 10 fail, their template captions pass
-        assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
-        assert all(s["meta"]["captions"] == [f"template {c}"] for c, s in got.items() if int(c[8:12]) >= 10)
-        assert all(len(s["meta"]["captions"]) == 2 for c, s in got.items() if int(c[8:12]) < 10 and int(c[8:12]) % 2 == 0)
-    finally:
-        for p in lake.parts("scores"):
-            os.remove(p)
+    with pytest.raises(UserError, match="--score-model"):
+        run_export(lake, ExportArgs(out=str(tmp_path / "n"), min_score=0.4))
+    run_export(lake, ExportArgs(out=str(tmp_path / "m"), min_score=0.4, score_model="clap-a",
+                                shard_count=100, shard_size=None))
+    got = read_export(tmp_path / "m")
+    # preferred under clap-a: its best caption (ties by captioner priority), kept if >= 0.4;
+    # clap-b, the newest model, would pick the other caption: it plays no part.
+    assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
+    for cid, s in got.items():
+        i = int(cid[8:12])
+        assert s["meta"]["captions"] == [f"a tone number {i}" if i < 10 else f"template {cid}"]
+        assert s["meta"]["scores"] == [{"text": s["meta"]["caption"], "model_id": "clap-a",
+                                        "score": pytest.approx(0.9)}]
+    run_export(lake, ExportArgs(out=str(tmp_path / "all"), caption="all", min_score=0.4, score_model="clap-a",
+                                shard_count=100, shard_size=None))
+    got = read_export(tmp_path / "all")
+    # reference captions of clips >= 10 fail, their template captions pass
+    assert set(got) == {f"local:id{i:04d}:0" for i in range(30) if i < 10 or i % 2 == 0}
+    assert all(s["meta"]["captions"] == [f"template {c}"] for c, s in got.items() if int(c[8:12]) >= 10)
+    assert all(len(s["meta"]["captions"]) == 2 for c, s in got.items() if int(c[8:12]) < 10 and int(c[8:12]) % 2 == 0)
 
 
 def _cli(*args: str) -> list[str]:
@@ -320,8 +324,7 @@ def test_preferred_follows_the_dataset_view(lake, tmp_path):
     """`preferred` is the dataset view's caption: with scores, the best-scored one."""
     from soundlake.stages.clap import SCORES
 
-    scored = Lake(str(tmp_path / "lake"))                          # a copy: the module's lake stays unscored
-    shutil.copytree(lake.root, scored.root)
+    scored = _copy(lake, tmp_path)                                 # the module's lake stays unscored
     caps = scored.read("captions", ["clip_id", "captioner", "text"]).to_pylist()
     rows = [{"clip_id": c["clip_id"], "captioner": c["captioner"], "caption_text": c["text"],
              "clap_model_id": "clap-a", "score": 0.9 if c["captioner"] == "template" else 0.2,
