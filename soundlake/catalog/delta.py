@@ -69,10 +69,22 @@ def _open(lake, table: str, version=None):
     return DeltaTable(table_uri(lake, table), version=version, storage_options=storage_options(lake))
 
 
+def _paths(lake, table: str, dt) -> list[str]:
+    """Full paths (as ``lake.fs`` names them) of the parts ``dt``'s version lists, sorted."""
+    base = lake.path(table).rstrip("/") + "/"
+    return sorted(base + f.split("/")[-1] for f in dt.file_uris())
+
+
+def _transact(dt, actions: list, schema: pa.Schema, run_id: str, **meta: str) -> None:
+    from deltalake import CommitProperties
+
+    dt.create_write_transaction(actions, mode="append", schema=schema, commit_properties=CommitProperties(
+        custom_metadata={"soundlake.run_id": run_id, **meta}))
+
+
 def committed(lake, table: str, version: int | None = None) -> list[str]:
     """Full paths (as ``lake.fs`` names them) of the table's committed parts, sorted."""
-    base = lake.path(table).rstrip("/") + "/"
-    return sorted(base + f.split("/")[-1] for f in _open(lake, table, version).file_uris())
+    return _paths(lake, table, _open(lake, table, version))
 
 
 def committed_as_of(lake, when) -> dict[str, list[str]]:
@@ -85,8 +97,7 @@ def committed_as_of(lake, when) -> dict[str, list[str]]:
             out[table] = []         # before the table's log began
             continue
         dt.load_as_version(when)
-        base = lake.path(table).rstrip("/") + "/"
-        out[table] = sorted(base + f.split("/")[-1] for f in dt.file_uris())
+        out[table] = _paths(lake, table, dt)
     return out
 
 
@@ -138,11 +149,7 @@ def compact(lake, table: str, run_id: str, target_bytes: int = 256 << 20) -> tup
     for a in adds:
         a.data_change = False
     dt = _open(lake, table)
-    from deltalake import CommitProperties
-
-    dt.create_write_transaction(actions + adds, mode="append", schema=pa.schema(dt.schema().to_arrow()),
-                                commit_properties=CommitProperties(custom_metadata={"soundlake.run_id": run_id,
-                                                                                    "soundlake.op": "compact"}))
+    _transact(dt, actions + adds, pa.schema(dt.schema().to_arrow()), run_id, **{"soundlake.op": "compact"})
     return len(files), len(new)
 
 
@@ -187,17 +194,18 @@ def commit(lake, table: str, parts: list[str], run_id: str) -> None:
     """Make ``parts`` (paths relative to the lake root, as :meth:`Lake.write_part` returns, all
     under ``table/``) visible in one commit. The first commit of a table creates its log with
     the parts already in the folder (an earlier soundlake's). New columns join the schema."""
-    from deltalake import CommitProperties, DeltaTable
+    from deltalake import DeltaTable
 
     paths = [lake.path(p) for p in parts]
-    if not has_log(lake, table):
-        legacy = [p for p in lake.glob_parts(table) if p not in set(paths)]
-        paths = legacy + paths
+    fresh = not has_log(lake, table)
+    if fresh:
+        new = set(paths)
+        paths = [p for p in lake.glob_parts(table) if p not in new] + paths
     metas = [pq.read_metadata(p, filesystem=lake.fs) for p in paths]
     arrow = _delta_schema(schema.TABLES[table]) if table in schema.TABLES else None
     for m in metas:
         arrow = _merge(arrow, _delta_schema(m.schema.to_arrow_schema()))
-    if not has_log(lake, table):
+    if fresh:
         dt = DeltaTable.create(table_uri(lake, table), schema=arrow, configuration=CONFIGURATION,
                                storage_options=storage_options(lake))
     else:
@@ -213,8 +221,7 @@ def commit(lake, table: str, parts: list[str], run_id: str) -> None:
     actions = [_add_action(lake, p, m) for p, m in zip(paths, metas)]
     if not actions:
         return
-    dt.create_write_transaction(actions, mode="append", schema=arrow,
-                                commit_properties=CommitProperties(custom_metadata={"soundlake.run_id": run_id}))
+    _transact(dt, actions, arrow, run_id)
 
 
 def prepare(lake, run_id: str) -> None:
