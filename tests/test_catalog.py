@@ -162,21 +162,53 @@ def test_parts_of_a_task_that_never_reported_back_never_count(ray_session, tmp_p
     assert fetchall(lake, "SELECT count(*), count(DISTINCT clip_id) FROM clips") == [(6, 6)]
     assert fetchall(lake, "SELECT count(*) FROM captions") == fetchall(
         lake, "SELECT count(*) FROM (SELECT DISTINCT clip_id, captioner, text FROM captions)")
+    runs_parts = len(lake.parts("runs"))
     again = run_pipeline(spec, lake.uri)
     assert again.inputs_skipped == 6 and again.clips == 0
     assert fetchall(lake, "SELECT count(*) FROM clips") == [(6,)]
+    assert len(lake.parts("runs")) == runs_parts + 1   # a run with nothing to do adds its one record only
 
 
-def test_concurrent_writers_on_object_storage_all_land_once(s3):
-    """Two writers commit into one s3:// lake at the same time: delta-rs commits with
-    conditional puts, so a writer that loses a race retries on the new version and both
-    writers' parts land, each once (no lock exists on object storage)."""
+def test_a_run_records_the_versions_it_read_and_left_and_as_of_reads_them(ray_session, tmp_path):
+    import json
+
+    from soundlake.catalog import delta
+
+    lake = Lake(str(tmp_path / "lake"))
+    first = run_pipeline(load_spec("demo", sets=["source.count=2", "source.duration=2", "segment.window=2"]), lake.uri)
+    after_first = delta.versions(lake)
+    run_pipeline(load_spec("demo", sets=["source.count=4", "source.duration=2", "segment.window=2"]), lake.uri)
+    (read, wrote), = fetchall(lake, f"SELECT read_as_of, wrote_as_of FROM runs WHERE run_id = '{first.run_id}'")
+    assert json.loads(wrote)["clips"] == after_first["clips"] and json.loads(read)["clips"] < after_first["clips"]
+    q = "SELECT count(*) AS n FROM clips"
+    assert query(lake, q, as_of=first.run_id).to_pylist() == [{"n": 2}] and fetchall(lake, q) == [(4,)]
+    noop = run_pipeline(load_spec("demo", sets=["source.count=4", "source.duration=2", "segment.window=2"]),
+                        lake.uri, compact=True)                              # curate --compact
+    assert any(n.startswith("compacted clips: 2 parts -> 1") for n in noop.notes), noop.notes
+    assert len(lake.parts("clips")) == 1 and fetchall(lake, q) == [(4,)]
+    assert query(lake, q, as_of=first.run_id).to_pylist() == [{"n": 2}]     # the old parts still serve it
+
+
+def test_migrate_gives_an_earlier_lakes_tables_their_logs(tmp_path, soundlake_here):
+    import pyarrow.parquet as pq
+
+    lake = Lake(str(tmp_path / "lake"))
+    (tmp_path / "lake" / "failures").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([_failure("old")], schema=schema.FAILURES),
+                   tmp_path / "lake" / "failures" / "part-old-1.parquet")
+    r = soundlake_here("migrate", "--lake", lake.uri)
+    assert r.exit_code == 0 and "failures: 1 parts now listed" in r.output, r.output
+    assert (tmp_path / "lake" / "failures" / "_delta_log").is_dir()
+    assert fetchall(lake, "SELECT source_id FROM failures") == [("old",)]
+    r = soundlake_here("migrate", "--lake", lake.uri)
+    assert r.exit_code == 0 and "nothing to migrate" in r.output, r.output
+
+
+def _two_writers_at_once(uri: str) -> None:
+    """Two writers commit 8 parts each into one lake at the same time; each part lands once."""
     import threading
 
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="lakes")
-    lake = Lake("s3://lakes/shared")
+    lake = Lake(uri)
     with lake.lock("setup"):
         pass
     errors = []
@@ -185,7 +217,7 @@ def test_concurrent_writers_on_object_storage_all_land_once(s3):
         try:
             for i in range(8):
                 rows = pa.Table.from_pylist([_failure(f"{name}-{i}")], schema=schema.FAILURES)
-                Lake("s3://lakes/shared").write_part("failures", rows, name)
+                Lake(uri).write_part("failures", rows, name)
         except Exception as e:   # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -196,6 +228,20 @@ def test_concurrent_writers_on_object_storage_all_land_once(s3):
         t.join()
     assert not errors
     assert fetchall(lake, "SELECT count(*), count(DISTINCT source_id) FROM failures") == [(16, 16)]
+
+
+def test_concurrent_writers_on_object_storage_all_land_once(s3):
+    """delta-rs commits with conditional puts, so a writer that loses a race retries on the new
+    version and both writers' parts land, each once (no lock exists on object storage)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="lakes")
+    _two_writers_at_once("s3://lakes/shared")
+
+
+def test_concurrent_commits_on_a_local_lake_all_land_once(tmp_path):
+    """What a review saved from the browser does while a curate commits: no lock, both land."""
+    _two_writers_at_once(str(tmp_path / "lake"))
 
 
 def test_sql_as_of_reads_every_table_as_it_was_after_a_run(tmp_path, soundlake_here):
@@ -247,3 +293,78 @@ def test_compact_then_vacuum(tmp_path, soundlake_here):
     assert not (tmp_path / "lake" / orphan).exists()
     assert len(lake.glob_parts("failures")) == 1 and len(lake.glob_parts("clips")) == 1
     assert fetchall(lake, "SELECT count(*) FROM failures") == [(3,)]
+
+
+def _block_from(tmp_path, lake: Lake, seed: int) -> dict[str, list[str]]:
+    """A block's clips and captions parts written into ``lake`` as workers leave them (not committed)."""
+    import shutil
+
+    from soundlake.testing import make_synth_lake
+
+    src = make_synth_lake(tmp_path / f"src{seed}", 2, seed=seed, run=f"b{seed}")
+    block = {}
+    for table in ("clips", "captions"):
+        (part,) = src.parts(table)
+        rel = f"{table}/part-b{seed}-{table}.parquet"
+        shutil.copy(part, lake.path(rel))
+        block[table] = [rel]
+    return block
+
+
+def test_a_driver_killed_between_a_blocks_commits_shows_none_of_it_and_the_next_writer_finishes_it(
+        tmp_path, monkeypatch):
+    """Delta commits one table at a time: a driver killed after the captions commit and before
+    the clips commit used to leave captions of clips no reader could see, and a re-run wrote
+    them again."""
+    from soundlake.catalog import delta
+    from soundlake.testing import make_synth_lake
+
+    lake = make_synth_lake(tmp_path, 2)
+    with lake.lock("r0"):
+        pass
+    before = fetchall(lake, "SELECT (SELECT count(*) FROM clips), (SELECT count(*) FROM _captions_all)")
+    block = _block_from(tmp_path, lake, seed=7)
+    real = delta.commit
+
+    def killed_before_clips(lake_, table, parts, run_id):
+        if table == "clips":
+            raise KeyboardInterrupt   # the driver dies between the two commits
+        real(lake_, table, parts, run_id)
+
+    monkeypatch.setattr(delta, "commit", killed_before_clips)
+    with pytest.raises(KeyboardInterrupt):
+        lake.commit(block, "r1")
+    monkeypatch.undo()
+    assert lake.path(block["captions"][0]) in delta.committed(lake, "captions")   # in the log...
+    after_kill = "SELECT (SELECT count(*) FROM clips), (SELECT count(*) FROM _captions_all)"
+    assert fetchall(lake, after_kill) == before                                   # ...but not shown
+    assert lake.path(block["captions"][0]) not in lake.parts("captions")
+    with lake.lock("r2"):                                                         # the next writer
+        pass
+    assert delta.pending(lake) == []
+    n_new = fetchall(lake, "SELECT count(*) FROM clips")[0][0] - before[0][0]
+    assert n_new > 0
+    assert fetchall(lake, "SELECT count(*), count(DISTINCT clip_id) FROM clips") == [(before[0][0] + n_new,) * 2]
+    assert fetchall(lake, "SELECT count(*) FROM captions WHERE clip_id NOT IN (SELECT clip_id FROM clips)") == [(0,)]
+    assert len(delta.committed(lake, "captions")) == 2   # committed once, not again by the finish
+
+
+def test_only_the_tables_a_query_reads_get_views():
+    from soundlake.catalog.sql import tables_for
+
+    assert tables_for("SELECT count(*) FROM clips") == {"clips"}
+    assert {"captions", "scores", "reviews", "clips"} <= tables_for("SELECT * FROM dataset WHERE score > 0.3")
+    assert tables_for("SELECT * FROM failures_open") == {"failures_open", "failures", "clips"}
+    for anything in ("SHOW TABLES", "SELECT * FROM information_schema.tables", "WITH a AS (SELECT 1) SELECT * FROM a",
+                     "SELECT * FROM clips, nosuchtable"):
+        assert tables_for(anything) is None   # unsure: every view is built
+
+
+def test_a_query_reading_one_table_sees_what_the_full_views_see(tmp_path):
+    from soundlake.testing import make_synth_lake
+
+    lake = make_synth_lake(tmp_path, 3, template=True)
+    for q in ("SELECT count(*) FROM clips", "SELECT count(*), count(caption) FROM dataset",
+              "SELECT count(*) FROM failures_open", "SELECT count(*) FROM audio"):
+        con = connect(lake)
+        assert fetchall(lake, q) == con.execute(q).fetchall(), q

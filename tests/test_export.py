@@ -453,3 +453,64 @@ def test_part_committed_while_the_export_plans(tmp_path, monkeypatch):
     audio = lake_audio(lake)
     got = read_export(tmp_path / "o")
     assert r.clips == 9 and set(got) == set(audio) and all(s["flac"] == audio[c] for c, s in got.items())
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def test_export_as_of_an_earlier_export_or_run_is_byte_identical_after_later_runs(tmp_path):
+    """Every export records the table versions it read: `export --as-of EXPORT_ID` (or the run
+    that left the lake that way) writes the same shards, byte for byte, after later runs
+    added clips and captions."""
+    from soundlake.catalog.sql import fetchall
+
+    lake = build_lake(tmp_path, range(12), run="r1")
+    first = run_export(lake, ExportArgs(out=str(tmp_path / "first"), shard_size=None, shard_count=5))
+    as_of = json.loads(fetchall(lake, "SELECT as_of FROM exports")[0][0])
+    assert set(as_of) >= {"clips", "captions"}
+    build_lake(tmp_path, range(12, 20), lake=lake, run="r2")                  # a later run: more clips
+    lake.write_part("captions", pa.Table.from_pylist([{                       # and a better caption
+        "clip_id": "local:id0001:0", "captioner": "human", "model_id": "h", "text": "a new caption",
+        "run_id": "r3"}], schema=schema.CAPTIONS), "r3")
+    now = run_export(lake, ExportArgs(out=str(tmp_path / "now"), shard_size=None, shard_count=5))
+    assert now.clips == 20 and _shard_bytes(tmp_path / "now") != _shard_bytes(tmp_path / "first")
+    again = run_export(lake, ExportArgs(out=str(tmp_path / "again"), shard_size=None, shard_count=5,
+                                        as_of=first.export_id))
+    assert again.clips == first.clips == 12
+    assert _shard_bytes(tmp_path / "again") == _shard_bytes(tmp_path / "first")
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["catalog"]["as_of"] == as_of and manifest["catalog"]["sha256"] == first_catalog(tmp_path)
+    by_run = run_export(lake, ExportArgs(out=str(tmp_path / "by-run"), shard_size=None, shard_count=5, as_of="r1"))
+    assert by_run.clips == 12 and _shard_bytes(tmp_path / "by-run") == _shard_bytes(tmp_path / "first")
+    with pytest.raises(UserError, match="--as-of 'exp-nosuch'"):
+        run_export(lake, ExportArgs(out=str(tmp_path / "x"), shard_count=5, shard_size=None, as_of="exp-nosuch"))
+
+
+def first_catalog(tmp_path: Path) -> str:
+    return json.loads((tmp_path / "first" / "manifest.json").read_text())["catalog"]["sha256"]
+
+
+def test_an_export_killed_between_its_two_records_is_recorded_once(tmp_path, monkeypatch):
+    """`export_members` and `exports` are two Delta commits: a kill between them used to leave
+    the members visible without their export, and the re-run recorded them a second time."""
+    from soundlake.catalog import delta
+    from soundlake.catalog.sql import fetchall
+
+    lake = build_lake(tmp_path, range(6))
+    real = delta.commit
+
+    def killed_before_exports(lake_, table, parts, run_id):
+        if table == "exports":
+            raise KeyboardInterrupt
+        real(lake_, table, parts, run_id)
+
+    monkeypatch.setattr(delta, "commit", killed_before_exports)
+    args = ExportArgs(out=str(tmp_path / "v1"), shard_size=None, shard_count=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(lake, args)
+    monkeypatch.undo()
+    assert fetchall(lake, "SELECT (SELECT count(*) FROM exports), (SELECT count(*) FROM export_members)") == [(0, 0)]
+    r = run_export(lake, args)
+    assert r.written == 0 and r.kept == 2
+    assert fetchall(lake, "SELECT (SELECT count(*) FROM exports), (SELECT count(*) FROM export_members)") == [(1, 6)]

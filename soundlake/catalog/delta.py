@@ -13,6 +13,14 @@ deltalake takes ~0.1 s against ~1.4 s, so a ``soundlake sql`` process stays shor
 files already written is one public call of ~10 ms (pyiceberg's ``add_files``: 70 ms to 1.5 s);
 and on object stores delta-rs commits with conditional puts, so no catalog server is needed.
 
+Delta commits one table at a time, so a block (clips with their captions, scores, ...) or an
+export (``exports`` with its ``export_members``) spans several commits. The driver first writes
+a journal naming all of them (``<lake>/_pending/*.json``), commits the anchor table (``clips``,
+``exports``) last, then deletes the journal: while a journal's anchor is not committed, readers
+leave out its other parts (:func:`unfinished`), and the next writer commits what a killed driver
+left out (:func:`finish_pending`), so a reader never sees half of a block, and a re-run does not
+redo it.
+
 A table folder that holds parts but no log (a lake written by an earlier soundlake) reads as
 before, every part counting, until its first commit: that commit adds the old parts too.
 The snapshot tables (``schema.SNAPSHOT_TABLES``) keep their own pointer file
@@ -30,6 +38,8 @@ import pyarrow.parquet as pq
 from soundlake.catalog import schema
 
 LOG = "_delta_log"
+PENDING = "_pending"
+ANCHORS = ("clips", "exports")   # committed last: the other rows of a block or an export count with them
 CONFIGURATION = {"delta.checkpointInterval": "10"}   # keeps each commit and each file listing short
 
 
@@ -84,21 +94,41 @@ def _transact(dt, actions: list, schema: pa.Schema, run_id: str, **meta: str) ->
 
 def committed(lake, table: str, version: int | None = None) -> list[str]:
     """Full paths (as ``lake.fs`` names them) of the table's committed parts, sorted."""
-    return _paths(lake, table, _open(lake, table, version))
+    return state(lake, table, version)[1]
 
 
-def committed_as_of(lake, when) -> dict[str, list[str]]:
-    """{table: committed parts} of every logged table as of ``when`` (an aware datetime): the
-    newest commit of each log at or before that instant (none yet: no parts)."""
+def state(lake, table: str, version: int | None = None) -> tuple[int, list[str]]:
+    """(version, committed parts) of the table, now or at ``version``, from one read of its log."""
+    dt = _open(lake, table, version)
+    return dt.version(), _paths(lake, table, dt)
+
+
+State = dict[str, tuple[int | None, list[str]]]   # {table: (version or None: no commit yet, parts)}
+
+
+def state_at(lake, versions: dict[str, int]) -> State:
+    """Every logged table at the versions a run or an export recorded (tables it did not
+    know yet: empty)."""
+    return {t: state(lake, t, versions[t]) if t in versions else (None, []) for t in logged_tables(lake)}
+
+
+def state_as_of(lake, when) -> State:
+    """Every logged table as of ``when`` (an aware datetime): the newest commit of each log at
+    or before that instant (none yet: no parts)."""
+    # By each commit's own recorded time, which `snapshots` shows: delta-rs' load_as_version
+    # goes by the log files' mtimes, a few ms later on a busy machine.
+    ms = when.timestamp() * 1000
     out = {}
     for table in logged_tables(lake):
         dt = _open(lake, table)
-        if when.timestamp() * 1000 < min(h["timestamp"] for h in dt.history()):
-            out[table] = []         # before the table's log began
-            continue
-        dt.load_as_version(when)
-        out[table] = _paths(lake, table, dt)
+        before = [h["version"] for h in dt.history() if h["timestamp"] <= ms]
+        out[table] = state(lake, table, max(before)) if before else (None, [])   # none: before the log began
     return out
+
+
+def versions(lake) -> dict[str, int]:
+    """{table: current version}: the instant a run or an export read or wrote, for ``--as-of``."""
+    return {t: _open(lake, t).version() for t in logged_tables(lake)}
 
 
 def history(lake) -> list[dict]:
@@ -151,6 +181,16 @@ def compact(lake, table: str, run_id: str, target_bytes: int = 256 << 20) -> tup
     dt = _open(lake, table)
     _transact(dt, actions + adds, pa.schema(dt.schema().to_arrow()), run_id, **{"soundlake.op": "compact"})
     return len(files), len(new)
+
+
+def compact_all(lake, run_id: str, target_bytes: int = 256 << 20) -> list[tuple[str, int, int]]:
+    """:func:`compact` every logged table; returns (table, parts before, after) of those it changed."""
+    out = []
+    for table in logged_tables(lake):
+        before, after = compact(lake, table, run_id, target_bytes)
+        if before != after:
+            out.append((table, before, after))
+    return out
 
 
 def vacuum(lake, older_than_hours: int) -> int:
@@ -224,12 +264,91 @@ def commit(lake, table: str, parts: list[str], run_id: str) -> None:
     _transact(dt, actions, arrow, run_id)
 
 
+def commit_order(table: str) -> tuple[bool, str]:
+    return table in ANCHORS, table
+
+
+def begin(lake, parts: dict[str, list[str]], run_id: str) -> str:
+    """Write the journal of a commit that spans ``parts``' tables (the anchor last, as
+    :func:`commit_order` sorts them); returns its path, for :func:`end`."""
+    import uuid
+
+    from soundlake.core.storage import put_bytes
+
+    last = max(parts, key=commit_order)
+    path = lake.path(PENDING, f"{run_id}-{uuid.uuid4().hex[:12]}.json")
+    lake.fs.create_dir(lake.path(PENDING), recursive=True)
+    put_bytes(lake.fs, path, json.dumps({"run_id": run_id, "last": last, "parts": parts}).encode(), sync=False)
+    return path
+
+
+def end(lake, journal: str) -> None:
+    lake.fs.delete_file(journal)
+
+
+def pending(lake) -> list[dict]:
+    """The journals of commits not yet finished (``path``, ``age_s``, ``last``, ``parts``)."""
+    import time
+
+    sel = pafs.FileSelector(lake.path(PENDING), allow_not_found=True)
+    out = []
+    for info in lake.fs.get_file_info(sel):
+        if info.type != pafs.FileType.File or not info.path.endswith(".json"):
+            continue
+        try:
+            with lake.fs.open_input_stream(info.path) as f:
+                journal = json.loads(f.read())
+        except FileNotFoundError:   # finished meanwhile
+            continue
+        age = time.time() - info.mtime.timestamp() if info.mtime is not None else 0.0
+        out.append({**journal, "path": info.path, "age_s": age})
+    return out
+
+
+def _anchor_done(lake, journal: dict, committed_anchor: set[str] | None = None) -> bool:
+    last = journal["last"]
+    have = committed_anchor if committed_anchor is not None else set(committed(lake, last))
+    return all(lake.path(p) in have for p in journal["parts"][last])
+
+
+def unfinished(lake, table: str) -> set[str]:
+    """Committed parts of ``table`` that a reader must leave out: those of an unfinished
+    journal whose anchor is not committed yet (a kill, or a commit in progress)."""
+    hidden = set()
+    for journal in pending(lake):
+        rels = journal["parts"].get(table)
+        if rels and table != journal["last"] and not _anchor_done(lake, journal):
+            hidden.update(lake.path(p) for p in rels)
+    return hidden
+
+
+def finish_pending(lake, run_id: str, min_age_s: float = 0.0) -> int:
+    """Commit what each unfinished journal (older than ``min_age_s``) still lacks, anchor last,
+    then delete it: the block or export its driver was killed in the middle of now counts
+    once. Call with the lake's lock held. Returns the journals finished."""
+    done = 0
+    for journal in pending(lake):
+        if journal["age_s"] < min_age_s:
+            continue
+        for table in sorted(journal["parts"], key=commit_order):
+            have = set(committed(lake, table)) if has_log(lake, table) else set()
+            todo = [p for p in journal["parts"][table] if lake.path(p) not in have]
+            if todo:
+                commit(lake, table, todo, run_id)
+        end(lake, journal["path"])
+        done += 1
+    return done
+
+
 def prepare(lake, run_id: str) -> None:
     """Give every table without a log one (holding the parts an earlier soundlake left in its
-    folder), before a run's workers write: from then on a part counts only once committed."""
+    folder), before a run's workers write: from then on a part counts only once committed.
+    Finish the commits a killed driver left half done."""
     for table in schema.TABLES:
         if uses_log(table) and not has_log(lake, table):
             commit(lake, table, [], run_id)
+    # Another writer may be mid-commit on an object store (no lock there): leave its journal alone.
+    finish_pending(lake, run_id, min_age_s=0 if lake.is_local else 3600)
 
 
 def _merge(a: pa.Schema | None, b: pa.Schema) -> pa.Schema:

@@ -85,21 +85,31 @@ class Lake:
 
     def commit(self, parts: dict[str, list[str]], run_id: str) -> None:
         """Make written parts ({table: relative paths}) visible, one commit per table, the
-        ``clips`` table last: a reader never sees a clip whose other rows are still to come."""
+        anchor (``clips``, ``exports``) last and under a journal (:func:`delta.begin`): a reader
+        sees all of them or none, even if the driver dies in between."""
         from soundlake.catalog import delta
 
-        for table in sorted(parts, key=lambda t: (t == "clips", t)):
-            if parts[table] and delta.uses_log(table):
-                delta.commit(self, table, sorted(parts[table]), run_id)
+        tables = sorted((t for t in parts if parts[t] and delta.uses_log(t)), key=delta.commit_order)
+        journal = delta.begin(self, {t: parts[t] for t in tables}, run_id) if len(tables) > 1 else None
+        for table in tables:
+            delta.commit(self, table, sorted(parts[table]), run_id)
+        if journal:
+            delta.end(self, journal)
 
     def parts(self, table: str) -> list[str]:
         """The table's visible part files: those its log lists (every part in its folder when
         it has no log yet, as an earlier soundlake wrote it, and for the snapshot tables)."""
+        return self.state(table)[1]
+
+    def state(self, table: str) -> tuple[int | None, list[str]]:
+        """(log version, visible parts) from one read of the table's log (no log: None)."""
         from soundlake.catalog import delta
 
         if delta.uses_log(table) and delta.has_log(self, table):
-            return delta.committed(self, table)
-        return self.glob_parts(table)
+            version, files = delta.state(self, table)
+            hidden = delta.unfinished(self, table)
+            return version, [p for p in files if p not in hidden]
+        return None, self.glob_parts(table)
 
     def glob_parts(self, table: str) -> list[str]:
         """Every part file in the table's folder, committed or not."""

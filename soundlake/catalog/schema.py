@@ -98,6 +98,8 @@ RUNS = pa.schema([
     ("ended", TS),
     ("counts_json", pa.string()),
     ("parts", pa.list_(pa.string())),  # part files committed by this run
+    ("read_as_of", pa.string()),       # {table: Delta version} the run started from (JSON)
+    ("wrote_as_of", pa.string()),      # {table: version} when it ended: `--as-of RUN` reads this
 ])
 
 # CLAP outputs: each row names the model that produced it (never mix two models' numbers).
@@ -131,6 +133,7 @@ EXPORTS = pa.schema([
     ("catalog_sha256", pa.string()),   # hash of the part files the export read
     ("manifest_sha256", pa.string()), ("clips", pa.int64()), ("shards", pa.int64()), ("bytes", pa.int64()),
     ("splits_json", pa.string()),      # {"train": n, "valid": n, ...}
+    ("as_of", pa.string()),            # {table: Delta version} it read (JSON): `export --as-of EXPORT_ID`
 ])
 EXPORT_MEMBERS = pa.schema([
     ("export_id", pa.string()), ("clip_id", pa.string()), ("split", pa.string()), ("shard", pa.string()),

@@ -96,8 +96,68 @@ def source_sql(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: li
     return name
 
 
+def _names(statement: str) -> set[str] | None:
+    """The tables a SELECT names, from DuckDB's parser alone (``json_serialize_sql``: nothing is
+    bound or run); None if it is not one SELECT or names a table in another schema."""
+    import json
+
+    con = duckdb.connect(":memory:")
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
+    except duckdb.Error:
+        return None
+    finally:
+        con.close()
+    if tree.get("error"):
+        return None
+    names, todo = set(), [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "BASE_TABLE":
+                if node.get("schema_name") or node.get("catalog_name"):
+                    return None
+                names.add(node["table_name"])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return names
+
+
+def _view_deps(name: str) -> set[str]:
+    """The names a view reads (the raw tables' helper views count as their table)."""
+    if name == "dataset":
+        return _names(dataset_view(())) or set()
+    if name in _VIEWS:
+        return _names(_VIEWS[name].replace("_clip_parts", "clips").replace("_runs", "runs")) or set()
+    return set()
+
+
+def tables_for(statement: str) -> set[str] | None:
+    """The lake tables a statement needs, views followed to their tables; None (build them all)
+    when it names anything else or names nothing (SHOW TABLES, information_schema, a CTE), so
+    the cheap path is taken only when it is sure to be right."""
+    known = set(schema.TABLES) | set(_VIEWS) | {"dataset"}
+    names = _names(statement)
+    if not names or not names <= known:
+        return None
+    return needed(names)
+
+
+def needed(names: set[str]) -> set[str]:
+    """``names`` with every table and view they read, for ``connect(only=...)``."""
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_view_deps(name))
+    return seen
+
+
 def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str, list[str]] | None = None,
-            ranking: Sequence[str] = (), file_reads: bool = False) -> duckdb.DuckDBPyConnection:
+            ranking: Sequence[str] = (), file_reads: bool = False,
+            only: set[str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views. ``caption_policy`` (or
     $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption;
     ``ranking``: captioner names, most preferred first (the captioner registry's order,
@@ -106,7 +166,9 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
     The connection reads only the lake's own folder (``file_reads``: any file too) and its
     configuration is locked: no statement can re-open file access or change settings.
     ``parts``: {table: part files} to read exactly those (one catalog state, e.g. for an
-    export, even while a curation job adds parts); other tables read all their parts."""
+    export, even while a curation job adds parts); other tables read all their parts.
+    ``only``: build just these tables and views (:func:`tables_for`): each view costs the
+    reads of its table's log and footers, which a short query should not pay 13 times."""
     import os
 
     lake = Lake(lake) if isinstance(lake, str) else lake
@@ -119,6 +181,8 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
     # Parts never change once written: parse each one's footer once, not at every view and query.
     con.execute("SET parquet_metadata_cache = true")
     for table in schema.TABLES:
+        if only is not None and table not in only:
+            continue
         files = (parts or {}).get(table)
         if files is None and table in schema.SNAPSHOT_TABLES:
             files = snapshots.table_parts(lake, table)   # the newest snapshot's parts, not a glob
@@ -137,8 +201,10 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
         else:
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {src}")
     for name, view in _VIEWS.items():
-        con.execute(f"CREATE VIEW {name} AS {view}")
-    con.execute(f"CREATE VIEW dataset AS {dataset_view(ranking, policy)}")
+        if only is None or name in only:
+            con.execute(f"CREATE VIEW {name} AS {view}")
+    if only is None or "dataset" in only:
+        con.execute(f"CREATE VIEW dataset AS {dataset_view(ranking, policy)}")
     if not file_reads:
         if lake.is_local:
             con.execute("SET allowed_directories = [?]", [lake.root.rstrip("/") + "/"])
@@ -247,8 +313,34 @@ def as_of_instant(lake: Lake, text: str):
     for run in delta.history(lake):
         if run["run_id"] == text:
             return run["time"]
-    raise UserError(f"--as-of {text!r}: neither an ISO time (2026-12-01T14:00:00) nor a run with commits in "
+    raise UserError(f"--as-of {text!r}: neither an ISO time (2026-12-01T14:00:00), a run nor an export of "
                     f"this lake (see `soundlake snapshots --lake {lake.uri}`)")
+
+
+def recorded_versions(lake: Lake, name: str) -> dict[str, int] | None:
+    """The table versions a run wrote or an export read, as their records keep them (None:
+    no such record, or one written before soundlake recorded versions)."""
+    import json
+
+    table, key, column = ("exports", "export_id", "as_of") if name.startswith("exp-") else ("runs", "run_id",
+                                                                                          "wrote_as_of")
+    con = connect(lake, only=needed({table}))
+    try:
+        if column not in {d[0] for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description}:
+            return None
+        row = con.execute(f"SELECT {column} FROM {table} WHERE {key} = ? AND {column} IS NOT NULL", [name]).fetchall()
+    finally:
+        close(con)
+    return json.loads(row[0][0]) if row else None
+
+
+def as_of_state(lake: Lake, text: str) -> delta.State:
+    """Every logged table as ``--as-of`` names it: a run (the versions it wrote) or an export
+    (the versions it read), exactly; an ISO time, or an older run, by commit time."""
+    versions = recorded_versions(lake, text)
+    if versions is not None:
+        return delta.state_at(lake, versions)
+    return delta.state_as_of(lake, as_of_instant(lake, text))
 
 
 def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
@@ -256,10 +348,12 @@ def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
     """Run one read statement (:func:`check_read_only`) and return its result as an Arrow
     table; errors are one line. ``load_model`` enables text search (:func:`add_text_search`);
     ``allow_file_reads`` lets the statement read files outside the lake (``read_csv(...)``);
-    ``as_of`` (a run id or an ISO time) reads every logged table as of that instant."""
+    ``as_of`` (a run, an export or an ISO time: :func:`as_of_state`) reads every logged table
+    as of that instant."""
     lake = Lake(lake) if isinstance(lake, str) else lake
-    parts = delta.committed_as_of(lake, as_of_instant(lake, as_of)) if as_of else None
-    con = connect(lake, ranking=ranking, file_reads=allow_file_reads, parts=parts)
+    parts = {t: files for t, (_, files) in as_of_state(lake, as_of).items()} if as_of else None
+    only = None if any(name in sql for name in TEXT_SEARCH_NAMES) else tables_for(sql)
+    con = connect(lake, ranking=ranking, file_reads=allow_file_reads, parts=parts, only=only)
     try:
         check_read_only(con, sql)
         if any(name in sql for name in TEXT_SEARCH_NAMES):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from soundlake.catalog.lake import Lake
-from soundlake.catalog.sql import connect
+from soundlake.catalog.sql import connect, needed
 
 
 @dataclass
@@ -19,7 +19,7 @@ class LakeStatus:
 
 def lake_status(lake: Lake | str, last_runs: int = 10) -> LakeStatus:
     lake = Lake(lake) if isinstance(lake, str) else lake
-    con = connect(lake)
+    con = connect(lake, only=needed({"runs", "clips", "failures_open", "captions", "failures", "skipped"}))
     writing = lake.is_locked()
     runs = con.execute(f"""SELECT run_id, pipeline,
                          CASE WHEN status = 'running' AND NOT {writing} THEN 'interrupted' ELSE status END AS status,

@@ -24,7 +24,8 @@ def sql(
     allow_file_reads: bool = typer.Option(False, "--allow-file-reads", help="Let the query read files outside "
                                           "the lake (read_csv('other.csv')); off by default. Writing is never allowed."),
     as_of: Optional[str] = typer.Option(None, "--as-of", help="Read every table as it was at this instant: a run id "
-                                        "(after its last commit) or an ISO time; `soundlake snapshots` lists them."),
+                                        "(as it left the lake), an export id (as it read it) or an ISO time; "
+                                        "`soundlake snapshots` lists them."),
 ):
     """Query the lake with DuckDB SQL: one read statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE,
     EXPLAIN). Read-only, and safe while a curation job is running.
@@ -164,11 +165,37 @@ def compact(lake: str = LAKE, target_mb: int = typer.Option(256, help="Size of t
     for c in ("table", "parts before", "parts after"):
         t.add_column(c)
     with lk.lock(run_id, wait=wait):
-        for table in delta.logged_tables(lk):
-            before, after = delta.compact(lk, table, run_id, target_mb << 20)
-            if before != after:
-                t.add_row(table, str(before), str(after))
+        for table, before, after in delta.compact_all(lk, run_id, target_mb << 20):
+            t.add_row(table, str(before), str(after))
     stdout.print(t if t.row_count else "nothing to compact: every table has at most one part")
+
+
+@app.command(rich_help_panel=LAKE_PANEL)
+def migrate(lake: str = LAKE,
+            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing.")):
+    """Bring a lake written by an earlier soundlake onto the table format: each table folder
+    without a commit log gets one that lists the parts already in it (they are not rewritten),
+    and commits a killed job left half done are finished. Every writing command does this on
+    its own; run it to do it now, e.g. before pointing several writers at the lake."""
+    from soundlake.catalog import delta, schema
+    from soundlake.catalog.lake import Lake
+    from soundlake.pipelines.runner import new_run_id
+
+    lk = Lake(lake)
+    if not lk.exists():
+        raise UserError(f"no lake at {lake}: nothing to migrate")
+    before = {t: len(lk.glob_parts(t)) for t in schema.TABLES if delta.uses_log(t) and not delta.has_log(lk, t)}
+    half_done = len(delta.pending(lk))
+    with lk.lock(new_run_id(), wait=wait):   # taking the lock is what migrates
+        pass
+    for table, n in before.items():
+        if n:
+            stdout.print(f"{table}: {n} parts now listed in its commit log")
+    if half_done:
+        stdout.print(f"finished {half_done} commits a killed job had left half done")
+    moved = sum(1 for n in before.values() if n)
+    stdout.print(f"migrated {moved} tables" if moved or half_done else "nothing to migrate: every table has its "
+                 "commit log")
 
 
 @app.command(rich_help_panel=LAKE_PANEL)

@@ -29,6 +29,8 @@ def curate(
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster (e.g. auto or ray://host:10001)."),
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it instead of refusing."),
+    compact: bool = typer.Option(False, "--compact", help="At the end, rewrite each table's small parts into "
+                                 "large ones (as `soundlake compact` does): faster queries on a big lake."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = VERBOSE,
 ):
@@ -72,7 +74,7 @@ def curate(
 
     try:
         with progress, user_storage_errors(f"lake {lake}"):
-            summary = run_pipeline(spec, lake, wait=wait, on_start=on_start, on_progress=on_progress)
+            summary = run_pipeline(spec, lake, wait=wait, on_start=on_start, on_progress=on_progress, compact=compact)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: committed work is kept; run the same command again to resume")
         raise typer.Exit(130)

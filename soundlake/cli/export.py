@@ -32,6 +32,9 @@ def export(
     shard_size: Optional[str] = typer.Option(None, help="Bytes per shard, e.g. 512MB (default)."),
     shard_count: Optional[int] = typer.Option(None, min=1, help="Samples per shard instead of --shard-size."),
     name: Optional[str] = typer.Option(None, help="A name for the export in the exports table."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Export the lake as it was: an export id (the "
+                                        "versions it read: the same shards, byte for byte), a run id (the "
+                                        "versions it left) or an ISO time. `soundlake snapshots` lists them."),
     wait: bool = typer.Option(False, help="Wait for a running job's lake lock to record the export."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-shard progress."),
 ):
@@ -56,7 +59,7 @@ def export(
         exclude=[str(p) for p in exclude], splits=parse_splits(split),
         shard_size=None if shard_count else parse_size(shard_size or "512MB"),
         shard_count=shard_count, name=name, dedup=dedup,
-        exclude_eval_sets=[x.strip() for x in (exclude_eval_sets or "").split(",") if x.strip()])
+        exclude_eval_sets=[x.strip() for x in (exclude_eval_sets or "").split(",") if x.strip()], as_of=as_of)
 
     def on_shard(sh, done, total):
         if not quiet:

@@ -80,13 +80,14 @@ class ExportArgs:
     name: str | None = None
     dedup: str | None = None              # identity | fingerprint | semantic[:cos] | none; None: fingerprint if any
     exclude_eval_sets: list[str] = field(default_factory=list)   # eval set names, or ["all"]
+    as_of: str | None = None              # a run, an export or an ISO time: export the lake as it was
 
     def identity(self) -> dict:
         """What must match for a re-run to resume (not the exclusion file paths: their content).
         The screening options appear only when given, so earlier exports keep their ids."""
         d = asdict(self)
         d["exclude"] = sorted(_exclusion_digest(p) for p in self.exclude)
-        for key in ("dedup", "exclude_eval_sets"):
+        for key in ("dedup", "exclude_eval_sets", "as_of"):
             if not d[key]:
                 del d[key]
         return d
@@ -175,15 +176,22 @@ def select(lake: Lake, args: ExportArgs, snap: screening.Snapshot
     connection, which reads exactly that catalog state)."""
     if args.caption not in ("preferred", "all") and not args.caption.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--caption {args.caption!r}: expected preferred, all or a captioner name")
-    # Exactly the part files listed now: one catalog state even while a curation job adds parts.
-    files = {t: lake.parts(t) for t in ("clips", "captions", "scores")}
-    files.update(snap.parts)   # the dedup and eval-set snapshots, when the lake has any
-    if snap.parts:
-        files["embeddings"], files["fingerprints"] = lake.parts("embeddings"), lake.parts("fingerprints")
+    # Exactly the part files listed now (or as of --as-of): one catalog state even while a
+    # curation job adds parts. Their versions go into the manifest and the exports record.
+    read = ["clips", "captions", "scores", "reviews"] + (["embeddings", "fingerprints"] if snap.parts else [])
+    if args.as_of:
+        at = sql.as_of_state(lake, args.as_of)
+        state = {t: at.get(t, (None, [])) for t in read}
+    else:
+        state = {t: lake.state(t) for t in read}
+    files = {t: ps for t, (_, ps) in state.items()}
     ranking = captioner_ranking()
-    con = sql.connect(lake, parts=files, ranking=ranking)
-    rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in files.items()}
-    catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()}
+    con = sql.connect(lake, parts={**files, **snap.parts}, ranking=ranking)   # + the dedup and eval-set snapshots
+    # The catalog's identity: the parts of the tables a plain export has always hashed.
+    hashed = {t: files[t] for t in ("clips", "captions", "scores", *(["embeddings", "fingerprints"] if snap.parts else []))}
+    rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in {**hashed, **snap.parts}.items()}
+    catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest(),
+               "as_of": {t: v for t, (v, _) in state.items() if v is not None}}
     if not files.get("clips"):
         raise UserError(f"lake {lake.uri} has no clips to export")
 
@@ -616,10 +624,15 @@ def _verified(fs, path: str, entry: dict) -> bool:
     return shards.sha256_file(fs, path) == entry.get("sha256")
 
 
+def _recorded(lake: Lake, eid: str) -> bool:
+    return eid in set(lake.read("exports", ["export_id"])["export_id"].to_pylist())
+
+
 def _record(lake: Lake, eid: str, args: ExportArgs, out: str, plan: Plan, manifest: dict,
             msha: str, wait: bool) -> bool:
-    """Write the export and its members to the lake (once per export id)."""
-    if eid in set(lake.read("exports", ["export_id"])["export_id"].to_pylist()):
+    """Write the export and its members to the lake (once per export id), in one journaled
+    commit: a kill in between leaves neither visible, and the next writer finishes it."""
+    if _recorded(lake, eid):
         return False
     run_id = f"export-{eid[4:]}-{uuid.uuid4().hex[:6]}"
     shard_of = {}
@@ -627,16 +640,21 @@ def _record(lake: Lake, eid: str, args: ExportArgs, out: str, plan: Plan, manife
         for s in plan.samples[sh["start"]: sh["end"]]:
             shard_of[s.clip_id] = sh["name"]
     with lake.lock(run_id, wait=wait):
-        lake.write_part("export_members", pa.table({
+        if _recorded(lake, eid):
+            return False   # the lock finished a record a killed export had begun
+        members = lake.write_part("export_members", pa.table({
             "export_id": pa.array([eid] * len(plan.samples), pa.string()),
             "clip_id": [s.clip_id for s in plan.samples],
             "split": [s.split for s in plan.samples],
-            "shard": [shard_of[s.clip_id] for s in plan.samples]}, schema=schema.EXPORT_MEMBERS), run_id)
-        lake.write_part("exports", pa.table({
+            "shard": [shard_of[s.clip_id] for s in plan.samples]}, schema=schema.EXPORT_MEMBERS), run_id, commit=False)
+        record = lake.write_part("exports", pa.table({
             "export_id": [eid], "name": [args.name or os.path.basename(out.rstrip("/"))], "out": [out],
             "created": pa.array([datetime.now(timezone.utc)], schema.TS),
             "args_json": [json.dumps(args.identity(), sort_keys=True)],
             "catalog_sha256": [plan.catalog["sha256"]], "manifest_sha256": [msha],
             "clips": [len(plan.samples)], "shards": [len(plan.shards)], "bytes": [manifest["bytes"]],
-            "splits_json": [json.dumps(manifest["splits"], sort_keys=True)]}, schema=schema.EXPORTS), run_id)
+            "splits_json": [json.dumps(manifest["splits"], sort_keys=True)],
+            "as_of": [json.dumps(plan.catalog["as_of"], sort_keys=True)]}, schema=schema.EXPORTS), run_id,
+            commit=False)
+        lake.commit({"export_members": [members] if members else [], "exports": [record]}, run_id)
     return True

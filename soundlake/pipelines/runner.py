@@ -23,7 +23,7 @@ from typing import Callable
 import duckdb
 import pyarrow as pa
 
-from soundlake.catalog import schema
+from soundlake.catalog import delta, schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
 from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow, source_sql
@@ -246,10 +246,12 @@ def build_dataset(rows: list[dict], stages: list[Stage], spec: PipelineSpec, lak
     return map_and_write(ray.data.from_arrow(blocks), stages, lake_uri, run_id)
 
 
-def consume(ds, summary: RunSummary, t0: float, on_progress, lake: Lake) -> None:
+def consume(ds, summary: RunSummary, t0: float, on_progress, lake: Lake,
+            before_commit: Callable[[], None] | None = None) -> None:
     """Drain a dataset of write summaries into the run summary (small rows only), committing
     each block's parts as its summary arrives: only parts whose task reported back count, so a
-    retried task's first attempt, or a task of a killed run, never shows in the lake."""
+    retried task's first attempt, or a task of a killed run, never shows in the lake.
+    ``before_commit`` runs before each commit (the run's lazy start record)."""
     seen: set[str] = set()
     base = summary.inputs_done
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
@@ -261,6 +263,8 @@ def consume(ds, summary: RunSummary, t0: float, on_progress, lake: Lake) -> None
                 for rel in rec["parts"]:
                     written.setdefault(rel.split("/", 1)[0], []).append(rel)
             if written:
+                if before_commit:
+                    before_commit()
                 lake.commit(written, summary.run_id)
             for rec in recs:
                 seen.update(rec["source_ids"])
@@ -382,35 +386,51 @@ def map_and_write(ds, stages: list[Stage], lake_uri: str, run_id: str):
 
 
 def record_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary, started: datetime,
-               ended: datetime | None) -> None:
+               ended: datetime | None, read_as_of: dict[str, int], wrote_as_of: dict[str, int] | None) -> None:
     row = {"run_id": summary.run_id, "pipeline": pipeline, "status": summary.status,
            "config_json": config_json, "code_version": code_version(), "host": socket.gethostname(),
            "started": started, "ended": ended, "counts_json": json.dumps(summary.counts()),
-           "parts": summary.parts}
+           "parts": summary.parts, "read_as_of": json.dumps(read_as_of, sort_keys=True),
+           "wrote_as_of": None if wrote_as_of is None else json.dumps(wrote_as_of, sort_keys=True)}
     lake.write_part("runs", pa.Table.from_pylist([row], schema=schema.RUNS), summary.run_id)
 
 
 @contextmanager
-def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary):
-    """Write the run's start record, then its end record with the final status, whatever happens."""
+def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary, eager: bool = True):
+    """Write the run's start record, then its end record with the final status, whatever happens;
+    both name the table versions it started from, the end record those it left (``--as-of RUN``).
+
+    Yields ``start()``, which writes the start record once: with ``eager=False`` the caller
+    calls it before its first commit, so a run that finds nothing to do adds one record only."""
     started = datetime.now(timezone.utc)
-    record_run(lake, pipeline, config_json, summary, started, None)
+    read = delta.versions(lake)
+    begun = []
+
+    def start() -> None:
+        if not begun:
+            begun.append(True)
+            record_run(lake, pipeline, config_json, summary, started, None, read, None)
+
+    if eager:
+        start()
     try:
-        yield
+        yield start
         summary.status = "finished"
     except BaseException:
         summary.status = "interrupted"
         raise
     finally:
-        record_run(lake, pipeline, config_json, summary, started, datetime.now(timezone.utc))
+        record_run(lake, pipeline, config_json, summary, started, datetime.now(timezone.utc), read,
+                   delta.versions(lake))
 
 
 def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                  on_start: Callable[[RunSummary], None] | None = None,
                  on_progress: Callable[[RunSummary], None] | None = None,
-                 rows: list[dict] | None = None) -> RunSummary:
+                 rows: list[dict] | None = None, compact: bool = False) -> RunSummary:
     """Run ``spec`` into the lake. ``rows`` (retry-failed) replaces the source listing
-    and is processed even though those inputs have committed failures."""
+    and is processed even though those inputs have committed failures. ``compact``: rewrite
+    the tables' small parts into large ones at the end (``soundlake compact``), lock still held."""
     lake = Lake(lake_uri)
     run_id = new_run_id()
     summary = RunSummary(run_id=run_id, pipeline=spec.name, lake=lake.uri)
@@ -426,7 +446,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
         if todo:
             # The listed inputs, so that `retry-failed` can rebuild them later.
             lake.write_part("inputs", inputs_table(todo, run_id), run_id)
-        with recorded_run(lake, spec.name, spec.model_dump_json(), summary):
+        with recorded_run(lake, spec.name, spec.model_dump_json(), summary, eager=bool(todo)) as start:
             if on_start:
                 on_start(summary)
             t0 = time.perf_counter()
@@ -442,7 +462,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
                     consume(build_dataset(todo, stages, spec, lake.uri, run_id), summary, t0, on_progress, lake)
                 for name, ds in backfill_datasets(spec, lake, run_id, stages):
                     summary.notes.append(f"{name}: existing clips brought up to date")
-                    consume(ds, summary, t0, on_progress, lake)
+                    consume(ds, summary, t0, on_progress, lake, before_commit=start)
             except BaseException:
                 # Tasks still writing when the run stops (a full disk, Ctrl-C) would leave
                 # half-written parts behind: let them end, then remove what remains.
@@ -452,4 +472,7 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             if skipped:
                 summary.notes.append(f"stages {', '.join(skipped)} skipped: set clap.model to run them")
             summary.elapsed_s = time.perf_counter() - t0
+        if compact:
+            for table, before, after in delta.compact_all(lake, run_id):
+                summary.notes.append(f"compacted {table}: {before} parts -> {after}")
     return summary
