@@ -368,3 +368,17 @@ def test_a_query_reading_one_table_sees_what_the_full_views_see(tmp_path):
               "SELECT count(*) FROM failures_open", "SELECT count(*) FROM audio"):
         con = connect(lake)
         assert fetchall(lake, q) == con.execute(q).fetchall(), q
+
+
+def test_a_run_removes_its_own_parts_that_were_never_committed(tmp_path):
+    from soundlake.catalog import delta
+
+    lake = Lake(str(tmp_path / "lake"))
+    rows = pa.Table.from_pylist([_failure("a")], schema=schema.FAILURES)
+    kept = lake.write_part("failures", rows, "r1")
+    lost = lake.write_part("failures", rows, "r1", commit=False)          # a retried task's first attempt
+    other = lake.write_part("failures", rows, "r2", commit=False)         # another run's, maybe still running
+    assert delta.remove_orphans(lake, "r1") == 1
+    assert not (tmp_path / "lake" / lost).exists()
+    assert (tmp_path / "lake" / kept).exists() and (tmp_path / "lake" / other).exists()
+    assert fetchall(lake, "SELECT count(*) FROM failures") == [(1,)]

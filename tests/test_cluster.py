@@ -211,6 +211,10 @@ def test_a_node_killed_right_after_its_tasks_wrote_loses_and_duplicates_nothing(
         if run.returncode != 0:   # the run may stop with the node; the re-run finishes it
             again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_driver_env())
             assert again.returncode == 0, again.stderr[-3000:]
+        else:                     # what the lost node wrote and never reported is gone
+            from soundlake.catalog.lake import Lake
+
+            assert Lake(str(lake)).glob_parts("clips") == Lake(str(lake)).parts("clips")
     rows = fetchall(str(lake), "SELECT count(*), count(DISTINCT clip_id), count(DISTINCT source_id) FROM clips")
     assert rows[0][0] == rows[0][1] and rows[0][2] == 12, rows
     committed = dict(fetchall(str(lake), "SELECT run_id, count(*) FROM clips GROUP BY 1"))

@@ -183,6 +183,21 @@ def compact(lake, table: str, run_id: str, target_bytes: int = 256 << 20) -> tup
     return len(files), len(new)
 
 
+def remove_orphans(lake, run_id: str) -> int:
+    """Delete the parts ``run_id``'s tasks wrote that its driver never committed (a retried
+    task's first attempt, on a node lost after it wrote): call once the run has ended, with
+    the lake's lock held. No snapshot ever listed them, so no ``--as-of`` needs them."""
+    removed = 0
+    for table in logged_tables(lake):
+        mine = [p for p in lake.glob_parts(table) if p.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+        have = set(committed(lake, table)) if mine else set()
+        for path in mine:
+            if path not in have:
+                lake.fs.delete_file(path)
+                removed += 1
+    return removed
+
+
 def compact_all(lake, run_id: str, target_bytes: int = 256 << 20) -> list[tuple[str, int, int]]:
     """:func:`compact` every logged table; returns (table, parts before, after) of those it changed."""
     out = []

@@ -96,18 +96,15 @@ def source_sql(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: li
     return name
 
 
-def _names(statement: str) -> set[str] | None:
+def _names(con: duckdb.DuckDBPyConnection, statement: str) -> set[str] | None:
     """The tables a SELECT names, from DuckDB's parser alone (``json_serialize_sql``: nothing is
     bound or run); None if it is not one SELECT or names a table in another schema."""
     import json
 
-    con = duckdb.connect(":memory:")
     try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchall()[0][0])
     except duckdb.Error:
         return None
-    finally:
-        con.close()
     if tree.get("error"):
         return None
     names, todo = set(), [tree]
@@ -124,40 +121,49 @@ def _names(statement: str) -> set[str] | None:
     return names
 
 
-def _view_deps(name: str) -> set[str]:
+_DEPS: dict[str, set[str]] = {}   # view -> the names its SQL reads (the SQL never changes)
+
+
+def _view_deps(name: str, con: duckdb.DuckDBPyConnection | None = None) -> set[str]:
     """The names a view reads (the raw tables' helper views count as their table)."""
-    if name == "dataset":
-        return _names(dataset_view(())) or set()
-    if name in _VIEWS:
-        return _names(_VIEWS[name].replace("_clip_parts", "clips").replace("_runs", "runs")) or set()
-    return set()
+    if name not in _DEPS:
+        con = con or duckdb.connect(":memory:")
+        if name == "dataset":
+            _DEPS[name] = _names(con, dataset_view(())) or set()
+        elif name in _VIEWS:
+            _DEPS[name] = _names(con, _VIEWS[name].replace("_clip_parts", "clips").replace("_runs", "runs")) or set()
+        else:
+            _DEPS[name] = set()
+    return _DEPS[name]
 
 
-def tables_for(statement: str) -> set[str] | None:
+def tables_for(statement: str, con: duckdb.DuckDBPyConnection | None = None) -> set[str] | None:
     """The lake tables a statement needs, views followed to their tables; None (build them all)
     when it names anything else or names nothing (SHOW TABLES, information_schema, a CTE), so
-    the cheap path is taken only when it is sure to be right."""
+    the cheap path is taken only when it is sure to be right. ``con``: a connection to parse
+    with (opening one costs ~30 ms)."""
+    con = con or duckdb.connect(":memory:")
     known = set(schema.TABLES) | set(_VIEWS) | {"dataset"}
-    names = _names(statement)
+    names = _names(con, statement)
     if not names or not names <= known:
         return None
-    return needed(names)
+    return needed(names, con)
 
 
-def needed(names: set[str]) -> set[str]:
+def needed(names: set[str], con: duckdb.DuckDBPyConnection | None = None) -> set[str]:
     """``names`` with every table and view they read, for ``connect(only=...)``."""
     todo, seen = list(names), set()
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(_view_deps(name))
+            todo.extend(_view_deps(name, con))
     return seen
 
 
 def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str, list[str]] | None = None,
             ranking: Sequence[str] = (), file_reads: bool = False,
-            only: set[str] | None = None) -> duckdb.DuckDBPyConnection:
+            only: set[str] | None = None, statement: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views. ``caption_policy`` (or
     $SOUNDLAKE_CAPTION_POLICY): how the ``dataset`` view picks a clip's caption;
     ``ranking``: captioner names, most preferred first (the captioner registry's order,
@@ -167,8 +173,9 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
     configuration is locked: no statement can re-open file access or change settings.
     ``parts``: {table: part files} to read exactly those (one catalog state, e.g. for an
     export, even while a curation job adds parts); other tables read all their parts.
-    ``only``: build just these tables and views (:func:`tables_for`): each view costs the
-    reads of its table's log and footers, which a short query should not pay 13 times."""
+    ``only``: build just these tables and views, or those ``statement`` reads
+    (:func:`tables_for`): each view costs the reads of its table's log and footers, which a
+    short query should not pay 13 times."""
     import os
 
     lake = Lake(lake) if isinstance(lake, str) else lake
@@ -180,6 +187,8 @@ def connect(lake: Lake | str, caption_policy: str | None = None, parts: dict[str
     con = duckdb.connect(":memory:")
     # Parts never change once written: parse each one's footer once, not at every view and query.
     con.execute("SET parquet_metadata_cache = true")
+    if statement is not None and only is None:
+        only = tables_for(statement, con)
     for table in schema.TABLES:
         if only is not None and table not in only:
             continue
@@ -352,11 +361,12 @@ def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),
     as of that instant."""
     lake = Lake(lake) if isinstance(lake, str) else lake
     parts = {t: files for t, (_, files) in as_of_state(lake, as_of).items()} if as_of else None
-    only = None if any(name in sql for name in TEXT_SEARCH_NAMES) else tables_for(sql)
-    con = connect(lake, ranking=ranking, file_reads=allow_file_reads, parts=parts, only=only)
+    text_search = any(name in sql for name in TEXT_SEARCH_NAMES)   # its macro reads embeddings
+    con = connect(lake, ranking=ranking, file_reads=allow_file_reads, parts=parts,
+                  statement=None if text_search else sql)
     try:
         check_read_only(con, sql)
-        if any(name in sql for name in TEXT_SEARCH_NAMES):
+        if text_search:
             if load_model is None:
                 raise UserError("text search (text_similarity, clap_text) is not available here: "
                                 "run it through `soundlake sql`")

@@ -472,6 +472,9 @@ def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
             if skipped:
                 summary.notes.append(f"stages {', '.join(skipped)} skipped: set clap.model to run them")
             summary.elapsed_s = time.perf_counter() - t0
+        orphans = delta.remove_orphans(lake, run_id)
+        if orphans:
+            summary.notes.append(f"removed {orphans} parts of tasks that never reported back (Ray redid them)")
         if compact:
             for table, before, after in delta.compact_all(lake, run_id):
                 summary.notes.append(f"compacted {table}: {before} parts -> {after}")
