@@ -40,7 +40,12 @@ from soundlake.catalog import schema
 LOG = "_delta_log"
 PENDING = "_pending"
 ANCHORS = ("clips", "exports")   # committed last: the other rows of a block or an export count with them
-CONFIGURATION = {"delta.checkpointInterval": "10"}   # keeps each commit and each file listing short
+# Checkpoints every 10 commits keep each commit and each file listing short. Removed files are
+# not kept as tombstones in checkpoints: readers would load them all (20,000 after compacting
+# 20,000 parts: ~0.2 s per command), and `vacuum` goes by --older-than and the current
+# snapshot, not by tombstones.
+RETENTION = {"delta.deletedFileRetentionDuration": "interval 0 seconds"}
+CONFIGURATION = {"delta.checkpointInterval": "10", **RETENTION}
 
 
 def uses_log(table: str) -> bool:
@@ -180,6 +185,11 @@ def compact(lake, table: str, run_id: str, target_bytes: int = 256 << 20) -> tup
         a.data_change = False
     dt = _open(lake, table)
     _transact(dt, actions + adds, pa.schema(dt.schema().to_arrow()), run_id, **{"soundlake.op": "compact"})
+    dt.update_incremental()
+    if dt.metadata().configuration.get(next(iter(RETENTION))) != next(iter(RETENTION.values())):
+        dt.alter.set_table_properties(RETENTION)   # a table created before RETENTION was set
+        dt.update_incremental()
+    dt.create_checkpoint()   # readers start from the compacted list, without the removes
     return len(files), len(new)
 
 
