@@ -178,7 +178,8 @@ def select(lake: Lake, args: ExportArgs, snap: screening.Snapshot
         raise UserError(f"--caption {args.caption!r}: expected preferred, all or a captioner name")
     # Exactly the part files listed now (or as of --as-of): one catalog state even while a
     # curation job adds parts. Their versions go into the manifest and the exports record.
-    read = ["clips", "captions", "scores", "reviews"] + (["embeddings", "fingerprints"] if snap.parts else [])
+    hashed_tables = ["clips", "captions", "scores"] + (["embeddings", "fingerprints"] if snap.parts else [])
+    read = hashed_tables + ["reviews"]   # reviews rank captions in the dataset view
     if args.as_of:
         at = sql.as_of_state(lake, args.as_of)
         state = {t: at.get(t, (None, [])) for t in read}
@@ -188,7 +189,7 @@ def select(lake: Lake, args: ExportArgs, snap: screening.Snapshot
     ranking = captioner_ranking()
     con = sql.connect(lake, parts={**files, **snap.parts}, ranking=ranking)   # + the dedup and eval-set snapshots
     # The catalog's identity: the parts of the tables a plain export has always hashed.
-    hashed = {t: files[t] for t in ("clips", "captions", "scores", *(["embeddings", "fingerprints"] if snap.parts else []))}
+    hashed = {t: files[t] for t in hashed_tables}
     rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in {**hashed, **snap.parts}.items()}
     catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest(),
                "as_of": {t: v for t, (v, _) in state.items() if v is not None}}
