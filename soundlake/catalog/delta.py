@@ -127,7 +127,11 @@ def state_as_of(lake, when) -> State:
     for table in logged_tables(lake):
         dt = _open(lake, table)
         before = [h["version"] for h in dt.history() if h["timestamp"] <= ms]
-        out[table] = state(lake, table, max(before)) if before else (None, [])   # none: before the log began
+        if not before:
+            out[table] = (None, [])   # before the log began
+            continue
+        dt.load_as_version(max(before))
+        out[table] = (dt.version(), _paths(lake, table, dt))
     return out
 
 
@@ -186,7 +190,7 @@ def compact(lake, table: str, run_id: str, target_bytes: int = 256 << 20) -> tup
     dt = _open(lake, table)
     _transact(dt, actions + adds, pa.schema(dt.schema().to_arrow()), run_id, **{"soundlake.op": "compact"})
     dt.update_incremental()
-    if dt.metadata().configuration.get(next(iter(RETENTION))) != next(iter(RETENTION.values())):
+    if any(dt.metadata().configuration.get(k) != v for k, v in RETENTION.items()):
         dt.alter.set_table_properties(RETENTION)   # a table created before RETENTION was set
         dt.update_incremental()
     dt.create_checkpoint()   # readers start from the compacted list, without the removes

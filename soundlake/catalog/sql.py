@@ -78,14 +78,18 @@ def dataset_view(ranking: Sequence[str], policy: str = "score") -> str:
                FROM clips cl LEFT JOIN ranked r ON r.clip_id = cl.clip_id AND r.rn = 1"""
 
 
+def parquet_list(files: list[str]) -> str:
+    """``files`` as a DuckDB list literal for ``read_parquet([...])``."""
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
 def source_sql(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, files: list[str] | None = None) -> str:
     """A FROM-able expression for a table's parts (all, or exactly ``files``), typed even when it has none."""
     pinned = files is not None
     files = lake.parts(table) if files is None else files
     if files and lake.is_local:
         if pinned or (delta.uses_log(table) and delta.has_log(lake, table)):
-            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            return f"read_parquet([{listed}], union_by_name = true)"
+            return f"read_parquet({parquet_list(files)}, union_by_name = true)"
         glob = lake.path(table, "*.parquet").replace("'", "''")
         return f"read_parquet('{glob}', union_by_name = true)"
     name = f"_arrow_{table}"

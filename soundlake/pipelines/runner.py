@@ -26,7 +26,7 @@ import pyarrow as pa
 from soundlake.catalog import delta, schema
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
-from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow, source_sql
+from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow, parquet_list, source_sql
 from soundlake.core.errors import SKIP_REASONS, UserError
 from soundlake.core.fingerprints import code_version
 from soundlake.core.ray_env import data_context, init_ray, joins_cluster
@@ -117,8 +117,7 @@ def pending_inputs(lake: Lake, rows: list[dict]) -> list[dict]:
         for table in DONE_TABLES:
             files = lake.parts(table)
             if files and lake.is_local:
-                listed_files = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-                done.append(f"SELECT source, source_id FROM read_parquet([{listed_files}])")
+                done.append(f"SELECT source, source_id FROM read_parquet({parquet_list(files)})")
             elif files:
                 done.append(f"SELECT source, source_id FROM {source_sql(con, lake, table, files)}")
         if not done:
