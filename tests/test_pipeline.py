@@ -72,7 +72,8 @@ def test_sigkill_then_resume_and_query_during_run(ray_session, soundlake_here, t
     proc = subprocess.Popen(soundlake_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
-        while not glob.glob(f"{lake}/clips/*.parquet"):
+        # A part counts once the driver commits it, a moment after it is on disk: wait for that.
+        while not glob.glob(f"{lake}/clips/*.parquet") or not Lake(lake).parts("clips"):
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline
             time.sleep(0.05)
