@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Set up everything soundlake needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
 # ffmpeg, espeak-ng, Chromaprint (libchromaprint-tools), Chromium with its driver (for
-# `soundlake serve`'s browser tests) and a Java runtime (METEOR) from apt, then a virtual
+# `soundlake serve`'s browser tests), a Java runtime (METEOR) and PostgreSQL's server (a catalog
+# server for the tests of the writer lock) from apt, then a virtual
 # environment in .venv with the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v fpcalc >/dev/null \
-   || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v java >/dev/null; then
+   || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v java >/dev/null \
+   || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng libsndfile1 libchromaprint-tools \
-    chromium chromium-driver default-jre-headless >/dev/null
+    chromium chromium-driver default-jre-headless postgresql >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -92,3 +92,14 @@ def s3(monkeypatch):
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on loopback for the session (tests/servers.py); yields a URI that
+    logs in with a password."""
+    from servers import PostgresServer
+
+    server = PostgresServer().start()
+    yield server.uri
+    server.stop()

@@ -17,6 +17,7 @@ you're not a bot"). ``times`` = how many requests fail before the id recovers
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -324,3 +325,69 @@ class FreesoundServer(_Server):
             return
         s = self.sounds[id]
         self._send_file(h, id, s.path, _CTYPES.get(s.path.suffix, "application/octet-stream"), fault)
+
+
+class PostgresServer:
+    """Debian's PostgreSQL server on loopback, as an operator would run one: a new cluster
+    (``initdb``) in a temp folder, run as the ``postgres`` user (``runuser -u postgres``),
+    password logins over TCP, stopped by the postmaster's PID. ``uri`` logs in as the role
+    ``soundlake`` with its password."""
+
+    def __init__(self):
+        import glob
+        import pwd
+        import socket
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+        if not bins:
+            raise FileNotFoundError("PostgreSQL's server is not installed (scripts/setup.sh installs it)")
+        self.bin = Path(bins[-1])
+        self.folder = Path(tempfile.mkdtemp(prefix="soundlake-pg-", dir="/tmp"))
+        user = pwd.getpwnam("postgres")
+        os.chown(self.folder, user.pw_uid, user.pw_gid)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.password = "pw-" + os.urandom(6).hex()
+        self.uri = f"postgresql://soundlake:{self.password}@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *cmd):
+        return ["runuser", "-u", "postgres", "--", *cmd]
+
+    def start(self) -> PostgresServer:
+        data = self.folder / "data"
+        subprocess.run(self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--no-sync",
+                                         "--auth-local=trust", "--auth-host=scram-sha-256"),
+                       check=True, capture_output=True)
+        self.proc = subprocess.Popen(self._as_postgres(str(self.bin / "postgres"), "-D", str(data), "-h", "127.0.0.1",
+                                                       "-p", str(self.port), "-k", str(self.folder), "-F"),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            ok = subprocess.run([str(self.bin / "pg_isready"), "-h", str(self.folder), "-p", str(self.port)],
+                                capture_output=True).returncode == 0
+            if ok:
+                break
+            time.sleep(0.1)
+        else:
+            self.stop()
+            raise RuntimeError("PostgreSQL did not start")
+        subprocess.run(self._as_postgres(str(self.bin / "psql"), "-h", str(self.folder), "-p", str(self.port), "-U",
+                                         "postgres", "-q", "-c",
+                                         f"CREATE ROLE soundlake LOGIN PASSWORD '{self.password}'",
+                                         "-c", "GRANT ALL ON SCHEMA public TO soundlake"),
+                       check=True, capture_output=True)
+        return self
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+
+        pid_file = self.folder / "data" / "postmaster.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)   # "fast" shutdown
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -230,10 +230,13 @@ def _two_writers_at_once(uri: str) -> None:
     assert fetchall(lake, "SELECT count(*), count(DISTINCT source_id) FROM failures") == [(16, 16)]
 
 
-def test_concurrent_writers_on_object_storage_all_land_once(s3):
+def test_concurrent_writers_on_object_storage_all_land_once(s3, tmp_path, monkeypatch):
     """delta-rs commits with conditional puts, so a writer that loses a race retries on the new
-    version and both writers' parts land, each once (no lock exists on object storage)."""
+    version and both writers' parts land, each once (commits take no lock: the catalog's lock
+    only keeps out a second writing *command*)."""
     import boto3
+
+    monkeypatch.setenv("SOUNDLAKE_CATALOG", f"sqlite:///{tmp_path}/catalog.db")
 
     boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="lakes")
     _two_writers_at_once("s3://lakes/shared")

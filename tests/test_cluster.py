@@ -12,6 +12,7 @@ import tempfile
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import soundlake_cmd
@@ -130,10 +131,13 @@ def test_token_auth_failure_is_one_line_naming_the_fix(token_cluster, tmp_path):
     assert r.returncode == 2 and "is not the cluster's" in r.stderr, r.stderr
 
 
-def test_object_store_settings_reach_the_workers_and_are_written_nowhere(token_cluster, s3, tmp_path, monkeypatch):
+def test_object_store_settings_reach_the_workers_and_are_written_nowhere(token_cluster, s3, postgres, tmp_path,
+                                                                         monkeypatch):
     """The cluster's nodes know nothing of the S3 endpoint or credentials: the driver's reach
     its workers through the job's runtime environment (without it the workers would try
-    AWS itself). The secret appears in no file of the cluster's session folder nor the lake."""
+    AWS itself). The lake's writer lock is in a PostgreSQL catalog, named with its password in
+    SOUNDLAKE_CATALOG. Neither secret appears in any file of the cluster's session folder nor
+    the lake, which records the catalog without the password."""
     address, temp = token_cluster
     import boto3
 
@@ -142,12 +146,18 @@ def test_object_store_settings_reach_the_workers_and_are_written_nowhere(token_c
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     r = subprocess.run(soundlake_cmd("curate", "demo", "--lake", "s3://lakes/demo", "--set", "source.count=3",
                                      "--address", address), capture_output=True, text=True, timeout=300,
-                       env=_driver_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN))
+                       env=_driver_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, SOUNDLAKE_CATALOG=postgres))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = fetchall("s3://lakes/demo", "SELECT count(DISTINCT source_id) AS inputs, count(*) AS clips FROM clips")
     assert rows[0][0] == 3 and rows[0][1] >= 3, rows
-    leaked = [str(p) for p in Path(temp).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    password = urlsplit(postgres).password.encode()
+    leaked = [str(p) for p in Path(temp).rglob("*") if p.is_file() and (secret.encode() in (b := p.read_bytes())
+                                                                         or password in b)]
     assert not leaked, leaked
+    s3c = boto3.client("s3", endpoint_url=s3)
+    keys = [o["Key"] for o in s3c.list_objects_v2(Bucket="lakes", Prefix="demo/")["Contents"]]
+    assert "demo/_catalog.json" in keys
+    assert not [k for k in keys if password in s3c.get_object(Bucket="lakes", Key=k)["Body"].read()]
 
 
 def test_a_node_that_sees_its_own_disk_stops_the_run_naming_it(ray_session, tmp_path):

@@ -131,6 +131,15 @@ def test_lake_path_that_is_a_file(tmp_path, command, under):
     assert somefile.read_text() == "not a lake\n"
 
 
+def test_an_unreachable_object_store_is_one_line():
+    """pyarrow asks S3 for the bucket's region as it opens the lake: with no endpoint reachable
+    that was a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    r = subprocess.run(soundlake_cmd("status", "--lake", "s3://no-such-soundlake-bucket/lake"), capture_output=True,
+                       text=True, timeout=120, env={**env, "AWS_EC2_METADATA_DISABLED": "true"})
+    one_error_line(r, "cannot open s3://no-such-soundlake-bucket/lake", "AWS_ENDPOINT_URL")
+
+
 @pytest.mark.parametrize("command", LAKE_COMMANDS)
 def test_empty_lake_path_is_refused(tmp_path, command):
     cwd = tmp_path / "cwd"

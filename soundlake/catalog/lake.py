@@ -2,13 +2,12 @@
 
 Writes are atomic: a part is written under a ``.tmp`` name and renamed (on object
 stores a single PUT is atomic already), and it counts once committed into its table's log
-(:mod:`soundlake.catalog.delta`), which is what readers list. A lock file keeps a second
-writer out of a local lake. A lake path that is empty (it would mean the current folder) or
+(:mod:`soundlake.catalog.delta`), which is what readers list. A writer lock (:mod:`soundlake.catalog.locks`) keeps a
+second writer out. A lake path that is empty (it would mean the current folder) or
 a file is refused in one line.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import time
@@ -44,6 +43,7 @@ class Lake:
     uri: str
     fs: pafs.FileSystem = field(init=False, repr=False)
     root: str = field(init=False)
+    held: object = field(init=False, default=None, repr=False)   # the writer lock while lock() holds it
 
     def __post_init__(self):
         check_folder(self.uri, "--lake")  # not empty (the current folder), not a file
@@ -89,6 +89,8 @@ class Lake:
         sees all of them or none, even if the driver dies in between."""
         from soundlake.catalog import delta
 
+        if self.held is not None:
+            self.held.check()   # a lock that a catalog lost (its server restarted) must not go on committing
         tables = sorted((t for t in parts if parts[t] and delta.uses_log(t)), key=delta.commit_order)
         journal = delta.begin(self, {t: parts[t] for t in tables}, run_id) if len(tables) > 1 else None
         for table in tables:
@@ -156,39 +158,36 @@ class Lake:
     def lock(self, run_id: str, wait: bool = False, poll: float = 1.0):
         """Hold the lake's write lock. A second writer waits (``wait``) or gets a clear refusal.
 
-        The lock is an ``flock`` on ``<lake>/_lock``: the kernel releases it when the
-        holder dies, even by SIGKILL, so a killed run never leaves the lake locked.
-        Object-store lakes have no lock: run one writer at a time there.
+        Locally an ``flock`` on ``<lake>/_lock``, or a lock in the lake's catalog
+        (:mod:`soundlake.catalog.locks`; an object-store lake must name one): either way a
+        killed holder never leaves the lake locked.
         """
-        from soundlake.catalog import delta
+        from soundlake.catalog import delta, locks
 
-        if not self.is_local:
-            delta.prepare(self, run_id)
-            yield
-            return
+        lk = locks.lock_for(self)
         self.create()
-        fd = os.open(self.path("_lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        holder = f"run {run_id} (pid {os.getpid()} on {socket.gethostname()})"
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not wait:
-                        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                        raise UserError(f"lake {self.uri} is busy: {holder} is writing to it; "
-                                        "wait for it to finish, or pass --wait to queue behind it") from None
-                    time.sleep(poll)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"run {run_id} (pid {os.getpid()} on {socket.gethostname()})".encode(), 0)
+            while (busy := lk.try_acquire(run_id, holder)) is not None:
+                if not wait:
+                    raise UserError(f"lake {self.uri} is busy: {busy} is writing to it; "
+                                    "wait for it to finish, or pass --wait to queue behind it")
+                time.sleep(poll)
+            locks.record(self)
             delta.prepare(self, run_id)
+            self.held = lk
             yield
         finally:
-            os.close(fd)  # closing releases the flock
+            self.held = None
+            lk.release()
 
     def holds_lock(self, run_id: str) -> bool:
-        """Does run_id own the lake now? (Object-store lakes: always yes.)"""
-        if not self.is_local:
+        """Does run_id own the lake now? Asked by a run's tasks, which must not write for a run
+        that lost the lake. (Catalog lakes: always yes; there the driver, which commits, holds
+        the lock, and a killed driver commits nothing.)"""
+        from soundlake.catalog import locks
+
+        if not self.is_local or locks.catalog_for(self):
             return True
         try:
             with open(self.path("_lock"), encoding="utf-8", errors="replace") as f:
@@ -197,14 +196,8 @@ class Lake:
             return False
 
     def is_locked(self) -> bool:
-        if not self.is_local or not os.path.exists(self.path("_lock")):
-            return False
-        fd = os.open(self.path("_lock"), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        from soundlake.catalog import locks
+
+        if self.is_local and not locks.catalog_for(self):
+            return locks.FileLock(self.path("_lock")).is_held()
+        return locks.catalog_for(self) is not None and locks.lock_for(self).is_held()

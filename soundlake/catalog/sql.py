@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 
 from soundlake.catalog import delta, schema, snapshots
 from soundlake.catalog.lake import Lake
-from soundlake.core.errors import SKIP_REASONS, UserError
+from soundlake.core.errors import SKIP_REASONS, UserError, one_line
 
 # The skip reasons as a SQL list: policy decisions that older lakes recorded as failures.
 SKIP_REASONS_SQL = ", ".join(f"'{r}'" for r in SKIP_REASONS)
@@ -255,11 +255,6 @@ def where_expression(where: str) -> str:
     except duckdb.Error as e:
         raise UserError(f"--where must be one SQL condition, e.g. \"license = 'CC0'\": {one_line(e)}") from None
     return where
-
-
-def one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 TEXT_SEARCH_NAMES = ("text_similarity", "clap_text")

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from soundlake.cli.main import (
+    CATALOG,
     CURATE,
     LAKE,
     VERBOSE,
@@ -40,6 +41,7 @@ def recaption(
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use."),
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
     wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+    catalog: str | None = CATALOG,   # read through SOUNDLAKE_CATALOG
     verbose: bool = VERBOSE,
 ):
     """Caption clips already in the lake with an audio LLM (and refine them with a text LLM).

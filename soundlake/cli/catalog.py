@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from soundlake.cli.main import LAKE, LAKE_PANEL, app, console, report_app, stdout
+from soundlake.cli.main import CATALOG, LAKE, LAKE_PANEL, app, console, report_app, stdout
 from soundlake.core.errors import UserError
 
 
@@ -149,7 +149,8 @@ def snapshots(lake: str = LAKE, limit: int = typer.Option(20, help="How many rec
 
 @app.command(rich_help_panel=LAKE_PANEL)
 def compact(lake: str = LAKE, target_mb: int = typer.Option(256, help="Size of the parts it writes, in MB."),
-            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing.")):
+            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+            catalog: str | None = CATALOG):
     """Rewrite each table's many small parts into few large ones (each table in one commit of its
     own: readers see the old parts or the new, never both). Queries and `status` get faster;
     `--as-of` still reads the old parts until `soundlake vacuum` deletes them."""
@@ -172,7 +173,8 @@ def compact(lake: str = LAKE, target_mb: int = typer.Option(256, help="Size of t
 
 @app.command(rich_help_panel=LAKE_PANEL)
 def migrate(lake: str = LAKE,
-            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing.")):
+            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+            catalog: str | None = CATALOG):
     """Bring a lake written by an earlier soundlake onto the table format: each table folder
     without a commit log gets one that lists the parts already in it (they are not rewritten),
     and commits a killed job left half done are finished. Every writing command does this on
@@ -202,7 +204,8 @@ def migrate(lake: str = LAKE,
 def vacuum(lake: str = LAKE,
            older_than: int = typer.Option(168, "--older-than", help="Hours: only files older than this go "
                                             "(and with them `--as-of` before that)."),
-           wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing.")):
+           wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+           catalog: str | None = CATALOG):
     """Delete part files that no table's current snapshot lists: those `compact` replaced, and
     those a killed run's tasks wrote but never got committed. Holds the lake's lock, so no job
     is writing meanwhile."""

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from soundlake.cli.main import CURATE, LAKE, VERBOSE, app, console
+from soundlake.cli.main import CATALOG, CURATE, LAKE, VERBOSE, app, console
 from soundlake.core.errors import UserError
 from soundlake.core.ray_env import ray_log_file
 from soundlake.core.storage import user_storage_errors
@@ -29,6 +29,7 @@ def curate(
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster (e.g. auto or ray://host:10001)."),
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it instead of refusing."),
+    catalog: str | None = CATALOG,   # read through SOUNDLAKE_CATALOG
     compact: bool = typer.Option(False, "--compact", help="At the end, rewrite each table's small parts into "
                                  "large ones (as `soundlake compact` does): faster queries on a big lake."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -90,6 +91,7 @@ def retry_failed(
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use (default: all)."),
     wait: bool = typer.Option(False, help="If another job is writing to the lake, wait for it."),
+    catalog: str | None = CATALOG,   # read through SOUNDLAKE_CATALOG
     verbose: bool = VERBOSE,
 ):
     """Re-run the inputs whose open failures have these classes (by default the transient ones).

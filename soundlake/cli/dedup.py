@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from soundlake.cli.main import CURATE, LAKE, VERBOSE, app, as_user_error, console, eval_sets_app, stdout
+from soundlake.cli.main import CATALOG, CURATE, LAKE, VERBOSE, app, as_user_error, console, eval_sets_app, stdout
 from soundlake.core.storage import user_storage_errors
 
 
@@ -23,6 +23,7 @@ def dedup(
     num_cpus: Optional[int] = typer.Option(None, help="Local Ray: CPUs to use."),
     address: Optional[str] = typer.Option(None, help="Join a running Ray cluster."),
     wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+    catalog: str | None = CATALOG,   # read through SOUNDLAKE_CATALOG
     verbose: bool = VERBOSE,
 ):
     """Find duplicate clips at each level, and the clips leaking into registered eval sets.
@@ -71,6 +72,7 @@ def eval_sets_add(
                                              "model of the lake's newest embeddings)."),
     lake: str = LAKE,
     wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
+    catalog: str | None = CATALOG,   # read through SOUNDLAKE_CATALOG
 ):
     """Register an evaluation set (replacing one of the same name) and recompute the lake's leakage into the sets.
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from soundlake.cli.main import LAKE, LAKE_PANEL, app, console
+from soundlake.cli.main import CATALOG, LAKE, LAKE_PANEL, app, console
 from soundlake.core.errors import UserError
 from soundlake.core.storage import check_folder, user_storage_errors
 
@@ -36,6 +36,7 @@ def export(
                                         "versions it read: the same shards, byte for byte), a run id (the "
                                         "versions it left) or an ISO time. `soundlake snapshots` lists them."),
     wait: bool = typer.Option(False, help="Wait for a running job's lake lock to record the export."),
+    catalog: str | None = CATALOG,   # read through SOUNDLAKE_CATALOG
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-shard progress."),
 ):
     """Export a SQL selection as WebDataset shards with a manifest, and record it in the lake.

@@ -17,6 +17,7 @@ and log lines go to a log in Ray's session folder instead of the terminal.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import typer
@@ -30,6 +31,24 @@ console = Console(stderr=True)  # progress, summaries, errors
 stdout = Console()              # results: tables a user may pipe
 
 LAKE = typer.Option("./lake", "--lake", "-l", help="Lake root: a folder or an object-store URI (s3://...).")
+
+
+def set_catalog(uri: str | None) -> str | None:
+    """--catalog reaches every Lake the command opens through the environment, as
+    SOUNDLAKE_CATALOG does (a bad URI fails here, naming the option)."""
+    if uri:
+        from soundlake.catalog.locks import ENV, normalize
+
+        normalize(uri)
+        os.environ[ENV] = uri
+    return uri
+
+
+CATALOG = typer.Option(None, "--catalog", callback=set_catalog, metavar="URI",
+                       help="Where the lake's writer lock is kept: sqlite:////path/catalog.db (one machine) or "
+                            "postgresql://user@host/db (several). An object-store lake needs one; the lake records "
+                            "it (without the password), so it is needed once. Default: $SOUNDLAKE_CATALOG, then the "
+                            "lake's record, else a local lake's own lock file.")
 
 
 def set_verbose(verbose: bool) -> bool:

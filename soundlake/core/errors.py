@@ -51,5 +51,11 @@ class RowError(Exception):
         self.message = message
 
 
+def one_line(e: Exception) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad config, bad query, busy lake): printed as one line."""

@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 
-from soundlake.core.errors import UserError
+from soundlake.core.errors import UserError, one_line
 
 _FULL = "free some space (or use a bigger disk) and run the same command again: finished work is kept"
 _PERMISSIONS = "fix its permissions, or use another folder"
@@ -99,7 +99,15 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
             # Delayed open lets uploads under one part size go out as a single PutObject
             # instead of a multipart upload (larger ones stay multipart: still atomic).
             uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
-        return pafs.FileSystem.from_uri(uri)
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except OSError as e:
+            if e.errno is not None:
+                raise
+            # pyarrow resolves an S3 bucket's region on open: an unreachable endpoint ends here
+            raise UserError(f"cannot open {uri.split('?')[0]}: {one_line(e)} (is AWS_ENDPOINT_URL set to the "
+                            "store's address, with AWS_REGION, and is it up?)") from None
+    return pafs.LocalFileSystem(), local_path(uri)
     return pafs.LocalFileSystem(), local_path(uri)
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from soundlake.catalog import schema, snapshots, sql
 from soundlake.catalog.lake import Lake
-from soundlake.core.errors import UserError
+from soundlake.core.errors import UserError, one_line
 
 # Tables whose parts make up the state the pages show.
 STATE_TABLES = ("clips", "captions", "scores", "tags", "embeddings", "failures", "skipped", "runs",
@@ -67,7 +67,7 @@ def run_limited(con: duckdb.DuckDBPyConnection, statement: str, params: list | N
     except duckdb.InterruptException:
         raise UserError(f"query stopped after {limit_s:g} s (the time limit): narrow it") from None
     except duckdb.Error as e:
-        raise UserError(f"SQL error: {sql.one_line(e)}") from None
+        raise UserError(f"SQL error: {one_line(e)}") from None
     finally:
         timer.cancel()
     return table.to_pylist()
