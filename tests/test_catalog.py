@@ -182,6 +182,7 @@ def test_a_run_records_the_versions_it_read_and_left_and_as_of_reads_them(ray_se
     assert json.loads(wrote)["clips"] == after_first["clips"] and json.loads(read)["clips"] < after_first["clips"]
     q = "SELECT count(*) AS n FROM clips"
     assert query(lake, q, as_of=first.run_id).to_pylist() == [{"n": 2}] and fetchall(lake, q) == [(4,)]
+    assert fetchall(lake, "SELECT run_id, status FROM runs", as_of=first.run_id) == [(first.run_id, "finished")]
     noop = run_pipeline(load_spec("demo", sets=["source.count=4", "source.duration=2", "segment.window=2"]),
                         lake.uri, compact=True)                              # curate --compact
     assert any(n.startswith("compacted clips: 2 parts -> 1") for n in noop.notes), noop.notes
@@ -266,6 +267,42 @@ def test_sql_as_of_reads_every_table_as_it_was_after_a_run(tmp_path, soundlake_h
         query(lake, q, as_of="r9")
     r = soundlake_here("sql", q, "--lake", lake.uri, "--as-of", "r1", "--format", "csv")
     assert r.exit_code == 0 and r.output.splitlines()[1] == "2,2", r.output
+
+
+def test_dedup_snapshots_travel_in_time_until_vacuum_forgets_them(tmp_path, soundlake_here):
+    """The snapshot tables (duplicates, groups, eval sets, leakage) are replaced whole by each
+    dedup or eval-sets run. --as-of used to read them as of now; each commit now keeps the
+    pointer it left, with its time, and runs record the seq they saw."""
+    import time
+    from datetime import datetime, timezone
+
+    from soundlake.catalog import snapshots
+
+    lake = Lake(str(tmp_path / "lake"))
+
+    def dedup_run(run: str, pairs: int) -> datetime:
+        rows = [{"clip_a": f"a{i}", "clip_b": f"b{i}", "level": "fingerprint", "score": 1.0, "method": "m",
+                 "model_hash": None, "run_id": run, "created": None} for i in range(pairs)]
+        with lake.lock(run):
+            rel = lake.write_part("duplicates", pa.Table.from_pylist(rows, schema=schema.DUPLICATES), run,
+                                  commit=False)
+            snapshots.commit(lake, {"duplicates": [rel]}, run)
+            lake.write_part("failures", pa.Table.from_pylist([_failure(run)], schema=schema.FAILURES), run)
+        time.sleep(0.01)
+        return datetime.now(timezone.utc)
+
+    after = [dedup_run("r1", 2), dedup_run("r2", 5), dedup_run("r3", 1)]
+    q = "SELECT count(*) FROM duplicates"
+    assert [query(lake, q, as_of=t.isoformat()).to_pylist()[0]["count_star()"] for t in after] == [2, 5, 1]
+    assert fetchall(lake, q, as_of="r2") == [(5,)]            # by the run's last commit
+    assert fetchall(lake, q, as_of="2000-01-01T00:00:00") == [(0,)]
+    assert snapshots.versions(lake) == {snapshots.KEY: 3}
+    r = soundlake_here("vacuum", "--lake", lake.uri, "--older-than", "0")
+    assert r.exit_code == 0, r.output
+    assert len(lake.glob_parts("duplicates")) == 2   # r3's, and r2's as its previous
+    assert fetchall(lake, q) == [(1,)]
+    with pytest.raises(UserError, match="removed by `soundlake vacuum`"):
+        query(lake, q, as_of=after[0].isoformat())
 
 
 def test_compact_then_vacuum(tmp_path, soundlake_here):

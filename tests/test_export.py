@@ -487,6 +487,37 @@ def test_export_as_of_an_earlier_export_or_run_is_byte_identical_after_later_run
         run_export(lake, ExportArgs(out=str(tmp_path / "x"), shard_count=5, shard_size=None, as_of="exp-nosuch"))
 
 
+def test_export_as_of_an_earlier_export_screens_with_the_dedup_snapshot_it_read(tmp_path):
+    """A later `soundlake dedup` replaces the duplicate groups whole: `export --as-of` used to
+    screen with the new ones. The export records the snapshot commit it read (seq)."""
+    from soundlake.catalog import snapshots
+
+    lake = build_lake(tmp_path, range(8), run="r1")
+
+    def dedup_run(run: str, pairs: list[tuple[int, int]]) -> None:
+        rows = [{"clip_a": f"local:id{a:04d}:0", "clip_b": f"local:id{b:04d}:0", "level": "identity", "score": 1.0,
+                 "method": "youtube_id", "model_hash": None, "run_id": run, "created": None} for a, b in pairs]
+        with lake.lock(run):
+            rel = lake.write_part("duplicates", pa.Table.from_pylist(rows, schema=schema.DUPLICATES), run,
+                                  commit=False)
+            snapshots.commit(lake, {"duplicates": [rel]}, run,
+                             {"duplicates": {"levels": {"identity": {"run_id": run, "threshold": 1.0}}}})
+
+    def export(out: str, **kw):
+        return run_export(lake, ExportArgs(out=str(tmp_path / out), shard_size=None, shard_count=3, dedup="identity",
+                                           **kw))
+
+    dedup_run("d1", [(0, 1)])
+    first = export("first")
+    dedup_run("d2", [(2, 3), (4, 5)])
+    assert first.clips == 7 and export("now").clips == 6
+    again = export("again", as_of=first.export_id)
+    assert again.clips == 7 and _shard_bytes(tmp_path / "again") == _shard_bytes(tmp_path / "first")
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["catalog"]["as_of"][snapshots.KEY] == 1
+    assert manifest["dedup"]["runs"] == {"identity": "d1"}
+
+
 def first_catalog(tmp_path: Path) -> str:
     return json.loads((tmp_path / "first" / "manifest.json").read_text())["catalog"]["sha256"]
 

@@ -136,8 +136,14 @@ def state_as_of(lake, when) -> State:
 
 
 def versions(lake) -> dict[str, int]:
-    """{table: current version}: the instant a run or an export read or wrote, for ``--as-of``."""
+    """{table: current version}: the instant a run or an export read or wrote, for ``--as-of``
+    (with ``snapshots.versions`` for the snapshot tables)."""
     return {t: _open(lake, t).version() for t in logged_tables(lake)}
+
+
+def last_commit(lake, table: str, run_id: str) -> int | None:
+    """The version of ``run_id``'s last commit into ``table`` (None: it made none)."""
+    return next((h["version"] for h in _open(lake, table).history() if h.get("soundlake.run_id") == run_id), None)
 
 
 def history(lake) -> list[dict]:

@@ -343,12 +343,30 @@ def recorded_versions(lake: Lake, name: str) -> dict[str, int] | None:
 
 
 def as_of_state(lake: Lake, text: str) -> delta.State:
-    """Every logged table as ``--as-of`` names it: a run (the versions it wrote) or an export
-    (the versions it read), exactly; an ISO time, or an older run, by commit time."""
+    """Every table as ``--as-of`` names it: a run (the versions it wrote) or an export (the
+    versions it read), exactly; an ISO time, or an older run, by commit time. The snapshot
+    tables likewise (:func:`snapshot_seq`)."""
     versions = recorded_versions(lake, text)
+    if versions is not None and not text.startswith("exp-") and "runs" in versions:
+        # A run records its versions in its end record, so they precede that record's own
+        # commit: read `runs` as of the record, so the run shows as it ended.
+        end = delta.last_commit(lake, "runs", text)
+        versions = versions if end is None else {**versions, "runs": end}
     if versions is not None:
-        return delta.state_at(lake, versions)
-    return delta.state_as_of(lake, as_of_instant(lake, text))
+        state = delta.state_at(lake, versions)
+    else:
+        state = delta.state_as_of(lake, as_of_instant(lake, text))
+    return {**state, **snapshots.state(lake, snapshot_seq(lake, text, versions))}
+
+
+def snapshot_seq(lake: Lake, text: str, versions: dict | None = None) -> int | str | None:
+    """The snapshot tables' seq as of ``--as-of`` (see :func:`snapshots.pointer_at`): the one a
+    run or an export recorded, else by time (an export recorded before they were: as of now)."""
+    if versions is not None and snapshots.KEY in versions:
+        return versions[snapshots.KEY]
+    if text.startswith("exp-"):
+        return snapshots.NOW
+    return snapshots.seq_as_of(lake, as_of_instant(lake, text))
 
 
 def query(lake: Lake | str, sql: str, ranking: Sequence[str] = (),

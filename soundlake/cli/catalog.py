@@ -206,10 +206,11 @@ def vacuum(lake: str = LAKE,
                                             "(and with them `--as-of` before that)."),
            wait: bool = typer.Option(False, help="Wait for another job writing the lake instead of refusing."),
            catalog: str | None = CATALOG):
-    """Delete part files that no table's current snapshot lists: those `compact` replaced, and
-    those a killed run's tasks wrote but never got committed. Holds the lake's lock, so no job
-    is writing meanwhile."""
-    from soundlake.catalog import delta
+    """Delete part files that no table's current snapshot lists: those `compact` replaced, those
+    a killed run's tasks wrote but never got committed, and those of dedup and eval-set
+    snapshots replaced before --older-than. Holds the lake's lock, so no job is writing
+    meanwhile."""
+    from soundlake.catalog import delta, snapshots
     from soundlake.catalog.lake import Lake
     from soundlake.pipelines.runner import new_run_id
 
@@ -219,7 +220,7 @@ def vacuum(lake: str = LAKE,
     if older_than < 0:
         raise UserError(f"--older-than {older_than}: expected hours >= 0")
     with lk.lock(new_run_id(), wait=wait):
-        n = delta.vacuum(lk, older_than)
+        n = delta.vacuum(lk, older_than) + snapshots.vacuum(lk, older_than)
     stdout.print(f"deleted {n} part files older than {older_than} h that no snapshot lists")
 
 

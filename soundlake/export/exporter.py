@@ -46,7 +46,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from soundlake.catalog import schema, sql
+from soundlake.catalog import schema, snapshots, sql
 from soundlake.catalog.lake import Lake
 from soundlake.core.errors import UserError
 from soundlake.core.splits import SPLIT_HASH, split_of
@@ -192,7 +192,8 @@ def select(lake: Lake, args: ExportArgs, snap: screening.Snapshot
     hashed = {t: files[t] for t in hashed_tables}
     rel = {t: sorted(p[len(lake.root.rstrip("/")) + 1:] for p in ps) for t, ps in {**hashed, **snap.parts}.items()}
     catalog = {"parts": rel, "sha256": hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest(),
-               "as_of": {t: v for t, (v, _) in state.items() if v is not None}}
+               "as_of": {t: v for t, (v, _) in state.items() if v is not None}
+               | ({snapshots.KEY: snap.seq} if snap.seq is not None else {})}
     if not files.get("clips"):
         raise UserError(f"lake {lake.uri} has no clips to export")
 
@@ -320,7 +321,8 @@ def plan_export(lake: Lake | str, args: ExportArgs) -> Plan:
     lake = Lake(lake) if isinstance(lake, str) else lake
     if (args.shard_size is None) == (args.shard_count is None):
         raise UserError("give exactly one of --shard-size and --shard-count")
-    snap = screening.pinned_snapshot(lake)
+    snap = screening.pinned_snapshot(lake, sql.snapshot_seq(lake, args.as_of, sql.recorded_versions(lake, args.as_of))
+                                      if args.as_of else snapshots.NOW)
     clips, captions, catalog, dropped, con = select(lake, args, snap)
     dropped["no_caption"] = 0
     chosen = []

@@ -37,13 +37,16 @@ class Snapshot:
     """The snapshot tables an export reads, pinned once (parts) with their records (meta)."""
     parts: dict[str, list[str]] = field(default_factory=dict)
     meta: dict[str, dict] = field(default_factory=dict)
+    seq: int | None = None   # the snapshot commit they are as of (None: none, or one without a history)
 
 
-def pinned_snapshot(lake) -> Snapshot:
-    """The current snapshots of the dedup and eval-set tables (none: an empty Snapshot)."""
-    pointer = snapshots.read_pointer(lake)
+def pinned_snapshot(lake, seq: int | str | None = snapshots.NOW) -> Snapshot:
+    """The snapshots of the dedup and eval-set tables, current or as commit ``seq`` left them
+    (none: an empty Snapshot)."""
+    pointer = snapshots.pointer_at(lake, seq)
     return Snapshot({t: [lake.path(p) for p in pointer[t]["parts"]] for t in SNAPSHOT_TABLES if t in pointer},
-                    {t: pointer[t].get("meta", {}) for t in SNAPSHOT_TABLES if t in pointer})
+                    {t: pointer[t].get("meta", {}) for t in SNAPSHOT_TABLES if t in pointer},
+                    snapshots.version(lake, pointer))
 
 
 def parse_dedup(text: str | None) -> tuple[str | None, float | None]:

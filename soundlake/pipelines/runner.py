@@ -23,7 +23,7 @@ from typing import Callable
 import duckdb
 import pyarrow as pa
 
-from soundlake.catalog import delta, schema
+from soundlake.catalog import delta, schema, snapshots
 from soundlake.catalog.lake import Lake
 from soundlake.catalog.schema import INPUT_SCHEMA
 from soundlake.catalog.sql import SKIP_REASONS_SQL, connect, execute_arrow, parquet_list, source_sql
@@ -402,7 +402,7 @@ def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummar
     Yields ``start()``, which writes the start record once: with ``eager=False`` the caller
     calls it before its first commit, so a run that finds nothing to do adds one record only."""
     started = datetime.now(timezone.utc)
-    read = delta.versions(lake)
+    read = {**delta.versions(lake), **snapshots.versions(lake)}
     begun = []
 
     def start() -> None:
@@ -420,7 +420,7 @@ def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummar
         raise
     finally:
         record_run(lake, pipeline, config_json, summary, started, datetime.now(timezone.utc), read,
-                   delta.versions(lake))
+                   {**delta.versions(lake), **snapshots.versions(lake)})
 
 
 def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
