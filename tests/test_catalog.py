@@ -231,16 +231,17 @@ def _two_writers_at_once(uri: str) -> None:
     assert fetchall(lake, "SELECT count(*), count(DISTINCT source_id) FROM failures") == [(16, 16)]
 
 
-def test_concurrent_writers_on_object_storage_all_land_once(s3, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_concurrent_writers_on_object_storage_all_land_once(s3, kind, tmp_path, monkeypatch, request):
     """delta-rs commits with conditional puts, so a writer that loses a race retries on the new
-    version and both writers' parts land, each once (commits take no lock: the catalog's lock
-    only keeps out a second writing *command*)."""
+    version and both writers' parts land, each once, with either catalog (commits take no lock:
+    the catalog's lock only keeps out a second writing *command*)."""
     import boto3
 
-    monkeypatch.setenv("SOUNDLAKE_CATALOG", f"sqlite:///{tmp_path}/catalog.db")
-
+    catalog = f"sqlite:///{tmp_path}/catalog.db" if kind == "sqlite" else request.getfixturevalue("postgres")
+    monkeypatch.setenv("SOUNDLAKE_CATALOG", catalog)
     boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="lakes")
-    _two_writers_at_once("s3://lakes/shared")
+    _two_writers_at_once(f"s3://lakes/shared-{kind}")   # moto keeps its buckets for the whole session
 
 
 def test_concurrent_commits_on_a_local_lake_all_land_once(tmp_path):
