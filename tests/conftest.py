@@ -100,6 +100,11 @@ def postgres():
     logs in with a password."""
     from servers import PostgresServer
 
-    server = PostgresServer().start()
+    try:
+        server = PostgresServer().start()
+    except (FileNotFoundError, PermissionError, KeyError) as e:   # not installed, not root, no postgres user
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no PostgreSQL server can be started here ({e}); scripts/setup.sh installs it (run as root)")
     yield server.uri
     server.stop()
