@@ -2,9 +2,9 @@
 
 Writes are atomic: a part is written under a ``.tmp`` name and renamed (on object
 stores a single PUT is atomic already), and it counts once committed into its table's log
-(:mod:`soundlake.catalog.delta`), which is what readers list. A writer lock (:mod:`soundlake.catalog.locks`) keeps a
-second writer out. A lake path that is empty (it would mean the current folder) or
-a file is refused in one line.
+(:mod:`soundlake.catalog.delta`), which is what readers list. A writer lock
+(:mod:`soundlake.catalog.locks`) keeps a second writer out. A lake path that is empty (it
+would mean the current folder) or a file is refused in one line.
 """
 from __future__ import annotations
 
