@@ -164,7 +164,7 @@ class Lake:
         """
         from soundlake.catalog import delta, locks
 
-        lk = locks.lock_for(self)
+        lk = locks.lock_for(self, locks.catalog_for(self))
         self.create()
         holder = f"run {run_id} (pid {os.getpid()} on {socket.gethostname()})"
         try:
@@ -198,6 +198,7 @@ class Lake:
     def is_locked(self) -> bool:
         from soundlake.catalog import locks
 
-        if self.is_local and not locks.catalog_for(self):
-            return locks.FileLock(self.path("_lock")).is_held()
-        return locks.catalog_for(self) is not None and locks.lock_for(self).is_held()
+        uri = locks.catalog_for(self)
+        if uri is None:   # an object-store lake without a catalog has no lock to hold
+            return self.is_local and locks.FileLock(self.path("_lock")).is_held()
+        return locks.lock_for(self, uri).is_held()

@@ -85,9 +85,9 @@ def record(lake) -> None:
         put_bytes(lake.fs, lake.path(RECORD), json.dumps({"catalog": normalize(os.environ[ENV])}).encode())
 
 
-def lock_for(lake):
-    """The lake's lock: :class:`FileLock`, :class:`SqliteLock` or :class:`PostgresLock`."""
-    uri = catalog_for(lake)
+def lock_for(lake, uri: str | None):
+    """The lake's lock, given its catalog (:func:`catalog_for`): :class:`FileLock`,
+    :class:`SqliteLock` or :class:`PostgresLock`."""
     if uri is None:
         if not lake.is_local:
             raise UserError(f"lake {lake.uri} is on object storage, which has no lock for its writers: {HOW}")

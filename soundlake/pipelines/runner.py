@@ -394,6 +394,11 @@ def record_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary,
     lake.write_part("runs", pa.Table.from_pylist([row], schema=schema.RUNS), summary.run_id)
 
 
+def lake_versions(lake: Lake) -> dict[str, int]:
+    """Every logged table's version and the snapshot tables' seq: what ``--as-of`` reads."""
+    return {**delta.versions(lake), **snapshots.versions(lake)}
+
+
 @contextmanager
 def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummary, eager: bool = True):
     """Write the run's start record, then its end record with the final status, whatever happens;
@@ -402,7 +407,7 @@ def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummar
     Yields ``start()``, which writes the start record once: with ``eager=False`` the caller
     calls it before its first commit, so a run that finds nothing to do adds one record only."""
     started = datetime.now(timezone.utc)
-    read = {**delta.versions(lake), **snapshots.versions(lake)}
+    read = lake_versions(lake)
     begun = []
 
     def start() -> None:
@@ -420,7 +425,7 @@ def recorded_run(lake: Lake, pipeline: str, config_json: str, summary: RunSummar
         raise
     finally:
         record_run(lake, pipeline, config_json, summary, started, datetime.now(timezone.utc), read,
-                   {**delta.versions(lake), **snapshots.versions(lake)})
+                   lake_versions(lake))
 
 
 def run_pipeline(spec: PipelineSpec, lake_uri: str, wait: bool = False,
