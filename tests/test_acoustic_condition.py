@@ -75,8 +75,11 @@ def chain(ray_session, tmp_path_factory):
     from soundlake.testing import make_synth_export
 
     root = tmp_path_factory.mktemp("dcldm")
-    audio = make_synth_export(root / "synth", 40, seconds=1.0, sr=16000, shard_count=5, splits={"ar": 0.4})
-    train(load_train_spec("vae", shards=str(audio), out=str(root / "vae"), steps=10, batch_size=4, seconds=0.5,
+    # shard_count 3 (fewer shards, still several for ar-encode's resume) and 2 VAE steps: the VAE only has to
+    # exist (its latents are the tokenizer's, the AR's and the DiT's data); every shard costs a Ray
+    # Data encode and an AR sampling pass.
+    audio = make_synth_export(root / "synth", 40, seconds=1.0, sr=16000, shard_count=3, splits={"ar": 0.4})
+    train(load_train_spec("vae", shards=str(audio), out=str(root / "vae"), steps=2, batch_size=4, seconds=0.5,
                           sets=["workers=0", "shuffle=8", "lr=1e-3"]))
     latents = root / "latents"
     encode_shards(str(root / "vae"), str(audio), str(latents))

@@ -248,7 +248,12 @@ def test_evaluation_adds_the_papers_extractors(models, tmp_path):
     dit, clap = models
     gen = Generator.load(dit)
     torch.manual_seed(0)
-    ex = evaluate.PaperExtractors(panns=PannsMetrics(Cnn14(), "panns-random"),
+    # CNN14 with a 64-wide embedding head instead of 2048: FD's sqrtm of a 2048 x 2048 covariance
+    # product alone took most of this test, and nothing here depends on the embedding's width
+    # (the full-size network's outputs are checked against the reference in test_extractors).
+    panns = Cnn14()
+    panns.fc1, panns.fc_audioset = nn.Linear(2048, 64), nn.Linear(64, 527)
+    ex = evaluate.PaperExtractors(panns=PannsMetrics(panns, "panns-random"),
                                   vggish=VggishMetrics(VGGish(), "vggish-random"))
     labels = ["dog", "rain", "siren"]
     rep = evaluate.evaluate_generation(gen, [evaluate.EvalPrompt(c) for c in CAPTIONS], Sampling(steps=2),
@@ -258,6 +263,7 @@ def test_evaluation_adds_the_papers_extractors(models, tmp_path):
     m = row["metrics"]
     assert m["fd_panns"]["model"] == "panns-random" and m["fad_vggish"]["model"] == "vggish-random"
     assert all(m[k]["sample_rate"] == 16000 and m[k]["n_generated"] == 3 for k in ("fd_panns", "kl_panns", "fad_vggish"))
+    assert m["fd_panns"]["details"]["dim"] == 64 and m["fad_vggish"]["details"]["dim"] == 128  # each its own
     # no reference audio: the reference set is the uncached outputs, so this row is 0 against itself
     assert row["kl_panns"] == pytest.approx(0.0, abs=1e-9) and row["fad_vggish"] == pytest.approx(0.0, abs=1e-3)
     assert row["is_panns"] >= 1.0

@@ -74,7 +74,7 @@ def test_caption_scores_bundle():
         caption_scores(["x"], [[]], encoder=FakeEncoder())
 
 
-def test_evaluate_captions_from_a_lake(tmp_path):
+def test_evaluate_captions_from_a_lake(monkeypatch, tmp_path):
     from datetime import datetime, timezone
 
     import pyarrow as pa
@@ -94,7 +94,11 @@ def test_evaluate_captions_from_a_lake(tmp_path):
     rows = [{"clip_id": c, "captioner": k, "model_id": m, "model_hash": None, "prompt_version": None,
              "text": t, "run_id": "r", "created": now} for c, k, m, t in caps]
     lake.write_part("captions", pa.Table.from_pylist(rows, schema=schema.CAPTIONS), "r")
+    # No java on PATH: METEOR (a Java process per captioner, tens of seconds on a busy machine) is
+    # skipped with its reason; test_meteor_through_the_coco_java_implementation covers it.
+    monkeypatch.setenv("PATH", str(tmp_path))
     res = evaluate_captions(lake, "human", encoder=FakeEncoder())
+    assert set(res) == {"other", "template"} and all("no Java" in m["meteor_skipped"] for m in res.values())
     assert res["other"]["n"] == 1 and res["other"]["rouge_l"] == pytest.approx(1.0)
     p, r = 1 / 3, 1 / 4  # "a dog barks" vs "rain on a roof": LCS = 1 ("a")
     f = (1 + 1.44) * p * r / (r + 1.44 * p)
@@ -120,3 +124,5 @@ def test_meteor_through_the_coco_java_implementation():
              "rain falls on a tin roof"]
     _, (exact, stem, shuffled, other) = meteor(cands, [ref] * 4)
     assert exact > 0.95 and exact > stem > other and exact > shuffled > other and other < 0.2
+    # the bundle that `soundlake eval captions` reports carries it (one segment: its own score)
+    assert caption_scores(cands[1:2], [ref], encoder=FakeEncoder())["meteor"] == pytest.approx(stem, abs=1e-4)

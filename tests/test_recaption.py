@@ -8,8 +8,6 @@ from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import fetchall
 from soundlake.models.captioners.qwen import QwenCaptioner, lint
 from soundlake.pipelines.recaption import RecaptionArgs, clips_to_caption, recaption
-from soundlake.pipelines.runner import run_pipeline
-from soundlake.pipelines.spec import load_spec
 from soundlake.testing import (
     make_synth_lake,
     make_tiny_causal_lm,
@@ -82,9 +80,12 @@ def test_sigkilled_recaption_resumes_without_duplicates(ray_session, soundlake_h
 
     instruct, _, _ = tiny_models
     n = 8
+    # n one-clip synth scenes, each in a clips part of its own (so the run commits clip by clip),
+    # written through the real segment stage without Ray (no `demo` pipeline run of its own needed).
     lake = str(tmp_path / "lake")
-    run_pipeline(load_spec("demo", sets=[f"source.count={n}", "source.duration=3.0", "segment.window=3.0",
-                                         "stages=[segment]", "ray.inputs_per_task=1"]), lake)
+    for seed in range(n):
+        make_synth_lake(tmp_path, 1, seconds=3.0, seed=seed, run=f"synth{seed}")
+    assert len(Lake(lake).parts("clips")) == n and fetchall(lake, "SELECT count(*) FROM clips") == [(n,)]
     args = ["recaption", "--lake", lake, "--model", str(instruct), "--batch-size", "1", "--address", ray_session]
     before = set(Lake(lake).parts("captions"))  # the reference captions
     proc = subprocess.Popen(soundlake_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
