@@ -5,7 +5,7 @@ lines (``figure <name>: <text>``, printed by ``benchmarks/common.py``'s ``figure
 in any run. A quick run does the same work on less data, so printing exactly those names
 proves the full run's code still works. No timings are asserted: a quick run measures nothing.
 Scripts are found by glob, so a new one is covered (and must declare FIGURES). Each quick run
-is a process forked from a Python that imported torch, transformers and Ray once (``warm_python``).
+is a process forked from a Python that imported torch and transformers once (``warm_python``).
 """
 from __future__ import annotations
 
@@ -25,11 +25,7 @@ BENCH = ROOT / "benchmarks"
 HELPERS = {"common.py"}  # shared code, not a benchmark
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if p.name not in HELPERS and not p.name.startswith("_"))
 TIMEOUT_S = 480  # quick runs take 5-160 s here (Ray Train start-up dominates); this only catches a hang
-# What nearly every benchmark imports first (each ~0.3-7 s here, paid once instead of per run).
-# Importing Ray starts no thread and connects to nothing, so forking after it is safe.
-WARM_IMPORTS = ["torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
-                "transformers.models.bart.modeling_bart", "transformers.models.clap.modeling_clap", "duckdb",
-                "ray.data", "soundlake.pipelines.runner"]
+WARM_IMPORTS = ["torch", "transformers.modeling_utils"]  # what nearly every benchmark imports first
 
 
 def _common():
@@ -113,8 +109,8 @@ def _run_quick(script: str, env: dict[str, str], out: str, err: str) -> None:
 
 @pytest.fixture(scope="module")
 def warm_python():
-    """Forks each quick run from a Python that has imported WARM_IMPORTS once: those imports
-    are most of a quick run's CPU time (~8-15 s each here), not what it tests. A run is
+    """Forks each quick run from a Python that has imported torch and transformers once: those
+    imports are most of a quick run's CPU time (~8 s each here), not what it tests. A run is
     still a process of its own, with its own environment, arguments and output."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(WARM_IMPORTS)
