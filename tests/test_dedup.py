@@ -314,9 +314,9 @@ def test_a_lake_without_dedup_results_exports_as_before(tmp_path):
 
 
 def test_fingerprints_from_before_envelopes_are_matched_by_bits_and_then_refilled(tmp_path, ray_session):
-    """A lake fingerprinted by an earlier soundlake has no ``env`` column: dedup still matches
-    (by bits alone), fingerprints those clips again with envelopes, and the new rows replace the
-    old ones in the view."""
+    """A lake fingerprinted by an earlier soundlake has no ``env``, ``contour`` or ``pitch``
+    column: dedup still matches (by bits alone), fingerprints those clips again with envelopes
+    and detail, and the new rows replace the old ones in the view."""
     import pyarrow.parquet as pq
 
     from soundlake.testing import make_synth_lake
@@ -326,11 +326,13 @@ def test_fingerprints_from_before_envelopes_are_matched_by_bits_and_then_refille
     r = runner.invoke(app, ["dedup", "--lake", lake.uri, "--levels", "fingerprint"])
     assert r.exit_code == 0 and "fingerprints: 3 new" in r.output, r.output
     for part in lake.parts("fingerprints"):                      # as an earlier version wrote them
-        pq.write_table(pq.read_table(part).drop_columns(["env"]), part)
-    assert "env" not in lake.read("fingerprints").column_names
+        pq.write_table(pq.read_table(part).drop_columns(["env", "contour", "pitch"]), part)
+    assert not {"env", "contour", "pitch"} & set(lake.read("fingerprints").column_names)
     r = runner.invoke(app, ["dedup", "--lake", lake.uri, "--levels", "fingerprint"])
     assert r.exit_code == 0 and "fingerprints: 3 new" in r.output, r.output
-    rows = fetchall(lake, "SELECT clip_id, len(env) FROM fingerprints ORDER BY 1")
-    assert len(rows) == 3 and all(n and n > 100 for _, n in rows)   # ~24 envelope frames a second
+    rows = fetchall(lake, "SELECT clip_id, len(env), len(contour), len(pitch) FROM fingerprints ORDER BY 1")
+    assert len(rows) == 3
+    for _, env, contour, pitch in rows:   # 8 s: ~24 envelope, ~345 contour and ~43 pitch frames a second
+        assert env > 100 and 2500 < contour < 2800 and 300 < pitch < 350, rows
     r = runner.invoke(app, ["dedup", "--lake", lake.uri, "--levels", "fingerprint"])
     assert r.exit_code == 0 and "fingerprints: 0 new" in r.output, r.output

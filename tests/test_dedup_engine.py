@@ -15,6 +15,24 @@ import pytest
 import soundfile as sf
 import soxr
 
+from soundlake.dedup.detail import (
+    CONTOUR_FLOOR_DB,
+    CONTOUR_HOP,
+    CONTOUR_THRESHOLD,
+    CONTOUR_WIN,
+    MIN_FRAMES,
+    NOISY_BITS,
+    PITCH_CENTS,
+    PITCH_HOP,
+    RATE,
+    Detail,
+    contour,
+    contour_agreement,
+    detail,
+    detail_agreement,
+    pitch_difference,
+    pitch_track,
+)
 from soundlake.dedup.fingerprint import (
     CHROMAPRINT_RATE,
     ENV_HOP,
@@ -237,6 +255,125 @@ def test_the_envelope_check_parts_renders_of_one_template_and_keeps_copies(tmp_p
     assert sum("a" in p for p in pairs) == 5                          # a with each of its five copies
     assert not any("b" in p for p in pairs)
     assert checked.query(fp_b, env=env_b) == [("b", 1.0)]
+
+
+# ---- the fine detail (contour and pitch), by hand -------------------------------------------
+def test_contour_is_each_hann_frames_level_under_the_loudest():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(4 * 2756) * np.repeat([0.001, 0.5, 0.05, 0.0], 2756)
+    w = np.hanning(CONTOUR_WIN) ** 2
+    levels = [10 * np.log10(np.sum(x[s:s + CONTOUR_WIN] ** 2 * w) / CONTOUR_WIN + 1e-12)
+              for s in range(0, x.size - CONTOUR_WIN + 1, CONTOUR_HOP)]
+    want = np.clip(np.round(np.array(levels) - max(levels)), -CONTOUR_FLOOR_DB, 0).astype(np.int8)
+    got = contour(x)
+    assert got.dtype == np.int8 and np.array_equal(got, want)
+    assert got.min() == -CONTOUR_FLOOR_DB and got.max() == 0
+    assert contour(x[: CONTOUR_WIN - 1]).size == 0
+
+
+def test_pitch_track_is_the_strongest_partials_cents_and_zero_where_not_tonal():
+    rng = np.random.default_rng(6)
+    t = np.arange(RATE) / RATE
+    tone = 0.5 * np.sin(2 * np.pi * 441.0 * t) + 0.1 * np.sin(2 * np.pi * 1500.0 * t)
+    x = np.concatenate([tone, 0.3 * rng.standard_normal(RATE), np.zeros(RATE)])
+    got = pitch_track(x)
+    frame_of = lambda sec: int(sec * RATE / PITCH_HOP)  # noqa: E731
+    in_tone, in_noise, in_silence = got[: frame_of(0.8)], got[frame_of(1.2):frame_of(1.8)], got[frame_of(2.2):]
+    assert got.dtype == np.int16
+    assert np.all(np.abs(in_tone - 1200 * np.log2(441.0 / 10.0)) <= 2)   # 441 Hz, not its weaker partner
+    assert not in_noise.any() and not in_silence.any()
+
+
+def test_contour_agreement_is_pearson_over_active_frames_at_the_best_lag():
+    rng = np.random.default_rng(7)
+    a = rng.integers(-CONTOUR_FLOOR_DB, 1, 200).astype(np.int8)
+    b = np.concatenate([rng.integers(-CONTOUR_FLOOR_DB, 1, 7), a]).astype(np.int8)   # a, 7 frames later
+    assert contour_agreement(a, b, 5.0, 3) == (pytest.approx(1.0), 7.0)
+    r, lag = contour_agreement(a, b, 0.0, 3)                                      # 7 is out of reach
+    assert r < 0.5 and abs(lag) <= 3
+    c = rng.integers(-CONTOUR_FLOOR_DB, 1, 200).astype(np.int8)
+    active = (a > -CONTOUR_FLOOR_DB) | (c > -CONTOUR_FLOOR_DB)
+    want = np.corrcoef(a[active].astype(float), c[active].astype(float))[0, 1]
+    assert contour_agreement(a, c, 0.0, 0) == (pytest.approx(want), 0.0)
+    floor, steady = np.full(200, -CONTOUR_FLOOR_DB, np.int8), np.full(200, -3, np.int8)
+    assert contour_agreement(floor, floor, 0.0, 2)[0] == 0.0                     # silence against silence matches nothing
+    assert contour_agreement(steady, steady, 0.0, 2)[0] == 1.0                   # a steady sound in both: no evidence
+    assert contour_agreement(a, steady, 0.0, 2)[0] == 0.0                        # steady in one only: they differ
+    assert contour_agreement(a, np.zeros(0, np.int8), 3.0, 2) == (1.0, 3.0)      # no contour: no evidence
+
+
+def test_pitch_difference_is_the_median_over_frames_tonal_in_both():
+    a = np.full(40, 4000, np.int16)
+    a[:5] = 0                                                              # not tonal: left out
+    b = a + np.int16(12)
+    b[:5], b[30:33] = 0, 4300                                              # three outliers: the median ignores them
+    assert pitch_difference(a, b, 0.0) == 12.0
+    # a sweep of 20 cents a frame; b is the same sweep half a frame earlier, read between its frames
+    ramp = (3000 + 20 * np.arange(40)).astype(np.int16)
+    late = (ramp + 10).astype(np.int16)
+    assert pitch_difference(ramp, late, -0.5) == 0.0
+    assert pitch_difference(ramp, late, 0.0) == pytest.approx(10 - 20 / 8)   # the best of lags -1/8, 0, +1/8
+    assert pitch_difference(a[:MIN_FRAMES + 4], np.zeros(MIN_FRAMES + 4, np.int16), 0.0) is None
+
+
+def test_the_detail_parts_near_twins_and_keeps_their_copies(tmp_path):
+    """Seed 5's drums at 117.5 and 121.3 bpm and falling chirps of 1.95 s and 1.86 s pass the bits
+    and the envelope like copies do; the contour parts the drums (onsets drift 16 ms a beat), the
+    pitch track parts the chirps (a 5% stretch). Each one's five altered copies still match it."""
+    rng = np.random.default_rng(2)
+    fps, envs, details = {}, {}, {}
+
+    def put(name, audio):
+        (fps[name], envs[name]), details[name] = features(audio, SR), detail(audio, SR)
+
+    for index in (59, 356, 131, 331):
+        audio = synth_clip(5, index, 10.0, SR)[1]
+        put(f"s{index}", audio)
+        if index in (59, 131):
+            for name, x in _variants(audio, rng, tmp_path).items():
+                put(f"s{index}/{name}", x)
+    for a, b, part in (("s59", "s356", "contour"), ("s131", "s331", "pitch")):
+        s, offset = similarity(fps[a], fps[b])
+        assert s >= FP_THRESHOLD and envelope_agreement(envs[a], envs[b], offset) >= ENV_THRESHOLD
+        r, cents = detail_agreement(details[a], details[b], offset * ITEM_HOP, ITEM_HOP)
+        assert (r < CONTOUR_THRESHOLD) if part == "contour" else (cents is not None and cents > PITCH_CENTS), (r, cents)
+    index = FingerprintIndex()
+    for name in fps:
+        index.add(name, fps[name], envs[name], details[name])
+    families = {}
+    for clip, group in connected_groups(p[:2] for p in index.pairs()).items():
+        families.setdefault(group, set()).add(clip)
+    assert sorted(map(sorted, families.values())) == [sorted(n for n in fps if n.startswith(k))
+                                                      for k in ("s131", "s59")]
+    assert all(len(f) == 6 for f in families.values())                  # the original and its five copies
+    assert isinstance(details["s59"], Detail) and details["s59"].contour.size > 3000
+
+
+def test_faintly_noisy_copies_of_quiet_clips_match_through_close_detail():
+    """A 30 dB SNR copy of a clip that is mostly a quiet floor (seed 5: a beep, a chirp) falls
+    under FP_THRESHOLD in bits (the noise rewrites the floor's items); with detail on both sides
+    it still matches, as its contour and pitch agree closely. Two white-noise bursts of nearly one
+    length (2.96 s, 2.89 s) reach the same bits band and contour but have no pitch: not a match."""
+    fps, envs, details = {}, {}, {}
+    for index in (68, 82, 122, 161):
+        audio = synth_clip(5, index, 10.0, SR)[1]
+        rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+        noise = np.random.default_rng(index).standard_normal(audio.size).astype(np.float32) * np.float32(rms * 10 ** -1.5)
+        for name, x in ((f"s{index}", audio), (f"s{index}/noisy", audio + noise))[: 2 if index < 100 else 1]:
+            (fps[name], envs[name]), details[name] = features(x, SR), detail(x, SR)
+    for a, b in (("s68", "s68/noisy"), ("s82", "s82/noisy"), ("s122", "s161")):
+        s, offset = similarity(fps[a], fps[b])
+        r, cents = detail_agreement(details[a], details[b], offset * ITEM_HOP, ITEM_HOP)
+        assert NOISY_BITS <= s < FP_THRESHOLD and r >= CONTOUR_THRESHOLD, (a, b, s, r)
+        assert (cents is None) == (a == "s122"), (a, b, cents)
+    with_detail, without = FingerprintIndex(), FingerprintIndex()
+    for name in fps:
+        with_detail.add(name, fps[name], envs[name], details[name])
+        without.add(name, fps[name], envs[name])
+    assert not {p[:2] for p in without.pairs()} & {("s68", "s68/noisy"), ("s82", "s82/noisy")}
+    assert {p[:2] for p in with_detail.pairs()} == {("s68", "s68/noisy"), ("s82", "s82/noisy")}
+    found = dict(with_detail.query(fps["s68/noisy"], env=envs["s68/noisy"], detail=details["s68/noisy"]))
+    assert set(found) == {"s68", "s68/noisy"} and found["s68"] < FP_THRESHOLD
 
 
 # ---- the index against brute force --------------------------------------------------------

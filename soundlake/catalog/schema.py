@@ -147,6 +147,8 @@ FINGERPRINTS = pa.schema([
     ("clip_id", pa.string()), ("fingerprinter", pa.string()),   # algorithm identity (soundlake.dedup)
     ("fp", pa.list_(pa.uint32())),
     ("env", pa.list_(pa.int8())),      # loudness envelope (dB under the loudest frame); NULL in older rows
+    ("contour", pa.list_(pa.int8())),  # soundlake.dedup.detail: 2.9 ms level contour; NULL in older rows
+    ("pitch", pa.list_(pa.int16())),   # ... and pitch track (cents above 10 Hz, 0: not tonal)
     ("run_id", pa.string()), ("created", TS),
 ])
 DUPLICATES = pa.schema([
@@ -173,6 +175,7 @@ EVAL_SET_ITEMS = pa.schema([
     ("youtube_id", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
     ("freesound_id", pa.string()), ("file", pa.string()), ("captions", pa.list_(pa.string())),
     ("fingerprinter", pa.string()), ("fp", pa.list_(pa.uint32())), ("env", pa.list_(pa.int8())),
+    ("contour", pa.list_(pa.int8())), ("pitch", pa.list_(pa.int16())),
     ("clap_model_id", pa.string()), ("clap_model_hash", pa.string()), ("embedding", pa.list_(pa.float32())),
     ("set_id", pa.string()),
 ])

@@ -43,6 +43,12 @@ pairs of different clips sharing a class, 72 reach FP_THRESHOLD and 41 of them a
 one template at nearly the same parameters and length (a 50 Hz hum of 2.19 s and one of
 2.09 s, bells at 630 and 636 Hz), which neither chroma bits nor a loudness contour tell apart.
 
+The detail check. Where both sides also have their :mod:`soundlake.dedup.detail` (a 2.9 ms level
+contour and a pitch track), a match must agree on those too, which parts those near-twins; and
+bits down to ``NOISY_BITS`` (0.80) match when the detail agrees closely, which finds the faintly
+noisy copies of mostly quiet clips that fall under FP_THRESHOLD. ``benchmarks/dedup.py`` prints
+what is left of both weak cases.
+
 ``FingerprintIndex`` finds candidates through an inverted index on the items' top
 ``key_bits`` bits (AcoustID indexes the top 28), counts the keys a candidate shares, and
 verifies the ones sharing ``min_hits`` keys with ``similarity``: no scan over all entries.
@@ -57,6 +63,7 @@ import numpy as np
 
 from soundlake.core.audio import resample
 from soundlake.core.errors import UserError
+from soundlake.dedup.detail import NOISY_BITS, Detail, details_agree
 
 CHROMAPRINT_RATE = 11025     # Chromaprint's internal rate
 ALGORITHM = 1                # CHROMAPRINT_ALGORITHM_TEST2, the default of fpcalc and AcoustID
@@ -215,7 +222,8 @@ class FingerprintIndex:
 
     A query looks up its distinct keys (``item >> (32 - key_bits)``), counts how many each
     stored fingerprint shares, and verifies those with ``min_hits`` or more with
-    :func:`similarity` and, where both have one, :func:`envelope_agreement`. Keys held by more
+    :func:`similarity` and, where both have them, :func:`envelope_agreement` and
+    :func:`soundlake.dedup.detail.details_agree`. Keys held by more
     than ``max_postings`` fingerprints (silence, a steady tone) are skipped: they select
     nothing. ``pairs`` runs the queries in blocks, so its memory is the index plus one block's
     postings."""
@@ -231,19 +239,22 @@ class FingerprintIndex:
         self._pos: dict[str, int] = {}
         self._fps: list[np.ndarray] = []
         self._envs: list[np.ndarray | None] = []
+        self._details: list[Detail | None] = []
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (keys, fingerprint numbers), by key
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, key: str, fp, env=None) -> None:
-        """Store a fingerprint (and its loudness envelope: without one, a match is by bits alone)."""
+    def add(self, key: str, fp, env=None, detail: Detail | None = None) -> None:
+        """Store a fingerprint, and its loudness envelope and fine detail when known (a match
+        checks each only where both sides have it)."""
         if key in self._pos:
             raise ValueError(f"fingerprint index: key {key!r} added twice")
         self._pos[key] = len(self._keys)
         self._keys.append(key)
         self._fps.append(_as_items(fp).copy())
         self._envs.append(None if env is None else np.asarray(env, np.int8))
+        self._details.append(detail)
         self._sorted = None
 
     def _keys_of(self, fps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -277,35 +288,40 @@ class FingerprintIndex:
         code = code[count >= self.min_hits]
         return code // len(self._keys), code % len(self._keys)
 
-    def _verify(self, q: np.ndarray, q_env, t: int, threshold: float) -> float | None:
+    def _verify(self, q: np.ndarray, q_env, q_detail: Detail | None, t: int, threshold: float) -> float | None:
         """The bit similarity of a candidate when it reaches ``threshold`` and, where both sides
-        have envelopes, their loudness contours agree at the same offset (ENV_THRESHOLD)."""
+        have them, their loudness envelopes agree at the same offset (ENV_THRESHOLD) and so does
+        their fine detail, within one item of it. With detail on both sides, bits down to
+        NOISY_BITS also match when the detail agrees closely (``details_agree(noisy=True)``)."""
+        t_env, t_detail = self._envs[t], self._details[t]
+        detailed = q_detail is not None and t_detail is not None
         s, offset = similarity(q, self._fps[t], self.min_overlap, min_coverage=self.min_coverage)
-        if s < threshold:
+        if s < (min(threshold, NOISY_BITS) if detailed else threshold):
             return None
-        t_env = self._envs[t]
         if q_env is not None and t_env is not None and envelope_agreement(q_env, t_env, offset) < self.env_threshold:
+            return None
+        if detailed and not details_agree(q_detail, t_detail, offset * ITEM_HOP, ITEM_HOP, noisy=s < threshold):
             return None
         return s
 
-    def query(self, fp, threshold: float = FP_THRESHOLD, env=None) -> list[tuple[str, float]]:
-        """Stored (key, similarity) pairs with similarity >= ``threshold`` (and envelopes that
-        agree, when ``env`` is given), best first."""
+    def query(self, fp, threshold: float = FP_THRESHOLD, env=None, detail: Detail | None = None) -> list[tuple[str, float]]:
+        """Stored (key, similarity) pairs that match (:meth:`_verify`: similarity >= ``threshold``,
+        or down to NOISY_BITS with close detail; envelopes and detail checked when given), best first."""
         q = _as_items(fp)
         if not self._keys or q.size == 0:
             return []
         _, targets = self._candidates([q], None)
         q_env = None if env is None else np.asarray(env, np.int8)
         found = [(self._keys[t], s) for t in targets.tolist()
-                 if (s := self._verify(q, q_env, t, threshold)) is not None]
+                 if (s := self._verify(q, q_env, detail, t, threshold)) is not None]
         return sorted(found, key=lambda kv: (-kv[1], kv[0]))
 
     def pairs(self, threshold: float = FP_THRESHOLD, block: int = 4096) -> Iterator[tuple[str, str, float]]:
-        """Every pair of stored fingerprints with similarity >= ``threshold`` once, as (a, b, s), a < b."""
+        """Every matching pair of stored fingerprints (see :meth:`query`) once, as (a, b, s), a < b."""
         for start in range(0, len(self._keys), block):
             qs, ts = self._candidates(self._fps[start:start + block], start)
             for q, t in zip((qs + start).tolist(), ts.tolist()):
-                if (s := self._verify(self._fps[q], self._envs[q], t, threshold)) is not None:
+                if (s := self._verify(self._fps[q], self._envs[q], self._details[q], t, threshold)) is not None:
                     a, b = sorted((self._keys[q], self._keys[t]))
                     yield a, b, s
 

@@ -29,6 +29,7 @@ from soundlake.catalog.lake import Lake
 from soundlake.catalog.sql import close, connect
 from soundlake.core.errors import UserError
 from soundlake.core.ray_env import RaySpec, init_ray
+from soundlake.dedup.detail import THRESHOLDS as DETAIL
 from soundlake.pipelines import matches
 from soundlake.pipelines.matches import LEVELS
 from soundlake.pipelines.runner import RunSummary, consume, lake_clips_dataset, map_and_write, new_run_id, recorded_run
@@ -84,16 +85,17 @@ def fingerprinter(required: bool = False) -> tuple[str, float]:
 def backfill_fingerprints(lake: Lake, run_id: str, args: DedupArgs, ray: RaySpec, summary: DedupSummary,
                           progress: RunSummary) -> None:
     """Fingerprint, on Ray, every clip without a fingerprint (or a fingerprint failure) from this
-    fingerprinter, and again those fingerprinted before envelopes were kept (their new row replaces
-    the old one in the ``fingerprints`` view)."""
+    fingerprinter, and again those fingerprinted before envelopes or detail were kept (their new
+    row replaces the old one in the ``fingerprints`` view)."""
     name, _ = fingerprinter(required=True)
     con = connect(lake)
     try:
         need = {r[0] for r in con.execute(
             f"""SELECT clip_id FROM clips c WHERE NOT EXISTS (
-                  SELECT 1 FROM (SELECT clip_id, fingerprinter, {matches.env_column(con, 'fingerprints')}
+                  SELECT 1 FROM (SELECT clip_id, fingerprinter, {matches.later_columns(con, 'fingerprints')}
                                  FROM fingerprints) f
-                  WHERE f.clip_id = c.clip_id AND f.fingerprinter = ? AND f.env IS NOT NULL)
+                  WHERE f.clip_id = c.clip_id AND f.fingerprinter = ? AND f.env IS NOT NULL
+                    AND f.contour IS NOT NULL)
                 AND NOT EXISTS (SELECT 1 FROM failures x WHERE x.clip_id = c.clip_id AND x.stage = 'fingerprint')""",
             [name]).fetchall()}
     finally:
@@ -121,7 +123,7 @@ def level_matches(con, level: str, args: DedupArgs) -> tuple[list[tuple], list[t
     if level == "fingerprint":
         name, threshold = fingerprinter()
         index = matches.clip_fingerprint_index(con, name)
-        meta = {"method": name, "threshold": threshold, "env_threshold": index.env_threshold,
+        meta = {"method": name, "threshold": threshold, "env_threshold": index.env_threshold, "detail": DETAIL,
                 "clips_without": clips - len(index)}
         return (matches.fingerprint_pairs(index, threshold, name),
                 matches.fingerprint_leakage(con, index, name, threshold), meta)

@@ -29,6 +29,8 @@ from soundlake.catalog.schema import EVAL_SET_ITEMS, EVAL_SETS
 from soundlake.catalog.sql import close, connect
 from soundlake.core.audio import AUDIO_EXTS, decode, resample
 from soundlake.core.errors import RowError, UserError
+from soundlake.dedup.detail import THRESHOLDS as DETAIL
+from soundlake.dedup.detail import detail
 from soundlake.pipelines import matches
 from soundlake.pipelines.dedup import commit_levels, fingerprinter, write_leakage
 from soundlake.pipelines.runner import RunSummary, new_run_id, recorded_run
@@ -114,6 +116,8 @@ def content_features(items: list[dict], folder: str, clap_model: str | None, res
         mono = dec.audio.mean(axis=1).astype(np.float32)
         fp, env = features(mono, dec.sample_rate)
         item["fingerprinter"], item["fp"], item["env"] = name, np.asarray(fp, np.uint32).tolist(), env.tolist()
+        fine = detail(mono, dec.sample_rate)
+        item["contour"], item["pitch"] = fine.contour.tolist(), fine.pitch.tolist()
         result.fingerprinted += 1
         if model is not None:
             pending.append((item, resample(mono[:, None], dec.sample_rate, model.sample_rate)[:, 0]))
@@ -189,7 +193,7 @@ def refresh_leakage(lake: Lake, con, run_id: str, result: EvalSetResult) -> dict
     index = matches.clip_fingerprint_index(con, fp_name)
     if len(index):
         record("fingerprint", matches.fingerprint_leakage(con, index, fp_name, fp_threshold),
-               {"method": fp_name, "threshold": fp_threshold, "env_threshold": index.env_threshold,
+               {"method": fp_name, "threshold": fp_threshold, "env_threshold": index.env_threshold, "detail": DETAIL,
                 "clips_without": clips - len(index)})
     model = matches.newest_clap_model(con, (previous.get("semantic") or {}).get("method"))
     if model is not None:

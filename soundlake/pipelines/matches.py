@@ -20,6 +20,7 @@ import pyarrow as pa
 from soundlake.catalog.identity import identity_leakage_sql, identity_pairs_sql
 from soundlake.catalog.schema import DUPLICATE_GROUPS, DUPLICATES, LEAKAGE
 from soundlake.catalog.sql import execute_arrow
+from soundlake.dedup.detail import Detail
 from soundlake.stages.dedup import group_members
 
 LEVELS = ("identity", "fingerprint", "semantic")
@@ -31,24 +32,33 @@ def identity_pairs(con) -> list[tuple[str, str, float, str]]:
     return list(zip(*(t[c].to_pylist() for c in ("clip_a", "clip_b", "score", "method")))) if t.num_rows else []
 
 
-def env_column(con, table: str) -> str:
-    """``env`` when the table's parts have it, else a typed NULL: fingerprints written before
-    envelopes were kept have none, and match by their bits alone."""
+_LATER_COLUMNS = {"env": "TINYINT[]", "contour": "TINYINT[]", "pitch": "SMALLINT[]"}
+
+
+def later_columns(con, table: str) -> str:
+    """``env, contour, pitch``, each a typed NULL where the table's parts lack it: fingerprints
+    written before envelopes or detail were kept have none, and match without that check."""
     cols = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
-    return "env" if "env" in cols else "NULL::TINYINT[] AS env"
+    return ", ".join(c if c in cols else f"NULL::{t} AS {c}" for c, t in _LATER_COLUMNS.items())
+
+
+def _detail(contour, pitch) -> Detail | None:
+    if contour is None or pitch is None:
+        return None
+    return Detail(np.asarray(contour, np.int8), np.asarray(pitch, np.int16))
 
 
 def clip_fingerprint_index(con, fingerprinter: str):
     """A :class:`FingerprintIndex` of the clips fingerprinted by ``fingerprinter`` (empty
-    fingerprints left out), with their loudness envelopes."""
+    fingerprints left out), with their loudness envelopes and detail."""
     from soundlake.dedup.fingerprint import FingerprintIndex
 
-    t = execute_arrow(con, f"""SELECT f.clip_id, f.fp, {env_column(con, 'fingerprints')} FROM fingerprints f
+    t = execute_arrow(con, f"""SELECT f.clip_id, f.fp, {later_columns(con, 'fingerprints')} FROM fingerprints f
                                JOIN (SELECT DISTINCT clip_id FROM clips) USING (clip_id)
                                WHERE f.fingerprinter = ? AND len(f.fp) > 0 ORDER BY f.clip_id""", [fingerprinter])
     index = FingerprintIndex()
-    for clip, fp, env in zip(t["clip_id"].to_pylist(), t["fp"].to_pylist(), t["env"].to_pylist()):
-        index.add(clip, np.asarray(fp, dtype=np.uint32), env)
+    for clip, fp, env, contour, pitch in zip(*(t[c].to_pylist() for c in ("clip_id", "fp", "env", "contour", "pitch"))):
+        index.add(clip, np.asarray(fp, dtype=np.uint32), env, _detail(contour, pitch))
     return index
 
 
@@ -152,11 +162,12 @@ def identity_leakage(con) -> list[tuple]:
 
 def fingerprint_leakage(con, index, fingerprinter: str, threshold: float) -> list[tuple]:
     """Lake clips whose fingerprint matches a fingerprinted eval item's (same fingerprinter)."""
-    t = execute_arrow(con, f"""SELECT name, item_id, fp, {env_column(con, 'eval_set_items')} FROM eval_set_items
+    t = execute_arrow(con, f"""SELECT name, item_id, fp, {later_columns(con, 'eval_set_items')} FROM eval_set_items
                                WHERE fingerprinter = ? AND len(fp) > 0""", [fingerprinter])
     out = []
-    for name, item, fp, env in zip(*(t[c].to_pylist() for c in ("name", "item_id", "fp", "env"))):
-        for clip, score in index.query(np.asarray(fp, dtype=np.uint32), threshold, env):
+    cols = ("name", "item_id", "fp", "env", "contour", "pitch")
+    for name, item, fp, env, contour, pitch in zip(*(t[c].to_pylist() for c in cols)):
+        for clip, score in index.query(np.asarray(fp, dtype=np.uint32), threshold, env, _detail(contour, pitch)):
             out.append((clip, name, item, float(score), fingerprinter))
     return out
 

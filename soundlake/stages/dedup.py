@@ -1,8 +1,8 @@
-"""The fingerprint stage: a Chromaprint fingerprint and a loudness envelope of each clip's real
-audio, into ``fingerprints``.
+"""The fingerprint stage: a Chromaprint fingerprint, a loudness envelope and the fine detail
+(:mod:`soundlake.dedup.detail`) of each clip's real audio, into ``fingerprints``.
 
 Runs as Ray tasks over clips already in the lake (the workers read and decode the FLAC; only
-the fingerprints, a few hundred bytes a clip, travel on). Only the clip's content is
+the fingerprints, a few KB a clip, travel on). Only the clip's content is
 fingerprinted (``content_s``, not the padding), so two short clips padded with silence do
 not match on their silence. A clip whose audio does not decode becomes a ``failures`` row
 (stage ``fingerprint``) and is not tried again by later runs.
@@ -41,33 +41,41 @@ class FingerprintStage(Stage):
         return Resources(num_cpus=1, batch_size=self.batch_size)
 
     def setup(self) -> None:
-        from soundlake.dedup import fingerprint
+        from soundlake.dedup import detail, fingerprint
 
-        self.algorithm = fingerprint
+        self.algorithm, self.detail = fingerprint, detail
 
     def process(self, batch: pa.Table) -> pa.Table:
-        fps, envs, errors = [], [], []
+        fps, envs, contours, pitches, errors = [], [], [], [], []
         for flac, content_s in zip(batch["flac"].to_pylist(), batch["content_s"].to_pylist()):
             try:
                 audio, sr = mono_content(flac, content_s)
                 fp, env = self.algorithm.features(audio, sr)
+                fine = self.detail.detail(audio, sr)
                 fps.append(np.asarray(fp, dtype=np.uint32).tolist())
                 envs.append(np.asarray(env, dtype=np.int8).tolist())
+                contours.append(fine.contour.tolist())
+                pitches.append(fine.pitch.tolist())
                 errors.append(None)
             except (RuntimeError, ValueError, OSError) as e:  # undecodable audio: one row, not the block
                 fps.append(None)
                 envs.append(None)
+                contours.append(None)
+                pitches.append(None)
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
         batch = batch.drop_columns(["flac"])
         batch = batch.append_column("fp", pa.array(fps, pa.list_(pa.uint32())))
         batch = batch.append_column("env", pa.array(envs, pa.list_(pa.int8())))
+        batch = batch.append_column("contour", pa.array(contours, pa.list_(pa.int8())))
+        batch = batch.append_column("pitch", pa.array(pitches, pa.list_(pa.int16())))
         batch = batch.append_column("fingerprinter", pa.array([self.algorithm.FINGERPRINTER] * batch.num_rows))
         return batch.append_column("fp_error", pa.array(errors, pa.string()))
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         # Runs on the write step's own copy of the stage (no setup): everything comes from the batch.
         now = datetime.now(timezone.utc)
-        rows = batch.select(["clip_id", "source", "source_id", "fp", "env", "fingerprinter", "fp_error"]).to_pylist()
+        rows = batch.select(["clip_id", "source", "source_id", "fp", "env", "contour", "pitch", "fingerprinter",
+                             "fp_error"]).to_pylist()
         ok = [r for r in rows if r["fp_error"] is None]
         out = failures_table([failure_row(r, self.name, self.run_id, "corrupt", r["fp_error"], now)
                               for r in rows if r["fp_error"] is not None])
@@ -77,6 +85,8 @@ class FingerprintStage(Stage):
                 "fingerprinter": [r["fingerprinter"] for r in ok],
                 "fp": pa.array([r["fp"] for r in ok], pa.list_(pa.uint32())),
                 "env": pa.array([r["env"] for r in ok], pa.list_(pa.int8())),
+                "contour": pa.array([r["contour"] for r in ok], pa.list_(pa.int8())),
+                "pitch": pa.array([r["pitch"] for r in ok], pa.list_(pa.int16())),
                 "run_id": [self.run_id] * len(ok), "created": pa.array([now] * len(ok), FINGERPRINTS.field("created").type),
             }, schema=FINGERPRINTS)
         return out
