@@ -98,29 +98,43 @@ def pitch_track(x: np.ndarray) -> np.ndarray:
 def contour_agreement(a, b, center: float, slack: int) -> tuple[float, float]:
     """(the best Pearson correlation of two level contours over the frames where either is above
     the floor, the lag ``d`` at which ``a[k] ~ b[k + d]`` gives it) for lags within ``slack``
-    frames of ``center``, in half frames. Contours steady over those frames in both (a hum) give
-    no evidence: 1.0; steady in one only: 0.0; an overlap that is all floor matches nothing: 0.0.
-    An empty contour (a clip too short to have one) gives no evidence: (1.0, center)."""
+    frames of ``center``, in half frames, over the frames of ``a`` that every lag searched
+    overlaps. Contours steady over those frames in both (a hum) give no evidence: 1.0; steady
+    in one only: 0.0; an overlap that is all floor matches nothing: 0.0. An empty contour (a
+    clip too short to have one) gives no evidence: (1.0, center)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if not a.size or not b.size:
         return 1.0, float(round(center))
-    half = (b[:-1] + b[1:]) / 2     # b half a frame later: a trim between frames lines up too
+    first, last = int(np.floor(center)) - slack, int(np.ceil(center)) + slack
     best, best_lag = 0.0, float(round(center))
-    for d2 in range(2 * (int(np.floor(center)) - slack), 2 * (int(np.ceil(center)) + slack) + 1):
-        d, odd = divmod(d2, 2)
-        y_all = half if odd else b
-        lo, hi = max(0, -d), min(a.size, y_all.size - d)
+    # b, and b half a frame later (a trim between two frames lines up too); all lags at once
+    for half, y_all in ((0.0, b), (0.5, (b[:-1] + b[1:]) / 2)):
+        lo, hi = max(0, -first), min(a.size, y_all.size - last)
         if hi - lo < MIN_FRAMES:
             continue
-        x, y = a[lo:hi], y_all[lo + d:hi + d]
-        active = (x > -CONTOUR_FLOOR_DB) | (y > -CONTOUR_FLOOR_DB)
-        if active.sum() < MIN_FRAMES:
-            continue
-        steady = x[active].std() < 1.0, y[active].std() < 1.0
-        r = float(all(steady)) if any(steady) else float(np.corrcoef(x[active], y[active])[0, 1])
-        if r > best:
-            best, best_lag = r, d2 / 2
+        x = a[lo:hi]
+        ys = np.lib.stride_tricks.sliding_window_view(y_all, hi - lo)[lo + first:lo + last + 1]
+        r = _masked_pearson(x, ys)
+        if r.size and r.max() > best:
+            best, best_lag = float(r.max()), first + int(np.argmax(r)) + half
     return best, best_lag
+
+
+def _masked_pearson(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Pearson correlation of ``x`` with each row of ``ys`` over the frames where either is above
+    the floor (-1 where fewer than MIN_FRAMES are; 1 where both are steady, 0 where one is)."""
+    m = ((x > -CONTOUR_FLOOR_DB) | (ys > -CONTOUR_FLOOR_DB)).astype(np.float64)
+    n = m.sum(axis=1)
+    safe = np.maximum(n, 1)
+    my = m * ys
+    mean_x, mean_y = (m @ x) / safe, my.sum(axis=1) / safe
+    var_x = np.maximum((m @ (x * x)) / safe - mean_x ** 2, 0.0)
+    var_y = np.maximum((my * ys).sum(axis=1) / safe - mean_y ** 2, 0.0)
+    cov = (my @ x) / safe - mean_x * mean_y
+    steady_x, steady_y = var_x < 1.0, var_y < 1.0          # under 1 dB of spread
+    r = np.where(steady_x | steady_y, (steady_x & steady_y).astype(np.float64),
+                 cov / np.sqrt(np.maximum(var_x * var_y, 1e-12)))
+    return np.where(n >= MIN_FRAMES, r, -1.0)
 
 
 def pitch_difference(a, b, lag: float) -> float | None:

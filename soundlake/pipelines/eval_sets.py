@@ -117,7 +117,7 @@ def content_features(items: list[dict], folder: str, clap_model: str | None, res
         fp, env = features(mono, dec.sample_rate)
         item["fingerprinter"], item["fp"], item["env"] = name, np.asarray(fp, np.uint32).tolist(), env.tolist()
         fine = detail(mono, dec.sample_rate)
-        item["contour"], item["pitch"] = fine.contour.tolist(), fine.pitch.tolist()
+        item["contour"], item["pitch"] = fine.contour, fine.pitch
         result.fingerprinted += 1
         if model is not None:
             pending.append((item, resample(mono[:, None], dec.sample_rate, model.sample_rate)[:, 0]))

@@ -42,10 +42,19 @@ def later_columns(con, table: str) -> str:
     return ", ".join(c if c in cols else f"NULL::{t} AS {c}" for c, t in _LATER_COLUMNS.items())
 
 
-def _detail(contour, pitch) -> Detail | None:
-    if contour is None or pitch is None:
-        return None
-    return Detail(np.asarray(contour, np.int8), np.asarray(pitch, np.int16))
+def _arrays(t: pa.Table, column: str) -> list[np.ndarray | None]:
+    """A list column as one numpy view per row (None where NULL): a fingerprint's detail holds
+    thousands of values, which Python ints would multiply in memory many times over."""
+    arr = t[column].combine_chunks()
+    values, offsets = arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
+
+
+def _fingerprint_rows(t: pa.Table) -> Iterator[tuple[np.ndarray, np.ndarray | None, Detail | None]]:
+    """(fingerprint, envelope, detail) of each row of a query selecting ``fp`` and :func:`later_columns`."""
+    for fp, env, contour, pitch in zip(*(_arrays(t, c) for c in ("fp", "env", "contour", "pitch"))):
+        yield fp, env, (None if contour is None or pitch is None else Detail(contour, pitch))
 
 
 def clip_fingerprint_index(con, fingerprinter: str):
@@ -57,8 +66,8 @@ def clip_fingerprint_index(con, fingerprinter: str):
                                JOIN (SELECT DISTINCT clip_id FROM clips) USING (clip_id)
                                WHERE f.fingerprinter = ? AND len(f.fp) > 0 ORDER BY f.clip_id""", [fingerprinter])
     index = FingerprintIndex()
-    for clip, fp, env, contour, pitch in zip(*(t[c].to_pylist() for c in ("clip_id", "fp", "env", "contour", "pitch"))):
-        index.add(clip, np.asarray(fp, dtype=np.uint32), env, _detail(contour, pitch))
+    for clip, (fp, env, detail) in zip(t["clip_id"].to_pylist(), _fingerprint_rows(t)):
+        index.add(clip, fp, env, detail)
     return index
 
 
@@ -165,9 +174,8 @@ def fingerprint_leakage(con, index, fingerprinter: str, threshold: float) -> lis
     t = execute_arrow(con, f"""SELECT name, item_id, fp, {later_columns(con, 'eval_set_items')} FROM eval_set_items
                                WHERE fingerprinter = ? AND len(fp) > 0""", [fingerprinter])
     out = []
-    cols = ("name", "item_id", "fp", "env", "contour", "pitch")
-    for name, item, fp, env, contour, pitch in zip(*(t[c].to_pylist() for c in cols)):
-        for clip, score in index.query(np.asarray(fp, dtype=np.uint32), threshold, env, _detail(contour, pitch)):
+    for name, item, (fp, env, detail) in zip(t["name"].to_pylist(), t["item_id"].to_pylist(), _fingerprint_rows(t)):
+        for clip, score in index.query(fp, threshold, env, detail):
             out.append((clip, name, item, float(score), fingerprinter))
     return out
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from soundlake.catalog.schema import FINGERPRINTS
 from soundlake.core.audio import decode_flac
@@ -46,49 +47,38 @@ class FingerprintStage(Stage):
         self.algorithm, self.detail = fingerprint, detail
 
     def process(self, batch: pa.Table) -> pa.Table:
-        fps, envs, contours, pitches, errors = [], [], [], [], []
+        cols: dict[str, list] = {"fp": [], "env": [], "contour": [], "pitch": []}
+        errors = []
         for flac, content_s in zip(batch["flac"].to_pylist(), batch["content_s"].to_pylist()):
             try:
                 audio, sr = mono_content(flac, content_s)
                 fp, env = self.algorithm.features(audio, sr)
                 fine = self.detail.detail(audio, sr)
-                fps.append(np.asarray(fp, dtype=np.uint32).tolist())
-                envs.append(np.asarray(env, dtype=np.int8).tolist())
-                contours.append(fine.contour.tolist())
-                pitches.append(fine.pitch.tolist())
-                errors.append(None)
+                got, error = {"fp": fp, "env": env, "contour": fine.contour, "pitch": fine.pitch}, None
             except (RuntimeError, ValueError, OSError) as e:  # undecodable audio: one row, not the block
-                fps.append(None)
-                envs.append(None)
-                contours.append(None)
-                pitches.append(None)
-                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+                got, error = dict.fromkeys(cols), f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            for name, values in cols.items():
+                values.append(got[name])
+            errors.append(error)
         batch = batch.drop_columns(["flac"])
-        batch = batch.append_column("fp", pa.array(fps, pa.list_(pa.uint32())))
-        batch = batch.append_column("env", pa.array(envs, pa.list_(pa.int8())))
-        batch = batch.append_column("contour", pa.array(contours, pa.list_(pa.int8())))
-        batch = batch.append_column("pitch", pa.array(pitches, pa.list_(pa.int16())))
+        for name, values in cols.items():   # numpy arrays straight into Arrow lists: no Python ints
+            batch = batch.append_column(name, pa.array(values, FINGERPRINTS.field(name).type))
         batch = batch.append_column("fingerprinter", pa.array([self.algorithm.FINGERPRINTER] * batch.num_rows))
         return batch.append_column("fp_error", pa.array(errors, pa.string()))
 
     def tables(self, batch: pa.Table) -> dict[str, pa.Table]:
         # Runs on the write step's own copy of the stage (no setup): everything comes from the batch.
         now = datetime.now(timezone.utc)
-        rows = batch.select(["clip_id", "source", "source_id", "fp", "env", "contour", "pitch", "fingerprinter",
-                             "fp_error"]).to_pylist()
-        ok = [r for r in rows if r["fp_error"] is None]
+        failed = batch.filter(pc.is_valid(batch["fp_error"])).select(["clip_id", "source", "source_id", "fp_error"])
         out = failures_table([failure_row(r, self.name, self.run_id, "corrupt", r["fp_error"], now)
-                              for r in rows if r["fp_error"] is not None])
-        if ok:
+                              for r in failed.to_pylist()])
+        ok = batch.filter(pc.is_null(batch["fp_error"]))
+        if ok.num_rows:
+            n = ok.num_rows
             out["fingerprints"] = pa.table({
-                "clip_id": [r["clip_id"] for r in ok],
-                "fingerprinter": [r["fingerprinter"] for r in ok],
-                "fp": pa.array([r["fp"] for r in ok], pa.list_(pa.uint32())),
-                "env": pa.array([r["env"] for r in ok], pa.list_(pa.int8())),
-                "contour": pa.array([r["contour"] for r in ok], pa.list_(pa.int8())),
-                "pitch": pa.array([r["pitch"] for r in ok], pa.list_(pa.int16())),
-                "run_id": [self.run_id] * len(ok), "created": pa.array([now] * len(ok), FINGERPRINTS.field("created").type),
-            }, schema=FINGERPRINTS)
+                **{c: ok[c] for c in ("clip_id", "fingerprinter", "fp", "env", "contour", "pitch")},
+                "run_id": [self.run_id] * n, "created": pa.array([now] * n, FINGERPRINTS.field("created").type),
+            }).cast(FINGERPRINTS)
         return out
 
 
