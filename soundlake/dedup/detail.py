@@ -17,6 +17,11 @@ template at nearly the same parameters pass both as well as a copy does: drums a
   contour's lag (interpolated between frames, so a trim between two frames is no pitch change),
   is at most ``PITCH_CENTS``: a chirp stretched by 5% or a bell 1% higher differs by more.
 
+A faintly noisy copy of a mostly quiet clip can fall under FP_THRESHOLD in bits (the noise
+rewrites the floor's items) while its detail stays the original's; bits down to ``NOISY_BITS``
+therefore match when the detail agrees closely and the pitch is known (:func:`details_agree`
+with ``noisy``): two noise bursts of one length have one contour but no pitch.
+
 Calibration (``benchmarks/dedup.py`` prints it) on 300 10 s synth scenes each of seeds 5 and 11
 at 44.1 kHz and seed 0 at 16 kHz, 60 of each given every alteration: copies re-encoded as MP3
 128k, resampled, at -6 dB, trimmed by 1 s or with 30 dB SNR noise keep a contour correlation
@@ -48,7 +53,7 @@ NOISY_CONTOUR = 0.99
 NOISY_PITCH_CENTS = 4.0      # ... and the pitch must be known: a noise burst has none
 THRESHOLDS = {"contour": CONTOUR_THRESHOLD, "pitch_cents": PITCH_CENTS, "noisy_bits": NOISY_BITS,
               "noisy_contour": NOISY_CONTOUR, "noisy_pitch_cents": NOISY_PITCH_CENTS}   # recorded with each run
-MIN_FRAMES = 10              # fewer active (contour) or tonal (pitch) frames: no evidence either way
+MIN_FRAMES = 10              # fewer frames above the floor: no match; fewer tonal frames: no pitch evidence
 
 
 class Detail(NamedTuple):
