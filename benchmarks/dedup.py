@@ -283,7 +283,10 @@ def real_margin(a: argparse.Namespace) -> None:
                 lowest[name] = (min(low[0], s), min(low[1], envelope_agreement(env, env2, offset)), min(low[2], r),
                                 max(low[3], cents or 0.0))
     found, false, twins, one_waveform = {}, [], [], {}
-    for p, q, _ in index.pairs():
+    t0 = time.perf_counter()
+    reported = list(index.pairs())
+    pairs_s = time.perf_counter() - t0
+    for p, q, _ in reported:
         fam_p, fam_q = p.split("/")[0], q.split("/")[0]
         if fam_p == fam_q:
             if p == fam_p or q == fam_q:                   # an original and one of its copies
@@ -297,7 +300,8 @@ def real_margin(a: argparse.Namespace) -> None:
                                       "altered copies (bits, envelope, contour, pitch cents) >= "
            + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}/{v[2]:.3f}/<={v[3]:.0f}" for k, v in lowest.items())
            + f" (thresholds {FP_THRESHOLD}/{ENV_THRESHOLD}/{CONTOUR_THRESHOLD}/<={PITCH_CENTS:.0f}); found by the "
-             "index: " + ", ".join(f"{k} {len(found.get(k, ()))}/{len(v)}" for k, v in copies.items()))
+             "index: " + ", ".join(f"{k} {len(found.get(k, ()))}/{len(v)}" for k, v in copies.items())
+           + f"; index.pairs() over {len(index)} fingerprints with detail: {pairs_s:.1f} s, {len(reported)} pairs")
     same_class = sum(bool(labels[p] & labels[q]) for p, q in itertools.combinations(labels, 2))
     originals = sum("/" not in p + q for p, q in false)
     figure("fingerprint_near_twins", f"pairs of different scenes the index reports: {len(false)} that are not one "
