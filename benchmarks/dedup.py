@@ -44,15 +44,15 @@ import soundfile as sf
 import soxr
 from common import figure, parse_args
 
-from soundlake.dedup.detail import CONTOUR_THRESHOLD, PITCH_CENTS, detail, detail_agreement
+from soundlake.dedup.detail import CONTOUR_THRESHOLD, PITCH_CENTS, detail_agreement
 from soundlake.dedup.fingerprint import (
     ENV_THRESHOLD,
     FINGERPRINTER,
     FP_THRESHOLD,
     ITEM_HOP,
     FingerprintIndex,
+    clip_features,
     envelope_agreement,
-    features,
     similarity,
 )
 from soundlake.dedup.neighbors import semantic_pairs
@@ -234,12 +234,14 @@ def fingerprints(a: argparse.Namespace) -> None:
                                     f"planted family (target >= 0.99; {n:,} fingerprints)")
 
 
-def _altered(audio: np.ndarray, sr: int, rng: np.random.Generator, tmp: Path, only: str | None = None
-             ) -> dict[str, np.ndarray]:
+def _noisy(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``audio`` with white noise at 30 dB SNR."""
     rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
-    noise = audio + rng.standard_normal(audio.size).astype(np.float32) * np.float32(rms * 10 ** -1.5)
-    if only == "noise":
-        return {"noise": noise}
+    return audio + rng.standard_normal(audio.size).astype(np.float32) * np.float32(rms * 10 ** -1.5)
+
+
+def _altered(audio: np.ndarray, sr: int, rng: np.random.Generator, tmp: Path) -> dict[str, np.ndarray]:
+    noise = _noisy(audio, rng)
     sf.write(str(tmp / "in.wav"), audio, sr)
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(tmp / "in.wav"), "-b:a", "128k",
                     str(tmp / "out.mp3")], check=True, timeout=120)
@@ -265,16 +267,14 @@ def real_margin(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n, i in enumerate(indices):
             scene, audio = synth_clip(5, i, 10.0, sr)
-            fp, env = features(audio, sr)
-            fine = detail(audio, sr)
+            fp, env, fine = clip_features(audio, sr)
             index.add(f"{i}", fp, env, fine)
             labels[f"{i}"] = set(scene.labels)
             variants = _altered(audio, sr, rng, Path(tmp)) if n % (len(indices) // a.real_altered or 1) == 0 else {}
             if scene.kind == "single" and "noise" not in variants:
-                variants["noise"] = _altered(audio, sr, rng, Path(tmp), only="noise")["noise"]
+                variants["noise"] = _noisy(audio, rng)
             for name, x in variants.items():
-                fp2, env2 = features(x, sr)
-                fine2 = detail(x, sr)
+                fp2, env2, fine2 = clip_features(x, sr)
                 index.add(f"{i}/{name}", fp2, env2, fine2)
                 copies.setdefault(name, set()).add(f"{i}")
                 s, offset = similarity(fp, fp2)

@@ -63,7 +63,12 @@ class Detail(NamedTuple):
 
 def detail(audio: np.ndarray, sr: int) -> Detail:
     """The level contour and pitch track of mono float audio at ``sr`` Hz."""
-    x = resample(np.nan_to_num(np.asarray(audio, np.float32)), int(sr), RATE).astype(np.float64)
+    return detail_at_rate(resample(np.nan_to_num(np.asarray(audio, np.float32)), int(sr), RATE))
+
+
+def detail_at_rate(x: np.ndarray) -> Detail:
+    """The detail of mono audio already at RATE (the fingerprint's resampled audio)."""
+    x = np.asarray(x, np.float64)
     return Detail(contour(x), pitch_track(x))
 
 

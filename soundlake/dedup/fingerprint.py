@@ -63,7 +63,7 @@ import numpy as np
 
 from soundlake.core.audio import resample
 from soundlake.core.errors import UserError
-from soundlake.dedup.detail import NOISY_BITS, Detail, details_agree
+from soundlake.dedup.detail import NOISY_BITS, Detail, detail_at_rate, details_agree
 
 CHROMAPRINT_RATE = 11025     # Chromaprint's internal rate
 ALGORITHM = 1                # CHROMAPRINT_ALGORITHM_TEST2, the default of fpcalc and AcoustID
@@ -109,6 +109,24 @@ def fingerprint(audio: np.ndarray, sr: int) -> np.ndarray:
 def features(audio: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     """(raw fingerprint, loudness envelope) of mono float audio: see :func:`fingerprint` and
     :func:`envelope`; the audio is resampled once for both."""
+    return _fingerprint_and_envelope(_at_chromaprint_rate(audio, sr))
+
+
+def clip_features(audio: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray, Detail]:
+    """(raw fingerprint, loudness envelope, fine detail) of mono float audio, resampled once for
+    all three: what the fingerprint stage keeps of a clip."""
+    x = _at_chromaprint_rate(audio, sr)
+    return (*_fingerprint_and_envelope(x), detail_at_rate(x))
+
+
+def _fingerprint_and_envelope(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not x.size:
+        return np.zeros(0, np.uint32), np.zeros(0, np.int8)
+    return _chromaprint(x), envelope(x)
+
+
+def _at_chromaprint_rate(audio: np.ndarray, sr: int) -> np.ndarray:
+    """Mono float audio checked and resampled to CHROMAPRINT_RATE (empty stays empty)."""
     if _LIB is None:
         raise UserError("libchromaprint not found: install Debian's libchromaprint-tools (scripts/setup.sh)")
     audio = np.asarray(audio)
@@ -117,9 +135,8 @@ def features(audio: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     if not (isinstance(sr, (int, np.integer)) and sr > 0):
         raise ValueError(f"fingerprint: sample rate must be a positive integer, got {sr!r}")
     if audio.size == 0:
-        return np.zeros(0, np.uint32), np.zeros(0, np.int8)
-    x = resample(np.nan_to_num(audio.astype(np.float32, copy=False)), int(sr), CHROMAPRINT_RATE)
-    return _chromaprint(x), envelope(x)
+        return np.zeros(0, np.float32)
+    return resample(np.nan_to_num(audio.astype(np.float32, copy=False)), int(sr), CHROMAPRINT_RATE)
 
 
 def _chromaprint(x: np.ndarray) -> np.ndarray:

@@ -30,7 +30,6 @@ from soundlake.catalog.sql import close, connect
 from soundlake.core.audio import AUDIO_EXTS, decode, resample
 from soundlake.core.errors import RowError, UserError
 from soundlake.dedup.detail import THRESHOLDS as DETAIL
-from soundlake.dedup.detail import detail
 from soundlake.pipelines import matches
 from soundlake.pipelines.dedup import commit_levels, fingerprinter, write_leakage
 from soundlake.pipelines.runner import RunSummary, new_run_id, recorded_run
@@ -81,7 +80,7 @@ def item_audio(item: dict, files: dict[str, Path]) -> Path | None:
 def content_features(items: list[dict], folder: str, clap_model: str | None, result: EvalSetResult) -> None:
     """Fill each item's fingerprint (and embedding, when ``clap_model``) from its audio file."""
     name, _ = fingerprinter(required=True)
-    from soundlake.dedup.fingerprint import features
+    from soundlake.dedup.fingerprint import clip_features
 
     model = None
     if clap_model:
@@ -114,9 +113,8 @@ def content_features(items: list[dict], folder: str, clap_model: str | None, res
             result.undecodable.append(f"{path.name}: {e.error}")
             continue
         mono = dec.audio.mean(axis=1).astype(np.float32)
-        fp, env = features(mono, dec.sample_rate)
+        fp, env, fine = clip_features(mono, dec.sample_rate)
         item["fingerprinter"], item["fp"], item["env"] = name, np.asarray(fp, np.uint32).tolist(), env.tolist()
-        fine = detail(mono, dec.sample_rate)
         item["contour"], item["pitch"] = fine.contour, fine.pitch
         result.fingerprinted += 1
         if model is not None:

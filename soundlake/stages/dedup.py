@@ -42,9 +42,9 @@ class FingerprintStage(Stage):
         return Resources(num_cpus=1, batch_size=self.batch_size)
 
     def setup(self) -> None:
-        from soundlake.dedup import detail, fingerprint
+        from soundlake.dedup import fingerprint
 
-        self.algorithm, self.detail = fingerprint, detail
+        self.algorithm = fingerprint
 
     def process(self, batch: pa.Table) -> pa.Table:
         cols: dict[str, list] = {"fp": [], "env": [], "contour": [], "pitch": []}
@@ -52,8 +52,7 @@ class FingerprintStage(Stage):
         for flac, content_s in zip(batch["flac"].to_pylist(), batch["content_s"].to_pylist()):
             try:
                 audio, sr = mono_content(flac, content_s)
-                fp, env = self.algorithm.features(audio, sr)
-                fine = self.detail.detail(audio, sr)
+                fp, env, fine = self.algorithm.clip_features(audio, sr)
                 got, error = {"fp": fp, "env": env, "contour": fine.contour, "pitch": fine.pitch}, None
             except (RuntimeError, ValueError, OSError) as e:  # undecodable audio: one row, not the block
                 got, error = dict.fromkeys(cols), f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
