@@ -26,7 +26,7 @@
 
 Peak memory is the process's peak resident set during each part (Linux: reset through
 /proc/self/clear_refs). The machine is shared: times are wall-clock and CPU seconds.
-Run: ``python benchmarks/dedup.py [--vectors 1000000 --fingerprints 100000]``
+Run: ``python benchmarks/dedup.py [--vectors 1000000 --fingerprints 100000 --real-seed 5 --real-rate 44100]``
 (``--quick``: 20,000 128-d vectors, 3,000 fingerprints, 4 real clips).
 """
 from __future__ import annotations
@@ -260,13 +260,13 @@ def _one_waveform(x: np.ndarray, y: np.ndarray) -> bool:
 def real_margin(a: argparse.Namespace) -> None:
     """Real fingerprints through the index as the fingerprint level runs it: originals, altered
     copies of some, and a faintly noisy copy of every single-event scene (the weak case)."""
-    sr, rng = 44100, np.random.default_rng(3)
-    indices = [i for i in range(10 * a.real_clips + 50) if plan_scene(5, i).kind == "sequence"][: a.real_clips // 2]
-    indices += [i for i in range(10 * a.real_clips + 50) if plan_scene(5, i).kind == "single"][: a.real_clips // 2]
+    seed, sr, rng = a.real_seed, a.real_rate, np.random.default_rng(3)
+    indices = [i for i in range(10 * a.real_clips + 50) if plan_scene(seed, i).kind == "sequence"][: a.real_clips // 2]
+    indices += [i for i in range(10 * a.real_clips + 50) if plan_scene(seed, i).kind == "single"][: a.real_clips // 2]
     index, labels, lowest, copies = FingerprintIndex(), {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for n, i in enumerate(indices):
-            scene, audio = synth_clip(5, i, 10.0, sr)
+            scene, audio = synth_clip(seed, i, 10.0, sr)
             fp, env, fine = clip_features(audio, sr)
             index.add(f"{i}", fp, env, fine)
             labels[f"{i}"] = set(scene.labels)
@@ -294,9 +294,10 @@ def real_margin(a: argparse.Namespace) -> None:
             continue
         key = tuple(sorted((fam_p, fam_q)))
         if key not in one_waveform:
-            one_waveform[key] = _one_waveform(*(synth_clip(5, int(k), 10.0, 11025)[1] for k in key))
+            one_waveform[key] = _one_waveform(*(synth_clip(seed, int(k), 10.0, 11025)[1] for k in key))
         (twins if one_waveform[key] else false).append((p, q))
-    figure("fingerprint_real_margin", f"{FINGERPRINTER} on {len(indices)} 10 s synth scenes (half single events): "
+    figure("fingerprint_real_margin", f"{FINGERPRINTER} on {len(indices)} 10 s synth scenes of seed {seed} at {sr} Hz "
+                                      "(half single events): "
                                       "altered copies (bits, envelope, contour, pitch cents) >= "
            + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}/{v[2]:.3f}/<={v[3]:.0f}" for k, v in lowest.items())
            + f" (thresholds {FP_THRESHOLD}/{ENV_THRESHOLD}/{CONTOUR_THRESHOLD}/<={PITCH_CENTS:.0f}); found by the "
@@ -322,6 +323,8 @@ def main() -> None:
     ap.add_argument("--fingerprints", type=int, default=100_000)
     ap.add_argument("--real-clips", type=int, default=300)
     ap.add_argument("--real-altered", type=int, default=60, help="clips (of --real-clips) given altered copies")
+    ap.add_argument("--real-seed", type=int, default=5, help="synth seed of the real clips (the demo's is 0)")
+    ap.add_argument("--real-rate", type=int, default=44100, help="sample rate of the real clips (the demo's is 16000)")
     a = parse_args(ap, dict(vectors=20_000, dim=128, clusters=256, queries=200, fingerprints=3000, real_clips=4,
                             real_altered=2))
     fingerprints(a)
